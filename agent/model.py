@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 __all__ = [
     "FIN",
@@ -146,7 +146,8 @@ class TrafficChunk:
 
     def with_data(self, data: bytes) -> TrafficChunk:
         """A copy with other bytes (what a hook hands to the next stage)."""
-        return replace(self, data=data)
+        return TrafficChunk(data, self.from_addr, self.to_addr, self.direction, self.seen_at,
+                            self.flow_id, self.gap_bytes, self.type)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,1 @@
+"""mirror-agent: passive TCP traffic mirror."""

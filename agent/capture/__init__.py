@@ -1,0 +1,35 @@
+"""Packet sources: each yields batches of :class:`~agent.model.Segment` for the mirror.
+
+A source may yield an empty batch when it has nothing new; the mirror uses that moment to let
+time pass (idle sweeps) and to check for cancellation. ``close`` is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from agent.model import Segment
+
+__all__ = ["PacketSource", "SourceError"]
+
+
+class SourceError(Exception):
+    """A source cannot be opened or read (bad file, missing interface, ...)."""
+
+
+@runtime_checkable
+class PacketSource(Protocol):
+    """What :meth:`agent.mirror.TrafficMirror.run` consumes."""
+
+    def batches(self) -> Iterator[list[Segment]]:
+        """Segments in capture order, in batches; ends when the source is exhausted."""
+        ...
+
+    def close(self) -> None:
+        """Release the source; safe to call more than once."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: frames read, skipped by reason, losses, ..."""
+        ...

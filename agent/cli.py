@@ -1,0 +1,311 @@
+"""The ``mirror-agent`` command line.
+
+Exit status: 0 success; 1 runtime failure (with its cause); 2 bad usage or unreadable input,
+always as one line on stderr; 130 when an offline replay was interrupted (data flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO, NoReturn
+
+import structlog
+
+from agent import __doc__ as _pkg_doc
+from agent.capture import PacketSource, SourceError
+from agent.capture.pcapfile import PcapFileSource
+from agent.config import MirrorConfig
+from agent.filter import FilterError, FrameMatcher
+from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
+from agent.http_hooks import InjectHeader, RedactHeaders
+from agent.logsetup import configure_logging
+from agent.mirror import Cancelled, TrafficMirror
+from agent.model import TrafficChunk
+from agent.reassembly import ReassemblyConfig
+from agent.sinks.forward import parse_target
+from agent.sinks.record import FORMATS, NativeReader, RecordError, chunk_json
+from agent.summary import format_summary
+
+__all__ = ["main"]
+
+log = structlog.get_logger("agent.cli")
+
+EXAMPLES = """\
+examples:
+  # replay a capture, forward client->service bytes of port 8080 to a shadow
+  mirror-agent offline traffic.pcap --port 8080 --target 127.0.0.1:18080
+  # record both directions as JSON lines, only from one client
+  mirror-agent offline a.pcapng b.pcap --port 443 --record out.jsonl \\
+      --record-format jsonl --both-directions --filter 'host 192.0.2.10'
+  # inject a header into forwarded HTTP requests, redact credentials in the recording
+  mirror-agent offline cap.pcap --port 80 --target shadow:80 --inject-header 'X-Mirror: 1' \\
+      --record rec.bin --redact-headers
+  # print a native recording
+  mirror-agent inspect rec.bin
+"""
+
+
+class UsageError(Exception):
+    """Bad flag, file or config: exit 2 with this one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 1-65535")
+    return value
+
+
+def _ports(text: str) -> list[int]:
+    return [_port(p) for p in text.split(",") if p.strip()]
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=_ports, required=True, metavar="PORT[,PORT...]",
+                   help="observed service port(s); decides each chunk's direction")
+    p.add_argument("--target", metavar="HOST:PORT",
+                   help="shadow to forward client->service bytes to (one connection per "
+                        "captured connection)")
+    p.add_argument("--record", metavar="PATH", help="write a recording here ('-' = stdout)")
+    p.add_argument("--record-format", choices=FORMATS, default="native",
+                   help="recording format (default: native)")
+    p.add_argument("--both-directions", action="store_true",
+                   help="record service->client bytes too (default: client->service only)")
+    p.add_argument("--filter", metavar="EXPR", help="tcpdump expression packets must match")
+    p.add_argument("--hook", action="append", default=[], metavar="MODULE:NAME",
+                   help="extra hook for both paths (object, class or function); repeatable")
+    p.add_argument("--inject-header", metavar="'NAME: VALUE'",
+                   help="add this header to every forwarded HTTP/1.x request")
+    p.add_argument("--redact-headers", nargs="?", const="Authorization,Cookie", metavar="NAMES",
+                   help="redact these request headers in recordings "
+                        "(default when given: Authorization,Cookie)")
+    p.add_argument("--sample", type=float, metavar="FRACTION",
+                   help="mirror only this fraction of connections (0..1)")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="flush connections idle this long (default: 600)")
+    p.add_argument("--max-flows", type=int, default=100_000,
+                   help="connections tracked at once (default: 100000)")
+    p.add_argument("--max-flow-buffer", type=int, default=4 << 20, metavar="BYTES",
+                   help="out-of-order bytes held per direction (default: 4 MiB)")
+    p.add_argument("--max-buffer", type=int, default=256 << 20, metavar="BYTES",
+                   help="out-of-order bytes held in total (default: 256 MiB)")
+    p.add_argument("--stats-json", metavar="PATH", help="also write the final stats as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    off.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _add_pipeline_options(off)
+
+    ins = sub.add_parser("inspect", help="print a native recording")
+    ins.add_argument("path", type=Path)
+    ins.add_argument("--format", choices=["text", "jsonl"], default="text")
+    return parser
+
+
+def _hooks(args: argparse.Namespace) -> tuple[list[Hook], list[Hook]]:
+    """(forward hooks, record hooks) from the options, in the order they run."""
+    forward: list[Hook] = []
+    record: list[Hook] = []
+    if args.sample is not None:
+        try:
+            sampler = SampleFlows(args.sample)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        forward.append(sampler)
+        record.append(sampler)
+    forward.append(OnlyToObserved())
+    record.append(KeepAll() if args.both_directions else OnlyToObserved())
+    try:
+        user = [load_hook(spec) for spec in args.hook]
+    except HookLoadError as e:
+        raise UsageError(str(e)) from None
+    forward += user
+    record += user
+    if args.inject_header:
+        name, sep, value = args.inject_header.partition(":")
+        try:
+            if not sep:
+                raise ValueError("expected 'NAME: VALUE'")
+            forward.append(InjectHeader(name.strip(), value.strip()))
+        except ValueError as e:
+            raise UsageError(f"--inject-header: {e}") from None
+    if args.redact_headers:
+        record.append(RedactHeaders(args.redact_headers.split(",")))
+    return forward, record
+
+
+def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorConfig:
+    """The MirrorConfig the shared pipeline options describe (raises UsageError)."""
+    if args.target:
+        try:
+            parse_target(args.target)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        reassembly = ReassemblyConfig(
+            idle_timeout=args.idle_timeout, max_flows=args.max_flows,
+            max_flow_buffer=args.max_flow_buffer, max_total_buffer=args.max_buffer,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    forward, record = _hooks(args)
+    ports = args.port
+    return MirrorConfig(
+        observed_port=ports[0], extra_ports=frozenset(ports[1:]), target_addr=args.target or "",
+        writer=writer, forward_hook=forward, record_hook=record,
+        record_format=args.record_format, reassembly=reassembly,
+    )
+
+
+def open_record(path: str | None) -> BinaryIO | None:
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdout.buffer
+    try:
+        return open(path, "wb")  # noqa: SIM115 - closed by the caller after the run
+    except OSError as e:
+        raise UsageError(f"cannot write recording {path}: {e.strerror}") from None
+
+
+def run_pipeline(args: argparse.Namespace, make_source: Callable[[], PacketSource],
+                 interrupted_status: int) -> int:
+    """Build the mirror, run it over the source with signal handling, print the summary."""
+    writer = open_record(args.record)
+    try:
+        config = mirror_config(args, writer)
+        source = make_source()
+        mirror = TrafficMirror(config)
+        cancel = threading.Event()
+        stopped_by: list[str] = []
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            stopped_by.append(signal.Signals(signum).name)
+            cancel.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        status = 0
+        try:
+            mirror.run(source, cancel)
+        except Cancelled:
+            log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
+            status = interrupted_status
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    finally:
+        if writer is not None and writer is not sys.stdout.buffer:
+            writer.close()
+    stats = mirror.stats()
+    sys.stderr.write(format_summary(stats))
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return status
+
+
+def _offline(args: argparse.Namespace) -> int:
+    matcher = None
+    if args.filter:
+        try:
+            matcher = FrameMatcher(args.filter)
+        except FilterError as e:
+            raise UsageError(str(e)) from None
+
+    def make_source() -> PacketSource:
+        try:
+            return PcapFileSource(args.files, matcher)
+        except SourceError as e:
+            raise UsageError(str(e)) from None
+
+    return run_pipeline(args, make_source, interrupted_status=130)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        f = args.path.open("rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {args.path}: {e.strerror}") from None
+    with f:
+        try:
+            reader = NativeReader(f)
+        except RecordError as e:
+            raise UsageError(f"{args.path}: {e}") from None
+        out = sys.stdout
+        count = 0
+        for rec in reader:
+            count += 1
+            if rec.kind == "end":
+                if args.format == "text":
+                    out.write(f"flow {rec.flow_id} ended ({rec.data.decode()}"
+                              f"{f', {rec.gap_bytes} bytes missing at the end' if rec.gap_bytes else ''})\n")
+                continue
+            chunk = TrafficChunk(rec.data, rec.from_addr, rec.to_addr, rec.direction,
+                                 rec.seen_at, rec.flow_id, rec.gap_bytes)
+            if args.format == "jsonl":
+                out.write(json.dumps(chunk_json(chunk, rec.data)) + "\n")
+            else:
+                gap = f" after a {rec.gap_bytes}-byte gap" if rec.gap_bytes else ""
+                out.write(f"flow {rec.flow_id} {rec.from_addr} -> {rec.to_addr} "
+                          f"{rec.direction.value} {len(rec.data)} bytes at {rec.seen_at:.6f}{gap}\n")
+                out.write(_preview(rec.data))
+        if reader.truncated_bytes:
+            what = "corrupt" if reader.corrupt else "truncated"
+            sys.stderr.write(f"mirror-agent: warning: {args.path}: last record {what} "
+                             f"({reader.truncated_bytes} bytes ignored); {count} records read\n")
+    return 0
+
+
+def _preview(data: bytes, limit: int = 256) -> str:
+    text = data[:limit].decode("latin-1")
+    shown = "".join(c if c.isprintable() or c in "\r\n\t" else "." for c in text)
+    shown = shown.replace("\r\n", "\n")
+    tail = f"... ({len(data) - limit} more bytes)\n" if len(data) > limit else ""
+    return "  " + shown.replace("\n", "\n  ").rstrip() + "\n" + tail
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        fmt = None if args.log_format == "auto" else args.log_format == "json"
+        configure_logging(args.log_level, fmt)
+        if args.command == "offline":
+            return _offline(args)
+        return _inspect(args)
+    except UsageError as e:
+        sys.stderr.write(f"mirror-agent: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        sys.stderr.write(f"mirror-agent: failed: {type(e).__name__}: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

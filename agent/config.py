@@ -1,0 +1,52 @@
+"""MirrorConfig: everything a :class:`~agent.mirror.TrafficMirror` needs, with defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from agent.hooks import Hook
+from agent.model import TrafficChunk
+from agent.reassembly import ReassemblyConfig
+from agent.sinks.forward import Dial, ForwardConfig
+
+__all__ = ["MirrorConfig", "WriteFunc"]
+
+#: A custom record writer: called with the chunk and the bytes the record hooks produced.
+WriteFunc = Callable[[TrafficChunk, bytes], None]
+
+
+@dataclass
+class MirrorConfig:
+    """Configuration of one mirror.
+
+    * ``observed_port``: the service port; it decides each chunk's direction. ``0`` makes
+      every direction unknown, so the default hooks drop everything (a warning is logged).
+      ``extra_ports`` adds more observed ports.
+    * ``target_addr``: ``host:port`` of the shadow; empty means record only (forward hooks
+      are then not called).
+    * ``writer``: a binary file-like object recordings go to, in ``record_format``;
+      ``write_func`` wins over it. With neither, nothing is written but record hooks run.
+    * ``forward_hook`` / ``record_hook``: one hook or a list run in order; ``None`` picks the
+      default (only client→service chunks).
+    * ``dial``: connect factory for the shadow (default: TCP connect, 5 s timeout).
+    """
+
+    observed_port: int = 0
+    target_addr: str = ""
+    writer: BinaryIO | None = None
+    write_func: WriteFunc | None = None
+    forward_hook: Hook | Sequence[Hook] | None = None
+    record_hook: Hook | Sequence[Hook] | None = None
+    dial: Dial | None = None
+    extra_ports: frozenset[int] = frozenset()
+    record_format: str = "native"
+    reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    anonymize: Callable[[bytes], bytes] | None = None
+
+    @property
+    def ports(self) -> frozenset[int]:
+        """Every observed port (``observed_port`` and ``extra_ports``), without 0."""
+        return frozenset(p for p in {self.observed_port, *self.extra_ports} if p)

@@ -1,0 +1,170 @@
+"""Hooks: what runs on each reassembled chunk before it is forwarded or recorded.
+
+A hook is anything with ``handle(chunk) -> (data, keep)``:
+
+* ``keep=False`` drops the chunk (counted as a hook drop);
+* empty ``data`` with ``keep=True`` skips this write/forward (a hook holding bytes back);
+* an exception aborts :meth:`agent.mirror.TrafficMirror.run`.
+
+Hooks that hold bytes across chunks (see :mod:`agent.http_hooks`) also implement
+``flow_end(chunk) -> bytes``: called once per direction when the connection ends, with the last
+chunk of that direction as a template, returning whatever they still hold.
+
+Hooks run on the single mirror thread, so they need no locking.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from agent.model import Direction, TrafficChunk
+
+__all__ = [
+    "DEFAULT_FORWARD_HOOK",
+    "DEFAULT_RECORD_HOOK",
+    "Hook",
+    "HookFunc",
+    "HookLoadError",
+    "HookPipeline",
+    "KeepAll",
+    "OnlyToObserved",
+    "SampleFlows",
+    "load_hook",
+]
+
+HookResult = tuple[bytes, bool]
+
+
+@runtime_checkable
+class Hook(Protocol):
+    """The hook contract (see the module docstring)."""
+
+    def handle(self, chunk: TrafficChunk) -> HookResult: ...
+
+
+@runtime_checkable
+class FlowAwareHook(Hook, Protocol):
+    """A hook that holds bytes across chunks and must give them back when a flow ends."""
+
+    def flow_end(self, chunk: TrafficChunk) -> bytes: ...
+
+
+class HookFunc:
+    """Adapts a plain function ``fn(chunk) -> (data, keep)`` to the :class:`Hook` protocol."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[TrafficChunk], HookResult]) -> None:
+        self.fn = fn
+
+    def handle(self, chunk: TrafficChunk) -> HookResult:
+        return self.fn(chunk)
+
+    def __repr__(self) -> str:
+        return f"HookFunc({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+class KeepAll:
+    """Keeps every chunk unchanged (record both directions with this)."""
+
+    def handle(self, chunk: TrafficChunk) -> HookResult:
+        return chunk.data, True
+
+
+class OnlyToObserved:
+    """Keeps only client→service chunks: the default for both forwarding and recording."""
+
+    def handle(self, chunk: TrafficChunk) -> HookResult:
+        return chunk.data, chunk.direction is Direction.TO_OBSERVED
+
+
+DEFAULT_FORWARD_HOOK: Hook = OnlyToObserved()
+DEFAULT_RECORD_HOOK: Hook = OnlyToObserved()
+
+
+class SampleFlows:
+    """Keeps a stable fraction of connections (all chunks of a kept flow, none of the rest).
+
+    The decision hashes the flow id, so it is the same for both paths and both directions.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError("sample fraction must be within [0, 1]")
+        self._threshold = int(fraction * 0xFFFFFFFF)
+
+    def handle(self, chunk: TrafficChunk) -> HookResult:
+        h = zlib.crc32(chunk.flow_id.to_bytes(8, "little"))
+        return chunk.data, h <= self._threshold
+
+
+class HookPipeline:
+    """Runs hooks in order; the first drop or empty result ends the chain for that chunk."""
+
+    __slots__ = ("_aware", "hooks")
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks = list(hooks)
+        self._aware = any(isinstance(h, FlowAwareHook) for h in self.hooks)
+
+    @property
+    def flow_aware(self) -> bool:
+        """True if some hook holds bytes and needs :meth:`flow_end`."""
+        return self._aware
+
+    def handle(self, chunk: TrafficChunk) -> HookResult:
+        data = chunk.data
+        for i, hook in enumerate(self.hooks):
+            if i:
+                chunk = chunk.with_data(data)
+            data, keep = hook.handle(chunk)
+            if not keep:
+                return b"", False
+            if not data:
+                return b"", True
+        return data, True
+
+    def flow_end(self, chunk: TrafficChunk) -> bytes:
+        """Collect bytes held by hooks for the flow of ``chunk``, passed through later hooks."""
+        carry = b""
+        for hook in self.hooks:
+            if carry:
+                carry, keep = hook.handle(chunk.with_data(carry))
+                if not keep:
+                    carry = b""
+            if isinstance(hook, FlowAwareHook):
+                carry += hook.flow_end(chunk)
+        return carry
+
+
+class HookLoadError(Exception):
+    """A ``MODULE:NAME`` hook spec could not be loaded (bad name, import error, wrong type)."""
+
+
+def load_hook(spec: str) -> Hook:
+    """Load ``MODULE:NAME``: a hook object, a hook class (built with no arguments) or a
+    function ``fn(chunk) -> (data, keep)``."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise HookLoadError(f"hook {spec!r}: expected MODULE:NAME")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # the user's module may fail in any way
+        raise HookLoadError(f"hook {spec!r}: cannot import {mod_name}: {e}") from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise HookLoadError(f"hook {spec!r}: {mod_name} has no attribute {attr!r}") from None
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except Exception as e:
+            raise HookLoadError(f"hook {spec!r}: cannot construct {attr}: {e}") from None
+    if isinstance(obj, Hook):
+        return obj
+    if callable(obj):
+        return HookFunc(obj)
+    raise HookLoadError(f"hook {spec!r}: {attr} is neither a hook nor a function")

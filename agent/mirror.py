@@ -1,0 +1,253 @@
+"""TrafficMirror: source → reassembler → hooks → forward and record sinks.
+
+Single-threaded by design: the reassembler, the hooks and the record writer all run on the
+thread that calls :meth:`TrafficMirror.run`, so a ``write_func`` never runs concurrently. Only
+the forward sink's socket I/O runs elsewhere, behind a bounded hand-over.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import structlog
+
+from agent.capture import PacketSource
+from agent.config import MirrorConfig
+from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
+from agent.model import Direction, FlowEnd, TrafficChunk
+from agent.reassembly import Output, Reassembler
+from agent.sinks.forward import ForwardSink
+from agent.sinks.record import RecordWriter, make_writer
+
+__all__ = ["Cancelled", "TrafficMirror", "coalesce"]
+
+log = structlog.get_logger("agent.mirror")
+
+
+class Cancelled(Exception):
+    """``run`` was cancelled (its ``cancel`` event was set); buffered data was flushed first."""
+
+
+class _FuncWriter:
+    """Adapts a ``write_func`` to the record writer interface."""
+
+    def __init__(self, fn: object) -> None:
+        self.write = fn
+        self.records = 0
+
+    def flow_end(self, end: FlowEnd) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _pipeline(hook: Hook | Sequence[Hook] | None, default: Hook) -> HookPipeline:
+    if hook is None:
+        return HookPipeline([default])
+    if isinstance(hook, Sequence):
+        return HookPipeline(hook)
+    return HookPipeline([hook])
+
+
+def coalesce(items: Output) -> Output:
+    """Merge consecutive chunks of one flow and direction (no gap between them) into one.
+
+    A chunk merges only into its flow's latest item, so the interleaving of the two
+    directions of a connection, and every flow's own order, are kept.
+    """
+    result: Output = []
+    latest: dict[int, int] = {}  # flow id → index in result of its latest item
+    parts: dict[int, list[bytes]] = {}  # index → data pieces of a merged chunk
+    for item in items:
+        if type(item) is FlowEnd:
+            latest.pop(item.flow_id, None)
+            result.append(item)
+            continue
+        assert isinstance(item, TrafficChunk)
+        idx = latest.get(item.flow_id)
+        if idx is not None and not item.gap_bytes:
+            prev = result[idx]
+            assert isinstance(prev, TrafficChunk)
+            if prev.from_addr == item.from_addr:
+                p = parts.get(idx)
+                if p is None:
+                    p = parts[idx] = [prev.data]
+                p.append(item.data)
+                prev.seen_at = item.seen_at
+                continue
+        latest[item.flow_id] = len(result)
+        result.append(item)
+    for idx, p in parts.items():
+        chunk = result[idx]
+        assert isinstance(chunk, TrafficChunk)
+        chunk.data = b"".join(p)
+    return result
+
+
+class TrafficMirror:
+    """Mirrors the connections of the observed port(s) found in a packet source."""
+
+    def __init__(self, config: MirrorConfig) -> None:
+        self.config = config
+        ports = config.ports
+        if not ports:
+            log.warning("observed_port is 0: every direction is unknown and all traffic is "
+                        "dropped by the default hooks; set the service port")
+
+        def classify(src_port: int, dst_port: int) -> Direction:
+            if dst_port in ports:
+                return Direction.TO_OBSERVED
+            if src_port in ports:
+                return Direction.FROM_OBSERVED
+            return Direction.UNKNOWN
+
+        self.reassembler = Reassembler(config.reassembly, classify, config.anonymize)
+        self._fhook = _pipeline(config.forward_hook, DEFAULT_FORWARD_HOOK)
+        self._rhook = _pipeline(config.record_hook, DEFAULT_RECORD_HOOK)
+        self._writer: RecordWriter | _FuncWriter | None = None
+        if config.write_func is not None:
+            self._writer = _FuncWriter(config.write_func)
+        elif config.writer is not None:
+            self._writer = make_writer(config.writer, config.record_format)
+        self._forward: ForwardSink | None = None
+        self._aware = self._fhook.flow_aware or self._rhook.flow_aware
+        self._last: dict[int, dict[str, TrafficChunk]] = {}
+        self.counters: Counter[str] = Counter()
+        self._source: PacketSource | None = None
+
+    # ---------------------------------------------------------------- running
+
+    def run(self, source: PacketSource | None, cancel: threading.Event | None = None) -> None:
+        """Mirror everything ``source`` yields until it ends (or ``cancel`` is set).
+
+        The source is always closed. On cancellation (``cancel`` set, or KeyboardInterrupt)
+        buffered data is flushed through hooks and sinks first, then :class:`Cancelled` (or the
+        interrupt) propagates. Raises the first error from a hook, a write or closing the
+        source.
+        """
+        if source is None:
+            raise ValueError("packet source is None")
+        self._source = source
+        if self.config.target_addr and self._forward is None:
+            self._forward = ForwardSink(self.config.target_addr, self.config.dial,
+                                        self.config.forward)
+        live = bool(getattr(source, "live", False))
+        reasm = self.reassembler
+        error: BaseException | None = None
+        try:
+            for batch in source.batches():
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("mirror cancelled")
+                out: Output = []
+                if batch:
+                    feed = reasm.feed
+                    for seg in batch:
+                        feed(seg, out)
+                elif live:
+                    reasm.advance(time.time(), out)
+                if out:
+                    self._dispatch(out)
+                if self._forward is not None:
+                    self._forward.commit()
+            self._flush()
+        except (Cancelled, KeyboardInterrupt) as e:
+            error = e
+            self._flush()
+            raise
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self._finish(source, error)
+
+    def _flush(self) -> None:
+        out: Output = []
+        self.reassembler.flush(out)
+        self._dispatch(out)
+
+    def _finish(self, source: PacketSource, error: BaseException | None) -> None:
+        """Close the source and the sinks; raise the first error if none is in flight."""
+        errors: list[BaseException] = []
+        for step in (source.close, self._close_forward, self._flush_writer):
+            try:
+                step()
+            except Exception as e:
+                errors.append(e)
+        if errors and error is None:
+            raise errors[0]
+
+    def _close_forward(self) -> None:
+        if self._forward is not None:
+            self._forward.close()
+
+    def _flush_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    # ---------------------------------------------------------------- per chunk
+
+    def _dispatch(self, items: Output) -> None:
+        fwd = self._forward
+        fhook = self._fhook
+        rhook = self._rhook
+        writer = self._writer
+        counters = self.counters
+        aware = self._aware
+        for item in coalesce(items):
+            if type(item) is FlowEnd:
+                self._end_flow(item)
+                continue
+            assert isinstance(item, TrafficChunk)
+            chunk = item
+            counters["chunks"] += 1
+            if aware:
+                self._last.setdefault(chunk.flow_id, {})[chunk.from_addr] = chunk
+            if fwd is not None:
+                copy = chunk.with_data(chunk.data)  # a hook may change its chunk in place
+                data, keep = fhook.handle(copy)
+                if not keep:
+                    counters["forward_hook_dropped_bytes"] += len(chunk.data)
+                elif data:
+                    fwd.send(chunk.flow_id, data, chunk.gap_bytes)
+            data, keep = rhook.handle(chunk)
+            if not keep:
+                counters["record_hook_dropped_bytes"] += len(chunk.data)
+            elif data and writer is not None:
+                writer.write(chunk, data)
+                counters["records"] += 1
+                counters["recorded_bytes"] += len(data)
+
+    def _end_flow(self, end: FlowEnd) -> None:
+        last = self._last.pop(end.flow_id, None) if self._aware else None
+        for chunk in (last or {}).values():
+            if self._forward is not None:
+                tail = self._fhook.flow_end(chunk)
+                if tail:
+                    self._forward.send(chunk.flow_id, tail)
+            tail = self._rhook.flow_end(chunk)
+            if tail and self._writer is not None:
+                self._writer.write(chunk.with_data(tail), tail)
+                self.counters["records"] += 1
+        if self._forward is not None:
+            self._forward.end(end.flow_id)
+        if self._writer is not None:
+            self._writer.flow_end(end)
+        if end.reason in ("evicted", "lifetime"):
+            log.info("flow ended by a limit", flow_id=end.flow_id, reason=end.reason)
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, int]:
+        """Every counter of every stage, flat, for the summary and metrics."""
+        out: dict[str, int] = {}
+        if self._source is not None:
+            out.update({f"source_{k}": v for k, v in self._source.stats().items()})
+        out.update({f"reassembly_{k}": v for k, v in self.reassembler.stats.as_dict().items()})
+        out.update(self.counters)
+        if self._forward is not None:
+            out.update({f"forward_{k}": v for k, v in self._forward.stats.items()})
+        return out

@@ -1,0 +1,1 @@
+"""Sinks: where mirrored bytes go (shadow target, recordings, pcap files)."""

@@ -1,0 +1,151 @@
+"""Private network namespaces with real servers, clients and captures (test harness).
+
+Every namespace gets a unique name, only loopback and veth pairs made here, and is deleted
+(with every process started in it) on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+HERE = Path(__file__).resolve().parent
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+class NetNS:
+    """``with NetNS() as ns:``: a fresh namespace with ``lo`` up."""
+
+    def __init__(self, prefix: str = "mirtest") -> None:
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.peers: list[NetNS] = []
+
+    def __enter__(self) -> NetNS:
+        sh("ip", "netns", "add", self.name)
+        self.run("ip", "link", "set", "lo", "up")
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.procs.clear()
+        # Anything else still running inside (e.g. nginx workers) goes with the namespace.
+        pids = sh("ip", "netns", "pids", self.name, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        sh("ip", "netns", "del", self.name, check=False)
+
+    def cmd(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *args]
+
+    def run(self, *args: str, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return sh(*self.cmd(*args), check=check, timeout=timeout)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(self.cmd(*args), **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def veth_to(self, other: NetNS, mine: str, theirs: str) -> None:
+        """A veth pair between two namespaces; addresses are ``ip/prefix`` (v4 or v6)."""
+        a, b = f"va{uuid.uuid4().hex[:6]}", f"vb{uuid.uuid4().hex[:6]}"
+        sh("ip", "link", "add", a, "netns", self.name, "type", "veth", "peer", "name", b,
+           "netns", other.name)
+        for ns, dev, addr in ((self, a, mine), (other, b, theirs)):
+            fam = "-6" if ":" in addr else "-4"
+            ns.run("ip", fam, "addr", "add", addr, "dev", dev, *(["nodad"] if fam == "-6" else []))
+            ns.run("ip", "link", "set", dev, "up")
+        self.veth = a
+        other.veth = b
+
+
+def wait_port(ns: NetNS, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+    code = (f"import socket,sys\ns=socket.socket(socket.AF_INET6 if ':' in {host!r} "
+            f"else socket.AF_INET)\ns.settimeout(0.5)\nsys.exit(s.connect_ex(({host!r},{port})))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ns.run(sys.executable, "-c", code, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} in {ns.name}")
+
+
+def start_python_server(ns: NetNS, port: int, host: str = "127.0.0.1",
+                        log: Path | None = None) -> subprocess.Popen[bytes]:
+    """The keep-alive HTTP/1.1 test server (tests/integration/http_server.py)."""
+    args = [sys.executable, str(HERE / "http_server.py"), host, str(port)]
+    if log is not None:
+        args.append(str(log))
+    p = ns.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(ns, port, host)
+    return p
+
+
+def start_nginx(ns: NetNS, port: int, workdir: Path, host: str = "127.0.0.1") -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/body;
+  client_max_body_size 0;
+  keepalive_requests 100000;
+  server {{
+    listen {listen};
+    location / {{ return 200 "hello from nginx\\n"; }}
+  }}
+}}
+""")
+    ns.popen(shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-e",
+             str(workdir / "error.log"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(ns, port, host)
+
+
+class Tcpdump:
+    """``tcpdump -w`` in a namespace; stopped with SIGINT so the file is complete."""
+
+    def __init__(self, ns: NetNS, iface: str, path: Path, expr: str) -> None:
+        self.path = path
+        self.proc = ns.popen("tcpdump", "-i", iface, "-s", "0", "-B", "262144", "--immediate-mode", "-w", str(path), expr,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Wait for "listening on" so no early packet is missed.
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline().decode()
+        if "listening" not in line:
+            raise RuntimeError(f"tcpdump did not start: {line}")
+
+    def stop(self) -> str:
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGINT)
+        _out, err = self.proc.communicate(timeout=20)
+        return err.decode()
