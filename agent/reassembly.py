@@ -382,7 +382,8 @@ class Reassembler:
             lost -= (nxt - pos) - cut
             pos = nxt
         pending = half.pending
-        if pos == nxt and (not pending or pending[0][0] >= end + lost):  # type: ignore[operator]
+        # Fast path: in order and ending before any held data (else merge via the buffer).
+        if pos == nxt and (not pending or pending[0][0] > end + lost):  # type: ignore[operator]
             if half.blocked and size == 1 and not lost:
                 # A one-byte zero-window probe: hold it until we know the receiver took it.
                 half.probe = (pos, payload)

@@ -1,0 +1,37 @@
+# mirror-agent: the README's two commands are `make demo` and `make test`.
+PY := .venv/bin/python
+.DEFAULT_GOAL := help
+
+.PHONY: help setup demo test unit integration lint bench clean
+
+help:
+	@echo "make demo   set up, then mirror a built-in example end to end"
+	@echo "make test   set up, then run every test (integration tests need root)"
+	@echo "make lint   ruff + mypy;  make bench   benchmarks (see bench/)"
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@$(PY) -m agent.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m ruff check agent tests bench
+	$(PY) -m mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+lint: setup
+	$(PY) -m ruff check agent tests bench
+	$(PY) -m mypy
+
+bench: setup
+	$(PY) bench/offline_replay.py
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache bench/out
