@@ -188,7 +188,7 @@ def open_record(path: str | None) -> BinaryIO | None:
     if path == "-":
         return sys.stdout.buffer
     try:
-        return open(path, "wb")  # noqa: SIM115 - closed by the caller after the run
+        return open(path, "wb")
     except OSError as e:
         raise UsageError(f"cannot write recording {path}: {e.strerror}") from None
 
@@ -261,8 +261,8 @@ def _inspect(args: argparse.Namespace) -> int:
             count += 1
             if rec.kind == "end":
                 if args.format == "text":
-                    out.write(f"flow {rec.flow_id} ended ({rec.data.decode()}"
-                              f"{f', {rec.gap_bytes} bytes missing at the end' if rec.gap_bytes else ''})\n")
+                    missing = f", {rec.gap_bytes} bytes missing at the end" if rec.gap_bytes else ""
+                    out.write(f"flow {rec.flow_id} ended ({rec.data.decode()}{missing})\n")
                 continue
             chunk = TrafficChunk(rec.data, rec.from_addr, rec.to_addr, rec.direction,
                                  rec.seen_at, rec.flow_id, rec.gap_bytes)
@@ -271,7 +271,8 @@ def _inspect(args: argparse.Namespace) -> int:
             else:
                 gap = f" after a {rec.gap_bytes}-byte gap" if rec.gap_bytes else ""
                 out.write(f"flow {rec.flow_id} {rec.from_addr} -> {rec.to_addr} "
-                          f"{rec.direction.value} {len(rec.data)} bytes at {rec.seen_at:.6f}{gap}\n")
+                          f"{rec.direction.value} {len(rec.data)} bytes at "
+                          f"{rec.seen_at:.6f}{gap}\n")
                 out.write(_preview(rec.data))
         if reader.truncated_bytes:
             what = "corrupt" if reader.corrupt else "truncated"
@@ -297,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "offline":
             return _offline(args)
         return _inspect(args)
-    except UsageError as e:
+    except (UsageError, SourceError) as e:
         sys.stderr.write(f"mirror-agent: error: {e}\n")
         return 2
     except KeyboardInterrupt:

@@ -19,9 +19,9 @@ __all__ = [
     "LINKTYPE_LINUX_SLL2",
     "LINKTYPE_NULL",
     "LINKTYPE_RAW",
+    "SUPPORTED_LINKTYPES",
     "DecodeStats",
     "Decoder",
-    "SUPPORTED_LINKTYPES",
 ]
 
 LINKTYPE_NULL = 0
@@ -127,7 +127,8 @@ class Decoder:
             return self._ipv6(frame, off, ts, orig_len)
         return self._skip("not_ip")
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str) -> Segment | None:
+        """Count a skipped frame; returns None so callers can ``return self._skip(...)``."""
         self.stats.skipped[reason] += 1
         return None
 

@@ -56,7 +56,8 @@ def _libpcap() -> ctypes.CDLL:
         try:
             lib = ctypes.CDLL(name)
         except OSError as e:
-            raise FilterError(f"libpcap is not installed ({e}); apt-get install libpcap0.8")
+            raise FilterError(
+                f"libpcap is not installed ({e}); apt-get install libpcap0.8") from None
         lib.pcap_open_dead.restype = ctypes.c_void_p
         lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.pcap_compile.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Program), ctypes.c_char_p,
@@ -143,7 +144,7 @@ class SegmentMatcher:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF

@@ -80,7 +80,7 @@ class HttpRequestEditor:
                     out += data[i:]
                     return
                 st.mode = _HEAD
-            elif mode == _BODY or mode == _CHUNK_DATA:
+            elif mode in (_BODY, _CHUNK_DATA):
                 take = min(st.remaining, n - i)
                 out += data[i : i + take]
                 i += take
@@ -95,10 +95,13 @@ class HttpRequestEditor:
     def _head(self, st: _Stream, data: memoryview, i: int, out: bytearray) -> int:
         buf = st.buf
         before = len(buf)
-        if not before and not _REQUEST_START.match(bytes(data[i : i + 13])):
-            if len(data) - i >= 13 or not bytes(data[i:]).isupper():
-                self._give_up(st, out)
-                return i
+        start = bytes(data[i : i + 13])
+        # Not a request start (and not a short prefix of one): this stream is not HTTP/1.x.
+        if not before and not _REQUEST_START.match(start) and (
+            len(start) >= 13 or not start.isupper()
+        ):
+            self._give_up(st, out)
+            return i
         buf += data[i:]
         end = buf.find(b"\r\n\r\n", max(0, before - 3))
         if end < 0:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import structlog
 
 from agent.capture import PacketSource
-from agent.config import MirrorConfig
+from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.reassembly import Output, Reassembler
@@ -34,7 +34,7 @@ class Cancelled(Exception):
 class _FuncWriter:
     """Adapts a ``write_func`` to the record writer interface."""
 
-    def __init__(self, fn: object) -> None:
+    def __init__(self, fn: WriteFunc) -> None:
         self.write = fn
         self.records = 0
 

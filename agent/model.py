@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "ACK",
     "FIN",
+    "PSH",
     "RST",
     "SYN",
-    "ACK",
-    "PSH",
     "Direction",
     "FlowEnd",
     "FlowKey",

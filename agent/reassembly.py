@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 
 from agent.model import (
@@ -29,7 +29,7 @@ from agent.model import (
     format_addr,
 )
 
-__all__ = ["ReassemblyConfig", "ReassemblyStats", "Reassembler", "Output"]
+__all__ = ["Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
 
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
@@ -69,32 +69,29 @@ class ReassemblyConfig:
             raise ValueError("max_lifetime must be >= 0")
 
 
+@dataclass(slots=True)
 class ReassemblyStats:
-    """Counters; every field is a plain int so the hot path only adds."""
+    """Counters; plain ints so the hot path only adds. Every byte not delivered is in one."""
 
-    __slots__ = (
-        "bytes_delivered",
-        "chunks",
-        "conflict_bytes",
-        "flows_closed",
-        "flows_opened",
-        "gap_bytes",
-        "keepalives",
-        "late_bytes",
-        "late_segments",
-        "limit_skips",
-        "retransmitted_bytes",
-        "segments",
-        "zero_window_probes",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-        self.flows_closed: dict[str, int] = {}
+    segments: int = 0
+    chunks: int = 0
+    bytes_delivered: int = 0
+    flows_opened: int = 0
+    gap_bytes: int = 0
+    """Bytes given up on (holes skipped, lost by the source, missing at a connection's end)."""
+    retransmitted_bytes: int = 0
+    conflict_bytes: int = 0
+    """Bytes of a later copy that differed from the first copy (which wins)."""
+    keepalives: int = 0
+    zero_window_probes: int = 0
+    late_segments: int = 0
+    """Data segments of a connection already closed (after RST or FIN), dropped."""
+    late_bytes: int = 0
+    limit_skips: int = 0
+    flows_closed: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        out = {n: getattr(self, n) for n in self.__slots__ if n != "flows_closed"}
+        out = {k: v for k, v in asdict(self).items() if k != "flows_closed"}
         out.update({f"flows_closed_{k}": v for k, v in sorted(self.flows_closed.items())})
         return out
 
@@ -440,7 +437,7 @@ class Reassembler:
         pending = half.pending
         end = pos + len(payload)
         pieces: list[list[object]] = []
-        i = bisect.bisect_left(pending, pos, key=_start)  # type: ignore[arg-type]
+        i = bisect.bisect_left(pending, pos, key=_start)
         if i > 0 and pending[i - 1][1] > pos:  # type: ignore[operator]
             i -= 1
         cur = pos

@@ -17,7 +17,8 @@ _TOOLS = ("ip", "tcpdump", "tshark", "curl", "nginx")
 def _privileged_reason() -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root (network namespaces, BPF)"
-    missing = [t for t in _TOOLS if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
+    missing = [t for t in _TOOLS
+               if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
     if missing:
         return f"integration tests need {', '.join(missing)} (run 'make setup')"
     return None

@@ -57,7 +57,8 @@ class ChannelSource:
                 if isinstance(item, Segment):
                     batch.append(item)
                 else:
-                    frame, ts = item  # type: ignore[misc]
+                    assert isinstance(item, tuple)
+                    frame, ts = item
                     seg = self._decoder.decode(frame, ts)
                     if seg is not None:
                         batch.append(seg)

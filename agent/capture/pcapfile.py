@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.capture import SourceError
-from agent.decode import SUPPORTED_LINKTYPES, DecodeStats, Decoder
+from agent.decode import SUPPORTED_LINKTYPES, Decoder, DecodeStats
 from agent.model import Segment
 
 __all__ = ["PcapFileSource", "read_frames"]
@@ -130,6 +130,19 @@ def _tsresol(data: mmap.mmap, pos: int, end: int, endian: str) -> float:
     return 1e-6
 
 
+def _check_header(path: Path) -> None:
+    """Fail early, with one clear line, on a missing or non-capture file."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no such file") from None
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}") from None
+    if head not in _PCAP_MAGICS and (len(head) < 4 or struct.unpack("<I", head)[0] != _PCAPNG_SHB):
+        raise SourceError(f"{path}: not a pcap or pcapng file")
+
+
 class PcapFileSource:
     """Reads pcap/pcapng files in order and decodes their frames into segments.
 
@@ -141,8 +154,7 @@ class PcapFileSource:
         if not paths:
             raise SourceError("no capture files given")
         for p in paths:
-            if not p.is_file():
-                raise SourceError(f"{p}: no such file")
+            _check_header(p)
         self.paths = paths
         self._filter = frame_filter
         self.decode_stats = DecodeStats()

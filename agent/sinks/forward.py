@@ -11,6 +11,7 @@ times out or resets costs only that flow (dropped, counted, logged once per kind
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections import Counter, deque
@@ -129,10 +130,8 @@ class ForwardSink:
             self.end(flow_id)
         self.commit()
         fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        try:
+        with contextlib.suppress(Exception):  # the loop is stopped below either way
             fut.result(self.config.close_timeout + 2)
-        except Exception:  # the loop is stopped below either way
-            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():

@@ -33,9 +33,9 @@ __all__ = [
     "JsonLinesWriter",
     "NativeReader",
     "NativeWriter",
-    "RecordedChunk",
     "RecordError",
     "RecordWriter",
+    "RecordedChunk",
     "chunk_json",
     "make_writer",
 ]

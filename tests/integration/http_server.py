@@ -19,7 +19,8 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         if self.log_file is not None:
-            names = ",".join(f"{k}={v}" for k, v in self.headers.items() if k.lower().startswith("x-"))
+            names = ",".join(f"{k}={v}" for k, v in self.headers.items()
+                             if k.lower().startswith("x-"))
             self.log_file.write(f"{self.command} {self.path} {len(body)} {names}\n")
             self.log_file.flush()
         reply = f"ok {self.command} {self.path} {len(body)}\n".encode()

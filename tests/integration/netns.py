@@ -6,6 +6,7 @@ Every namespace gets a unique name, only loopback and veth pairs made here, and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -44,18 +45,14 @@ class NetNS:
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.kill()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
         self.procs.clear()
         # Anything else still running inside (e.g. nginx workers) goes with the namespace.
         pids = sh("ip", "netns", "pids", self.name, check=False).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         sh("ip", "netns", "del", self.name, check=False)
 
     def cmd(self, *args: str) -> list[str]:
@@ -136,7 +133,8 @@ class Tcpdump:
 
     def __init__(self, ns: NetNS, iface: str, path: Path, expr: str) -> None:
         self.path = path
-        self.proc = ns.popen("tcpdump", "-i", iface, "-s", "0", "-B", "262144", "--immediate-mode", "-w", str(path), expr,
+        self.proc = ns.popen("tcpdump", "-i", iface, "-s", "0", "-B", "262144",
+                             "--immediate-mode", "-w", str(path), expr,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # Wait for "listening on" so no early packet is missed.
         assert self.proc.stderr is not None

@@ -87,7 +87,8 @@ def test_ipv6_over_veth_and_filter(tmp_path: Path) -> None:
     filtered = tmp_path / "filtered.jsonl"
     _offline(pcap, 8443, filtered, "--filter", f"tcp port {one_port}")
     sub, _ = jsonl_streams(filtered)
-    assert set(sub) == {k for k in truth if one_port in (k[0].rsplit(':', 1)[1], k[1].rsplit(':', 1)[1])}
+    ports = {k: (k[0].rsplit(":", 1)[1], k[1].rsplit(":", 1)[1]) for k in truth}
+    assert set(sub) == {k for k, ps in ports.items() if one_port in ps}
 
 
 @pytest.mark.parametrize("fmt", ["native"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.model import ACK, FIN, RST, SYN, FlowEnd, Segment, TrafficChunk
-from agent.reassembly import ReassemblyConfig, Reassembler
+from agent.reassembly import Reassembler, ReassemblyConfig
 from tests.unit.segments import Conversation
 
 
@@ -71,7 +71,7 @@ def test_sequence_wraparound() -> None:
 def test_missing_syn_starts_at_first_data_without_stalling() -> None:
     c = Conversation()
     segs = [c.seg(True, 100, b"mid-stream"), c.seg(True, 110, b" more")]
-    r, chunks, _ = run(segs, flush=False)
+    _r, chunks, _ = run(segs, flush=False)
     assert client_bytes(chunks) == b"mid-stream more"
 
 
@@ -135,7 +135,7 @@ def test_fin_before_missing_data_waits_for_it() -> None:
     c = Conversation()
     segs = [*c.handshake(), c.seg(True, 0, b"ab"), c.seg(True, 4, flags=FIN | ACK),
             c.seg(False, 0, flags=FIN | ACK), c.seg(True, 2, b"cd")]
-    r, chunks, ends = run(segs, flush=False)
+    _r, chunks, ends = run(segs, flush=False)
     assert client_bytes(chunks) == b"abcd"
     assert [e.reason for e in ends] == ["fin"]
 
@@ -145,7 +145,7 @@ def test_new_syn_on_closed_tuple_starts_new_connection() -> None:
     first = [*c.handshake(), c.seg(True, 0, b"one"), *c.fins(3, 0)]
     c2 = Conversation(client_isn=777_777, server_isn=888_888)
     second = [*c2.handshake(), c2.seg(True, 0, b"two")]
-    r, chunks, ends = run(first + second)
+    r, chunks, _ends = run(first + second)
     ids = {ch.flow_id for ch in chunks}
     assert len(ids) == 2
     assert [ch.data for ch in chunks] == [b"one", b"two"]

@@ -13,7 +13,9 @@ from agent.reassembly import Reassembler
 from tests.unit.segments import Conversation, split
 
 
-def _check_stream(chunks: list[TrafficChunk], original: bytes, trailing: int, covered: set[int]) -> None:
+def _check_stream(
+    chunks: list[TrafficChunk], original: bytes, trailing: int, covered: set[int]
+) -> None:
     """Walk the chunks of one direction: gaps and data must match the original exactly."""
     pos = 0
     for c in chunks:

@@ -1,0 +1,70 @@
+"""The native recording format round-trips; a truncated tail is reported, not fatal."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+
+from agent.model import Direction, FlowEnd, TrafficChunk
+from agent.sinks.record import JsonLinesWriter, NativeReader, NativeWriter, RecordError
+
+
+def chunk(i: int) -> TrafficChunk:
+    return TrafficChunk(bytes([i]) * (i * 10), f"192.0.2.1:{1000 + i}", "[2001:db8::1]:80",
+                        Direction.TO_OBSERVED if i % 2 else Direction.FROM_OBSERVED,
+                        1700000000.5 + i, i, gap_bytes=i * 3)
+
+
+def test_roundtrip() -> None:
+    buf = io.BytesIO()
+    w = NativeWriter(buf)
+    for i in range(1, 6):
+        w.write(chunk(i), chunk(i).data)
+    w.flow_end(FlowEnd(3, "rst", 4))
+    buf.seek(0)
+    recs = list(NativeReader(buf))
+    assert len(recs) == 6
+    for i, r in enumerate(recs[:5], 1):
+        c = chunk(i)
+        assert (r.kind, r.flow_id, r.direction, r.seen_at, r.gap_bytes, r.from_addr, r.to_addr,
+                r.data) == ("chunk", i, c.direction, c.seen_at, c.gap_bytes, c.from_addr,
+                            c.to_addr, c.data)
+    assert (recs[5].kind, recs[5].data, recs[5].gap_bytes) == ("end", b"rst", 4)
+
+
+def test_truncated_last_record_is_reported() -> None:
+    buf = io.BytesIO()
+    w = NativeWriter(buf)
+    for i in range(1, 4):
+        w.write(chunk(i), chunk(i).data)
+    data = buf.getvalue()[:-7]
+    r = NativeReader(io.BytesIO(data))
+    assert len(list(r)) == 2
+    assert r.truncated_bytes > 0 and not r.corrupt
+
+
+def test_corrupt_record_is_reported() -> None:
+    buf = io.BytesIO()
+    w = NativeWriter(buf)
+    w.write(chunk(2), chunk(2).data)
+    raw = bytearray(buf.getvalue())
+    raw[-1] ^= 0xFF
+    r = NativeReader(io.BytesIO(bytes(raw)))
+    assert list(r) == [] and r.corrupt
+
+
+def test_not_a_recording() -> None:
+    with pytest.raises(RecordError):
+        NativeReader(io.BytesIO(b"GIF89a........."))
+
+
+def test_jsonl_exact_keys() -> None:
+    buf = io.BytesIO()
+    JsonLinesWriter(buf).write(chunk(1), b"\x00\xffdata")
+    obj = json.loads(buf.getvalue())
+    assert set(obj) == {"flow", "from", "to", "direction", "seen_at", "data", "gap_bytes"}
+    assert base64.b64decode(obj["data"]) == b"\x00\xffdata"
+    assert obj["direction"] == "to_observed" and obj["gap_bytes"] == 3
