@@ -21,7 +21,7 @@ import structlog
 from agent import __doc__ as _pkg_doc
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
-from agent.config import MirrorConfig
+from agent.config import MirrorConfig, parse_target
 from agent.filter import FilterError, FrameMatcher
 from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
 from agent.http_hooks import InjectHeader, RedactHeaders
@@ -29,7 +29,6 @@ from agent.logsetup import configure_logging
 from agent.mirror import Cancelled, TrafficMirror
 from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
-from agent.sinks.forward import parse_target
 from agent.sinks.record import FORMATS, NativeReader, RecordError, chunk_json
 from agent.summary import format_summary
 

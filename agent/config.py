@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -9,9 +10,32 @@ from typing import BinaryIO
 from agent.hooks import Hook
 from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
-from agent.sinks.forward import Dial, ForwardConfig
 
-__all__ = ["MirrorConfig", "WriteFunc"]
+__all__ = ["Dial", "ForwardConfig", "MirrorConfig", "WriteFunc", "parse_target"]
+
+#: A connect factory: ``dial("host:port") -> connected socket`` (blocking; run off-thread).
+Dial = Callable[[str], socket.socket]
+
+
+def parse_target(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"target {addr!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    connect_timeout: float = 5.0
+    max_flow_buffer: int = 8 << 20
+    max_total_buffer: int = 256 << 20
+    close_timeout: float = 5.0
+    """Seconds :meth:`ForwardSink.close` waits for queued bytes to reach the target."""
+
+
 
 #: A custom record writer: called with the chunk and the bytes the record hooks produced.
 WriteFunc = Callable[[TrafficChunk, bytes], None]

@@ -90,6 +90,18 @@ class Decoder:
         """
         lt = self.linktype
         n = len(frame)
+        # Fast path: untagged Ethernet, IPv4 without options or fragmentation, TCP, whole.
+        if lt == LINKTYPE_ETHERNET and n >= 54 and frame[12] == 8 and frame[13] == 0 \
+                and frame[14] == 0x45 and frame[23] == _IPPROTO_TCP \
+                and not (frame[20] & 0x3F or frame[21]):
+            total = (frame[16] << 8) | frame[17]
+            sport, dport, seq, ack, doff, flags, window = _TCP.unpack_from(frame, 34)
+            start = 34 + (doff >> 4) * 4
+            end = 14 + total
+            if start >= 54 and start <= end <= n:
+                self.stats.decoded += 1
+                return Segment(frame[26:30], sport, frame[30:34], dport, seq, ack, flags,
+                               frame[start:end], ts, window)
         if lt == LINKTYPE_ETHERNET:
             if n < 14:
                 return self._skip("truncated")

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,8 +20,10 @@ from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.reassembly import Output, Reassembler
-from agent.sinks.forward import ForwardSink
 from agent.sinks.record import RecordWriter, make_writer
+
+if TYPE_CHECKING:
+    from agent.sinks.forward import ForwardSink
 
 __all__ = ["Cancelled", "TrafficMirror", "coalesce"]
 
@@ -113,7 +116,7 @@ class TrafficMirror:
             self._writer = _FuncWriter(config.write_func)
         elif config.writer is not None:
             self._writer = make_writer(config.writer, config.record_format)
-        self._forward: ForwardSink | None = None
+        self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
         self._aware = self._fhook.flow_aware or self._rhook.flow_aware
         self._last: dict[int, dict[str, TrafficChunk]] = {}
         self.counters: Counter[str] = Counter()
@@ -133,6 +136,8 @@ class TrafficMirror:
             raise ValueError("packet source is None")
         self._source = source
         if self.config.target_addr and self._forward is None:
+            from agent.sinks.forward import ForwardSink
+
             self._forward = ForwardSink(self.config.target_addr, self.config.dial,
                                         self.config.forward)
         live = bool(getattr(source, "live", False))

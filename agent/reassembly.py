@@ -239,7 +239,13 @@ class Reassembler:
             else:
                 nxt = half.nxt = seg.seq  # started mid-stream: begin at the first byte seen
         pos = half.unwrap(seg.seq + 1 if flags & SYN else seg.seq)
-        if payload or seg.lost:
+        if pos == nxt and payload and not (half.pending or half.probe or half.blocked
+                                           or seg.lost):
+            # Fast path: the next bytes, in order, nothing held.
+            half.nxt = pos + len(payload)
+            half.last = (pos, payload)
+            self._emit(half, payload, ts, out)
+        elif payload or seg.lost:
             self._data(half, pos, payload, seg.lost, ts, out)
         if flags & FIN:
             half.fin = pos + len(payload) + seg.lost

@@ -12,41 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
-__all__ = ["Dial", "ForwardConfig", "ForwardSink", "parse_target"]
+from agent.config import Dial, ForwardConfig, parse_target
+
+__all__ = ["ForwardSink"]
 
 log = structlog.get_logger("agent.forward")
 
-#: A connect factory: ``dial("host:port") -> connected socket`` (blocking; run off-thread).
-Dial = Callable[[str], socket.socket]
-
 _DATA, _END, _RESET = 0, 1, 2
-
-
-def parse_target(addr: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"target {addr!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-@dataclass(frozen=True, slots=True)
-class ForwardConfig:
-    connect_timeout: float = 5.0
-    max_flow_buffer: int = 8 << 20
-    max_total_buffer: int = 256 << 20
-    close_timeout: float = 5.0
-    """Seconds :meth:`ForwardSink.close` waits for queued bytes to reach the target."""
 
 
 class _Conn:

@@ -257,7 +257,7 @@ def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
     addr = f"127.0.0.1:{server.getsockname()[1]}"
     c = Conversation()
     big = [c.seg(True, i * 60000, b"x" * 60000) for i in range(100)]  # 6 MB
-    from agent.sinks.forward import ForwardConfig
+    from agent.config import ForwardConfig
     m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=addr,
                                    forward=ForwardConfig(max_flow_buffer=1 << 20,
                                                          close_timeout=1)))

@@ -1,0 +1,141 @@
+"""Offline replay throughput: mirror-agent vs scapy's TCPSession vs tcpflow, same file.
+
+The capture: ~100k small data segments across 200 interleaved connections (plus handshakes
+and FINs), made here with the agent's own packet synthesis, so the run is reproducible.
+Each tool runs ``--rounds`` times; the median wall time of each is reported with segments/s,
+MB/s and the ratio to mirror-agent. Writes bench/out/offline_replay.json.
+
+usage: python bench/offline_replay.py [--rounds 3] [--skip-scapy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.filter import synthesize_frame
+from agent.model import ACK, FIN, PSH, SYN
+
+OUT = Path(__file__).resolve().parent / "out"
+FLOWS = 200
+SEGMENTS_PER_FLOW = 500
+PAYLOAD = 100
+
+
+def make_capture(path: Path, seed: int = 7) -> tuple[int, int]:
+    """Write the benchmark pcap; returns (data segments, payload bytes)."""
+    rng = random.Random(seed)
+    server = bytes([198, 51, 100, 1])
+    flows = []
+    for i in range(FLOWS):
+        client = bytes([192, 0, 2, 1 + i % 200])
+        flows.append({"c": client, "cp": 20000 + i, "cseq": rng.getrandbits(32),
+                      "sseq": rng.getrandbits(32), "step": 0, "sent": 0})
+    frames: list[bytes] = []
+
+    def pkt(f: dict, from_client: bool, flags: int, payload: bytes = b"") -> bytes:
+        if from_client:
+            seq = (f["cseq"] + 1 + f["sent"]) & 0xFFFFFFFF if not flags & SYN else f["cseq"]
+            return synthesize_frame(f["c"], server, f["cp"], 8080, payload, seq,
+                                    f["sseq"] + 1, flags)
+        seq = f["sseq"] if flags & SYN else (f["sseq"] + 1) & 0xFFFFFFFF
+        return synthesize_frame(server, f["c"], 8080, f["cp"], payload, seq, f["cseq"] + 1,
+                                flags)
+
+    for f in flows:
+        frames += [pkt(f, True, SYN), pkt(f, False, SYN | ACK), pkt(f, True, ACK)]
+    active = list(range(FLOWS))
+    data_segments = 0
+    while active:
+        i = rng.choice(active)
+        f = flows[i]
+        payload = rng.randbytes(PAYLOAD)
+        frames.append(pkt(f, True, ACK | PSH, payload))
+        f["sent"] += PAYLOAD
+        data_segments += 1
+        if f["sent"] // PAYLOAD >= SEGMENTS_PER_FLOW:
+            frames += [pkt(f, True, FIN | ACK), pkt(f, False, FIN | ACK)]
+            active.remove(i)
+    with path.open("wb") as out:
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        t = 1_700_000_000.0
+        for n, fr in enumerate(frames):
+            ts = t + n * 1e-5
+            out.write(struct.pack("<IIII", int(ts), int((ts % 1) * 1e6), len(fr), len(fr)))
+            out.write(fr)
+    return data_segments, data_segments * PAYLOAD
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+SCAPY = """
+import sys
+from scapy.all import PcapReader, TCPSession, sniff
+n = 0
+def count(p):
+    global n
+    n += 1
+sniff(offline=sys.argv[1], session=TCPSession, prn=count, store=False)
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-scapy", action="store_true", help="scapy takes ~1 min a round")
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
+    pcap = work / "replay.pcap"
+    segments, payload = make_capture(pcap)
+    total_frames = segments + FLOWS * 5
+    print(f"capture: {total_frames} frames, {segments} data segments, {FLOWS} flows, "
+          f"{pcap.stat().st_size / 1e6:.1f} MB")
+    tools: dict[str, list[str]] = {
+        "mirror-agent (native record, both directions)": [
+            sys.executable, "-m", "agent.cli", "offline", str(pcap), "--port", "8080",
+            "--record", str(work / "rec.bin"), "--both-directions"],
+        "mirror-agent (jsonl record)": [
+            sys.executable, "-m", "agent.cli", "offline", str(pcap), "--port", "8080",
+            "--record", str(work / "rec.jsonl"), "--record-format", "jsonl"],
+    }
+    if shutil.which("tcpflow"):
+        (work / "tcpflow").mkdir()
+        tools["tcpflow"] = ["tcpflow", "-r", str(pcap), "-o", str(work / "tcpflow")]
+    if not args.skip_scapy:
+        tools["scapy TCPSession"] = [sys.executable, "-c", SCAPY, str(pcap)]
+    results = {}
+    for name, cmd in tools.items():
+        times = [timed(cmd) for _ in range(args.rounds)]
+        med = statistics.median(times)
+        results[name] = {"seconds": med, "segments_per_s": total_frames / med,
+                         "mb_per_s": payload / med / 1e6, "rounds": times}
+    base = results["mirror-agent (native record, both directions)"]["seconds"]
+    print(f"\n{'tool':<48} {'median s':>9} {'segments/s':>11} {'MB/s':>7} {'time vs agent':>14}")
+    for name, r in results.items():
+        print(f"{name:<48} {r['seconds']:>9.2f} {r['segments_per_s']:>11,.0f} "
+              f"{r['mb_per_s']:>7.1f} {r['seconds'] / base:>13.2f}x")
+    (OUT / "offline_replay.json").write_text(json.dumps(
+        {"frames": total_frames, "segments": segments, "flows": FLOWS, "results": results},
+        indent=2))
+    shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
