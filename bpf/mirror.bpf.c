@@ -1,0 +1,174 @@
+/* mirror-agent kernel side: keep only the observed ports' TCP packets that carry something
+ * (payload, SYN, FIN, RST) and push their payload to user space through a perf buffer.
+ * Entry points only; parsing is in parse.h, the record in mirror_event.h.
+ * Never changes traffic: TC returns TC_ACT_OK, XDP returns XDP_PASS, whatever happens. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "mirror_event.h"
+#include "parse.h"
+
+#ifndef MAX_CPUS
+#define MAX_CPUS 128
+#endif
+#ifndef MAX_PORTS
+#define MAX_PORTS 64
+#endif
+/* 4 pieces of 32 KiB cover the largest GSO/GRO packet (64 KiB) with room to spare; bytes of
+ * a larger (BIG TCP) packet past 128 KiB are reported as lost, so user space sees a gap. */
+#define MAX_PIECES 4
+
+struct scratch {
+	struct mirror_event ev;
+	__u8 data[MIRROR_PIECE];
+};
+
+BPF_HASH(ports, u16, u8, MAX_PORTS);           /* observed ports, host order; updatable live */
+BPF_PERF_OUTPUT(events);
+/* One scratch record per CPU. Not a per-CPU map: those cap values at 32 KiB. */
+BPF_ARRAY(scratch_map, struct scratch, MAX_CPUS);
+BPF_PERCPU_ARRAY(hdr_map, struct hdr_buf, 1);
+BPF_PERCPU_ARRAY(counters, u64, MC_MAX);
+
+static long (*xdp_load_bytes)(void *ctx, __u32 off, void *buf, __u32 len) =
+	(void *)BPF_FUNC_xdp_load_bytes;
+
+static __always_inline void count(int idx, u64 n)
+{
+	u64 *v = counters.lookup(&idx);
+	if (v)
+		*v += n;
+}
+
+static __always_inline long load(void *ctx, __u32 off, void *buf, __u32 len, int is_xdp)
+{
+	if (is_xdp)
+		return xdp_load_bytes(ctx, off, buf, len);
+	return bpf_skb_load_bytes(ctx, off, buf, len);
+}
+
+static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hook, int is_xdp)
+{
+	int zero = 0;
+	struct parsed p = {};
+	struct hdr_buf *h;
+	struct scratch *s;
+	__u32 have, cpu, off = 0;
+	int i;
+
+	count(MC_PACKETS, 1);
+	h = hdr_map.lookup(&zero);
+	if (!h)
+		return;
+	if (len < 14) {
+		count(MC_TRUNCATED, 1);
+		return;
+	}
+	/* have in [1, HDR_COPY], computed so the verifier can see both bounds. */
+	have = (len < HDR_COPY ? len : HDR_COPY) - 1;
+	asm volatile("%0 &= 0xff" : "+r"(have));
+	have += 1;
+	if (load(ctx, 0, h->b, have, is_xdp) < 0) {
+		count(MC_TRUNCATED, 1);
+		return;
+	}
+	switch (parse_frame(h, have, len, &p)) {
+	case P_OK:
+		break;
+	case P_NOT_IP:
+		count(MC_NOT_IP, 1);
+		return;
+	case P_NOT_TCP:
+		count(MC_NOT_TCP, 1);
+		return;
+	case P_FRAGMENT:
+		count(MC_FRAGMENT, 1);
+		return;
+	default:
+		count(MC_TRUNCATED, 1);
+		return;
+	}
+	u16 sport = p.sport, dport = p.dport;
+	if (!ports.lookup(&dport) && !ports.lookup(&sport)) {
+		count(MC_NOT_OUR_PORT, 1);
+		return;
+	}
+	/* A pure ACK tells user space nothing it needs: skip it here, where it is cheapest. */
+	if (p.payload_len == 0 && !(p.flags & 0x07)) {
+		count(MC_PURE_ACK, 1);
+		return;
+	}
+	cpu = bpf_get_smp_processor_id();
+	s = scratch_map.lookup(&cpu);
+	if (!s)
+		return;
+	s->ev.ts_ns = bpf_ktime_get_ns();
+	s->ev.ifindex = ifindex;
+	s->ev.hook = hook;
+	s->ev.family = p.family;
+	s->ev.tcp_flags = p.flags;
+	__builtin_memcpy(s->ev.saddr, p.saddr, 16);
+	__builtin_memcpy(s->ev.daddr, p.daddr, 16);
+	s->ev.sport = p.sport;
+	s->ev.dport = p.dport;
+	s->ev.seq = p.seq;
+	s->ev.ack = p.ack;
+	s->ev.window = p.window;
+	s->ev.payload_len = p.payload_len;
+
+	for (i = 0; i < MAX_PIECES; i++) {
+		__u32 remaining = p.payload_len - off;
+		__u32 n = 0;
+
+		s->ev.piece_off = off;
+		s->ev.lost = 0;
+		if (remaining > 0) {
+			/* n in [1, MIRROR_PIECE], computed so the verifier can see both bounds. */
+			n = (remaining > MIRROR_PIECE ? MIRROR_PIECE : remaining) - 1;
+			asm volatile("%0 &= 0x7fff" : "+r"(n));
+			n += 1;
+			if (load(ctx, p.payload_off + off, s->data, n, is_xdp) < 0) {
+				/* Tell user space exactly which bytes are missing: a gap, not a stall. */
+				count(MC_COPY_FAILED, 1);
+				s->ev.lost = remaining;
+				n = 0;
+			} else if (i == MAX_PIECES - 1 && remaining > n) {
+				s->ev.lost = remaining - n; /* beyond what one packet may copy */
+			}
+		}
+		s->ev.piece_len = n;
+		if (events.perf_submit(ctx, s, sizeof(struct mirror_event) + n) < 0) {
+			count(MC_SUBMIT_FAILED, 1);
+			count(MC_LOST_BYTES, remaining);
+			return;
+		}
+		count(MC_SUBMITTED, 1);
+		count(MC_BYTES, n);
+		if (s->ev.lost) {
+			count(MC_LOST_BYTES, s->ev.lost);
+			return;
+		}
+		off += n;
+		if (off >= p.payload_len)
+			return;
+	}
+}
+
+int mirror_tc_ingress(struct __sk_buff *skb)
+{
+	handle(skb, skb->len, skb->ifindex, MIRROR_HOOK_TC_INGRESS, 0);
+	return TC_ACT_OK;
+}
+
+int mirror_tc_egress(struct __sk_buff *skb)
+{
+	handle(skb, skb->len, skb->ifindex, MIRROR_HOOK_TC_EGRESS, 0);
+	return TC_ACT_OK;
+}
+
+int mirror_xdp(struct xdp_md *xdp)
+{
+	__u32 len = xdp->data_end - xdp->data;
+	handle(xdp, len, xdp->ingress_ifindex, MIRROR_HOOK_XDP, 1);
+	return XDP_PASS;
+}
