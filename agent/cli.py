@@ -51,6 +51,16 @@ examples:
 """
 
 
+RUN_EXAMPLES = """\
+examples:
+  # mirror live traffic of port 8080 on eth0 to a shadow, recording requests
+  mirror-agent run --iface eth0 --port 8080 --target 10.0.0.5:8080 --record /var/lib/m.bin
+  # loopback service, both directions as JSON lines; stop with Ctrl-C or SIGTERM
+  mirror-agent run --iface lo --port 9000 --record out.jsonl --record-format jsonl \\
+      --both-directions
+"""
+
+
 class UsageError(Exception):
     """Bad flag, file or config: exit 2 with this one line."""
 
@@ -119,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     off.add_argument("files", nargs="+", type=Path, metavar="FILE")
     _add_pipeline_options(off)
+
+    run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--iface", required=True, metavar="IFACE[,IFACE...]|any",
+                     help="interfaces to capture on ('any': every non-loopback one that is up)")
+    run.add_argument("--engine", choices=["tc", "xdp"], default="tc",
+                     help="tc: clsact ingress+egress (default); xdp: ingress only")
+    run.add_argument("--perf-mib", type=int, default=8, metavar="MIB",
+                     help="perf buffer size per CPU (default: 8 MiB)")
+    run.add_argument("--wakeup-events", type=int, default=64, metavar="N",
+                     help="wake user space every N events (drained every 10 ms anyway)")
+    _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
     ins.add_argument("path", type=Path)
@@ -244,6 +266,33 @@ def _offline(args: argparse.Namespace) -> int:
     return run_pipeline(args, make_source, interrupted_status=130)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from agent.capture.attach import resolve_ifaces
+    from agent.capture.ebpf import EbpfSource, check_environment
+
+    check_environment()
+    if args.perf_mib < 1 or args.wakeup_events < 1:
+        raise UsageError("--perf-mib and --wakeup-events must be >= 1")
+    seg_filter = None
+    if args.filter:
+        from agent.filter import SegmentMatcher
+
+        try:
+            seg_filter = SegmentMatcher(args.filter)
+        except FilterError as e:
+            raise UsageError(str(e)) from None
+    ifaces = resolve_ifaces(args.iface)
+
+    def make_source() -> PacketSource:
+        src = EbpfSource(ifaces, args.port, args.engine, args.perf_mib, args.wakeup_events,
+                         segment_filter=seg_filter)
+        log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
+                 target=args.target or None, record=args.record)
+        return src
+
+    return run_pipeline(args, make_source, interrupted_status=0)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     try:
         f = args.path.open("rb")
@@ -296,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level, fmt)
         if args.command == "offline":
             return _offline(args)
+        if args.command == "run":
+            return _run(args)
         return _inspect(args)
     except (UsageError, SourceError) as e:
         sys.stderr.write(f"mirror-agent: error: {e}\n")

@@ -161,6 +161,7 @@ class TrafficMirror:
             self._flush()
         except (Cancelled, KeyboardInterrupt) as e:
             error = e
+            self._drain(source)
             self._flush()
             raise
         except BaseException as e:
@@ -168,6 +169,16 @@ class TrafficMirror:
             raise
         finally:
             self._finish(source, error)
+
+    def _drain(self, source: PacketSource) -> None:
+        """Take what a live source still holds (its ``drain()``, if it has one)."""
+        drain = getattr(source, "drain", None)
+        if drain is None:
+            return
+        out: Output = []
+        for seg in drain():
+            self.reassembler.feed(seg, out)
+        self._dispatch(out)
 
     def _flush(self) -> None:
         out: Output = []

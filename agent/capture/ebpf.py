@@ -1,0 +1,232 @@
+"""Live capture with the eBPF program in ``bpf/``: events from a perf buffer → Segments.
+
+The kernel keeps only the observed ports' packets that carry payload, SYN, FIN or RST and
+copies payload in pieces of up to 32 KiB, so 64 KiB GSO/GRO packets arrive whole. Wakeups are
+batched (``wakeup_events``) and the buffer is also drained on a short timer, so a lone request
+still arrives within ~10 ms. Losses (perf ``lost_cb``, kernel counters) reach :meth:`stats`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from operator import attrgetter
+from pathlib import Path
+
+import structlog
+
+from agent.capture import SourceError
+from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
+from agent.model import FIN, RST, SYN, Segment
+
+__all__ = ["BPF_DIR", "EbpfSource", "check_environment"]
+
+log = structlog.get_logger("agent.ebpf")
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+#: struct mirror_event (bpf/mirror_event.h); payload follows at EVENT_SIZE.
+_EVENT = struct.Struct("<QIBBBx16s16sHHIIHHIII")
+EVENT_SIZE = 80  # sizeof(struct mirror_event): 76 bytes of fields, aligned to 8
+_COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_port",
+             "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes")
+_MASK = 0xFFFFFFFF
+#: Seconds of the newest events held back to merge other CPUs' older events in order.
+REORDER_WINDOW = 0.002
+_ts = attrgetter("ts")
+
+
+def check_environment() -> None:
+    """Start-up checks with the exact fix; raises SourceError (exit 2) when one fails."""
+    if os.geteuid() != 0:
+        caps = _effective_caps()
+        need = {"CAP_BPF": 39, "CAP_NET_ADMIN": 12, "CAP_PERFMON": 38}
+        missing = [n for n, bit in need.items() if not caps >> bit & 1]
+        if missing:
+            raise SourceError(f"live capture needs root or {', '.join(missing)}; run as root "
+                              "or grant them (e.g. setcap, or the DaemonSet's securityContext)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise SourceError("bcc is not importable: apt-get install python3-bpfcc and use a venv "
+                          "made with --system-site-packages (make setup does both)") from None
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not (build / "include").exists():
+        raise SourceError(
+            f"kernel headers missing at {build}: apt-get install linux-headers-amd64, then "
+            f"ln -sfn /usr/src/linux-headers-<ver>-amd64 {build} and "
+            f"ln -sfn /usr/src/linux-headers-<ver>-common {build.parent}/source "
+            "(make setup does this)")
+
+
+def _effective_caps() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+class EbpfSource:
+    """Captures ``ports`` on ``ifaces`` with TC (default) or XDP; a live packet source."""
+
+    live = True
+
+    def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
+                 perf_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
+                 segment_filter: Callable[[Segment], bool] | None = None) -> None:
+        if engine not in ("tc", "xdp"):
+            raise SourceError(f"unknown engine {engine!r}")
+        self.ifaces = ifaces
+        self.ports = ports
+        self.engine = engine
+        self._perf_pages = max(1, perf_mib * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE"))
+        self._wakeup = wakeup_events
+        self._poll_ms = poll_ms
+        self._filter = segment_filter
+        self._attached: list[Attachment] = []
+        self._pending: list[Segment] = []
+        self._held: list[Segment] = []
+        self._lost_samples = 0
+        self._events = 0
+        self._filtered = 0
+        self._closed = False
+        self._final_stats: dict[str, int] = {}
+        self._clock = time.time() - time.monotonic()  # ktime (CLOCK_MONOTONIC) → epoch
+        self._bpf = self._load()
+
+    def _load(self) -> object:
+        from bcc import BPF
+
+        cpus = os.cpu_count() or 1
+        try:
+            from bcc.utils import get_possible_cpus
+            cpus = max(get_possible_cpus()) + 1
+        except Exception:  # bcc without the helper: cpu_count is a safe upper bound here
+            pass
+        try:
+            bpf = BPF(src_file=str(BPF_DIR / "mirror.bpf.c").encode(),
+                      cflags=[f"-I{BPF_DIR}", f"-DMAX_CPUS={cpus}", "-Wno-macro-redefined"])
+        except Exception as e:
+            raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}") from None
+        ports = bpf[b"ports"]
+        for p in self.ports:
+            ports[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
+        try:
+            if self.engine == "tc":
+                ing = bpf.load_func(b"mirror_tc_ingress", BPF.SCHED_CLS)
+                eg = bpf.load_func(b"mirror_tc_egress", BPF.SCHED_CLS)
+                for name in self.ifaces:
+                    a = TcAttachment(name, ing.fd, eg.fd)
+                    self._attached.append(a)
+                    a.attach()
+            else:
+                fn = bpf.load_func(b"mirror_xdp", BPF.XDP)
+                for name in self.ifaces:
+                    x = XdpAttachment(name, fn.fd)
+                    self._attached.append(x)
+                    x.attach()
+            bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self._perf_pages,
+                                            lost_cb=self._on_lost,
+                                            wakeup_events=self._wakeup)
+        except BaseException:
+            self._detach()
+            raise
+        return bpf
+
+    # ---------------------------------------------------------------- perf callbacks
+
+    def _on_lost(self, count: int) -> None:
+        self._lost_samples += count
+
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        raw = ctypes.string_at(data, size)
+        (ts, _ifi, _hook, fam, flags, saddr, daddr, sport, dport, seq, ack, win, plen, poff,
+         paylen, lost) = _EVENT.unpack_from(raw)
+        self._events += 1
+        if fam == 4:
+            saddr, daddr = saddr[:4], daddr[:4]
+        if poff:  # a later piece of a big packet: its own position, no SYN
+            seq = (seq + poff + (1 if flags & SYN else 0)) & _MASK
+            flags &= ~SYN
+        if poff + plen + lost < paylen:
+            flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
+        seg = Segment(saddr, sport, daddr, dport, seq, ack, flags,
+                      raw[EVENT_SIZE:EVENT_SIZE + plen], ts / 1e9 + self._clock, win, lost)
+        if self._filter is not None and not self._filter(seg):
+            self._filtered += 1
+            return
+        self._pending.append(seg)
+
+    # ---------------------------------------------------------------- source API
+
+    def batches(self) -> Iterator[list[Segment]]:
+        """Segments in kernel-timestamp order.
+
+        Each CPU has its own ring, so one drain can return a connection's later packets (from
+        one CPU) before its earlier ones (from another). Every drain is merged by timestamp,
+        and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
+        case another CPU was still writing older ones.
+        """
+        bpf = self._bpf
+        poll = bpf.perf_buffer_poll  # type: ignore[attr-defined]
+        consume = bpf.perf_buffer_consume  # type: ignore[attr-defined]
+        while not self._closed:
+            started = time.monotonic()
+            poll(self._poll_ms)
+            consume()  # what batched wakeups have not announced yet
+            yield self._release(started + self._clock - REORDER_WINDOW)
+
+    def _release(self, cutoff: float) -> list[Segment]:
+        pending = self._held + self._pending
+        self._pending = []
+        pending.sort(key=_ts)
+        i = bisect.bisect_right(pending, cutoff, key=_ts)
+        self._held = pending[i:]
+        return pending[:i]
+
+    def drain(self) -> list[Segment]:
+        """Everything still in the rings or held back (for a clean stop)."""
+        self._bpf.perf_buffer_consume()  # type: ignore[attr-defined]
+        return self._release(float("inf"))
+
+    def stats(self) -> dict[str, int]:
+        if self._closed:
+            return self._final_stats
+        out = {"events": self._events, "perf_lost_samples": self._lost_samples,
+               "filtered": self._filtered}
+        try:
+            table = self._bpf[b"counters"]  # type: ignore[index]
+            for i, name in enumerate(_COUNTERS):
+                out[f"kernel_{name}"] = sum(int(v) for v in table[ctypes.c_int(i)])
+        except Exception:  # after close the map is gone; keep what we have
+            pass
+        return out
+
+    def set_ports(self, ports: list[int]) -> None:
+        """Change the observed ports without reloading the program."""
+        table = self._bpf[b"ports"]  # type: ignore[index]
+        table.clear()
+        for p in ports:
+            table[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
+        self.ports = ports
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._final_stats = self.stats()
+        self._closed = True
+        self._detach()
+
+    def _detach(self) -> None:
+        for a in reversed(self._attached):
+            try:
+                a.detach()
+            except Exception as e:  # keep going: every attachment must be tried
+                log.error("detach failed", iface=a.ifname, error=str(e))
+        self._attached.clear()
