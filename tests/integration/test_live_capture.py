@@ -64,3 +64,41 @@ def test_tc_loopback_matches_tcpdump_and_shadow(tmp_path: Path) -> None:
     shadow = (tmp_path / "shadow.log").read_text().splitlines()
     assert len(shadow) == 81, err
     assert "mirror-agent summary" in err
+
+
+def _veth_run(tmp_path: Path, engine: str) -> tuple[Path, Path, list[str]]:
+    rec, pcap = tmp_path / "rec.jsonl", tmp_path / "truth.pcap"
+    with NetNS() as server, NetNS() as client:
+        server.veth_to(client, "2001:db8::1/64", "2001:db8::2/64")
+        start_python_server(server, 8443, host="2001:db8::1")
+        start_python_server(server, 18443, log=tmp_path / "shadow.log")
+        cap = Tcpdump(server, server.veth, pcap, "tcp port 8443")
+        agent = LiveAgent(server, tmp_path, "--iface", server.veth, "--port", "8443",
+                          "--engine", engine, "--target", "127.0.0.1:18443", "--record",
+                          str(rec), "--record-format", "jsonl", "--both-directions")
+        done = client.run(sys.executable, str(HERE / "http_client.py"), "2001:db8::1", "8443",
+                          "4", "6", "20000")
+        assert done.stdout.strip() == "24"
+        agent.stop()
+        assert "0 packets dropped by kernel" in cap.stop()
+        assert "xdp" not in server.run("ip", "link", "show", server.veth).stdout
+    return rec, pcap, (tmp_path / "shadow.log").read_text().splitlines()
+
+
+def test_tc_ipv6_veth(tmp_path: Path) -> None:
+    rec, pcap, shadow = _veth_run(tmp_path, "tc")
+    ours, gaps = jsonl_streams(rec)
+    assert gaps == 0
+    assert all(k[0].startswith("[2001:db8::") for k in ours)
+    assert_same_streams(ours, tshark_streams(pcap, 8443))
+    assert len(shadow) == 24
+
+
+def test_xdp_ipv6_veth_request_direction(tmp_path: Path) -> None:
+    rec, pcap, shadow = _veth_run(tmp_path, "xdp")
+    ours, gaps = jsonl_streams(rec)
+    truth = tshark_streams(pcap, 8443)
+    requests = {k: v for k, v in truth.items() if k[1] == "[2001:db8::1]:8443"}
+    assert gaps == 0
+    assert_same_streams({k: v for k, v in ours.items() if k in requests}, requests)
+    assert len(shadow) == 24
