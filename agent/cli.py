@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO, NoReturn, TypeVar
 
 import structlog
 
@@ -22,7 +22,7 @@ from agent import __doc__ as _pkg_doc
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
 from agent.config import MirrorConfig, parse_target
-from agent.filter import FilterError, FrameMatcher
+from agent.filter import FilterError, FrameMatcher, SegmentMatcher
 from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
 from agent.http_hooks import InjectHeader, RedactHeaders
 from agent.logsetup import configure_logging
@@ -35,6 +35,7 @@ from agent.summary import format_summary
 __all__ = ["main"]
 
 log = structlog.get_logger("agent.cli")
+T = TypeVar("T")
 
 EXAMPLES = """\
 examples:
@@ -249,13 +250,18 @@ def run_pipeline(args: argparse.Namespace, make_source: Callable[[], PacketSourc
     return status
 
 
+def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
+    """``--filter``: compiled by ``make``, or a UsageError (exit 2) with libpcap's message."""
+    if not expr:
+        return None
+    try:
+        return make(expr)
+    except FilterError as e:
+        raise UsageError(str(e)) from None
+
+
 def _offline(args: argparse.Namespace) -> int:
-    matcher = None
-    if args.filter:
-        try:
-            matcher = FrameMatcher(args.filter)
-        except FilterError as e:
-            raise UsageError(str(e)) from None
+    matcher = _compile_filter(args.filter, FrameMatcher)
 
     def make_source() -> PacketSource:
         try:
@@ -273,14 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     check_environment()
     if args.perf_mib < 1 or args.wakeup_events < 1:
         raise UsageError("--perf-mib and --wakeup-events must be >= 1")
-    seg_filter = None
-    if args.filter:
-        from agent.filter import SegmentMatcher
-
-        try:
-            seg_filter = SegmentMatcher(args.filter)
-        except FilterError as e:
-            raise UsageError(str(e)) from None
+    seg_filter = _compile_filter(args.filter, SegmentMatcher)
     ifaces = resolve_ifaces(args.iface)
 
     def make_source() -> PacketSource:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
-from collections.abc import Callable
 
 from agent.decode import LINKTYPE_ETHERNET
 from agent.model import ACK, PSH, Segment
@@ -180,5 +179,3 @@ def synthesize_frame(
     eth = b"\xff\xff\xff\xff\xff\xff" + b"\x00\x11\x22\x33\x44\x55" + struct.pack("!H", ethertype)
     return eth + ip + seg
 
-
-SegmentFilter = Callable[[Segment], bool]

@@ -39,7 +39,6 @@ class _FuncWriter:
 
     def __init__(self, fn: WriteFunc) -> None:
         self.write = fn
-        self.records = 0
 
     def flow_end(self, end: FlowEnd) -> None:
         pass
