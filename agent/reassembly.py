@@ -348,8 +348,8 @@ class Reassembler:
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
         del self._flows[flow.flow_id]
-        k = flow.key
-        self._halves.pop((k[0], k[1], k[2], k[3]), None)
+        k = flow.key  # (ip, port, ip, port): one direction's 4-tuple as it stands
+        self._halves.pop(k, None)
         self._halves.pop((k[2], k[3], k[0], k[1]), None)
         if reason == "fin":
             self._tombstones[k] = self._now
