@@ -135,12 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--iface", required=True, metavar="IFACE[,IFACE...]|any",
                      help="interfaces to capture on ('any': every non-loopback one that is up)")
-    run.add_argument("--engine", choices=["tc", "xdp"], default="tc",
-                     help="tc: clsact ingress+egress (default); xdp: ingress only")
-    run.add_argument("--perf-mib", type=int, default=8, metavar="MIB",
-                     help="perf buffer size per CPU (default: 8 MiB)")
+    run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
+                     help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
+                          "only; afpacket: raw socket with a classic BPF filter, no eBPF needed")
+    run.add_argument("--transport", choices=["perf", "ringbuf"], default="perf",
+                     help="eBPF to user space: per-CPU perf buffers (default) or one BPF ring "
+                          "buffer (kernel 5.8+)")
+    run.add_argument("--buffer-mib", type=int, default=8, metavar="MIB",
+                     help="kernel buffer per CPU (default: 8 MiB; the ring buffer gets this "
+                          "times the CPU count; afpacket: the socket's receive buffer x8)")
     run.add_argument("--wakeup-events", type=int, default=64, metavar="N",
-                     help="wake user space every N events (drained every 10 ms anyway)")
+                     help="wake user space every N events per CPU (default: 64); it also "
+                          "drains every 10 ms, so a lone request is not held back")
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
@@ -274,20 +280,35 @@ def _offline(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from agent.capture.attach import resolve_ifaces
-    from agent.capture.ebpf import EbpfSource, check_environment
+    from agent.capture.ebpf import check_environment
 
-    check_environment()
-    if args.perf_mib < 1 or args.wakeup_events < 1:
-        raise UsageError("--perf-mib and --wakeup-events must be >= 1")
-    seg_filter = _compile_filter(args.filter, SegmentMatcher)
+    if args.buffer_mib < 1 or args.wakeup_events < 1:
+        raise UsageError("--buffer-mib and --wakeup-events must be >= 1")
+    check_environment(ebpf=args.engine != "afpacket")
     ifaces = resolve_ifaces(args.iface)
+    if args.engine == "afpacket":
+        _compile_filter(args.filter, SegmentMatcher)  # a bad expression: exit 2 before start
 
-    def make_source() -> PacketSource:
-        src = EbpfSource(ifaces, args.port, args.engine, args.perf_mib, args.wakeup_events,
-                         segment_filter=seg_filter)
-        log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
-                 target=args.target or None, record=args.record)
-        return src
+        def make_source() -> PacketSource:
+            from agent.capture.afpacket import AfPacketSource
+
+            src: PacketSource = AfPacketSource(ifaces, args.port, args.filter,
+                                               rcvbuf_mib=args.buffer_mib * 8)
+            log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
+                     target=args.target or None, record=args.record)
+            return src
+    else:
+        seg_filter = _compile_filter(args.filter, SegmentMatcher)
+
+        def make_source() -> PacketSource:
+            from agent.capture.ebpf import EbpfSource
+
+            src: PacketSource = EbpfSource(
+                ifaces, args.port, args.engine, args.buffer_mib, args.wakeup_events,
+                segment_filter=seg_filter, transport=args.transport)
+            log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
+                     transport=args.transport, target=args.target or None, record=args.record)
+            return src
 
     return run_pipeline(args, make_source, interrupted_status=0)
 

@@ -1,5 +1,6 @@
 /* mirror-agent kernel side: keep only the observed ports' TCP packets that carry something
- * (payload, SYN, FIN, RST) and push their payload to user space through a perf buffer.
+ * (payload, SYN, FIN, RST) and push their payload to user space through a perf buffer (or, with
+ * MIRROR_RINGBUF, the BPF ring buffer).
  * Entry points only; parsing is in parse.h, the record in mirror_event.h.
  * Never changes traffic: TC returns TC_ACT_OK, XDP returns XDP_PASS, whatever happens. */
 #include <uapi/linux/bpf.h>
@@ -24,7 +25,16 @@ struct scratch {
 };
 
 BPF_HASH(ports, u16, u8, MAX_PORTS);           /* observed ports, host order; updatable live */
+#ifdef MIRROR_RINGBUF
+/* One ring shared by all CPUs (kernel >= 5.8); size in pages, a power of two. */
+BPF_RINGBUF_OUTPUT(events, MIRROR_RINGBUF_PAGES);
+#ifndef MIRROR_WAKEUP_EVENTS
+#define MIRROR_WAKEUP_EVENTS 64
+#endif
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1); /* records submitted since this CPU last woke the reader */
+#else
 BPF_PERF_OUTPUT(events);
+#endif
 /* One scratch record per CPU. Not a per-CPU map: those cap values at 32 KiB. */
 BPF_ARRAY(scratch_map, struct scratch, MAX_CPUS);
 BPF_PERCPU_ARRAY(hdr_map, struct hdr_buf, 1);
@@ -38,6 +48,27 @@ static __always_inline void count(int idx, u64 n)
 	u64 *v = counters.lookup(&idx);
 	if (v)
 		*v += n;
+}
+
+/* Hand one record to user space through whichever transport was compiled in. */
+static __always_inline long submit(void *ctx, struct scratch *s, __u32 size)
+{
+#ifdef MIRROR_RINGBUF
+	/* Batched wakeups, like perf's wakeup_events: each CPU wakes the reader every Nth
+	 * record; the reader also drains every few milliseconds, so a lone request is not
+	 * held back. */
+	int zero = 0;
+	__u64 flags = BPF_RB_NO_WAKEUP;
+	__u32 *n = since_wakeup.lookup(&zero);
+
+	if (n && ++*n >= MIRROR_WAKEUP_EVENTS) {
+		*n = 0;
+		flags = BPF_RB_FORCE_WAKEUP;
+	}
+	return events.ringbuf_output(s, size, flags);
+#else
+	return events.perf_submit(ctx, s, size);
+#endif
 }
 
 static __always_inline long load(void *ctx, __u32 off, void *buf, __u32 len, int is_xdp)
@@ -137,7 +168,7 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 			}
 		}
 		s->ev.piece_len = n;
-		if (events.perf_submit(ctx, s, sizeof(struct mirror_event) + n) < 0) {
+		if (submit(ctx, s, sizeof(struct mirror_event) + n) < 0) {
 			count(MC_SUBMIT_FAILED, 1);
 			count(MC_LOST_BYTES, remaining);
 			return;

@@ -31,8 +31,7 @@ def resolve_ifaces(spec: str) -> list[str]:
     with IPRoute() as ipr:
         links = {link.get_attr("IFLA_IFNAME"): link for link in ipr.get_links()}
     if spec == "any":
-        names = [n for n, link in links.items()
-                 if n != "lo" and link["flags"] & 1 and not n.startswith("mirtest")]
+        names = [n for n, link in links.items() if n != "lo" and link["flags"] & 1]
         if not names:
             raise SourceError("--iface any: no non-loopback interface is up")
         return sorted(names)

@@ -1,9 +1,11 @@
 """Live capture with the eBPF program in ``bpf/``: events from a perf buffer → Segments.
 
 The kernel keeps only the observed ports' packets that carry payload, SYN, FIN or RST and
-copies payload in pieces of up to 32 KiB, so 64 KiB GSO/GRO packets arrive whole. Wakeups are
-batched (``wakeup_events``) and the buffer is also drained on a short timer, so a lone request
-still arrives within ~10 ms. Losses (perf ``lost_cb``, kernel counters) reach :meth:`stats`.
+copies payload in pieces of up to 32 KiB, so 64 KiB GSO/GRO packets arrive whole. Transport is
+a per-CPU perf buffer (default) or one BPF ring buffer (``transport="ringbuf"``, kernel 5.8+).
+Wakeups are batched (every ``wakeup_events`` records per CPU) and the buffers are also
+drained on a short timer, so a lone request still arrives within ~10 ms.
+Losses (perf ``lost_cb``, kernel counters) reach :meth:`stats`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -23,7 +26,7 @@ from agent.capture import SourceError
 from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
 from agent.model import FIN, RST, SYN, Segment
 
-__all__ = ["BPF_DIR", "EbpfSource", "check_environment"]
+__all__ = ["BPF_DIR", "TRANSPORTS", "EbpfSource", "check_environment"]
 
 log = structlog.get_logger("agent.ebpf")
 
@@ -37,29 +40,45 @@ _MASK = 0xFFFFFFFF
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
 _ts = attrgetter("ts")
+TRANSPORTS = ("perf", "ringbuf")
 
 
-def check_environment() -> None:
-    """Start-up checks with the exact fix; raises SourceError (exit 2) when one fails."""
+def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules")) -> None:
+    """Start-up checks with the exact fix; raises SourceError (exit 2) when one fails.
+
+    ``ebpf=False`` checks only what the AF_PACKET engine needs (root or CAP_NET_RAW).
+    """
     if os.geteuid() != 0:
         caps = _effective_caps()
-        need = {"CAP_BPF": 39, "CAP_NET_ADMIN": 12, "CAP_PERFMON": 38}
+        need = ({"CAP_BPF": 39, "CAP_NET_ADMIN": 12, "CAP_PERFMON": 38} if ebpf
+                else {"CAP_NET_RAW": 13})
         missing = [n for n, bit in need.items() if not caps >> bit & 1]
         if missing:
             raise SourceError(f"live capture needs root or {', '.join(missing)}; run as root "
                               "or grant them (e.g. setcap, or the DaemonSet's securityContext)")
+    if not ebpf:
+        return
     try:
         import bcc  # noqa: F401
     except ImportError:
         raise SourceError("bcc is not importable: apt-get install python3-bpfcc and use a venv "
                           "made with --system-site-packages (make setup does both)") from None
-    build = Path(f"/lib/modules/{os.uname().release}/build")
+    build = modules / os.uname().release / "build"
     if not (build / "include").exists():
         raise SourceError(
             f"kernel headers missing at {build}: apt-get install linux-headers-amd64, then "
             f"ln -sfn /usr/src/linux-headers-<ver>-amd64 {build} and "
             f"ln -sfn /usr/src/linux-headers-<ver>-common {build.parent}/source "
             "(make setup does this)")
+
+
+def _possible_cpus() -> int:
+    """Highest possible CPU id + 1: the size per-CPU structures need."""
+    try:
+        from bcc.utils import get_possible_cpus
+        return int(max(get_possible_cpus())) + 1
+    except Exception:  # bcc without the helper: cpu_count is a safe upper bound here
+        return os.cpu_count() or 1
 
 
 def _effective_caps() -> int:
@@ -78,14 +97,23 @@ class EbpfSource:
     live = True
 
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
-                 perf_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
-                 segment_filter: Callable[[Segment], bool] | None = None) -> None:
+                 buffer_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
+                 segment_filter: Callable[[Segment], bool] | None = None,
+                 transport: str = "perf") -> None:
         if engine not in ("tc", "xdp"):
             raise SourceError(f"unknown engine {engine!r}")
+        if transport not in TRANSPORTS:
+            raise SourceError(f"unknown transport {transport!r}")
         self.ifaces = ifaces
         self.ports = ports
         self.engine = engine
-        self._perf_pages = max(1, perf_mib * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE"))
+        self.transport = transport
+        self._cpus = _possible_cpus()
+        page = os.sysconf("SC_PAGE_SIZE")
+        self._perf_pages = max(1, buffer_mib * 1024 * 1024 // page)
+        # The ring buffer is shared: as much as all per-CPU perf buffers, a power of two.
+        ring = buffer_mib * 1024 * 1024 * self._cpus // page
+        self._ring_pages = 1 << max(0, ring - 1).bit_length()
         self._wakeup = wakeup_events
         self._poll_ms = poll_ms
         self._filter = segment_filter
@@ -103,17 +131,16 @@ class EbpfSource:
     def _load(self) -> object:
         from bcc import BPF
 
-        cpus = os.cpu_count() or 1
+        cflags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self._cpus}", "-Wno-macro-redefined"]
+        if self.transport == "ringbuf":
+            cflags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self._ring_pages}",
+                       f"-DMIRROR_WAKEUP_EVENTS={self._wakeup}"]
         try:
-            from bcc.utils import get_possible_cpus
-            cpus = max(get_possible_cpus()) + 1
-        except Exception:  # bcc without the helper: cpu_count is a safe upper bound here
-            pass
-        try:
-            bpf = BPF(src_file=str(BPF_DIR / "mirror.bpf.c").encode(),
-                      cflags=[f"-I{BPF_DIR}", f"-DMAX_CPUS={cpus}", "-Wno-macro-redefined"])
+            bpf = BPF(src_file=str(BPF_DIR / "mirror.bpf.c").encode(), cflags=cflags)
         except Exception as e:
-            raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}") from None
+            hint = (" (the BPF ring buffer needs kernel 5.8+; try --transport perf)"
+                    if self.transport == "ringbuf" else "")
+            raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}{hint}") from None
         ports = bpf[b"ports"]
         for p in self.ports:
             ports[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
@@ -131,9 +158,12 @@ class EbpfSource:
                     x = XdpAttachment(name, fn.fd)
                     self._attached.append(x)
                     x.attach()
-            bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self._perf_pages,
-                                            lost_cb=self._on_lost,
-                                            wakeup_events=self._wakeup)
+            if self.transport == "ringbuf":
+                bpf[b"events"].open_ring_buffer(self._on_event)
+            else:
+                bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self._perf_pages,
+                                                lost_cb=self._on_lost,
+                                                wakeup_events=self._wakeup)
         except BaseException:
             self._detach()
             raise
@@ -144,7 +174,7 @@ class EbpfSource:
     def _on_lost(self, count: int) -> None:
         self._lost_samples += count
 
-    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+    def _on_event(self, _cpu_or_ctx: object, data: int, size: int) -> None:
         raw = ctypes.string_at(data, size)
         (ts, _ifi, _hook, fam, flags, saddr, daddr, sport, dport, seq, ack, win, plen, poff,
          paylen, lost) = _EVENT.unpack_from(raw)
@@ -173,14 +203,18 @@ class EbpfSource:
         and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
         case another CPU was still writing older ones.
         """
-        bpf = self._bpf
-        poll = bpf.perf_buffer_poll  # type: ignore[attr-defined]
-        consume = bpf.perf_buffer_consume  # type: ignore[attr-defined]
+        poll, consume = self._poll_consume()
         while not self._closed:
             started = time.monotonic()
             poll(self._poll_ms)
             consume()  # what batched wakeups have not announced yet
             yield self._release(started + self._clock - REORDER_WINDOW)
+
+    def _poll_consume(self) -> tuple[Callable[[int], None], Callable[[], None]]:
+        bpf: Any = self._bpf
+        if self.transport == "ringbuf":
+            return bpf.ring_buffer_poll, bpf.ring_buffer_consume
+        return bpf.perf_buffer_poll, bpf.perf_buffer_consume
 
     def _release(self, cutoff: float) -> list[Segment]:
         pending = self._held + self._pending
@@ -192,7 +226,7 @@ class EbpfSource:
 
     def drain(self) -> list[Segment]:
         """Everything still in the rings or held back (for a clean stop)."""
-        self._bpf.perf_buffer_consume()  # type: ignore[attr-defined]
+        self._poll_consume()[1]()
         return self._release(float("inf"))
 
     def stats(self) -> dict[str, int]:

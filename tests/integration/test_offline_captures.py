@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netns import NetNS, Tcpdump, start_nginx, start_python_server
+from agent.lab.netns import NetNS, Tcpdump, run_clients, start_nginx, start_python_server
 from tests.integration.truth import assert_same_streams, jsonl_streams, tshark_streams
 
 HERE = Path(__file__).resolve().parent
@@ -53,9 +53,8 @@ def test_python_server_many_keepalive_clients(tmp_path: Path) -> None:
     with NetNS() as ns:
         start_python_server(ns, 9000)
         cap = Tcpdump(ns, "lo", pcap, "tcp port 9000")
-        done = ns.run(sys.executable, str(HERE / "http_client.py"), "127.0.0.1", "9000",
-                      "40", "10", "5000")
-        assert done.stdout.strip() == "400"
+        done = run_clients(ns, "127.0.0.1", 9000, 40, 10, 5000)
+        assert done == 400
         assert "0 packets dropped by kernel" in cap.stop()
     out = tmp_path / "out.jsonl"
     _offline(pcap, 9000, out)
@@ -72,8 +71,7 @@ def test_ipv6_over_veth_and_filter(tmp_path: Path) -> None:
         server.veth_to(client, "2001:db8::1/64", "2001:db8::2/64")
         start_python_server(server, 8443, host="2001:db8::1")
         cap = Tcpdump(server, server.veth, pcap, "tcp port 8443")
-        client.run(sys.executable, str(HERE / "http_client.py"), "2001:db8::1", "8443",
-                   "4", "5", "20000")
+        run_clients(client, "2001:db8::1", 8443, 4, 5, 20000)
         assert "0 packets dropped by kernel" in cap.stop()
     out = tmp_path / "out.jsonl"
     _offline(pcap, 8443, out)
@@ -98,7 +96,7 @@ def test_native_recording_roundtrip_and_shadow(tmp_path: Path, fmt: str) -> None
     with NetNS() as ns:
         start_python_server(ns, 8080)
         cap = Tcpdump(ns, "lo", pcap, "tcp port 8080")
-        ns.run(sys.executable, str(HERE / "http_client.py"), "127.0.0.1", "8080", "5", "8", "3000")
+        run_clients(ns, "127.0.0.1", 8080, 5, 8, 3000)
         cap.stop()
         shadow_log = tmp_path / "shadow.log"
         start_python_server(ns, 18080, log=shadow_log)

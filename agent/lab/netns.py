@@ -1,4 +1,4 @@
-"""Private network namespaces with real servers, clients and captures (test harness).
+"""Private network namespaces with real servers, clients and captures (the lab).
 
 Every namespace gets a unique name, only loopback and veth pairs made here, and is deleted
 (with every process started in it) on exit.
@@ -63,7 +63,8 @@ class NetNS:
         return sh(*self.cmd(*args), check=check, timeout=timeout)
 
     def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(self.cmd(*args), **kw)  # type: ignore[call-overload]
+        p: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            self.cmd(*args), **kw)
         self.procs.append(p)
         return p
 
@@ -93,7 +94,7 @@ def wait_port(ns: NetNS, port: int, host: str = "127.0.0.1", timeout: float = 10
 
 def start_python_server(ns: NetNS, port: int, host: str = "127.0.0.1",
                         log: Path | None = None) -> subprocess.Popen[bytes]:
-    """The keep-alive HTTP/1.1 test server (tests/integration/http_server.py)."""
+    """The keep-alive HTTP/1.1 server of agent/lab/http_server.py."""
     args = [sys.executable, str(HERE / "http_server.py"), host, str(port)]
     if log is not None:
         args.append(str(log))
@@ -147,3 +148,42 @@ class Tcpdump:
         self.proc.send_signal(signal.SIGINT)
         _out, err = self.proc.communicate(timeout=20)
         return err.decode()
+
+
+def run_clients(ns: NetNS, host: str, port: int, conns: int, requests: int,
+                max_body: int = 2000) -> int:
+    """Run ``conns`` parallel keep-alive clients in ``ns``; returns requests completed."""
+    done = ns.run(sys.executable, str(HERE / "http_client.py"), host, str(port), str(conns),
+                  str(requests), str(max_body))
+    return int(done.stdout.strip())
+
+
+AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json", "run"]
+
+
+class LiveAgent:
+    """``mirror-agent run ARGS`` in a namespace; returns once it logged "capture live".
+
+    Its stderr (JSON log lines and the summary) goes to ``workdir/agent.err``.
+    """
+
+    def __init__(self, ns: NetNS, workdir: Path, *args: str, timeout: float = 60) -> None:
+        self.err = workdir / "agent.err"
+        self.proc = ns.popen(*AGENT, *args, stderr=self.err.open("w"),
+                             stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while "capture live" not in self.err.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start: {self.err.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self, settle: float = 0.5) -> str:
+        """SIGTERM after ``settle`` seconds (for the last events to drain); returns the log.
+
+        Raises if the agent does not exit 0.
+        """
+        time.sleep(settle)
+        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.wait(60) != 0:
+            raise RuntimeError(f"agent exited {self.proc.returncode}: {self.err.read_text()}")
+        return self.err.read_text()

@@ -1,4 +1,4 @@
-"""A keep-alive HTTP/1.1 server for tests: any method, reads the body, answers briefly.
+"""A keep-alive HTTP/1.1 server for the lab: any method, reads the body, answers briefly.
 
 usage: http_server.py HOST PORT [LOG]  — LOG, if given, gets one line per request:
 ``METHOD PATH BODY_LEN HEADER_NAMES`` (used to count what a shadow received).
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import socket
 import sys
+from typing import TextIO
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    log_file = None
+    log_file: TextIO | None = None
 
     def _any(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

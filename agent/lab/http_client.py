@@ -1,4 +1,4 @@
-"""Parallel keep-alive HTTP/1.1 clients for tests.
+"""Parallel keep-alive HTTP/1.1 clients for the lab.
 
 usage: http_client.py HOST PORT CONNECTIONS REQUESTS_PER_CONNECTION [MAX_BODY]
 Prints the number of requests completed.

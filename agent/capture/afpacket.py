@@ -1,0 +1,195 @@
+"""Live capture without eBPF: an AF_PACKET socket with a classic BPF filter (``--engine afpacket``).
+
+For hosts where the eBPF program cannot load. libpcap compiles the filter (observed ports,
+packets that carry payload/SYN/FIN/RST, and ``--filter``) and the kernel runs it on the socket,
+so user space only sees what the eBPF program would have sent. Frames go through the same
+:class:`~agent.decode.Decoder` as pcap files. Kernel drops (``PACKET_STATISTICS``) reach
+:meth:`stats`; the bytes they held become gaps in the reassembler, never silent loss.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+from agent.capture import SourceError
+from agent.decode import LINKTYPE_ETHERNET, Decoder
+from agent.filter import BpfFilter, FilterError
+from agent.model import Segment
+
+__all__ = ["AfPacketSource", "capture_expression"]
+
+_ETH_P_ALL = 0x0003
+_SOL_PACKET = 263
+_PACKET_STATISTICS = 6
+_PACKET_OUTGOING = 4
+_SO_RCVBUFFORCE = 33
+_SO_ATTACH_FILTER = 26
+#: Larger than any GSO/GRO frame (64 KiB + headers), so no frame is cut short.
+_FRAME_BUF = 256 * 1024
+#: Frames taken per batch at most, so a flood cannot starve timers and sinks.
+_BATCH = 4096
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def capture_expression(ports: list[int], user_filter: str | None = None) -> str:
+    """The tcpdump expression the kernel runs: our ports, minus pure ACKs, and ``user_filter``.
+
+    A pure ACK (no payload, no SYN/FIN/RST) tells the reassembler nothing, so it is dropped in
+    the kernel, as the eBPF program does.
+    """
+    port_expr = " or ".join(f"tcp port {p}" for p in ports)
+    # libpcap's tcp[] reads IPv4 only; IPv6 is read at fixed offsets (TCP right after the
+    # 40-byte header; with extension headers the packet is kept and user space decides).
+    carries = ("(ip and (tcp[tcpflags] & (tcp-syn|tcp-fin|tcp-rst) != 0"
+               " or ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) != 0))"
+               " or (ip6 and (ip6[6] != 6 or ip6[53] & 0x07 != 0"
+               " or ip6[4:2] - ((ip6[52] & 0xf0) >> 2) != 0))")
+    expr = f"({port_expr}) and ({carries})"
+    if user_filter:
+        expr += f" and ({user_filter})"
+    return expr
+
+
+class AfPacketSource:
+    """Captures ``ports`` on ``ifaces`` with one AF_PACKET socket; a live packet source.
+
+    On ``lo`` every packet is seen leaving and arriving; only the arriving copy is kept.
+    Raises :class:`SourceError` (a usage problem, exit 2) if the filter does not compile or
+    the socket cannot be opened.
+    """
+
+    live = True
+
+    def __init__(self, ifaces: list[str], ports: list[int], user_filter: str | None = None,
+                 rcvbuf_mib: int = 64, poll_ms: int = 10) -> None:
+        self.ifaces = ifaces
+        self.ports = ports
+        try:
+            self._bpf = BpfFilter(capture_expression(ports, user_filter), LINKTYPE_ETHERNET,
+                                  _FRAME_BUF)
+        except FilterError as e:
+            raise SourceError(str(e)) from None
+        self._poll_ms = poll_ms
+        self._decoder = Decoder(LINKTYPE_ETHERNET)
+        self._want = set(ifaces)
+        self._buf = bytearray(_FRAME_BUF)
+        self._frames = 0
+        self._truncated = 0
+        self._outgoing_lo = 0
+        self._other_iface = 0
+        self._kernel_seen = 0
+        self._kernel_drops = 0
+        self._closed = False
+        self._sock = self._open(rcvbuf_mib)
+
+    def _open(self, rcvbuf_mib: int) -> socket.socket:
+        # Protocol 0 receives nothing until bind(): the filter is in place before any frame.
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except PermissionError:
+            raise SourceError("AF_PACKET capture needs root or CAP_NET_RAW") from None
+        try:
+            insns = self._bpf.instructions()
+            arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
+            prog = _SockFprog(len(insns), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
+            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf_mib << 20)
+            except OSError:  # without CAP_NET_ADMIN: as much as rmem_max allows
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_mib << 20)
+            # One interface: bind to it. Several: take all and keep the wanted ones.
+            # (Python converts the protocol to network order itself.)
+            sock.bind((self.ifaces[0] if len(self.ifaces) == 1 else "", _ETH_P_ALL))
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            raise SourceError(f"cannot open AF_PACKET capture on {','.join(self.ifaces)}: "
+                              f"{e.strerror or e}") from None
+        return sock
+
+    def batches(self) -> Iterator[list[Segment]]:
+        """Everything the socket holds, every ``poll_ms`` at most; empty lists while idle."""
+        sock = self._sock
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while not self._closed:
+            poller.poll(self._poll_ms)
+            yield self._read()
+
+    def _read(self) -> list[Segment]:
+        out: list[Segment] = []
+        sock, buf, want = self._sock, self._buf, self._want
+        decode = self._decoder.decode
+        view = memoryview(buf)
+        now = time.time()
+        for _ in range(_BATCH):
+            try:
+                n, addr = sock.recvfrom_into(buf, _FRAME_BUF, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError:
+                if self._closed:
+                    break
+                raise
+            ifname, pkttype = addr[0], addr[2]
+            if ifname == "lo" and pkttype == _PACKET_OUTGOING:
+                self._outgoing_lo += 1  # the same packet arrives on lo's ingress next
+                continue
+            if ifname not in want:
+                self._other_iface += 1
+                continue
+            self._frames += 1
+            if n > _FRAME_BUF:
+                self._truncated += 1
+                seg = decode(bytes(view[:_FRAME_BUF]), now, n)
+            else:
+                seg = decode(bytes(view[:n]), now)
+            if seg is not None:
+                out.append(seg)
+        return out
+
+    def drain(self) -> list[Segment]:
+        """What the socket still holds (for a clean stop)."""
+        out: list[Segment] = []
+        while batch := self._read():
+            out += batch
+        return out
+
+    def _kernel_stats(self) -> None:
+        # Reading PACKET_STATISTICS resets it, so the totals are kept here.
+        try:
+            raw = self._sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        except OSError:
+            return
+        packets, drops = struct.unpack("II", raw)
+        self._kernel_seen += packets
+        self._kernel_drops += drops
+
+    def stats(self) -> dict[str, int]:
+        if not self._closed:
+            self._kernel_stats()
+        out = {"frames": self._frames, "kernel_packets": self._kernel_seen,
+               "kernel_drops": self._kernel_drops, "frames_truncated": self._truncated,
+               "lo_outgoing_skipped": self._outgoing_lo, "other_iface": self._other_iface}
+        out.update({f"decode_{k}": v for k, v in self._decoder.stats.as_dict().items()})
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._kernel_stats()
+        self._closed = True
+        self._sock.close()
