@@ -115,6 +115,8 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-buffer", type=int, default=256 << 20, metavar="BYTES",
                    help="out-of-order bytes held in total (default: 256 MiB)")
     p.add_argument("--stats-json", metavar="PATH", help="also write the final stats as JSON")
+    p.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="log every counter this often while running (default: 60; 0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +241,7 @@ def run_pipeline(args: argparse.Namespace, make_source: Callable[[], PacketSourc
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         status = 0
         try:
-            mirror.run(source, cancel)
+            mirror.run(source, cancel, stats_interval=args.stats_interval)
         except Cancelled:
             log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
             status = interrupted_status

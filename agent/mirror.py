@@ -123,8 +123,12 @@ class TrafficMirror:
 
     # ---------------------------------------------------------------- running
 
-    def run(self, source: PacketSource | None, cancel: threading.Event | None = None) -> None:
+    def run(self, source: PacketSource | None, cancel: threading.Event | None = None,
+            stats_interval: float = 0.0) -> None:
         """Mirror everything ``source`` yields until it ends (or ``cancel`` is set).
+
+        With ``stats_interval`` > 0, every counter is logged ("stats") that often, so a
+        long-running agent shows its progress and losses without stopping.
 
         The source is always closed. On cancellation (``cancel`` set, or KeyboardInterrupt)
         buffered data is flushed through hooks and sinks first, then :class:`Cancelled` (or the
@@ -142,10 +146,14 @@ class TrafficMirror:
         live = bool(getattr(source, "live", False))
         reasm = self.reassembler
         error: BaseException | None = None
+        next_report = time.monotonic() + stats_interval if stats_interval > 0 else float("inf")
         try:
             for batch in source.batches():
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("mirror cancelled")
+                if time.monotonic() >= next_report:
+                    log.info("stats", **self.stats())
+                    next_report = time.monotonic() + stats_interval
                 out: Output = []
                 if batch:
                     feed = reasm.feed

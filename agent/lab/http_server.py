@@ -1,15 +1,17 @@
 """A keep-alive HTTP/1.1 server for the lab: any method, reads the body, answers briefly.
 
 usage: http_server.py HOST PORT [LOG]  — LOG, if given, gets one line per request:
-``METHOD PATH BODY_LEN HEADER_NAMES`` (used to count what a shadow received).
+``METHOD PATH BODY_LEN DIGEST X-HEADERS``, DIGEST a hash of the request line, headers and
+body as received (so a service's and a shadow's logs can be compared request for request).
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import sys
-from typing import TextIO
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -22,7 +24,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.log_file is not None:
             names = ",".join(f"{k}={v}" for k, v in self.headers.items()
                              if k.lower().startswith("x-"))
-            self.log_file.write(f"{self.command} {self.path} {len(body)} {names}\n")
+            digest = hashlib.sha256((self.requestline + str(self.headers)).encode("latin-1")
+                                    + body).hexdigest()[:16]
+            self.log_file.write(f"{self.command} {self.path} {len(body)} {digest} {names}\n")
             self.log_file.flush()
         reply = f"ok {self.command} {self.path} {len(body)}\n".encode()
         self.send_response(200)

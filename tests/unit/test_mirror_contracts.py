@@ -280,3 +280,20 @@ def test_coalesce_keeps_direction_interleaving() -> None:
     got = [(o.flow_id, o.data, o.gap_bytes) if isinstance(o, TrafficChunk) else "end"
            for o in out]
     assert got == [(1, b"12", 0), (2, b"XY", 0), (1, b"R", 0), (1, b"3", 0), (1, b"4", 5), "end"]
+
+
+def test_stats_are_logged_periodically_while_running() -> None:
+    from structlog.testing import capture_logs
+
+    src = ChannelSource(idle_tick=0.01)
+    mirror = TrafficMirror(MirrorConfig(observed_port=80, write_func=lambda c, d: None))
+    feeder = threading.Timer(0.3, lambda: [src.put(s) for s in conversation()])
+    feeder.start()
+    threading.Timer(0.6, src.end).start()
+    with capture_logs() as logs:
+        mirror.run(src, stats_interval=0.05)
+    feeder.join()
+    reports = [e for e in logs if e["event"] == "stats"]
+    assert len(reports) >= 5  # ~12 intervals pass
+    assert reports[0]["reassembly_segments"] == 0
+    assert reports[-1]["reassembly_segments"] == len(conversation())
