@@ -108,6 +108,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="mirror only this fraction of connections (0..1)")
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="flush connections idle this long (default: 600)")
+    p.add_argument("--hole-timeout", type=float, default=2.0, metavar="SECONDS",
+                   help="skip a hole (as a gap) once later data waited this long; TCP fills "
+                        "real ones sooner (default: 2; 0: only at the limits)")
     p.add_argument("--max-flows", type=int, default=100_000,
                    help="connections tracked at once (default: 100000)")
     p.add_argument("--max-flow-buffer", type=int, default=4 << 20, metavar="BYTES",
@@ -198,7 +201,8 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
             raise UsageError(str(e)) from None
     try:
         reassembly = ReassemblyConfig(
-            idle_timeout=args.idle_timeout, max_flows=args.max_flows,
+            idle_timeout=args.idle_timeout, hole_timeout=args.hole_timeout,
+            max_flows=args.max_flows,
             max_flow_buffer=args.max_flow_buffer, max_total_buffer=args.max_buffer,
         )
     except ValueError as e:
@@ -209,7 +213,14 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
         observed_port=ports[0], extra_ports=frozenset(ports[1:]), target_addr=args.target or "",
         writer=writer, forward_hook=forward, record_hook=record,
         record_format=args.record_format, reassembly=reassembly,
+        track_responses=needs_responses(args),
     )
+
+
+def needs_responses(args: argparse.Namespace) -> bool:
+    """Does anything consume service→client bytes? Only a both-directions recording and user
+    hooks (which may look at them); the built-in hooks see requests only."""
+    return bool(args.both_directions or args.hook)
 
 
 def open_record(path: str | None) -> BinaryIO | None:
@@ -307,7 +318,8 @@ def _run(args: argparse.Namespace) -> int:
 
             src: PacketSource = EbpfSource(
                 ifaces, args.port, args.engine, args.buffer_mib, args.wakeup_events,
-                segment_filter=seg_filter, transport=args.transport)
+                segment_filter=seg_filter, transport=args.transport,
+                requests_only=not needs_responses(args))
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      transport=args.transport, target=args.target or None, record=args.record)
             return src

@@ -55,6 +55,10 @@ class MirrorConfig:
     * ``forward_hook`` / ``record_hook``: one hook or a list run in order; ``None`` picks the
       default (only client→service chunks).
     * ``dial``: connect factory for the shadow (default: TCP connect, 5 s timeout).
+    * ``track_responses``: ``False`` skips service→client bytes (neither reassembled nor
+      handed to hooks; the connection's SYN/FIN/RST still count). Set it only when no hook
+      or sink needs responses: it halves the work, and live sources skip that payload
+      in the kernel.
     """
 
     observed_port: int = 0
@@ -69,6 +73,7 @@ class MirrorConfig:
     reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     anonymize: Callable[[bytes], bytes] | None = None
+    track_responses: bool = True
 
     @property
     def ports(self) -> frozenset[int]:

@@ -107,7 +107,9 @@ class TrafficMirror:
                 return Direction.FROM_OBSERVED
             return Direction.UNKNOWN
 
-        self.reassembler = Reassembler(config.reassembly, classify, config.anonymize)
+        untracked = frozenset() if config.track_responses else {Direction.FROM_OBSERVED}
+        self.reassembler = Reassembler(config.reassembly, classify, config.anonymize,
+                                       frozenset(untracked))
         self._fhook = _pipeline(config.forward_hook, DEFAULT_FORWARD_HOOK)
         self._rhook = _pipeline(config.record_hook, DEFAULT_RECORD_HOOK)
         self._writer: RecordWriter | _FuncWriter | None = None
@@ -146,6 +148,7 @@ class TrafficMirror:
         live = bool(getattr(source, "live", False))
         reasm = self.reassembler
         error: BaseException | None = None
+        next_advance = 0.0
         next_report = time.monotonic() + stats_interval if stats_interval > 0 else float("inf")
         try:
             for batch in source.batches():
@@ -159,8 +162,12 @@ class TrafficMirror:
                     feed = reasm.feed
                     for seg in batch:
                         feed(seg, out)
-                elif live:
-                    reasm.advance(time.time(), out)
+                if live:
+                    # Wall-clock time passes even under load: idle flows, timed-out holes.
+                    now = time.time()
+                    if not batch or now >= next_advance:
+                        reasm.advance(now, out)
+                        next_advance = now + 0.1
                 if out:
                     self._dispatch(out)
                 if self._forward is not None:

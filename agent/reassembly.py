@@ -59,6 +59,10 @@ class ReassemblyConfig:
     """Seconds a connection may be tracked before it is ended and restarted (0: no limit)."""
     tombstone_ttl: float = 120.0
     """Seconds a closed 4-tuple keeps dropping late segments (unless a new SYN reopens it)."""
+    hole_timeout: float = 0.0
+    """Seconds a hole may hold later data back before it is skipped as a gap (0: only the
+    limits and the flow's end skip holes). A live source cannot say where a ring overflow
+    left a hole, and TCP fills real ones within its retransmission timeout (~0.2-1 s)."""
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0:
@@ -67,6 +71,8 @@ class ReassemblyConfig:
             raise ValueError("reassembly limits must be >= 1")
         if self.max_lifetime < 0:
             raise ValueError("max_lifetime must be >= 0")
+        if self.hole_timeout < 0:
+            raise ValueError("hole_timeout must be >= 0")
 
 
 @dataclass(slots=True)
@@ -88,6 +94,10 @@ class ReassemblyStats:
     """Data segments of a connection already closed (after RST or FIN), dropped."""
     late_bytes: int = 0
     limit_skips: int = 0
+    hole_timeouts: int = 0
+    untracked_segments: int = 0
+    """Segments of an untracked direction (responses nobody consumes): SYN/FIN/RST only."""
+    """Holes skipped because later data waited longer than ``hole_timeout``."""
     flows_closed: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -113,7 +123,9 @@ class _Half:
         "pending",
         "pending_bytes",
         "probe",
+        "since",
         "to_addr",
+        "untracked",
     )
 
     def __init__(self, flow: _Flow, from_addr: str, to_addr: str, direction: Direction) -> None:
@@ -128,6 +140,8 @@ class _Half:
         # Out-of-order data: sorted, non-overlapping [start, end, bytes | None (lost)].
         self.pending: list[list[object]] = []
         self.pending_bytes = 0
+        self.since = 0.0  # when the current hole started holding data back
+        self.untracked = False  # payload ignored; only SYN/FIN/RST are followed
         self.last: tuple[int, bytes] | None = None  # last delivered piece, for conflict checks
         self.blocked = False  # the peer advertised a zero window
         self.probe: tuple[int, bytes] | None = None  # a held zero-window probe byte
@@ -158,6 +172,8 @@ class Reassembler:
     Feed segments in capture order with :meth:`feed`; chunks and :class:`FlowEnd` notices are
     appended to the output list you pass. In-order data is delivered at once. Call
     :meth:`flush` at end of input. ``classify(src_port, dst_port)`` sets each chunk's direction.
+    Directions in ``untracked`` are followed for their SYN/FIN/RST only: their payload is
+    ignored (and may be absent, elided by the source).
     """
 
     def __init__(
@@ -165,11 +181,13 @@ class Reassembler:
         config: ReassemblyConfig | None = None,
         classify: Classifier = _unknown,
         anonymize: Callable[[bytes], bytes] | None = None,
+        untracked: frozenset[Direction] = frozenset(),
     ) -> None:
         self.config = config or ReassemblyConfig()
         self.stats = ReassemblyStats()
         self._classify = classify
         self._anonymize = anonymize
+        self._untracked = untracked
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._flows: dict[int, _Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
@@ -177,6 +195,7 @@ class Reassembler:
         self._total_pending = 0
         self._next_id = 1
         self._sweep_every = self.config.idle_timeout / 2
+        self._next_hole_check = 0.0
         self._next_sweep: float | None = None
         self._now = 0.0
 
@@ -208,6 +227,8 @@ class Reassembler:
             self.advance(ts, out)
         if ts > self._now:
             self._now = ts
+        if self._buffering and ts >= self._next_hole_check and self.config.hole_timeout:
+            self._expire_holes(ts, out)
         half = self._halves.get((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port))
         flags = seg.flags
         if half is None:
@@ -230,6 +251,24 @@ class Reassembler:
             self._end(flow, "rst", out)
             self._tombstones[flow.key] = ts
             return
+        if half.untracked:
+            stats.untracked_segments += 1
+            if flags & SYN:
+                half.isn = seg.seq
+            if flags & FIN:
+                half.fin = half.nxt = 0  # this half is done; nothing in it is awaited
+            elif half.nxt is None:
+                half.nxt = seg.seq  # started: a later SYN is a new connection's
+        else:
+            self._track(half, seg, ts, out)
+        if half.fin is not None and half.nxt is not None and half.nxt >= half.fin:
+            peer = half.peer
+            if peer.fin is not None and peer.nxt is not None and peer.nxt >= peer.fin:
+                self._end(flow, "fin", out)
+
+    def _track(self, half: _Half, seg: Segment, ts: float, out: Output) -> None:
+        """The data path of :meth:`feed` for a tracked half (not RST)."""
+        flags = seg.flags
         payload = seg.payload
         nxt = half.nxt
         if nxt is None:
@@ -249,15 +288,14 @@ class Reassembler:
             self._data(half, pos, payload, seg.lost, ts, out)
         if flags & FIN:
             half.fin = pos + len(payload) + seg.lost
-        if half.fin is not None and half.nxt is not None and half.nxt >= half.fin:
-            peer = half.peer
-            if peer.fin is not None and peer.nxt is not None and peer.nxt >= peer.fin:
-                self._end(flow, "fin", out)
 
     def advance(self, now: float, out: Output) -> None:
-        """Let time pass: end idle flows (and over-age ones), expire tombstones."""
+        """Let time pass: skip timed-out holes, end idle flows (and over-age ones), expire
+        tombstones."""
         if now > self._now:
             self._now = now
+        if self._buffering and self.config.hole_timeout:
+            self._expire_holes(now, out)
         if self._next_sweep is not None and now < self._next_sweep:
             return
         self._next_sweep = now + self._sweep_every
@@ -272,6 +310,13 @@ class Reassembler:
         dead_before = now - cfg.tombstone_ttl
         for key in [k for k, t in self._tombstones.items() if t <= dead_before]:
             del self._tombstones[key]
+
+    def _expire_holes(self, now: float, out: Output) -> None:
+        timeout = self.config.hole_timeout
+        self._next_hole_check = now + timeout / 4
+        for half in [h for h in self._buffering if now - h.since >= timeout]:
+            self.stats.hole_timeouts += 1
+            self._skip_holes(half, now, out, once=True)
 
     def flush(self, out: Output) -> None:
         """End every flow, delivering buffered data past its holes (end of input)."""
@@ -317,6 +362,8 @@ class Reassembler:
         a = _Half(flow, src, dst, self._classify(seg.src_port, seg.dst_port))
         b = _Half(flow, dst, src, self._classify(seg.dst_port, seg.src_port))
         a.peer, b.peer = b, a
+        a.untracked = a.chunk_dir in self._untracked
+        b.untracked = b.chunk_dir in self._untracked
         flow.a, flow.b = a, b
         self._flows[flow.flow_id] = flow
         self._halves[(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)] = a
@@ -468,12 +515,16 @@ class Reassembler:
         if cur < total_end:
             self._piece(pieces, cur, total_end, pos, payload, end)
         if pieces:
-            pending[j:j] = pieces
-            pending.sort(key=_start)
+            if i == j:  # no overlap with held data: the common case, O(1) at the tail
+                pending[i:i] = pieces
+            else:  # interleave with the held pieces it overlapped
+                pending[i:j] = sorted(pending[i:j] + pieces, key=_start)
             added = sum(int(p[1]) - int(p[0]) for p in pieces if p[2] is not None)  # type: ignore[call-overload]
             half.pending_bytes += added
             self._total_pending += added
-            self._buffering.add(half)
+            if half not in self._buffering:
+                half.since = self._now
+                self._buffering.add(half)
 
     @staticmethod
     def _piece(
@@ -492,8 +543,10 @@ class Reassembler:
         assert nxt is not None
         parts: list[bytes] = []
         released = 0
-        while pending and pending[0][0] <= nxt:  # type: ignore[operator]
-            s, e, data = pending.pop(0)
+        k = 0
+        while k < len(pending) and pending[k][0] <= nxt:  # type: ignore[operator]
+            s, e, data = pending[k]
+            k += 1
             assert isinstance(s, int) and isinstance(e, int)
             if data is not None:
                 released += e - s
@@ -510,11 +563,14 @@ class Reassembler:
                 parts.append(piece)
                 half.last = (max(s, nxt), piece)
             nxt = e
+        del pending[:k]
         half.nxt = nxt
         half.pending_bytes -= released
         self._total_pending -= released
         if not pending:
             self._buffering.discard(half)
+        else:
+            half.since = self._now  # what is left waits on a new hole
         if parts:
             self._emit(half, parts[0] if len(parts) == 1 else b"".join(parts), ts, out)
 

@@ -120,7 +120,8 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 		return;
 	}
 	u16 sport = p.sport, dport = p.dport;
-	if (!ports.lookup(&dport) && !ports.lookup(&sport)) {
+	int to_service = ports.lookup(&dport) != NULL;
+	if (!to_service && !ports.lookup(&sport)) {
 		count(MC_NOT_OUR_PORT, 1);
 		return;
 	}
@@ -129,6 +130,18 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 		count(MC_PURE_ACK, 1);
 		return;
 	}
+	__u8 elided = 0;
+#ifdef MIRROR_REQUESTS_ONLY
+	/* Nobody forwards or records responses: of those only SYN/FIN/RST matter (they open
+	 * and close the connection), and their payload is never copied. */
+	if (!to_service && p.payload_len) {
+		count(MC_ELIDED, 1);
+		count(MC_ELIDED_BYTES, p.payload_len);
+		if (!(p.flags & 0x07))
+			return;
+		elided = 1;
+	}
+#endif
 	cpu = bpf_get_smp_processor_id();
 	s = scratch_map.lookup(&cpu);
 	if (!s)
@@ -146,6 +159,17 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 	s->ev.ack = p.ack;
 	s->ev.window = p.window;
 	s->ev.payload_len = p.payload_len;
+	s->ev.elided = elided;
+	if (elided) {
+		s->ev.piece_off = 0;
+		s->ev.piece_len = 0;
+		s->ev.lost = 0;
+		if (submit(ctx, s, sizeof(struct mirror_event)) < 0)
+			count(MC_SUBMIT_FAILED, 1);
+		else
+			count(MC_SUBMITTED, 1);
+		return;
+	}
 
 	for (i = 0; i < MAX_PIECES; i++) {
 		__u32 remaining = p.payload_len - off;

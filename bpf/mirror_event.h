@@ -16,7 +16,7 @@ struct mirror_event {
 	__u8 hook;         /* MIRROR_HOOK_* */
 	__u8 family;       /* 4 or 6 */
 	__u8 tcp_flags;
-	__u8 _pad0;
+	__u8 elided;       /* 1: payload not copied on purpose (nobody consumes this direction) */
 	__u8 saddr[16];    /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
 	__u16 sport;       /* host byte order */
@@ -44,6 +44,8 @@ enum mirror_counter {
 	MC_COPY_FAILED,
 	MC_BYTES,          /* payload bytes submitted */
 	MC_LOST_BYTES,     /* payload bytes that could not be submitted */
+	MC_ELIDED,         /* service->client packets whose payload nobody consumes: skipped */
+	MC_ELIDED_BYTES,
 	MC_MAX,
 };
 

@@ -32,10 +32,11 @@ log = structlog.get_logger("agent.ebpf")
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 #: struct mirror_event (bpf/mirror_event.h); payload follows at EVENT_SIZE.
-_EVENT = struct.Struct("<QIBBBx16s16sHHIIHHIII")
+_EVENT = struct.Struct("<QIBBBB16s16sHHIIHHIII")
 EVENT_SIZE = 80  # sizeof(struct mirror_event): 76 bytes of fields, aligned to 8
 _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_port",
-             "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes")
+             "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes",
+             "elided", "elided_bytes")
 _MASK = 0xFFFFFFFF
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
@@ -92,14 +93,19 @@ def _effective_caps() -> int:
 
 
 class EbpfSource:
-    """Captures ``ports`` on ``ifaces`` with TC (default) or XDP; a live packet source."""
+    """Captures ``ports`` on ``ifaces`` with TC (default) or XDP; a live packet source.
+
+    ``requests_only``: service→client payload is not copied in the kernel (only those
+    packets' SYN/FIN/RST come through, without payload); for mirrors that do not track
+    responses (``MirrorConfig.track_responses=False``).
+    """
 
     live = True
 
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
                  buffer_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
                  segment_filter: Callable[[Segment], bool] | None = None,
-                 transport: str = "perf") -> None:
+                 transport: str = "perf", requests_only: bool = False) -> None:
         if engine not in ("tc", "xdp"):
             raise SourceError(f"unknown engine {engine!r}")
         if transport not in TRANSPORTS:
@@ -108,6 +114,7 @@ class EbpfSource:
         self.ports = ports
         self.engine = engine
         self.transport = transport
+        self.requests_only = requests_only
         self._cpus = _possible_cpus()
         page = os.sysconf("SC_PAGE_SIZE")
         self._perf_pages = max(1, buffer_mib * 1024 * 1024 // page)
@@ -132,6 +139,8 @@ class EbpfSource:
         from bcc import BPF
 
         cflags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self._cpus}", "-Wno-macro-redefined"]
+        if self.requests_only:
+            cflags.append("-DMIRROR_REQUESTS_ONLY")
         if self.transport == "ringbuf":
             cflags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self._ring_pages}",
                        f"-DMIRROR_WAKEUP_EVENTS={self._wakeup}"]
@@ -176,15 +185,15 @@ class EbpfSource:
 
     def _on_event(self, _cpu_or_ctx: object, data: int, size: int) -> None:
         raw = ctypes.string_at(data, size)
-        (ts, _ifi, _hook, fam, flags, saddr, daddr, sport, dport, seq, ack, win, plen, poff,
-         paylen, lost) = _EVENT.unpack_from(raw)
+        (ts, _ifi, _hook, fam, flags, elided, saddr, daddr, sport, dport, seq, ack, win, plen,
+         poff, paylen, lost) = _EVENT.unpack_from(raw)
         self._events += 1
         if fam == 4:
             saddr, daddr = saddr[:4], daddr[:4]
         if poff:  # a later piece of a big packet: its own position, no SYN
             seq = (seq + poff + (1 if flags & SYN else 0)) & _MASK
             flags &= ~SYN
-        if poff + plen + lost < paylen:
+        if poff + plen + lost < paylen and not elided:
             flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
         seg = Segment(saddr, sport, daddr, dport, seq, ack, flags,
                       raw[EVENT_SIZE:EVENT_SIZE + plen], ts / 1e9 + self._clock, win, lost)

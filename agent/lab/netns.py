@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-HERE = Path(__file__).resolve().parent
+HERE = LAB = Path(__file__).resolve().parent
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -103,16 +103,19 @@ def start_python_server(ns: NetNS, port: int, host: str = "127.0.0.1",
     return p
 
 
-def start_nginx(ns: NetNS, port: int, workdir: Path, host: str = "127.0.0.1") -> None:
+def start_nginx(ns: NetNS, port: int, workdir: Path, host: str = "127.0.0.1",
+                max_conns: int = 4096) -> None:
+    """nginx (one worker) answering every request with a 17-byte body."""
     workdir.mkdir(parents=True, exist_ok=True)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     conf = workdir / "nginx.conf"
     conf.write_text(f"""
 worker_processes 1;
+worker_rlimit_nofile {max_conns * 2 + 64};
 daemon off;
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {max_conns}; }}
 http {{
   access_log off;
   client_body_temp_path {workdir}/body;
@@ -132,10 +135,12 @@ http {{
 class Tcpdump:
     """``tcpdump -w`` in a namespace; stopped with SIGINT so the file is complete."""
 
-    def __init__(self, ns: NetNS, iface: str, path: Path, expr: str) -> None:
+    def __init__(self, ns: NetNS, iface: str, path: Path, expr: str,
+                 options: tuple[str, ...] = ("-B", "262144", "--immediate-mode")) -> None:
+        """The default ``options`` make a lossless ground truth for tests (a 256 MiB buffer,
+        no batching); benchmarks pass ``()`` to run tcpdump as people do."""
         self.path = path
-        self.proc = ns.popen("tcpdump", "-i", iface, "-s", "0", "-B", "262144",
-                             "--immediate-mode", "-w", str(path), expr,
+        self.proc = ns.popen("tcpdump", "-i", iface, "-s", "0", *options, "-w", str(path), expr,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # Wait for "listening on" so no early packet is missed.
         assert self.proc.stderr is not None

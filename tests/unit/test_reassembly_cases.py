@@ -191,6 +191,36 @@ def test_flow_buffer_limit_skips_hole_and_reports_gap() -> None:
     assert r.buffered_bytes == 0
 
 
+def test_hole_timeout_skips_a_hole_nothing_fills() -> None:
+    """A hole left by a source overflow is skipped once later data waited hole_timeout."""
+    c = Conversation()
+    cfg = ReassemblyConfig(hole_timeout=1.0)
+    t = c.ts
+    segs = [*c.handshake(), c.seg(True, 100, b"later", ts=t + 0.1),
+            c.seg(True, 105, b"more", ts=t + 0.5),  # held: before the timeout
+            c.seg(False, 0, b"reply", ts=t + 1.2)]  # time passes on any flow
+    r, chunks, _ = run(segs, cfg, flush=False)
+    assert [(x.data, x.gap_bytes) for x in chunks if x.data != b"reply"] == [
+        (b"latermore", 100)]
+    assert r.stats.hole_timeouts == 1 and r.stats.gap_bytes == 100
+    assert r.buffered_bytes == 0
+
+
+def test_hole_filled_in_time_is_not_skipped_and_advance_expires_holes() -> None:
+    c = Conversation()
+    t = c.ts
+    r = Reassembler(ReassemblyConfig(hole_timeout=1.0))
+    out = r.process([*c.handshake(), c.seg(True, 3, b"def", ts=t + 0.1),
+                     c.seg(True, 0, b"abc", ts=t + 0.9)])
+    r.feed(c.seg(True, 10, b"k", ts=t + 1.0), out)
+    assert [x.data for x in out if isinstance(x, TrafficChunk)] == [b"abcdef"]
+    r.advance(t + 1.5, out)  # not yet: the second hole started at t + 1.0
+    r.advance(t + 2.1, out)
+    chunks = [x for x in out if isinstance(x, TrafficChunk)]
+    assert [(x.data, x.gap_bytes) for x in chunks] == [(b"abcdef", 0), (b"k", 4)]
+    assert r.stats.hole_timeouts == 1
+
+
 def test_total_buffer_limit_holds() -> None:
     cfg = ReassemblyConfig(max_total_buffer=5000)
     r = Reassembler(cfg)
@@ -237,3 +267,25 @@ def test_trailing_gap_reported_on_flow_end() -> None:
     r, _, ends = run(segs)
     assert ends[0].trailing_gap == 3
     assert r.stats.gap_bytes == 3
+
+
+def test_untracked_direction_follows_flags_only() -> None:
+    """Responses nobody consumes: payload ignored (even if absent), FIN still closes."""
+    from agent.model import Direction
+
+    c = Conversation()
+
+    def classify(sport: int, dport: int) -> Direction:
+        return Direction.TO_OBSERVED if dport == 8080 else Direction.FROM_OBSERVED
+
+    r = Reassembler(ReassemblyConfig(), classify, untracked=frozenset({Direction.FROM_OBSERVED}))
+    segs = [*c.handshake(), c.seg(True, 0, b"GET / HTTP/1.1\r\n\r\n"),
+            c.seg(False, 0, b"HTTP/1.1 200 OK\r\n\r\n"),
+            c.seg(False, 19, b""),  # an elided response: its payload never came
+            c.seg(True, 18, b"GET /2 HTTP/1.1\r\n\r\n"), *c.fins(37, 500)]
+    out = r.process(segs)
+    chunks = [o for o in out if isinstance(o, TrafficChunk)]
+    ends = [o for o in out if isinstance(o, FlowEnd)]
+    assert [x.data for x in chunks] == [b"GET / HTTP/1.1\r\n\r\n", b"GET /2 HTTP/1.1\r\n\r\n"]
+    assert [e.reason for e in ends] == ["fin"]
+    assert r.stats.untracked_segments == 4 and r.stats.gap_bytes == 0  # SYN-ACK, 2 data, FIN

@@ -1,0 +1,175 @@
+"""Service overhead, HTTP: nginx under wrk with nothing capturing, tcpdump -w, mirror-agent.
+
+Everything runs in one private network namespace over loopback: nginx (one worker, a 17-byte
+body) on 127.0.0.1:8080, wrk (keep-alive, ``--connections``, ``--duration`` seconds), and per
+configuration:
+
+- ``none``: nothing capturing;
+- ``tcpdump``: ``tcpdump -i lo -w FILE 'tcp port 8080'`` as people run it;
+- ``agent``: ``mirror-agent run --iface lo --port 8080 --target SHADOW --record FILE``
+  (TC, perf buffer, native record). The shadow is ``agent/lab/count_shadow.py``, which only
+  counts request lines, so the run measures the agent and not a second web server.
+
+The configurations alternate round by round (rotated, so none always goes first). Reported
+per configuration: median requests/s and its ratio to ``none``, the capturing process's CPU
+seconds (per second of load) and RSS, tcpdump's kernel drops, and for the agent the fraction
+of wrk's requests that reached the shadow. Writes bench/out/http_overhead.json.
+
+usage: python bench/http_overhead.py [--rounds 5] [--duration 5] [--connections 20]
+       [--agent-args '...extra mirror-agent run options...']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.lab.netns import AGENT, LAB, NetNS, start_nginx, wait_port
+
+OUT = Path(__file__).resolve().parent / "out"
+CONFIGS = ("none", "tcpdump", "agent")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_wrk(ns: NetNS, connections: int, duration: int) -> tuple[float, int]:
+    """(requests/s, requests completed)."""
+    out = ns.run("wrk", "-t2", f"-c{connections}", f"-d{duration}s",
+                 "http://127.0.0.1:8080/", timeout=duration + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, total
+
+
+def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
+    result: dict[str, float] = {}
+    proc: subprocess.Popen[bytes] | None = None
+    count_file = work / "shadow.count"
+    if config == "tcpdump":
+        proc = ns.popen("tcpdump", "-i", "lo", "-s", "0", "-w", str(work / "t.pcap"),
+                        "tcp port 8080", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        proc.stderr.readline()  # "listening on lo ..."
+    elif config == "agent":
+        shadow = ns.popen(sys.executable, str(LAB / "count_shadow.py"), "127.0.0.1", "18080",
+                          str(count_file))
+        wait_port(ns, 18080)
+        err = work / "agent.err"
+        proc = ns.popen(*AGENT, "--iface", "lo", "--port", "8080", "--target",
+                        "127.0.0.1:18080", "--record", str(work / "rec.bin"),
+                        "--stats-json", str(work / "stats.json"),
+                        *shlex.split(args.agent_args), stderr=err.open("w"),
+                        stdout=subprocess.DEVNULL)
+        while "capture live" not in err.read_text():
+            if proc.poll() is not None:
+                raise RuntimeError(err.read_text())
+            time.sleep(0.1)
+    time.sleep(0.5)
+    cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+    rps, total = run_wrk(ns, args.connections, args.duration)
+    result.update(rps=rps, requests=total)
+    if proc is not None:
+        result["cpu_per_s"] = (cpu_seconds(proc.pid) - cpu0) / args.duration
+        result["rss_mib"] = rss_kib(proc.pid) / 1024
+        time.sleep(1.0 if config == "agent" else 0.2)  # let the agent forward what it holds
+        if config == "tcpdump":
+            proc.send_signal(signal.SIGINT)
+            _, err_text = proc.communicate(timeout=60)
+            dropped = re.search(rb"(\d+) packets? dropped by kernel", err_text)
+            captured = re.search(rb"(\d+) packets? captured", err_text)
+            result["kernel_dropped"] = int(dropped.group(1)) if dropped else -1
+            result["captured"] = int(captured.group(1)) if captured else -1
+        else:
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(120) != 0:
+                raise RuntimeError((work / "agent.err").read_text())
+            time.sleep(0.5)
+            shadow.send_signal(signal.SIGTERM)
+            shadow.wait(30)
+            mirrored = int(count_file.read_text())
+            result["shadow_requests"] = mirrored
+            result["mirrored_fraction"] = mirrored / total if total else 0.0
+            stats = json.loads((work / "stats.json").read_text())
+            result["lost_bytes"] = (stats.get("source_kernel_lost_bytes", 0)
+                                    + stats.get("reassembly_gap_bytes", 0))
+            result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
+            result["forward_dropped_bytes"] = stats.get("forward_dropped_bytes", 0)
+    for f in work.glob("*.pcap"):
+        f.unlink()
+    return result
+
+
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    base = statistics.median(r["rps"] for r in runs["none"])
+    table: dict[str, dict[str, float]] = {}
+    for config, rs in runs.items():
+        keys = sorted({k for r in rs for k in r})
+        med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
+        med["ratio"] = med["rps"] / base
+        if config == "agent":
+            med["mirrored_fraction_min"] = min(r["mirrored_fraction"] for r in rs)
+        table[config] = med
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--agent-args", default="", help="extra mirror-agent run options")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.stderr.write("http_overhead: needs root (network namespaces, eBPF)\n")
+        return 2
+    configs = args.configs.split(",")
+    runs: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as tmp, NetNS("mirbench") as ns:
+        work = Path(tmp)
+        start_nginx(ns, 8080, work / "nginx")
+        run_wrk(ns, args.connections, 2)  # warm-up
+        for rnd in range(args.rounds):
+            order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+            for config in order:
+                r = one_run(ns, config, work, args)
+                runs[config].append(r)
+                print(f"round {rnd + 1} {config:8s} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+    table = summarize(runs)
+    print("\nmedians:")
+    for config, med in table.items():
+        print(f"  {config:8s} " + " ".join(f"{k}={v:.4g}" for k, v in med.items()))
+    OUT.mkdir(exist_ok=True)
+    (OUT / "http_overhead.json").write_text(json.dumps(
+        {"args": vars(args), "runs": runs, "medians": table}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
