@@ -114,8 +114,10 @@ def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dic
             result["shadow_requests"] = mirrored
             result["mirrored_fraction"] = mirrored / total if total else 0.0
             stats = json.loads((work / "stats.json").read_text())
-            result["lost_bytes"] = (stats.get("source_kernel_lost_bytes", 0)
-                                    + stats.get("reassembly_gap_bytes", 0))
+            result["kernel_lost_bytes"] = stats.get("source_kernel_lost_bytes", 0)
+            result["gap_bytes"] = stats.get("reassembly_gap_bytes", 0)
+            result["hole_timeouts"] = stats.get("reassembly_hole_timeouts", 0)
+            result["retransmitted_bytes"] = stats.get("reassembly_retransmitted_bytes", 0)
             result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
             result["forward_dropped_bytes"] = stats.get("forward_dropped_bytes", 0)
     for f in work.glob("*.pcap"):

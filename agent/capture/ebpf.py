@@ -24,6 +24,7 @@ import structlog
 
 from agent.capture import SourceError
 from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
+from agent.capture.ringbuf import RingBufReader
 from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["BPF_DIR", "TRANSPORTS", "EbpfSource", "check_environment"]
@@ -40,6 +41,8 @@ _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_p
 _MASK = 0xFFFFFFFF
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
+#: Seconds between drains at least (see :meth:`EbpfSource.batches`).
+BATCH_INTERVAL = 0.005
 _ts = attrgetter("ts")
 TRANSPORTS = ("perf", "ringbuf")
 
@@ -132,6 +135,7 @@ class EbpfSource:
         self._filtered = 0
         self._closed = False
         self._final_stats: dict[str, int] = {}
+        self._ring: RingBufReader | None = None
         self._clock = time.time() - time.monotonic()  # ktime (CLOCK_MONOTONIC) → epoch
         self._bpf = self._load()
 
@@ -168,7 +172,9 @@ class EbpfSource:
                     self._attached.append(x)
                     x.attach()
             if self.transport == "ringbuf":
-                bpf[b"events"].open_ring_buffer(self._on_event)
+                self._ring = RingBufReader(bpf[b"events"].map_fd,
+                                           self._ring_pages * os.sysconf("SC_PAGE_SIZE"),
+                                           self._on_record)
             else:
                 bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self._perf_pages,
                                                 lost_cb=self._on_lost,
@@ -183,10 +189,13 @@ class EbpfSource:
     def _on_lost(self, count: int) -> None:
         self._lost_samples += count
 
-    def _on_event(self, _cpu_or_ctx: object, data: int, size: int) -> None:
-        raw = ctypes.string_at(data, size)
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        self._on_record(ctypes.string_at(data, size), 0, size)
+
+    def _on_record(self, raw: bytes | memoryview, off: int, _size: int) -> None:
+        """One mirror_event (and its payload piece) at ``raw[off:]`` → a pending Segment."""
         (ts, _ifi, _hook, fam, flags, elided, saddr, daddr, sport, dport, seq, ack, win, plen,
-         poff, paylen, lost) = _EVENT.unpack_from(raw)
+         poff, paylen, lost) = _EVENT.unpack_from(raw, off)
         self._events += 1
         if fam == 4:
             saddr, daddr = saddr[:4], daddr[:4]
@@ -195,8 +204,9 @@ class EbpfSource:
             flags &= ~SYN
         if poff + plen + lost < paylen and not elided:
             flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
+        start = off + EVENT_SIZE
         seg = Segment(saddr, sport, daddr, dport, seq, ack, flags,
-                      raw[EVENT_SIZE:EVENT_SIZE + plen], ts / 1e9 + self._clock, win, lost)
+                      bytes(raw[start:start + plen]), ts / 1e9 + self._clock, win, lost)
         if self._filter is not None and not self._filter(seg):
             self._filtered += 1
             return
@@ -211,18 +221,27 @@ class EbpfSource:
         one CPU) before its earlier ones (from another). Every drain is merged by timestamp,
         and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
         case another CPU was still writing older ones.
+
+        Drains are at least ``BATCH_INTERVAL`` apart: under load the rings fill meanwhile, and
+        every per-batch cost downstream (sorting, coalescing, one send per flow, waking the
+        forward thread) is paid once per few hundred events instead of every few.
         """
         poll, consume = self._poll_consume()
+        last = 0.0
         while not self._closed:
+            wait = last + BATCH_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             started = time.monotonic()
             poll(self._poll_ms)
             consume()  # what batched wakeups have not announced yet
+            last = time.monotonic()
             yield self._release(started + self._clock - REORDER_WINDOW)
 
-    def _poll_consume(self) -> tuple[Callable[[int], None], Callable[[], None]]:
+    def _poll_consume(self) -> tuple[Callable[[int], object], Callable[[], object]]:
+        if self._ring is not None:
+            return self._ring.poll, self._ring.consume
         bpf: Any = self._bpf
-        if self.transport == "ringbuf":
-            return bpf.ring_buffer_poll, bpf.ring_buffer_consume
         return bpf.perf_buffer_poll, bpf.perf_buffer_consume
 
     def _release(self, cutoff: float) -> list[Segment]:
@@ -265,6 +284,8 @@ class EbpfSource:
         self._final_stats = self.stats()
         self._closed = True
         self._detach()
+        if self._ring is not None:
+            self._ring.close()
 
     def _detach(self) -> None:
         for a in reversed(self._attached):
