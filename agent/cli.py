@@ -213,7 +213,7 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
         observed_port=ports[0], extra_ports=frozenset(ports[1:]), target_addr=args.target or "",
         writer=writer, forward_hook=forward, record_hook=record,
         record_format=args.record_format, reassembly=reassembly,
-        track_responses=needs_responses(args),
+        track_responses=needs_responses(args), record_in_background=args.command == "run",
     )
 
 

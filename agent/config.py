@@ -74,6 +74,9 @@ class MirrorConfig:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     anonymize: Callable[[bytes], bytes] | None = None
     track_responses: bool = True
+    record_in_background: bool = False
+    """Write ``writer`` on a thread of its own (bounded; excess dropped and counted), so a
+    live capture loop never waits for the disk. ``run`` sets it."""
 
     @property
     def ports(self) -> frozenset[int]:

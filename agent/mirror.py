@@ -1,8 +1,9 @@
 """TrafficMirror: source → reassembler → hooks → forward and record sinks.
 
-Single-threaded by design: the reassembler, the hooks and the record writer all run on the
+Single-threaded by design: the reassembler, the hooks and a ``write_func`` all run on the
 thread that calls :meth:`TrafficMirror.run`, so a ``write_func`` never runs concurrently. Only
-the forward sink's socket I/O runs elsewhere, behind a bounded hand-over.
+I/O runs elsewhere, behind bounded hand-overs: the forward sink's sockets, and (for live
+sources) writing a recording to its file, so the capture loop never waits for the disk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.reassembly import Output, Reassembler
-from agent.sinks.record import RecordWriter, make_writer
+from agent.sinks.record import BackgroundWriter, RecordWriter, make_writer
 
 if TYPE_CHECKING:
     from agent.sinks.forward import ForwardSink
@@ -112,11 +113,13 @@ class TrafficMirror:
                                        frozenset(untracked))
         self._fhook = _pipeline(config.forward_hook, DEFAULT_FORWARD_HOOK)
         self._rhook = _pipeline(config.record_hook, DEFAULT_RECORD_HOOK)
-        self._writer: RecordWriter | _FuncWriter | None = None
+        self._writer: RecordWriter | _FuncWriter | BackgroundWriter | None = None
         if config.write_func is not None:
             self._writer = _FuncWriter(config.write_func)
         elif config.writer is not None:
             self._writer = make_writer(config.writer, config.record_format)
+            if config.record_in_background:
+                self._writer = BackgroundWriter(self._writer)
         self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
         self._aware = self._fhook.flow_aware or self._rhook.flow_aware
         self._last: dict[int, dict[str, TrafficChunk]] = {}
@@ -280,4 +283,7 @@ class TrafficMirror:
         out.update(self.counters)
         if self._forward is not None:
             out.update({f"forward_{k}": v for k, v in self._forward.stats.items()})
+        if isinstance(self._writer, BackgroundWriter) and self._writer.dropped_records:
+            out["record_dropped_records"] = self._writer.dropped_records
+            out["record_dropped_bytes"] = self._writer.dropped_bytes
         return out

@@ -190,7 +190,9 @@ class EbpfSource:
         self._lost_samples += count
 
     def _on_event(self, _cpu: int, data: int, size: int) -> None:
-        self._on_record(ctypes.string_at(data, size), 0, size)
+        # A view of the sample in the ring, not a copy: only the payload is copied, once.
+        self._on_record(memoryview((ctypes.c_char * size).from_address(data)).cast("B"), 0,
+                        size)
 
     def _on_record(self, raw: bytes | memoryview, off: int, _size: int) -> None:
         """One mirror_event (and its payload piece) at ``raw[off:]`` → a pending Segment."""

@@ -19,17 +19,24 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import threading
 import zlib
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
+import structlog
+
 from agent.model import Direction, FlowEnd, TrafficChunk
+
+log = structlog.get_logger("agent.record")
 
 __all__ = [
     "FORMATS",
     "MAGIC",
     "VERSION",
+    "BackgroundWriter",
     "JsonLinesWriter",
     "NativeReader",
     "NativeWriter",
@@ -82,13 +89,13 @@ class NativeWriter:
             self.bytes_written += _FILE_HEADER.size
         fa = from_addr.encode()
         ta = to_addr.encode()
-        body = b"".join((
-            _BODY.pack(kind, direction, len(fa), len(ta), 0, flow_id, seen_at, gap), fa, ta, data
-        ))
-        self._out.write(_FRAME.pack(len(body), zlib.crc32(body)))
-        self._out.write(body)
+        head = _BODY.pack(kind, direction, len(fa), len(ta), 0, flow_id, seen_at, gap) + fa + ta
+        size = len(head) + len(data)
+        # The data is written as it is (no copy into one body); the CRC runs over both parts.
+        self._out.write(_FRAME.pack(size, zlib.crc32(data, zlib.crc32(head))) + head)
+        self._out.write(data)
         self.records += 1
-        self.bytes_written += _FRAME.size + len(body)
+        self.bytes_written += _FRAME.size + size
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         self._record(_CHUNK, _DIRS[chunk.direction], chunk.flow_id, chunk.seen_at,
@@ -134,6 +141,100 @@ class JsonLinesWriter:
 
     def flush(self) -> None:
         self._out.flush()
+
+
+class BackgroundWriter:
+    """Runs a record writer on its own thread, so the capture loop never waits for the disk.
+
+    Records keep their order. At most ``max_bytes`` of data wait at once; past that, records
+    are dropped and counted (``dropped_records``/``dropped_bytes``), never the reader
+    blocked, and the recording stays honest: the flow's next record carries the dropped bytes
+    in its ``gap_bytes`` (or its end record in its trailing gap).
+    :meth:`flush` waits until everything queued is written and flushed. A write
+    error is raised by the next call on the capture thread.
+    """
+
+    def __init__(self, inner: RecordWriter, max_bytes: int = 256 << 20) -> None:
+        self._inner = inner
+        self._max = max_bytes
+        self._queue: deque[tuple[int, object, bytes]] = deque()
+        self._queued_bytes = 0
+        self._cv = threading.Condition()
+        self._error: BaseException | None = None
+        self.dropped_records = 0
+        self.dropped_bytes = 0
+        self._missed: dict[tuple[int, str], int] = {}  # (flow, from) → bytes dropped since
+        self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        key = (chunk.flow_id, chunk.from_addr)
+        missed = self._missed.pop(key, 0)
+        queued = replace(chunk, gap_bytes=chunk.gap_bytes + missed) if missed else chunk
+        if not self._put(0, queued, data):
+            # Dropped: its bytes, and the gap before them, are owed to the next record.
+            self._missed[key] = queued.gap_bytes + len(data)
+
+    def flow_end(self, end: FlowEnd) -> None:
+        missed = sum(v for (fid, _), v in self._missed.items() if fid == end.flow_id)
+        if missed:
+            self._missed = {k: v for k, v in self._missed.items() if k[0] != end.flow_id}
+            end = replace(end, trailing_gap=end.trailing_gap + missed)
+        self._put(1, end, b"")
+
+    def flush(self) -> None:
+        done = threading.Event()
+        self._put(2, done, b"")
+        while not done.wait(0.5):
+            if not self._thread.is_alive():
+                break
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _put(self, kind: int, item: object, data: bytes) -> bool:
+        """Queue one item; False if a chunk was dropped because the queue is full."""
+        self._raise()
+        n = len(data)
+        with self._cv:
+            if kind == 0 and self._queued_bytes + n > self._max:
+                if not self.dropped_records:
+                    log.warning("recording cannot keep up; dropping records (counted, and "
+                                "marked as gaps in the recording)")
+                self.dropped_records += 1
+                self.dropped_bytes += n
+                return False
+            self._queue.append((kind, item, data))
+            self._queued_bytes += n
+            self._cv.notify()
+        return True
+
+    def _run(self) -> None:
+        inner = self._inner
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                batch = list(self._queue)
+                self._queue.clear()
+            for kind, item, data in batch:
+                try:
+                    if kind == 0:
+                        inner.write(item, data)  # type: ignore[arg-type]
+                    elif kind == 1:
+                        inner.flow_end(item)  # type: ignore[arg-type]
+                    else:
+                        inner.flush()
+                        item.set()  # type: ignore[attr-defined]
+                except BaseException as e:  # handed to the capture thread
+                    self._error = e
+                    if kind == 2:
+                        item.set()  # type: ignore[attr-defined]
+                with self._cv:
+                    self._queued_bytes -= len(data)
 
 
 def make_writer(out: BinaryIO, fmt: str) -> NativeWriter | JsonLinesWriter:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 
 import pytest
 
 from agent.model import Direction, FlowEnd, TrafficChunk
-from agent.sinks.record import JsonLinesWriter, NativeReader, NativeWriter, RecordError
+from agent.sinks.record import (
+    BackgroundWriter,
+    JsonLinesWriter,
+    NativeReader,
+    NativeWriter,
+    RecordError,
+)
 
 
 def chunk(i: int) -> TrafficChunk:
@@ -68,3 +75,29 @@ def test_jsonl_exact_keys() -> None:
     assert set(obj) == {"flow", "from", "to", "direction", "seen_at", "data", "gap_bytes"}
     assert base64.b64decode(obj["data"]) == b"\x00\xffdata"
     assert obj["direction"] == "to_observed" and obj["gap_bytes"] == 3
+
+
+def test_background_writer_keeps_order_and_marks_dropped_records_as_gaps() -> None:
+    class SlowFile(io.BytesIO):
+        gate = threading.Event()
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            self.gate.wait(10)
+            return super().write(b)
+
+    out = SlowFile()
+    w = BackgroundWriter(NativeWriter(out), max_bytes=10)
+
+    def chunk(data: bytes) -> TrafficChunk:
+        return TrafficChunk(data, "a:1", "b:2", Direction.TO_OBSERVED, 1.0, 7)
+
+    for data in (b"first", b"12345", b"dropped!", b"next"):  # the queue holds 10 bytes
+        w.write(chunk(data), data)
+    w.flow_end(FlowEnd(7, "fin"))
+    SlowFile.gate.set()
+    w.flush()
+    assert (w.dropped_records, w.dropped_bytes) == (2, 12)
+    out.seek(0)
+    recs = list(NativeReader(out))
+    assert [(r.kind, r.data, r.gap_bytes) for r in recs] == [
+        ("chunk", b"first", 0), ("chunk", b"12345", 0), ("end", b"fin", 12)]
