@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
-.PHONY: help setup demo test unit integration lint bench clean
+.PHONY: help setup demo test unit integration lint bench bench-offline bench-http bench-bulk \
+	bench-memory clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
@@ -30,8 +31,20 @@ lint: setup
 	$(PY) -m ruff check agent tests bench
 	$(PY) -m mypy
 
-bench: setup
+# Each benchmark is one command; `make bench` runs them all (about 15 minutes, root).
+bench: bench-offline bench-http bench-bulk bench-memory
+
+bench-offline: setup
 	$(PY) bench/offline_replay.py
+
+bench-http: setup
+	$(PY) bench/http_overhead.py
+
+bench-bulk: setup
+	$(PY) bench/bulk_rate.py
+
+bench-memory: setup
+	$(PY) bench/scale_memory.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache bench/out

@@ -2,7 +2,9 @@
 
 usage: count_shadow.py HOST PORT COUNT_FILE — COUNT_FILE gets the number of request lines
 (``GET ``/``POST ``... at the start of a line) seen so far, rewritten every 0.2 s and on
-SIGTERM. Cheap enough that a benchmark measures the agent, not a second web server.
+SIGTERM. Cheap enough that a benchmark measures the agent, not a second web server. Only
+request lines at line starts count: a request right after a body without a final newline
+is missed, so use it for body-less requests (wrk's GETs).
 """
 
 from __future__ import annotations
