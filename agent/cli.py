@@ -59,6 +59,11 @@ examples:
   # loopback service, both directions as JSON lines; stop with Ctrl-C or SIGTERM
   mirror-agent run --iface lo --port 9000 --record out.jsonl --record-format jsonl \\
       --both-directions
+  # every non-loopback interface, XDP (ingress only), two ports
+  mirror-agent run --iface any --port 8080,8081 --engine xdp --target 10.0.0.5:8080
+  # a host without eBPF: raw socket with a kernel filter; or eBPF with the BPF ring buffer
+  mirror-agent run --iface eth0 --port 8080 --engine afpacket --record m.bin
+  mirror-agent run --iface eth0 --port 8080 --transport ringbuf --record m.bin
 """
 
 
