@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import AGENT, NetNS, wait_port
+from agent.lab.netns import AGENT, LiveAgent, NetNS, Tcpdump, wait_port
 
 OUT = Path(__file__).resolve().parent / "out"
 PORT = 5201
@@ -53,45 +52,28 @@ def iperf(ns: NetNS, rate_gbit: float, seconds: int) -> tuple[int, float]:
 
 def run_tcpdump(ns: NetNS, work: Path, rate: float, seconds: int) -> dict[str, float]:
     pcap = work / "t.pcap"
-    proc = ns.popen("tcpdump", "-i", "lo", "-s", "0", "-w", str(pcap), f"tcp port {PORT}",
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    proc.stderr.readline()
+    cap = Tcpdump(ns, "lo", pcap, f"tcp port {PORT}", options=())
     time.sleep(0.3)
     sent, gbit = iperf(ns, rate, seconds)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    dropped = re.search(rb"(\d+) packets? dropped by kernel", err)
+    dropped = re.search(r"(\d+) packets? dropped by kernel", cap.stop())
     stats = work / "t.json"
     subprocess.run([*AGENT[:-1], "offline", str(pcap), "--port", str(PORT),
                     "--both-directions", "--stats-json", str(stats)],
                    check=True, capture_output=True, timeout=600)
     s = json.loads(stats.read_text())
     pcap.unlink()
-    # Records the writer had to drop are lost too (and marked as gaps in the file).
-    lost = s.get("reassembly_gap_bytes", 0) + s.get("record_dropped_bytes", 0)
-    return {"sent_bytes": sent, "gbit": gbit, "lost_bytes": lost,
-            "record_dropped_bytes": s.get("record_dropped_bytes", 0),
+    return {"sent_bytes": sent, "gbit": gbit, "lost_bytes": s.get("reassembly_gap_bytes", 0),
             "kernel_dropped_packets": int(dropped.group(1)) if dropped else -1}
 
 
 def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
               extra: list[str]) -> dict[str, float]:
-    err, stats, rec = work / "agent.err", work / "a.json", work / "rec.bin"
-    proc = ns.popen(*AGENT, "--iface", "lo", "--port", str(PORT), "--record", str(rec),
-                    "--both-directions", "--stats-json", str(stats), *extra,
-                    stderr=err.open("w"), stdout=subprocess.DEVNULL)
-    while "capture live" not in err.read_text():
-        if proc.poll() is not None:
-            raise RuntimeError(err.read_text())
-        time.sleep(0.1)
+    stats, rec = work / "a.json", work / "rec.bin"
+    agent = LiveAgent(ns, work, "--iface", "lo", "--port", str(PORT), "--record", str(rec),
+                      "--both-directions", "--stats-json", str(stats), *extra)
     time.sleep(0.3)
     sent, gbit = iperf(ns, rate, seconds)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    if proc.wait(300) != 0:
-        raise RuntimeError(err.read_text())
+    agent.stop()
     s = json.loads(stats.read_text())
     rec.unlink()
     # Every byte missing from the reassembled streams is a gap, whatever lost it (a full

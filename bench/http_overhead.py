@@ -28,7 +28,6 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import AGENT, LAB, NetNS, start_nginx, wait_port
+from agent.lab.netns import LAB, LiveAgent, NetNS, Tcpdump, start_nginx, wait_port
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = ("none", "tcpdump", "agent")
@@ -67,61 +66,50 @@ def run_wrk(ns: NetNS, connections: int, duration: int) -> tuple[float, int]:
 
 def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dict[str, float]:
     result: dict[str, float] = {}
-    proc: subprocess.Popen[bytes] | None = None
     count_file = work / "shadow.count"
+    cap: Tcpdump | None = None
+    agent: LiveAgent | None = None
     if config == "tcpdump":
-        proc = ns.popen("tcpdump", "-i", "lo", "-s", "0", "-w", str(work / "t.pcap"),
-                        "tcp port 8080", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        proc.stderr.readline()  # "listening on lo ..."
+        cap = Tcpdump(ns, "lo", work / "t.pcap", "tcp port 8080", options=())
+        pid = cap.proc.pid
     elif config == "agent":
         shadow = ns.popen(sys.executable, str(LAB / "count_shadow.py"), "127.0.0.1", "18080",
                           str(count_file))
         wait_port(ns, 18080)
-        err = work / "agent.err"
-        proc = ns.popen(*AGENT, "--iface", "lo", "--port", "8080", "--target",
-                        "127.0.0.1:18080", "--record", str(work / "rec.bin"),
-                        "--stats-json", str(work / "stats.json"),
-                        *shlex.split(args.agent_args), stderr=err.open("w"),
-                        stdout=subprocess.DEVNULL)
-        while "capture live" not in err.read_text():
-            if proc.poll() is not None:
-                raise RuntimeError(err.read_text())
-            time.sleep(0.1)
+        agent = LiveAgent(ns, work, "--iface", "lo", "--port", "8080", "--target",
+                          "127.0.0.1:18080", "--record", str(work / "rec.bin"),
+                          "--stats-json", str(work / "stats.json"),
+                          *shlex.split(args.agent_args))
+        pid = agent.proc.pid
     time.sleep(0.5)
-    cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+    cpu0 = cpu_seconds(pid) if config != "none" else 0.0
     rps, total = run_wrk(ns, args.connections, args.duration)
     result.update(rps=rps, requests=total)
-    if proc is not None:
-        result["cpu_per_s"] = (cpu_seconds(proc.pid) - cpu0) / args.duration
-        result["rss_mib"] = rss_kib(proc.pid) / 1024
-        time.sleep(1.0 if config == "agent" else 0.2)  # let the agent forward what it holds
-        if config == "tcpdump":
-            proc.send_signal(signal.SIGINT)
-            _, err_text = proc.communicate(timeout=60)
-            dropped = re.search(rb"(\d+) packets? dropped by kernel", err_text)
-            captured = re.search(rb"(\d+) packets? captured", err_text)
-            result["kernel_dropped"] = int(dropped.group(1)) if dropped else -1
-            result["captured"] = int(captured.group(1)) if captured else -1
-        else:
-            proc.send_signal(signal.SIGTERM)
-            if proc.wait(120) != 0:
-                raise RuntimeError((work / "agent.err").read_text())
-            time.sleep(0.5)
-            shadow.send_signal(signal.SIGTERM)
-            shadow.wait(30)
-            mirrored = int(count_file.read_text())
-            result["shadow_requests"] = mirrored
-            result["mirrored_fraction"] = mirrored / total if total else 0.0
-            stats = json.loads((work / "stats.json").read_text())
-            result["kernel_lost_bytes"] = stats.get("source_kernel_lost_bytes", 0)
-            result["gap_bytes"] = stats.get("reassembly_gap_bytes", 0)
-            result["hole_timeouts"] = stats.get("reassembly_hole_timeouts", 0)
-            result["retransmitted_bytes"] = stats.get("reassembly_retransmitted_bytes", 0)
-            result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
-            result["forward_dropped_bytes"] = stats.get("forward_dropped_bytes", 0)
-    for f in work.glob("*.pcap"):
-        f.unlink()
+    if config != "none":
+        result["cpu_per_s"] = (cpu_seconds(pid) - cpu0) / args.duration
+        result["rss_mib"] = rss_kib(pid) / 1024
+    if cap is not None:
+        err_text = cap.stop()
+        dropped = re.search(r"(\d+) packets? dropped by kernel", err_text)
+        captured = re.search(r"(\d+) packets? captured", err_text)
+        result["kernel_dropped"] = int(dropped.group(1)) if dropped else -1
+        result["captured"] = int(captured.group(1)) if captured else -1
+        cap.path.unlink()
+    if agent is not None:
+        agent.stop(settle=1.0)  # let it forward what it holds
+        time.sleep(0.5)
+        shadow.send_signal(signal.SIGTERM)
+        shadow.wait(30)
+        mirrored = int(count_file.read_text())
+        result["shadow_requests"] = mirrored
+        result["mirrored_fraction"] = mirrored / total if total else 0.0
+        stats = json.loads((work / "stats.json").read_text())
+        result["kernel_lost_bytes"] = stats.get("source_kernel_lost_bytes", 0)
+        result["gap_bytes"] = stats.get("reassembly_gap_bytes", 0)
+        result["hole_timeouts"] = stats.get("reassembly_hole_timeouts", 0)
+        result["retransmitted_bytes"] = stats.get("reassembly_retransmitted_bytes", 0)
+        result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
+        result["forward_dropped_bytes"] = stats.get("forward_dropped_bytes", 0)
     return result
 
 

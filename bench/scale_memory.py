@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import AGENT, NetNS, start_nginx
+from agent.lab.netns import LiveAgent, NetNS, start_nginx
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -67,32 +66,26 @@ def live(args: argparse.Namespace) -> dict[str, float]:
             NetNS("mirscale") as ns:
         work = Path(tmp)
         start_nginx(ns, 8080, work / "nginx", max_conns=args.idle + args.active + 1024)
-        err, stats = work / "agent.err", work / "stats.json"
-        agent = ns.popen(*AGENT, "--iface", "lo", "--port", "8080", "--record",
-                         str(work / "rec.bin"), "--stats-json", str(stats),
-                         stderr=err.open("w"), stdout=subprocess.DEVNULL)
-        while "capture live" not in err.read_text():
-            if agent.poll() is not None:
-                raise RuntimeError(err.read_text())
-            time.sleep(0.1)
+        stats = work / "stats.json"
+        agent = LiveAgent(ns, work, "--iface", "lo", "--port", "8080", "--record",
+                          str(work / "rec.bin"), "--stats-json", str(stats))
+        pid = agent.proc.pid
         time.sleep(1.0)
-        before = status_kib(agent.pid, "VmRSS")
+        before = status_kib(pid, "VmRSS")
         client = ns.popen(sys.executable, "-c", IDLE_CLIENT, str(args.idle),
                           stdout=subprocess.PIPE)
         assert client.stdout is not None
         if client.stdout.readline().strip() != b"open":
             raise RuntimeError("idle client failed")
         time.sleep(2.0)
-        with_idle = status_kib(agent.pid, "VmRSS")
+        with_idle = status_kib(pid, "VmRSS")
         ns.run("wrk", "-t2", f"-c{args.active}", f"-d{args.seconds}s", "http://127.0.0.1:8080/",
                timeout=args.seconds + 120)
         time.sleep(1.0)
-        after_load = status_kib(agent.pid, "VmRSS")
-        peak = status_kib(agent.pid, "VmHWM")
+        after_load = status_kib(pid, "VmRSS")
+        peak = status_kib(pid, "VmHWM")
         client.kill()
-        agent.send_signal(signal.SIGTERM)
-        if agent.wait(120) != 0:
-            raise RuntimeError(err.read_text())
+        agent.stop(settle=0)
         s = json.loads(stats.read_text())
     return {"rss_before_kib": before, "rss_with_idle_kib": with_idle,
             "rss_after_active_kib": after_load, "peak_rss_kib": peak,
