@@ -151,12 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", choices=["perf", "ringbuf"], default="perf",
                      help="eBPF to user space: per-CPU perf buffers (default) or one BPF ring "
                           "buffer (kernel 5.8+)")
+    run.add_argument("--decoder", choices=["auto", "native", "python"], default="auto",
+                     help="perf records to segments: native (C, built with cc on first use; "
+                          "make setup builds it), python, or auto (default: native if it can "
+                          "be built, else python with a warning)")
     run.add_argument("--buffer-mib", type=int, default=8, metavar="MIB",
                      help="kernel buffer per CPU (default: 8 MiB; the ring buffer gets this "
                           "times the CPU count; afpacket: the socket's receive buffer x8)")
     run.add_argument("--wakeup-events", type=int, default=64, metavar="N",
                      help="wake user space every N events per CPU (default: 64); it also "
-                          "drains every 10 ms, so a lone request is not held back")
+                          "drains every 20-30 ms, so a lone request is not held back")
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
@@ -321,12 +325,13 @@ def _run(args: argparse.Namespace) -> int:
         def make_source() -> PacketSource:
             from agent.capture.ebpf import EbpfSource
 
-            src: PacketSource = EbpfSource(
+            src = EbpfSource(
                 ifaces, args.port, args.engine, args.buffer_mib, args.wakeup_events,
                 segment_filter=seg_filter, transport=args.transport,
-                requests_only=not needs_responses(args))
+                requests_only=not needs_responses(args), decoder=args.decoder)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
-                     transport=args.transport, target=args.target or None, record=args.record)
+                     transport=args.transport, decoder=src.decoder,
+                     target=args.target or None, record=args.record)
             return src
 
     return run_pipeline(args, make_source, interrupted_status=0)

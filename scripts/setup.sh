@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(python3-venv python3-bpfcc libbpfcc linux-headers-amd64 iproute2 libpcap0.8
-          tcpdump tshark nginx-light curl iperf3 wrk tcpflow)
+APT_PKGS=(python3-venv python3-bpfcc libbpfcc linux-headers-amd64 iproute2 libpcap0.8 gcc
+          libc6-dev tcpdump tshark nginx-light curl iperf3 wrk tcpflow)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -47,3 +47,6 @@ if [ ! -e "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The native perf decoder (agent/capture/perf_decode.c): built once per source version.
+.venv/bin/python -m agent.capture.native >/dev/null

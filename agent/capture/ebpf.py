@@ -3,9 +3,11 @@
 The kernel keeps only the observed ports' packets that carry payload, SYN, FIN or RST and
 copies payload in pieces of up to 32 KiB, so 64 KiB GSO/GRO packets arrive whole. Transport is
 a per-CPU perf buffer (default) or one BPF ring buffer (``transport="ringbuf"``, kernel 5.8+).
-Wakeups are batched (every ``wakeup_events`` records per CPU) and the buffers are also
-drained on a short timer, so a lone request still arrives within ~10 ms.
-Losses (perf ``lost_cb``, kernel counters) reach :meth:`stats`.
+Both are read straight from their mmaps (``perfbuf.py``, ``ringbuf.py``), not through a ctypes
+callback per record, and records become Segments in ``events.py``, which joins a direction's
+in-order payload. Wakeups are batched (every ``wakeup_events`` records per CPU) and the buffers
+are also drained on a short timer, so a lone request still arrives within ~30 ms.
+Losses (perf lost records, kernel counters) reach :meth:`stats`.
 """
 
 from __future__ import annotations
@@ -13,38 +15,38 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from agent.capture import SourceError
 from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
+from agent.capture.events import EventDecoder
+from agent.capture.native import NativeDecoder, NativeUnavailable
+from agent.capture.perfbuf import PerfReader, ring_bytes
 from agent.capture.ringbuf import RingBufReader
-from agent.model import FIN, RST, SYN, Segment
+from agent.model import Segment
 
-__all__ = ["BPF_DIR", "TRANSPORTS", "EbpfSource", "check_environment"]
+__all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment"]
 
 log = structlog.get_logger("agent.ebpf")
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-#: struct mirror_event (bpf/mirror_event.h); payload follows at EVENT_SIZE.
-_EVENT = struct.Struct("<QIBBBB16s16sHHIIHHIII")
-EVENT_SIZE = 80  # sizeof(struct mirror_event): 76 bytes of fields, aligned to 8
 _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_port",
              "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes",
              "elided", "elided_bytes")
-_MASK = 0xFFFFFFFF
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
 #: Seconds between drains at least (see :meth:`EbpfSource.batches`).
-BATCH_INTERVAL = 0.005
+BATCH_INTERVAL = 0.02
+#: A drain that read this many bytes means the rings fill fast: drain again at once.
+BUSY_BYTES = 1 << 20
 _ts = attrgetter("ts")
 TRANSPORTS = ("perf", "ringbuf")
+DECODERS = ("auto", "native", "python")
 
 
 def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules")) -> None:
@@ -101,6 +103,10 @@ class EbpfSource:
     ``requests_only``: service→client payload is not copied in the kernel (only those
     packets' SYN/FIN/RST come through, without payload); for mirrors that do not track
     responses (``MirrorConfig.track_responses=False``).
+
+    ``decoder``: how perf records become Segments: ``native`` (``perf_decode.c``, SourceError
+    if it cannot be built), ``python`` (``events.py``) or ``auto`` (native if it can be had,
+    else Python with a warning). The ring buffer transport always uses the Python decoder.
     """
 
     live = True
@@ -108,11 +114,14 @@ class EbpfSource:
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
                  buffer_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
                  segment_filter: Callable[[Segment], bool] | None = None,
-                 transport: str = "perf", requests_only: bool = False) -> None:
+                 transport: str = "perf", requests_only: bool = False,
+                 decoder: str = "auto") -> None:
         if engine not in ("tc", "xdp"):
             raise SourceError(f"unknown engine {engine!r}")
         if transport not in TRANSPORTS:
             raise SourceError(f"unknown transport {transport!r}")
+        if decoder not in DECODERS:
+            raise SourceError(f"unknown decoder {decoder!r}")
         self.ifaces = ifaces
         self.ports = ports
         self.engine = engine
@@ -126,18 +135,30 @@ class EbpfSource:
         self._ring_pages = 1 << max(0, ring - 1).bit_length()
         self._wakeup = wakeup_events
         self._poll_ms = poll_ms
-        self._filter = segment_filter
         self._attached: list[Attachment] = []
-        self._pending: list[Segment] = []
         self._held: list[Segment] = []
-        self._lost_samples = 0
-        self._events = 0
-        self._filtered = 0
         self._closed = False
         self._final_stats: dict[str, int] = {}
-        self._ring: RingBufReader | None = None
+        self._ring: RingBufReader | PerfReader | None = None
         self._clock = time.time() - time.monotonic()  # ktime (CLOCK_MONOTONIC) → epoch
+        self._decoder = self._make_decoder(decoder, segment_filter)
         self._bpf = self._load()
+
+    def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
+                      ) -> EventDecoder | NativeDecoder:
+        if self.transport == "perf" and kind != "python":
+            try:
+                return NativeDecoder(self._clock, ring_bytes(self._perf_pages), segment_filter)
+            except NativeUnavailable as e:
+                if kind == "native":
+                    raise SourceError(str(e)) from None
+                log.warning("using the Python decoder (slower)", reason=str(e))
+        return EventDecoder(self._clock, segment_filter)
+
+    @property
+    def decoder(self) -> str:
+        """``native`` or ``python``: the decoder in use."""
+        return "native" if isinstance(self._decoder, NativeDecoder) else "python"
 
     def _load(self) -> object:
         from bcc import BPF
@@ -171,48 +192,23 @@ class EbpfSource:
                     x = XdpAttachment(name, fn.fd)
                     self._attached.append(x)
                     x.attach()
+            events = bpf[b"events"]
             if self.transport == "ringbuf":
-                self._ring = RingBufReader(bpf[b"events"].map_fd,
+                assert isinstance(self._decoder, EventDecoder)
+                self._ring = RingBufReader(events.map_fd,
                                            self._ring_pages * os.sysconf("SC_PAGE_SIZE"),
-                                           self._on_record)
+                                           self._decoder.record)
             else:
-                bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=self._perf_pages,
-                                                lost_cb=self._on_lost,
-                                                wakeup_events=self._wakeup)
+
+                def install(cpu: int, fd: int) -> None:
+                    events[events.Key(cpu)] = events.Leaf(fd)
+
+                self._ring = PerfReader(self._perf_pages, self._wakeup, install,
+                                        self._decoder.consume_perf)
         except BaseException:
             self._detach()
             raise
         return bpf
-
-    # ---------------------------------------------------------------- perf callbacks
-
-    def _on_lost(self, count: int) -> None:
-        self._lost_samples += count
-
-    def _on_event(self, _cpu: int, data: int, size: int) -> None:
-        # A view of the sample in the ring, not a copy: only the payload is copied, once.
-        self._on_record(memoryview((ctypes.c_char * size).from_address(data)).cast("B"), 0,
-                        size)
-
-    def _on_record(self, raw: bytes | memoryview, off: int, _size: int) -> None:
-        """One mirror_event (and its payload piece) at ``raw[off:]`` → a pending Segment."""
-        (ts, _ifi, _hook, fam, flags, elided, saddr, daddr, sport, dport, seq, ack, win, plen,
-         poff, paylen, lost) = _EVENT.unpack_from(raw, off)
-        self._events += 1
-        if fam == 4:
-            saddr, daddr = saddr[:4], daddr[:4]
-        if poff:  # a later piece of a big packet: its own position, no SYN
-            seq = (seq + poff + (1 if flags & SYN else 0)) & _MASK
-            flags &= ~SYN
-        if poff + plen + lost < paylen and not elided:
-            flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
-        start = off + EVENT_SIZE
-        seg = Segment(saddr, sport, daddr, dport, seq, ack, flags,
-                      bytes(raw[start:start + plen]), ts / 1e9 + self._clock, win, lost)
-        if self._filter is not None and not self._filter(seg):
-            self._filtered += 1
-            return
-        self._pending.append(seg)
 
     # ---------------------------------------------------------------- source API
 
@@ -224,31 +220,31 @@ class EbpfSource:
         and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
         case another CPU was still writing older ones.
 
-        Drains are at least ``BATCH_INTERVAL`` apart: under load the rings fill meanwhile, and
-        every per-batch cost downstream (sorting, coalescing, one send per flow, waking the
-        forward thread) is paid once per few hundred events instead of every few.
+        Drains are ``BATCH_INTERVAL`` apart while the rings fill slowly: every per-batch cost
+        downstream (sorting, one send per flow, waking the forward and writer threads, the
+        shadow's reads) is then paid once per few thousand events, and a direction's
+        packets of a batch are one Segment. A drain that read ``BUSY_BYTES`` or more is
+        followed by the next at once, so bulk traffic never waits for the timer.
         """
         poll, consume = self._poll_consume()
-        last = 0.0
+        last, interval = 0.0, 0.0
         while not self._closed:
-            wait = last + BATCH_INTERVAL - time.monotonic()
+            wait = last + interval - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
             started = time.monotonic()
-            poll(self._poll_ms)
-            consume()  # what batched wakeups have not announced yet
+            got = poll(self._poll_ms)
+            got += consume()  # what batched wakeups have not announced yet
             last = time.monotonic()
+            interval = BATCH_INTERVAL if got < BUSY_BYTES else 0.0
             yield self._release(started + self._clock - REORDER_WINDOW)
 
-    def _poll_consume(self) -> tuple[Callable[[int], object], Callable[[], object]]:
-        if self._ring is not None:
-            return self._ring.poll, self._ring.consume
-        bpf: Any = self._bpf
-        return bpf.perf_buffer_poll, bpf.perf_buffer_consume
+    def _poll_consume(self) -> tuple[Callable[[int], int], Callable[[], int]]:
+        assert self._ring is not None
+        return self._ring.poll, self._ring.consume
 
     def _release(self, cutoff: float) -> list[Segment]:
-        pending = self._held + self._pending
-        self._pending = []
+        pending = self._held + self._decoder.take()
         pending.sort(key=_ts)
         i = bisect.bisect_right(pending, cutoff, key=_ts)
         self._held = pending[i:]
@@ -262,8 +258,9 @@ class EbpfSource:
     def stats(self) -> dict[str, int]:
         if self._closed:
             return self._final_stats
-        out = {"events": self._events, "perf_lost_samples": self._lost_samples,
-               "filtered": self._filtered}
+        d = self._decoder
+        out = {"events": d.events, "coalesced": d.coalesced,
+               "perf_lost_samples": d.lost_samples, "filtered": d.filtered}
         try:
             table = self._bpf[b"counters"]  # type: ignore[index]
             for i, name in enumerate(_COUNTERS):

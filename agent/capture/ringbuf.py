@@ -50,7 +50,7 @@ class RingBufReader:
         self._poller.register(map_fd, select.EPOLLIN)
 
     def poll(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for a wakeup, then consume; returns records read."""
+        """Wait up to ``timeout_ms`` for a wakeup, then consume; returns bytes read."""
         if not self._pending():
             self._poller.poll(timeout_ms / 1000)
         return self.consume()
@@ -59,12 +59,11 @@ class RingBufReader:
         return bool(_U64.unpack_from(self._prod, 0)[0] != _U64.unpack_from(self._cons, 0)[0])
 
     def consume(self) -> int:
-        """Hand every complete record to ``on_record`` and release the space; returns count."""
+        """Hand every complete record to ``on_record`` and release the space; returns bytes."""
         prod_map, view = self._prod, self._view
         mask, base, cb = self._mask, self._data_off, self._on_record
-        cons = _U64.unpack_from(self._cons, 0)[0]
+        start = cons = _U64.unpack_from(self._cons, 0)[0]
         prod = _U64.unpack_from(prod_map, 0)[0]
-        count = 0
         u32 = _U32.unpack_from
         while cons < prod:
             off = base + (cons & mask)
@@ -73,10 +72,9 @@ class RingBufReader:
                 break  # still being written; records after it wait for it
             if not length & _DISCARD:
                 cb(view, off + _HDR, length)
-                count += 1
             cons += (length & ~(_BUSY | _DISCARD)) + _HDR + 7 & ~7
         _U64.pack_into(self._cons, 0, cons)
-        return count
+        return int(cons - start)
 
     def close(self) -> None:
         self._poller.close()

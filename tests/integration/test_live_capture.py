@@ -26,14 +26,20 @@ from agent.lab.netns import (
 )
 from tests.integration.truth import assert_same_streams, jsonl_streams, tshark_streams
 
-#: (engine, transport) pairs every loopback/veth test runs with.
-VARIANTS = [("tc", "perf"), ("tc", "ringbuf"), ("xdp", "perf"), ("afpacket", "-")]
-IDS = ["tc-perf", "tc-ringbuf", "xdp", "afpacket"]
+#: (engine, transport[+decoder]) pairs every loopback/veth test runs with. Perf records go
+#: through the native decoder unless the variant says python.
+VARIANTS = [("tc", "perf"), ("tc", "perf+python"), ("tc", "ringbuf"), ("xdp", "perf"),
+            ("afpacket", "-")]
+IDS = ["tc-perf", "tc-perf-python", "tc-ringbuf", "xdp", "afpacket"]
 
 
 def _engine_args(engine: str, transport: str) -> list[str]:
     args = ["--engine", engine]
-    return args + (["--transport", transport] if transport != "-" else [])
+    if transport == "-":
+        return args
+    transport, _, decoder = transport.partition("+")
+    decoder = decoder or ("native" if transport == "perf" else "auto")
+    return [*args, "--transport", transport, "--decoder", decoder]
 
 
 def _shadow_lines(path: Path) -> list[str]:
@@ -75,6 +81,8 @@ def test_loopback_matches_tcpdump_and_shadow(tmp_path: Path, engine: str,
     assert_same_streams(ours, tshark_streams(pcap, 9000))
     assert len(_shadow_lines(tmp_path / "shadow.log")) == 81, err
     assert "mirror-agent summary" in err
+    if transport == "perf":
+        assert '"decoder": "native"' in err  # the fast path ran, not the fallback
 
 
 def _veth_run(tmp_path: Path, engine: str, transport: str) -> tuple[Path, Path, list[str]]:
