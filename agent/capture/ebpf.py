@@ -42,8 +42,8 @@ _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_p
 REORDER_WINDOW = 0.002
 #: Seconds between drains at least (see :meth:`EbpfSource.batches`).
 BATCH_INTERVAL = 0.02
-#: A drain that read this many bytes means the rings fill fast: drain again at once.
-BUSY_BYTES = 1 << 20
+#: The next drain comes before the rings can be this full at the rate of the last one.
+FILL_FRACTION = 0.25
 _ts = attrgetter("ts")
 TRANSPORTS = ("perf", "ringbuf")
 DECODERS = ("auto", "native", "python")
@@ -133,6 +133,9 @@ class EbpfSource:
         # The ring buffer is shared: as much as all per-CPU perf buffers, a power of two.
         ring = buffer_mib * 1024 * 1024 * self._cpus // page
         self._ring_pages = 1 << max(0, ring - 1).bit_length()
+        #: Bytes one ring holds (perf: per CPU, and one CPU may get all the traffic).
+        self._ring_capacity = (self._ring_pages * page if transport == "ringbuf"
+                               else ring_bytes(self._perf_pages))
         self._wakeup = wakeup_events
         self._poll_ms = poll_ms
         self._attached: list[Attachment] = []
@@ -203,8 +206,10 @@ class EbpfSource:
                 def install(cpu: int, fd: int) -> None:
                     events[events.Key(cpu)] = events.Leaf(fd)
 
+                dec = self._decoder
                 self._ring = PerfReader(self._perf_pages, self._wakeup, install,
-                                        self._decoder.consume_perf)
+                                        dec.consume_perf,
+                                        dec.released if isinstance(dec, NativeDecoder) else None)
         except BaseException:
             self._detach()
             raise
@@ -220,14 +225,16 @@ class EbpfSource:
         and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
         case another CPU was still writing older ones.
 
-        Drains are ``BATCH_INTERVAL`` apart while the rings fill slowly: every per-batch cost
-        downstream (sorting, one send per flow, waking the forward and writer threads, the
-        shadow's reads) is then paid once per few thousand events, and a direction's
-        packets of a batch are one Segment. A drain that read ``BUSY_BYTES`` or more is
-        followed by the next at once, so bulk traffic never waits for the timer.
+        Drains are up to ``BATCH_INTERVAL`` apart: every per-batch cost downstream (sorting,
+        one send per flow, waking the forward and writer threads, the shadow's reads) is then
+        paid once per few thousand events, and a direction's packets of a batch are one
+        Segment. The gap shrinks with the rate the last drain saw, so that at that rate one
+        ring would be at most ``FILL_FRACTION`` full by the next: bulk traffic does not wait.
         """
         poll, consume = self._poll_consume()
-        last, interval = 0.0, 0.0
+        capacity = self._ring_capacity
+        last = before = time.monotonic()
+        interval = 0.0
         while not self._closed:
             wait = last + interval - time.monotonic()
             if wait > 0:
@@ -236,7 +243,10 @@ class EbpfSource:
             got = poll(self._poll_ms)
             got += consume()  # what batched wakeups have not announced yet
             last = time.monotonic()
-            interval = BATCH_INTERVAL if got < BUSY_BYTES else 0.0
+            rate = got / max(last - before, 1e-3)  # bytes/s since the previous drain began
+            before = started
+            interval = min(BATCH_INTERVAL, FILL_FRACTION * capacity / rate) if got else (
+                BATCH_INTERVAL)
             yield self._release(started + self._clock - REORDER_WINDOW)
 
     def _poll_consume(self) -> tuple[Callable[[int], int], Callable[[], int]]:

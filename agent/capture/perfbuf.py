@@ -113,15 +113,19 @@ class PerfReader:
 
     ``install(cpu, fd)`` puts a ring's event fd into the BPF map (the caller owns the map);
     ``consume`` decodes a ring's new records (:func:`consume_ring` with a decoder's callbacks,
-    or the native decoder). The kernel wakes a poller every ``wakeup_events`` samples;
-    :meth:`consume` reads what is there regardless. Not thread-safe.
+    or the native decoder); ``released()``, if given, runs after each ring's space is handed
+    back, for work that need not hold the ring. The kernel wakes a poller every
+    ``wakeup_events`` samples; :meth:`consume` reads what is there regardless. Not
+    thread-safe.
     """
 
     def __init__(self, pages: int, wakeup_events: int, install: Callable[[int, int], None],
-                 consume: Consume, cpus: list[int] | None = None) -> None:
+                 consume: Consume, released: Callable[[], None] | None = None,
+                 cpus: list[int] | None = None) -> None:
         self._pages = ring_bytes(pages) // mmap.PAGESIZE
         self._wakeup = max(1, wakeup_events)
         self._consume = consume
+        self._released = released
         self._rings: list[_Ring] = []
         self._poller = select.epoll()
         libc = ctypes.CDLL(None, use_errno=True)
@@ -179,6 +183,8 @@ class PerfReader:
                 continue
             new = self._consume(r.map, page, r.size, tail, head)
             _U64.pack_into(r.map, _TAIL, new)
+            if self._released is not None:
+                self._released()
             total += new - tail
         return total
 
