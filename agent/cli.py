@@ -157,10 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "be built, else python with a warning)")
     run.add_argument("--buffer-mib", type=int, default=8, metavar="MIB",
                      help="kernel buffer per CPU (default: 8 MiB; the ring buffer gets this "
-                          "times the CPU count; afpacket: the socket's receive buffer x8)")
-    run.add_argument("--wakeup-events", type=int, default=64, metavar="N",
-                     help="wake user space every N events per CPU (default: 64); it also "
-                          "drains every 20-30 ms, so a lone request is not held back")
+                          "times the CPU count; afpacket: the socket's receive buffer x8). "
+                          "It is drained every 20 ms, or sooner once a quarter full")
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
@@ -304,8 +302,8 @@ def _run(args: argparse.Namespace) -> int:
     from agent.capture.attach import resolve_ifaces
     from agent.capture.ebpf import check_environment
 
-    if args.buffer_mib < 1 or args.wakeup_events < 1:
-        raise UsageError("--buffer-mib and --wakeup-events must be >= 1")
+    if args.buffer_mib < 1:
+        raise UsageError("--buffer-mib must be >= 1")
     check_environment(ebpf=args.engine != "afpacket")
     ifaces = resolve_ifaces(args.iface)
     if args.engine == "afpacket":
@@ -326,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
             from agent.capture.ebpf import EbpfSource
 
             src = EbpfSource(
-                ifaces, args.port, args.engine, args.buffer_mib, args.wakeup_events,
+                ifaces, args.port, args.engine, args.buffer_mib,
                 segment_filter=seg_filter, transport=args.transport,
                 requests_only=not needs_responses(args), decoder=args.decoder)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,

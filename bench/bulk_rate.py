@@ -84,6 +84,9 @@ def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
             "record_dropped_bytes": s.get("record_dropped_bytes", 0),
             "kernel_lost_bytes": s.get("source_kernel_lost_bytes", 0),
             "perf_lost_samples": s.get("source_perf_lost_samples", 0),
+            "ring_peak_fill": s.get("source_ring_peak_bytes", 0) / max(
+                s.get("source_ring_bytes", 1), 1),
+            "drain_gap_max_ms": s.get("source_drain_gap_max_ms", 0),
             "recorded_bytes": s.get("recorded_bytes", 0)}
 
 

@@ -28,10 +28,10 @@ BPF_HASH(ports, u16, u8, MAX_PORTS);           /* observed ports, host order; up
 #ifdef MIRROR_RINGBUF
 /* One ring shared by all CPUs (kernel >= 5.8); size in pages, a power of two. */
 BPF_RINGBUF_OUTPUT(events, MIRROR_RINGBUF_PAGES);
-#ifndef MIRROR_WAKEUP_EVENTS
-#define MIRROR_WAKEUP_EVENTS 64
+#ifndef MIRROR_WAKEUP_BYTES
+#define MIRROR_WAKEUP_BYTES (MIRROR_RINGBUF_PAGES * 4096 / 4 / MAX_CPUS)
 #endif
-BPF_PERCPU_ARRAY(since_wakeup, u32, 1); /* records submitted since this CPU last woke the reader */
+BPF_PERCPU_ARRAY(since_wakeup, u64, 1); /* bytes this CPU submitted since it last woke the reader */
 #else
 BPF_PERF_OUTPUT(events);
 #endif
@@ -54,16 +54,19 @@ static __always_inline void count(int idx, u64 n)
 static __always_inline long submit(void *ctx, struct scratch *s, __u32 size)
 {
 #ifdef MIRROR_RINGBUF
-	/* Batched wakeups, like perf's wakeup_events: each CPU wakes the reader every Nth
-	 * record; the reader also drains every few milliseconds, so a lone request is not
-	 * held back. */
+	/* Like perf's watermark: the reader drains on a timer and is woken early only after
+	 * this CPU has written MIRROR_WAKEUP_BYTES since its last wakeup (bcc 0.26 has no
+	 * ringbuf_query), so even all CPUs together wake it before the ring is full. */
 	int zero = 0;
 	__u64 flags = BPF_RB_NO_WAKEUP;
-	__u32 *n = since_wakeup.lookup(&zero);
+	__u64 *n = since_wakeup.lookup(&zero);
 
-	if (n && ++*n >= MIRROR_WAKEUP_EVENTS) {
-		*n = 0;
-		flags = BPF_RB_FORCE_WAKEUP;
+	if (n) {
+		*n += size;
+		if (*n >= MIRROR_WAKEUP_BYTES) {
+			*n = 0;
+			flags = BPF_RB_FORCE_WAKEUP;
+		}
 	}
 	return events.ringbuf_output(s, size, flags);
 #else

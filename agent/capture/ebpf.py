@@ -5,8 +5,9 @@ copies payload in pieces of up to 32 KiB, so 64 KiB GSO/GRO packets arrive whole
 a per-CPU perf buffer (default) or one BPF ring buffer (``transport="ringbuf"``, kernel 5.8+).
 Both are read straight from their mmaps (``perfbuf.py``, ``ringbuf.py``), not through a ctypes
 callback per record, and records become Segments in ``events.py``, which joins a direction's
-in-order payload. Wakeups are batched (every ``wakeup_events`` records per CPU) and the buffers
-are also drained on a short timer, so a lone request still arrives within ~30 ms.
+in-order payload. The reader drains on a 20 ms timer, sooner when the kernel wakes it because
+a buffer is a quarter full, so a lone request still arrives within ~20 ms and bulk traffic
+never waits for the timer.
 Losses (perf lost records, kernel counters) reach :meth:`stats`.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from operator import attrgetter
@@ -42,8 +44,10 @@ _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_p
 REORDER_WINDOW = 0.002
 #: Seconds between drains at least (see :meth:`EbpfSource.batches`).
 BATCH_INTERVAL = 0.02
-#: The next drain comes before the rings can be this full at the rate of the last one.
+#: A ring this full wakes the reader before the timer does.
 FILL_FRACTION = 0.25
+#: Payload bytes drained but not yet taken by the mirror before the drain pauses.
+BACKLOG_BYTES = 256 << 20
 _ts = attrgetter("ts")
 TRANSPORTS = ("perf", "ringbuf")
 DECODERS = ("auto", "native", "python")
@@ -112,7 +116,7 @@ class EbpfSource:
     live = True
 
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
-                 buffer_mib: int = 8, wakeup_events: int = 64, poll_ms: int = 10,
+                 buffer_mib: int = 8,
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
                  decoder: str = "auto") -> None:
@@ -136,10 +140,19 @@ class EbpfSource:
         #: Bytes one ring holds (perf: per CPU, and one CPU may get all the traffic).
         self._ring_capacity = (self._ring_pages * page if transport == "ringbuf"
                                else ring_bytes(self._perf_pages))
-        self._wakeup = wakeup_events
-        self._poll_ms = poll_ms
+        # Bytes written to a ring (perf) or by one CPU (ring buffer) that wake the reader.
+        self._wakeup = int(self._ring_capacity * FILL_FRACTION) // (
+            self._cpus if transport == "ringbuf" else 1)
         self._attached: list[Attachment] = []
         self._held: list[Segment] = []
+        self._gap_max = 0.0  # longest time between the starts of two drains, seconds
+        self._cv = threading.Condition()
+        self._inbox: list[list[Segment]] = []  # drained, not yet taken by batches()
+        self._backlog = 0  # payload bytes in _inbox
+        self._drained_at = 0.0  # monotonic start of the latest drain in _inbox
+        self._drainer: threading.Thread | None = None
+        self._stop_drain = False
+        self._drain_error: BaseException | None = None
         self._closed = False
         self._final_stats: dict[str, int] = {}
         self._ring: RingBufReader | PerfReader | None = None
@@ -171,7 +184,7 @@ class EbpfSource:
             cflags.append("-DMIRROR_REQUESTS_ONLY")
         if self.transport == "ringbuf":
             cflags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self._ring_pages}",
-                       f"-DMIRROR_WAKEUP_EVENTS={self._wakeup}"]
+                       f"-DMIRROR_WAKEUP_BYTES={self._wakeup}"]
         try:
             bpf = BPF(src_file=str(BPF_DIR / "mirror.bpf.c").encode(), cflags=cflags)
         except Exception as e:
@@ -225,36 +238,80 @@ class EbpfSource:
         and segments from the last ``REORDER_WINDOW`` seconds are held for the next drain, in
         case another CPU was still writing older ones.
 
-        Drains are up to ``BATCH_INTERVAL`` apart: every per-batch cost downstream (sorting,
-        one send per flow, waking the forward and writer threads, the shadow's reads) is then
-        paid once per few thousand events, and a direction's packets of a batch are one
-        Segment. The gap shrinks with the rate the last drain saw, so that at that rate one
-        ring would be at most ``FILL_FRACTION`` full by the next: bulk traffic does not wait.
-        """
-        poll, consume = self._poll_consume()
-        capacity = self._ring_capacity
-        last = before = time.monotonic()
-        interval = 0.0
-        while not self._closed:
-            wait = last + interval - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            started = time.monotonic()
-            got = poll(self._poll_ms)
-            got += consume()  # what batched wakeups have not announced yet
-            last = time.monotonic()
-            rate = got / max(last - before, 1e-3)  # bytes/s since the previous drain began
-            before = started
-            interval = min(BATCH_INTERVAL, FILL_FRACTION * capacity / rate) if got else (
-                BATCH_INTERVAL)
-            yield self._release(started + self._clock - REORDER_WINDOW)
+        The rings are drained by a thread of their own (``ring-drain``), so that the time
+        the mirror spends on a batch is not time the kernel has to hold the bytes: the
+        decoder's copying runs in C without the GIL, and the drained segments wait in user
+        space (up to ``BACKLOG_BYTES``; past that the drain pauses and the kernel's drops are
+        counted) until this generator takes them.
 
-    def _poll_consume(self) -> tuple[Callable[[int], int], Callable[[], int]]:
-        assert self._ring is not None
-        return self._ring.poll, self._ring.consume
+        Drains begin ``BATCH_INTERVAL`` apart: every per-batch cost downstream (sorting, one
+        send per flow, waking the forward and writer threads, the shadow's reads) is then paid
+        once per few thousand events, and a direction's packets of a batch are one Segment.
+        The kernel wakes the drain sooner when a ring is ``FILL_FRACTION`` full (perf's
+        watermark; the ring buffer program forces a wakeup), so a burst does not wait for the
+        timer. Yields at least every ``BATCH_INTERVAL`` or so, an empty list when idle.
+        """
+        if self._drainer is None:
+            self._drainer = threading.Thread(target=self._drain_loop, name="ring-drain",
+                                             daemon=True)
+            self._drainer.start()
+        cv = self._cv
+        while not self._closed:
+            with cv:
+                if not self._inbox and self._drain_error is None:
+                    cv.wait(2 * BATCH_INTERVAL)
+                inbox, self._inbox = self._inbox, []
+                self._backlog = 0
+                drained_at = self._drained_at
+                cv.notify_all()  # a paused drain may go on
+            if self._drain_error is not None:
+                raise self._drain_error
+            for segs in inbox:
+                self._held += segs
+            yield self._release(drained_at + self._clock - REORDER_WINDOW)
+
+    def _drain_loop(self) -> None:
+        """The ``ring-drain`` thread: consume the rings, hand the segments to batches()."""
+        ring, cv = self._ring, self._cv
+        assert ring is not None
+        last = time.monotonic()
+        try:
+            while not self._stop_drain:
+                wait = last + BATCH_INTERVAL - time.monotonic()
+                if wait > 0:
+                    ring.wait(wait)
+                with cv:
+                    while self._backlog > BACKLOG_BYTES and not self._stop_drain:
+                        cv.wait(BATCH_INTERVAL)
+                    if self._stop_drain:
+                        break
+                started = time.monotonic()
+                self._gap_max = max(self._gap_max, started - last)
+                last = started
+                ring.consume()
+                segs = self._decoder.take()
+                size = sum(len(seg.payload) for seg in segs)
+                with cv:
+                    self._inbox.append(segs)
+                    self._backlog += size
+                    self._drained_at = started
+                    cv.notify_all()
+        except BaseException as e:  # handed to the mirror thread by batches()
+            with cv:
+                self._drain_error = e
+                cv.notify_all()
+
+    def _stop_drainer(self) -> None:
+        if self._drainer is None:
+            return
+        with self._cv:
+            self._stop_drain = True
+            self._cv.notify_all()
+        self._drainer.join()
+        self._drainer = None
 
     def _release(self, cutoff: float) -> list[Segment]:
-        pending = self._held + self._decoder.take()
+        pending = self._held
         pending.sort(key=_ts)
         i = bisect.bisect_right(pending, cutoff, key=_ts)
         self._held = pending[i:]
@@ -262,7 +319,14 @@ class EbpfSource:
 
     def drain(self) -> list[Segment]:
         """Everything still in the rings or held back (for a clean stop)."""
-        self._poll_consume()[1]()
+        self._stop_drainer()
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        for segs in inbox:
+            self._held += segs
+        if self._ring is not None:
+            self._ring.consume()
+            self._held += self._decoder.take()
         return self._release(float("inf"))
 
     def stats(self) -> dict[str, int]:
@@ -270,7 +334,10 @@ class EbpfSource:
             return self._final_stats
         d = self._decoder
         out = {"events": d.events, "coalesced": d.coalesced,
-               "perf_lost_samples": d.lost_samples, "filtered": d.filtered}
+               "perf_lost_samples": d.lost_samples, "filtered": d.filtered,
+               "ring_bytes": self._ring_capacity,
+               "ring_peak_bytes": self._ring.peak_bytes if self._ring is not None else 0,
+               "drain_gap_max_ms": round(self._gap_max * 1000)}
         try:
             table = self._bpf[b"counters"]  # type: ignore[index]
             for i, name in enumerate(_COUNTERS):
@@ -292,6 +359,7 @@ class EbpfSource:
             return
         self._final_stats = self.stats()
         self._closed = True
+        self._stop_drainer()
         self._detach()
         if self._ring is not None:
             self._ring.close()

@@ -35,6 +35,7 @@ PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_BPF_OUTPUT = 10
 PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_ATTR_WATERMARK = 1 << 14  # wakeup_watermark (bytes) instead of wakeup_events
 PERF_EVENT_IOC_ENABLE = 0x2400
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9
@@ -114,18 +115,20 @@ class PerfReader:
     ``install(cpu, fd)`` puts a ring's event fd into the BPF map (the caller owns the map);
     ``consume`` decodes a ring's new records (:func:`consume_ring` with a decoder's callbacks,
     or the native decoder); ``released()``, if given, runs after each ring's space is handed
-    back, for work that need not hold the ring. The kernel wakes a poller every
-    ``wakeup_events`` samples; :meth:`consume` reads what is there regardless. Not
-    thread-safe.
+    back, for work that need not hold the ring. The kernel wakes :meth:`wait` each time a ring
+    has taken ``wakeup_bytes`` more (perf's watermark); :meth:`consume` reads what is there
+    regardless. Not thread-safe.
     """
 
-    def __init__(self, pages: int, wakeup_events: int, install: Callable[[int, int], None],
+    def __init__(self, pages: int, wakeup_bytes: int, install: Callable[[int, int], None],
                  consume: Consume, released: Callable[[], None] | None = None,
                  cpus: list[int] | None = None) -> None:
         self._pages = ring_bytes(pages) // mmap.PAGESIZE
-        self._wakeup = max(1, wakeup_events)
+        self._wakeup = max(1, wakeup_bytes)
         self._consume = consume
         self._released = released
+        #: The most bytes any one ring held when read: how close it came to dropping.
+        self.peak_bytes = 0
         self._rings: list[_Ring] = []
         self._poller = select.epoll()
         libc = ctypes.CDLL(None, use_errno=True)
@@ -147,9 +150,9 @@ class PerfReader:
             raise OSError(errno.ENOSYS, f"perf_event_open: unknown syscall on "
                           f"{platform.machine()}")
         attr = ctypes.create_string_buffer(_ATTR_SIZE)
-        struct.pack_into("<IIQQQ", attr, 0, PERF_TYPE_SOFTWARE, _ATTR_SIZE,
-                         PERF_COUNT_SW_BPF_OUTPUT, 1, PERF_SAMPLE_RAW)
-        _U32.pack_into(attr, 48, self._wakeup)  # wakeup_events
+        struct.pack_into("<IIQQQQQI", attr, 0, PERF_TYPE_SOFTWARE, _ATTR_SIZE,
+                         PERF_COUNT_SW_BPF_OUTPUT, 1, PERF_SAMPLE_RAW, 0,
+                         PERF_ATTR_WATERMARK, self._wakeup)  # ..., read_format, flags, watermark
         fd = self._syscall(ctypes.c_long(nr), attr, ctypes.c_long(-1), ctypes.c_long(cpu),
                            ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))
         if fd < 0:
@@ -165,12 +168,9 @@ class PerfReader:
             raise
         return _Ring(cpu, fd, ring, size)
 
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for a wakeup unless data is waiting; then consume."""
-        if not any(_U64.unpack_from(r.map, _HEAD)[0] != _U64.unpack_from(r.map, _TAIL)[0]
-                   for r in self._rings):
-            self._poller.poll(timeout_ms / 1000)
-        return self.consume()
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, less if a ring reaches its wakeup watermark."""
+        self._poller.poll(timeout)
 
     def consume(self) -> int:
         """Read every ring up to its current head and release the space; returns bytes read."""
@@ -181,6 +181,8 @@ class PerfReader:
             tail = _U64.unpack_from(r.map, _TAIL)[0]
             if head == tail:
                 continue
+            if head - tail > self.peak_bytes:
+                self.peak_bytes = head - tail
             new = self._consume(r.map, page, r.size, tail, head)
             _U64.pack_into(r.map, _TAIL, new)
             if self._released is not None:

@@ -46,17 +46,14 @@ class RingBufReader:
         self._view = memoryview(self._prod)
         self._data_off = page
         self._on_record = on_record
+        #: The most bytes the ring held when read: how close it came to dropping.
+        self.peak_bytes = 0
         self._poller = select.epoll()
         self._poller.register(map_fd, select.EPOLLIN)
 
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to ``timeout_ms`` for a wakeup, then consume; returns bytes read."""
-        if not self._pending():
-            self._poller.poll(timeout_ms / 1000)
-        return self.consume()
-
-    def _pending(self) -> bool:
-        return bool(_U64.unpack_from(self._prod, 0)[0] != _U64.unpack_from(self._cons, 0)[0])
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, less if the BPF program forces a wakeup."""
+        self._poller.poll(timeout)
 
     def consume(self) -> int:
         """Hand every complete record to ``on_record`` and release the space; returns bytes."""
@@ -64,6 +61,8 @@ class RingBufReader:
         mask, base, cb = self._mask, self._data_off, self._on_record
         start = cons = _U64.unpack_from(self._cons, 0)[0]
         prod = _U64.unpack_from(prod_map, 0)[0]
+        if prod - start > self.peak_bytes:
+            self.peak_bytes = prod - start
         u32 = _U32.unpack_from
         while cons < prod:
             off = base + (cons & mask)
