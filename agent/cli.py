@@ -155,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="perf records to segments: native (C, built with cc on first use; "
                           "make setup builds it), python, or auto (default: native if it can "
                           "be built, else python with a warning)")
-    run.add_argument("--buffer-mib", type=int, default=8, metavar="MIB",
-                     help="kernel buffer per CPU (default: 8 MiB; the ring buffer gets this "
-                          "times the CPU count; afpacket: the socket's receive buffer x8). "
-                          "It is drained every 20 ms, or sooner once a quarter full")
+    run.add_argument("--buffer-mib", type=int, default=None, metavar="MIB",
+                     help="kernel buffer per CPU (default: 16 MiB, less with more than 8 "
+                          "CPUs so all stay near 128 MiB, at least 4; the ring buffer gets "
+                          "this times the CPU count; afpacket: the socket's receive buffer, "
+                          "x8, default 64 MiB). It is drained every 20 ms, or sooner once a "
+                          "quarter full")
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
@@ -302,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.capture.attach import resolve_ifaces
     from agent.capture.ebpf import check_environment
 
-    if args.buffer_mib < 1:
+    if args.buffer_mib is not None and args.buffer_mib < 1:
         raise UsageError("--buffer-mib must be >= 1")
     check_environment(ebpf=args.engine != "afpacket")
     ifaces = resolve_ifaces(args.iface)
@@ -313,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             from agent.capture.afpacket import AfPacketSource
 
             src: PacketSource = AfPacketSource(ifaces, args.port, args.filter,
-                                               rcvbuf_mib=args.buffer_mib * 8)
+                                               rcvbuf_mib=(args.buffer_mib or 8) * 8)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      target=args.target or None, record=args.record)
             return src
@@ -328,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
                 segment_filter=seg_filter, transport=args.transport,
                 requests_only=not needs_responses(args), decoder=args.decoder)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
-                     transport=args.transport, decoder=src.decoder,
+                     transport=args.transport, decoder=src.decoder, buffer_mib=src.buffer_mib,
                      target=args.target or None, record=args.record)
             return src
 

@@ -28,11 +28,12 @@ from agent.capture import SourceError
 from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
 from agent.capture.events import EventDecoder
 from agent.capture.native import NativeDecoder, NativeUnavailable
-from agent.capture.perfbuf import PerfReader, ring_bytes
+from agent.capture.perfbuf import PerfReader, online_cpus, ring_bytes
 from agent.capture.ringbuf import RingBufReader
 from agent.model import Segment
 
-__all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment"]
+__all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment",
+           "default_buffer_mib"]
 
 log = structlog.get_logger("agent.ebpf")
 
@@ -51,6 +52,13 @@ BACKLOG_BYTES = 256 << 20
 _ts = attrgetter("ts")
 TRANSPORTS = ("perf", "ringbuf")
 DECODERS = ("auto", "native", "python")
+
+
+def default_buffer_mib(cpus: int) -> int:
+    """MiB of kernel buffer per CPU when not given: 16, less on hosts with many CPUs (where
+    traffic spreads over more rings) so that all rings together stay near 128 MiB, never
+    under 4 MiB per CPU."""
+    return max(4, min(16, 128 // max(1, cpus)))
 
 
 def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules")) -> None:
@@ -116,7 +124,7 @@ class EbpfSource:
     live = True
 
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
-                 buffer_mib: int = 8,
+                 buffer_mib: int | None = None,
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
                  decoder: str = "auto") -> None:
@@ -133,6 +141,9 @@ class EbpfSource:
         self.requests_only = requests_only
         self._cpus = _possible_cpus()
         page = os.sysconf("SC_PAGE_SIZE")
+        if buffer_mib is None:
+            buffer_mib = default_buffer_mib(len(online_cpus()))
+        self.buffer_mib = buffer_mib
         self._perf_pages = max(1, buffer_mib * 1024 * 1024 // page)
         # The ring buffer is shared: as much as all per-CPU perf buffers, a power of two.
         ring = buffer_mib * 1024 * 1024 * self._cpus // page

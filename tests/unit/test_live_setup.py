@@ -11,7 +11,7 @@ import pytest
 
 from agent.capture import SourceError
 from agent.capture.afpacket import capture_expression
-from agent.capture.ebpf import check_environment
+from agent.capture.ebpf import check_environment, default_buffer_mib
 from agent.filter import BpfFilter, synthesize_frame
 from agent.model import ACK, FIN, PSH, RST, SYN
 
@@ -61,3 +61,8 @@ def test_afpacket_needs_neither_bcc_nor_headers(monkeypatch: pytest.MonkeyPatch)
         pytest.skip("the capability check comes first for non-root")
     monkeypatch.setitem(sys.modules, "bcc", None)
     check_environment(ebpf=False, modules=Path("/nonexistent"))
+
+
+def test_default_kernel_buffer_shrinks_per_cpu_on_big_hosts() -> None:
+    assert [default_buffer_mib(n) for n in (1, 2, 8, 16, 32, 64, 256)] == [16, 16, 16, 8, 4,
+                                                                            4, 4]
