@@ -29,7 +29,7 @@ BPF_HASH(ports, u16, u8, MAX_PORTS);           /* observed ports, host order; up
 /* One ring shared by all CPUs (kernel >= 5.8); size in pages, a power of two. */
 BPF_RINGBUF_OUTPUT(events, MIRROR_RINGBUF_PAGES);
 #ifndef MIRROR_WAKEUP_BYTES
-#define MIRROR_WAKEUP_BYTES (MIRROR_RINGBUF_PAGES * 4096 / 4 / MAX_CPUS)
+#error "MIRROR_WAKEUP_BYTES (bytes per CPU between forced wakeups) comes from ebpf.py"
 #endif
 BPF_PERCPU_ARRAY(since_wakeup, u64, 1); /* bytes this CPU submitted since it last woke the reader */
 #else

@@ -230,10 +230,8 @@ class EbpfSource:
                 def install(cpu: int, fd: int) -> None:
                     events[events.Key(cpu)] = events.Leaf(fd)
 
-                dec = self._decoder
                 self._ring = PerfReader(self._perf_pages, self._wakeup, install,
-                                        dec.consume_perf,
-                                        dec.released if isinstance(dec, NativeDecoder) else None)
+                                        self._decoder.consume_perf)
         except BaseException:
             self._detach()
             raise
@@ -271,14 +269,10 @@ class EbpfSource:
             with cv:
                 if not self._inbox and self._drain_error is None:
                     cv.wait(2 * BATCH_INTERVAL)
-                inbox, self._inbox = self._inbox, []
-                self._backlog = 0
                 drained_at = self._drained_at
-                cv.notify_all()  # a paused drain may go on
             if self._drain_error is not None:
                 raise self._drain_error
-            for segs in inbox:
-                self._held += segs
+            self._take_inbox()
             yield self._release(drained_at + self._clock - REORDER_WINDOW)
 
     def _drain_loop(self) -> None:
@@ -312,6 +306,15 @@ class EbpfSource:
                 self._drain_error = e
                 cv.notify_all()
 
+    def _take_inbox(self) -> None:
+        """Move what the drain thread handed over to the held segments (and unpause it)."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            self._backlog = 0
+            self._cv.notify_all()
+        for segs in inbox:
+            self._held += segs
+
     def _stop_drainer(self) -> None:
         if self._drainer is None:
             return
@@ -331,10 +334,7 @@ class EbpfSource:
     def drain(self) -> list[Segment]:
         """Everything still in the rings or held back (for a clean stop)."""
         self._stop_drainer()
-        with self._cv:
-            inbox, self._inbox = self._inbox, []
-        for segs in inbox:
-            self._held += segs
+        self._take_inbox()
         if self._ring is not None:
             self._ring.consume()
             self._held += self._decoder.take()

@@ -99,9 +99,8 @@ class NativeDecoder:
     """Decodes perf rings with ``perf_decode.c``; the interface of EventDecoder for a ring.
 
     :meth:`consume_perf` is a PerfReader ``consume`` function: it decodes one ring's records
-    between ``tail`` and ``head`` into its buffer and returns the new tail; :meth:`released`
-    (PerfReader calls it once the tail is written) makes Segments of them. :meth:`take`
-    returns the Segments so far, like ``EventDecoder.take``. ``out_size`` must be at least
+    between ``tail`` and ``head`` and returns the new tail. :meth:`take` returns the Segments
+    so far, like ``EventDecoder.take``. ``out_size`` must be at least
     the largest ring's data size. Raises NativeUnavailable if the library cannot be had.
     """
 
@@ -115,7 +114,6 @@ class NativeDecoder:
         self._view = memoryview(self._out).cast("B")
         self._stats = _Stats()
         self._segments: list[Segment] = []
-        self._used = 0  # bytes of runs in the out buffer not yet made into Segments
         self.filtered = 0
 
     @property
@@ -138,14 +136,8 @@ class NativeDecoder:
                         self._out_addr, ctypes.byref(self._stats))
         if used < 0:
             raise MemoryError("native decoder: out of memory")
-        self._used = used
+        self._runs(used)
         return pos.value
-
-    def released(self) -> None:
-        """The ring's space is back with the kernel: now make Segments of what was decoded."""
-        used, self._used = self._used, 0
-        if used:
-            self._runs(used)
 
     def _runs(self, used: int) -> None:
         view, unpack, clock, keep = self._view, RUN.unpack_from, self._clock, self._filter
@@ -166,7 +158,6 @@ class NativeDecoder:
             out.append(seg)
 
     def take(self) -> list[Segment]:
-        self.released()
         out, self._segments = self._segments, []
         return out
 

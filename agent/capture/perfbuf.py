@@ -114,19 +114,16 @@ class PerfReader:
 
     ``install(cpu, fd)`` puts a ring's event fd into the BPF map (the caller owns the map);
     ``consume`` decodes a ring's new records (:func:`consume_ring` with a decoder's callbacks,
-    or the native decoder); ``released()``, if given, runs after each ring's space is handed
-    back, for work that need not hold the ring. The kernel wakes :meth:`wait` each time a ring
+    or the native decoder). The kernel wakes :meth:`wait` each time a ring
     has taken ``wakeup_bytes`` more (perf's watermark); :meth:`consume` reads what is there
     regardless. Not thread-safe.
     """
 
     def __init__(self, pages: int, wakeup_bytes: int, install: Callable[[int, int], None],
-                 consume: Consume, released: Callable[[], None] | None = None,
-                 cpus: list[int] | None = None) -> None:
+                 consume: Consume, cpus: list[int] | None = None) -> None:
         self._pages = ring_bytes(pages) // mmap.PAGESIZE
         self._wakeup = max(1, wakeup_bytes)
         self._consume = consume
-        self._released = released
         #: The most bytes any one ring held when read: how close it came to dropping.
         self.peak_bytes = 0
         self._rings: list[_Ring] = []
@@ -185,8 +182,6 @@ class PerfReader:
                 self.peak_bytes = head - tail
             new = self._consume(r.map, page, r.size, tail, head)
             _U64.pack_into(r.map, _TAIL, new)
-            if self._released is not None:
-                self._released()
             total += new - tail
         return total
 
