@@ -3,7 +3,7 @@ PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
 .PHONY: help setup demo test unit integration lint bench bench-offline bench-http bench-bulk \
-	bench-memory clean
+	bench-memory bench-idle clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
@@ -32,7 +32,7 @@ lint: setup
 	$(PY) -m mypy
 
 # Each benchmark is one command; `make bench` runs them all (about 15 minutes, root).
-bench: bench-offline bench-http bench-bulk bench-memory
+bench: bench-offline bench-http bench-bulk bench-memory bench-idle
 
 bench-offline: setup
 	$(PY) bench/offline_replay.py
@@ -45,6 +45,9 @@ bench-bulk: setup
 
 bench-memory: setup
 	$(PY) bench/scale_memory.py
+
+bench-idle: setup
+	$(PY) bench/idle_rss.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache bench/out

@@ -2,7 +2,9 @@
  * (payload, SYN, FIN, RST) and push their payload to user space through a perf buffer (or, with
  * MIRROR_RINGBUF, the BPF ring buffer).
  * Entry points only; parsing is in parse.h, the record in mirror_event.h.
- * Never changes traffic: TC returns TC_ACT_OK, XDP returns XDP_PASS, whatever happens. */
+ * Never changes traffic and never ends another program's hook: TC returns "next" (TCX_NEXT ==
+ * TC_ACT_UNSPEC == -1, so the programs and filters after it still run), XDP returns XDP_PASS,
+ * whatever happens. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
@@ -18,6 +20,14 @@
 /* 4 pieces of 32 KiB cover the largest GSO/GRO packet (64 KiB) with room to spare; bytes of
  * a larger (BIG TCP) packet past 128 KiB are reported as lost, so user space sees a gap. */
 #define MAX_PIECES 4
+/* Shadow connections are bound to local ports in this range (agent/sinks/forward.py), so a
+ * packet with either port in it is an agent's own forwarded traffic (this agent's or one on
+ * another host): never captured, or the mirror would feed itself. */
+#if !defined(MIRROR_OWN_PORT_LO) || !defined(MIRROR_OWN_PORT_HI)
+#error "MIRROR_OWN_PORT_LO/HI (the forward source port range) come from ebpf.py"
+#endif
+/* TCX_NEXT and TC_ACT_UNSPEC are both -1; the 6.1 UAPI headers here predate TCX_NEXT. */
+#define MIRROR_TC_NEXT -1
 
 struct scratch {
 	struct mirror_event ev;
@@ -128,6 +138,11 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 		count(MC_NOT_OUR_PORT, 1);
 		return;
 	}
+	if ((sport >= MIRROR_OWN_PORT_LO && sport <= MIRROR_OWN_PORT_HI) ||
+	    (dport >= MIRROR_OWN_PORT_LO && dport <= MIRROR_OWN_PORT_HI)) {
+		count(MC_OWN_FORWARD, 1);
+		return;
+	}
 	/* A pure ACK tells user space nothing it needs: skip it here, where it is cheapest. */
 	if (p.payload_len == 0 && !(p.flags & 0x07)) {
 		count(MC_PURE_ACK, 1);
@@ -215,13 +230,13 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 int mirror_tc_ingress(struct __sk_buff *skb)
 {
 	handle(skb, skb->len, skb->ifindex, MIRROR_HOOK_TC_INGRESS, 0);
-	return TC_ACT_OK;
+	return MIRROR_TC_NEXT;
 }
 
 int mirror_tc_egress(struct __sk_buff *skb)
 {
 	handle(skb, skb->len, skb->ifindex, MIRROR_HOOK_TC_EGRESS, 0);
-	return TC_ACT_OK;
+	return MIRROR_TC_NEXT;
 }
 
 int mirror_xdp(struct xdp_md *xdp)

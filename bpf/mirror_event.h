@@ -46,6 +46,7 @@ enum mirror_counter {
 	MC_LOST_BYTES,     /* payload bytes that could not be submitted */
 	MC_ELIDED,         /* service->client packets whose payload nobody consumes: skipped */
 	MC_ELIDED_BYTES,
+	MC_OWN_FORWARD,    /* a port in the forward source range: an agent's own shadow traffic */
 	MC_MAX,
 };
 

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# systemd: `systemd-analyze verify` checks deploy/mirror-agent.service in the tests.
 APT_PKGS=(python3-venv python3-bpfcc libbpfcc linux-headers-amd64 iproute2 libpcap0.8 gcc
-          libc6-dev tcpdump tshark nginx-light curl iperf3 wrk tcpflow)
+          libc6-dev tcpdump tshark nginx-light curl iperf3 wrk tcpflow systemd)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

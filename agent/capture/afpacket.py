@@ -44,8 +44,11 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def capture_expression(ports: list[int], user_filter: str | None = None) -> str:
-    """The tcpdump expression the kernel runs: our ports, minus pure ACKs, and ``user_filter``.
+def capture_expression(ports: list[int], user_filter: str | None = None,
+                       own_ports: tuple[int, int] | None = None) -> str:
+    """The tcpdump expression the kernel runs: our ports, minus pure ACKs, minus the agent's
+    own forwarded connections (a port in ``own_ports``, the forward sink's source ports), and
+    ``user_filter``.
 
     A pure ACK (no payload, no SYN/FIN/RST) tells the reassembler nothing, so it is dropped in
     the kernel, as the eBPF program does.
@@ -58,6 +61,8 @@ def capture_expression(ports: list[int], user_filter: str | None = None) -> str:
                " or (ip6 and (ip6[6] != 6 or ip6[53] & 0x07 != 0"
                " or ip6[4:2] - ((ip6[52] & 0xf0) >> 2) != 0))")
     expr = f"({port_expr}) and ({carries})"
+    if own_ports is not None:
+        expr += f" and not tcp portrange {own_ports[0]}-{own_ports[1]}"
     if user_filter:
         expr += f" and ({user_filter})"
     return expr
@@ -74,12 +79,13 @@ class AfPacketSource:
     live = True
 
     def __init__(self, ifaces: list[str], ports: list[int], user_filter: str | None = None,
-                 rcvbuf_mib: int = 64, poll_ms: int = 10) -> None:
+                 rcvbuf_mib: int = 64, poll_ms: int = 10,
+                 own_ports: tuple[int, int] | None = None) -> None:
         self.ifaces = ifaces
         self.ports = ports
         try:
-            self._bpf = BpfFilter(capture_expression(ports, user_filter), LINKTYPE_ETHERNET,
-                                  _FRAME_BUF)
+            self._bpf = BpfFilter(capture_expression(ports, user_filter, own_ports),
+                                  LINKTYPE_ETHERNET, _FRAME_BUF)
         except FilterError as e:
             raise SourceError(str(e)) from None
         self._poll_ms = poll_ms

@@ -14,7 +14,7 @@ Losses (perf lost records, kernel counters) reach :meth:`stats`.
 from __future__ import annotations
 
 import bisect
-import ctypes
+import importlib.util
 import os
 import threading
 import time
@@ -24,11 +24,13 @@ from pathlib import Path
 
 import structlog
 
-from agent.capture import SourceError
-from agent.capture.attach import Attachment, TcAttachment, XdpAttachment
+from agent.capture import SourceError, privileges
+from agent.capture.attach import Attachment, XdpAttachment, attach_tc
+from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError
 from agent.capture.events import EventDecoder
+from agent.capture.loader import LoadedProgram, LoadError, load
 from agent.capture.native import NativeDecoder, NativeUnavailable
-from agent.capture.perfbuf import PerfReader, online_cpus, ring_bytes
+from agent.capture.perfbuf import PerfReader, online_cpus, possible_cpus, ring_bytes
 from agent.capture.ringbuf import RingBufReader
 from agent.model import Segment
 
@@ -40,7 +42,7 @@ log = structlog.get_logger("agent.ebpf")
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 _COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_port",
              "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes",
-             "elided", "elided_bytes")
+             "elided", "elided_bytes", "own_forward")
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
 #: Seconds between drains at least (see :meth:`EbpfSource.batches`).
@@ -61,26 +63,26 @@ def default_buffer_mib(cpus: int) -> int:
     return max(4, min(16, 128 // max(1, cpus)))
 
 
-def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules")) -> None:
+def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules"), *,
+                      buffer_mib: int | None = None, transport: str = "perf") -> None:
     """Start-up checks with the exact fix; raises SourceError (exit 2) when one fails.
 
-    ``ebpf=False`` checks only what the AF_PACKET engine needs (root or CAP_NET_RAW).
+    In order: the ``buffer_mib`` range (None: the default), capabilities (whatever the uid),
+    locked memory for ``transport``'s rings, bcc, kernel headers (``privileges.py``).
+    ``ebpf=False`` checks only what the AF_PACKET engine needs.
     """
-    if os.geteuid() != 0:
-        caps = _effective_caps()
-        need = ({"CAP_BPF": 39, "CAP_NET_ADMIN": 12, "CAP_PERFMON": 38} if ebpf
-                else {"CAP_NET_RAW": 13})
-        missing = [n for n, bit in need.items() if not caps >> bit & 1]
-        if missing:
-            raise SourceError(f"live capture needs root or {', '.join(missing)}; run as root "
-                              "or grant them (e.g. setcap, or the DaemonSet's securityContext)")
+    host = privileges.Host.read()
+    mib = default_buffer_mib(host.cpus) if buffer_mib is None else buffer_mib
+    if ebpf or buffer_mib is not None:
+        privileges.check_buffer_mib(host, mib, ebpf, transport, default=buffer_mib is None)
+    privileges.check_capabilities(host, ebpf)
     if not ebpf:
         return
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    privileges.check_memlock(host, mib, transport)
+    # Found, not imported: importing bcc maps LLVM into this process for good (loader.py).
+    if importlib.util.find_spec("bcc") is None:
         raise SourceError("bcc is not importable: apt-get install python3-bpfcc and use a venv "
-                          "made with --system-site-packages (make setup does both)") from None
+                          "made with --system-site-packages (make setup does both)")
     build = modules / os.uname().release / "build"
     if not (build / "include").exists():
         raise SourceError(
@@ -88,25 +90,6 @@ def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules")) -
             f"ln -sfn /usr/src/linux-headers-<ver>-amd64 {build} and "
             f"ln -sfn /usr/src/linux-headers-<ver>-common {build.parent}/source "
             "(make setup does this)")
-
-
-def _possible_cpus() -> int:
-    """Highest possible CPU id + 1: the size per-CPU structures need."""
-    try:
-        from bcc.utils import get_possible_cpus
-        return int(max(get_possible_cpus())) + 1
-    except Exception:  # bcc without the helper: cpu_count is a safe upper bound here
-        return os.cpu_count() or 1
-
-
-def _effective_caps() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
 
 
 class EbpfSource:
@@ -127,7 +110,8 @@ class EbpfSource:
                  buffer_mib: int | None = None,
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
-                 decoder: str = "auto") -> None:
+                 decoder: str = "auto", own_ports: tuple[int, int] | None = None,
+                 tc_mode: str = "auto") -> None:
         if engine not in ("tc", "xdp"):
             raise SourceError(f"unknown engine {engine!r}")
         if transport not in TRANSPORTS:
@@ -139,18 +123,20 @@ class EbpfSource:
         self.engine = engine
         self.transport = transport
         self.requests_only = requests_only
-        self._cpus = _possible_cpus()
+        #: Packets with a port in this range are never captured (the forward sink's source
+        #: ports: the agent's own shadow connections). ``(1, 0)``, an empty range, for None.
+        self.own_ports = own_ports or (1, 0)
+        self._cpus = possible_cpus()
         page = os.sysconf("SC_PAGE_SIZE")
         if buffer_mib is None:
             buffer_mib = default_buffer_mib(len(online_cpus()))
         self.buffer_mib = buffer_mib
-        self._perf_pages = max(1, buffer_mib * 1024 * 1024 // page)
+        self._perf_pages = privileges.perf_ring_size(buffer_mib) // page
         # The ring buffer is shared: as much as all per-CPU perf buffers, a power of two.
-        ring = buffer_mib * 1024 * 1024 * self._cpus // page
-        self._ring_pages = 1 << max(0, ring - 1).bit_length()
+        self._ring_pages = privileges.ringbuf_size(buffer_mib, self._cpus) // page
         #: Bytes one ring holds (perf: per CPU, and one CPU may get all the traffic).
-        self._ring_capacity = (self._ring_pages * page if transport == "ringbuf"
-                               else ring_bytes(self._perf_pages))
+        self._ring_capacity = (self._ring_pages if transport == "ringbuf"
+                               else self._perf_pages) * page
         # Bytes written to a ring (perf) or by one CPU (ring buffer) that wake the reader.
         self._wakeup = int(self._ring_capacity * FILL_FRACTION) // (
             self._cpus if transport == "ringbuf" else 1)
@@ -166,10 +152,11 @@ class EbpfSource:
         self._drain_error: BaseException | None = None
         self._closed = False
         self._final_stats: dict[str, int] = {}
+        self._counter_error = False
         self._ring: RingBufReader | PerfReader | None = None
         self._clock = time.time() - time.monotonic()  # ktime (CLOCK_MONOTONIC) → epoch
         self._decoder = self._make_decoder(decoder, segment_filter)
-        self._bpf = self._load()
+        self._prog = self._load(tc_mode)
 
     def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
                       ) -> EventDecoder | NativeDecoder:
@@ -187,55 +174,66 @@ class EbpfSource:
         """``native`` or ``python``: the decoder in use."""
         return "native" if isinstance(self._decoder, NativeDecoder) else "python"
 
-    def _load(self) -> object:
-        from bcc import BPF
-
-        cflags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self._cpus}", "-Wno-macro-redefined"]
+    def _load(self, tc_mode: str) -> LoadedProgram:
+        """Compile and load in a child (``loader.py``: this process never holds LLVM), set
+        the ports, attach, and open the rings."""
+        lo, hi = self.own_ports
+        cflags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self._cpus}", "-Wno-macro-redefined",
+                  f"-DMIRROR_OWN_PORT_LO={lo}", f"-DMIRROR_OWN_PORT_HI={hi}"]
         if self.requests_only:
             cflags.append("-DMIRROR_REQUESTS_ONLY")
         if self.transport == "ringbuf":
             cflags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self._ring_pages}",
                        f"-DMIRROR_WAKEUP_BYTES={self._wakeup}"]
+        funcs = ([("mirror_tc_ingress", SCHED_CLS), ("mirror_tc_egress", SCHED_CLS)]
+                 if self.engine == "tc" else [("mirror_xdp", XDP)])
         try:
-            bpf = BPF(src_file=str(BPF_DIR / "mirror.bpf.c").encode(), cflags=cflags)
-        except Exception as e:
+            prog = load(BPF_DIR / "mirror.bpf.c", cflags, funcs,
+                        ["ports", "counters", "events"])
+        except LoadError as e:
             hint = (" (the BPF ring buffer needs kernel 5.8+; try --transport perf)"
                     if self.transport == "ringbuf" else "")
             raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}{hint}") from None
-        ports = bpf[b"ports"]
-        for p in self.ports:
-            ports[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
         try:
-            if self.engine == "tc":
-                ing = bpf.load_func(b"mirror_tc_ingress", BPF.SCHED_CLS)
-                eg = bpf.load_func(b"mirror_tc_egress", BPF.SCHED_CLS)
-                for name in self.ifaces:
-                    a = TcAttachment(name, ing.fd, eg.fd)
-                    self._attached.append(a)
-                    a.attach()
-            else:
-                fn = bpf.load_func(b"mirror_xdp", BPF.XDP)
-                for name in self.ifaces:
-                    x = XdpAttachment(name, fn.fd)
-                    self._attached.append(x)
-                    x.attach()
-            events = bpf[b"events"]
+            ports = prog.maps["ports"]
+            for p in self.ports:
+                ports.update(p.to_bytes(2, "little"), b"\x01")
+            self._attach(prog, tc_mode)
+            events = prog.maps["events"]
             if self.transport == "ringbuf":
                 assert isinstance(self._decoder, EventDecoder)
-                self._ring = RingBufReader(events.map_fd,
+                self._ring = RingBufReader(events.fd,
                                            self._ring_pages * os.sysconf("SC_PAGE_SIZE"),
                                            self._decoder.record)
             else:
 
                 def install(cpu: int, fd: int) -> None:
-                    events[events.Key(cpu)] = events.Leaf(fd)
+                    events.update(cpu.to_bytes(4, "little"), fd.to_bytes(4, "little"))
 
-                self._ring = PerfReader(self._perf_pages, self._wakeup, install,
-                                        self._decoder.consume_perf)
+                try:
+                    self._ring = PerfReader(self._perf_pages, self._wakeup, install,
+                                            self._decoder.consume_perf)
+                except PermissionError as e:  # the start-up check passed, the kernel did not
+                    raise SourceError(
+                        f"the kernel refused to lock the perf rings ({e.strerror}): grant "
+                        "CAP_IPC_LOCK, raise the memlock limit, or use a smaller --buffer-mib "
+                        "or --transport ringbuf") from None
         except BaseException:
             self._detach()
+            prog.close()
             raise
-        return bpf
+        return prog
+
+    def _attach(self, prog: LoadedProgram, tc_mode: str) -> None:
+        for name in self.ifaces:
+            if self.engine == "tc":
+                fn = prog.functions
+                self._attached.append(attach_tc(name, fn["mirror_tc_ingress"],
+                                                fn["mirror_tc_egress"], tc_mode))
+            else:
+                x = XdpAttachment(name, prog.functions["mirror_xdp"])
+                x.attach()
+                self._attached.append(x)
 
     # ---------------------------------------------------------------- source API
 
@@ -350,20 +348,25 @@ class EbpfSource:
                "ring_peak_bytes": self._ring.peak_bytes if self._ring is not None else 0,
                "drain_gap_max_ms": round(self._gap_max * 1000)}
         try:
-            table = self._bpf[b"counters"]  # type: ignore[index]
-            for i, name in enumerate(_COUNTERS):
-                out[f"kernel_{name}"] = sum(int(v) for v in table[ctypes.c_int(i)])
-        except Exception:  # after close the map is gone; keep what we have
-            pass
+            out.update(self._kernel_counters())
+        except BpfError as e:  # keep the rest; say (once) why these are missing
+            if not self._counter_error:
+                log.warning("cannot read the kernel counters", error=str(e))
+            self._counter_error = True
         return out
 
-    def set_ports(self, ports: list[int]) -> None:
-        """Change the observed ports without reloading the program."""
-        table = self._bpf[b"ports"]  # type: ignore[index]
-        table.clear()
-        for p in ports:
-            table[ctypes.c_uint16(p)] = ctypes.c_uint8(1)
-        self.ports = ports
+    def _kernel_counters(self) -> dict[str, int]:
+        """The program's per-CPU counters, summed over CPUs."""
+        counters = self._prog.maps["counters"]
+        if counters.max_entries != len(_COUNTERS):  # bpf/mirror_event.h and _COUNTERS differ
+            raise BpfError(0, f"{counters.max_entries} kernel counters, {len(_COUNTERS)} names")
+        out = {}
+        for i, name in enumerate(_COUNTERS):
+            raw = counters.lookup(i.to_bytes(4, "little"), self._cpus) or b""
+            # One u64 per possible CPU (per-CPU values are 8-byte aligned).
+            out[f"kernel_{name}"] = sum(int.from_bytes(raw[c:c + 8], "little")
+                                        for c in range(0, len(raw), 8))
+        return out
 
     def close(self) -> None:
         if self._closed:
@@ -374,6 +377,7 @@ class EbpfSource:
         self._detach()
         if self._ring is not None:
             self._ring.close()
+        self._prog.close()
 
     def _detach(self) -> None:
         for a in reversed(self._attached):

@@ -2,8 +2,9 @@
 
 ``perf_decode.c`` does what :class:`~agent.capture.events.EventDecoder` does, about twenty
 times faster: the Python decoder spends ~1.5 µs per record, the C one ~0.05 µs plus ~1 µs per
-coalesced run. It is compiled with the system C compiler (``cc``) into a cache directory named
-after the source's hash, so a changed source is rebuilt and a stale build is never loaded.
+coalesced run. It is compiled with the system C compiler (``cc``) into a cache directory
+(:func:`cache_dir`), named after the source's hash, so a changed source is rebuilt and a stale
+build is never loaded.
 ``make setup`` (and the container image) build it ahead of time; without a compiler the agent
 logs one warning and uses the Python decoder, which has the same contract.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from agent.model import Segment
 
-__all__ = ["NativeDecoder", "NativeUnavailable", "build", "load"]
+__all__ = ["NativeDecoder", "NativeUnavailable", "build", "cache_dir", "load"]
 
 SOURCE = Path(__file__).with_name("perf_decode.c")
 BPF_INCLUDE = Path(__file__).resolve().parents[2] / "bpf"
@@ -42,7 +43,17 @@ class _Stats(ctypes.Structure):
                 ("lost_samples", ctypes.c_uint64), ("runs", ctypes.c_uint64)]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where the library is built and looked for, the first that is set of:
+    ``$MIRROR_AGENT_CACHE_DIR`` (the container image builds there), ``$CACHE_DIRECTORY``
+    (systemd's ``CacheDirectory=``: its first entry; the unit's ``ProtectHome=yes`` hides
+    ``~``), ``$XDG_CACHE_HOME/mirror-agent``, ``~/.cache/mirror-agent``."""
+    own = os.environ.get("MIRROR_AGENT_CACHE_DIR")
+    if own:
+        return Path(own)
+    systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mirror-agent"
 
@@ -50,7 +61,7 @@ def _cache_dir() -> Path:
 def _target() -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update((BPF_INCLUDE / "mirror_event.h").read_bytes())
-    return _cache_dir() / f"perf_decode-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"perf_decode-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:

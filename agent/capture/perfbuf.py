@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PerfReader", "consume_ring", "online_cpus", "ring_bytes"]
+__all__ = ["PerfReader", "consume_ring", "online_cpus", "possible_cpus", "ring_bytes"]
 
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_BPF_OUTPUT = 10
@@ -59,6 +59,11 @@ def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int
         lo, _, hi = part.partition("-")
         cpus.extend(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def possible_cpus() -> int:
+    """Highest possible CPU id + 1: the size per-CPU structures (and map values) need."""
+    return max(online_cpus(Path("/sys/devices/system/cpu/possible"))) + 1
 
 
 def ring_bytes(pages: int) -> int:

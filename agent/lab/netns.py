@@ -172,15 +172,26 @@ class LiveAgent:
     Its stderr (JSON log lines and the summary) goes to ``workdir/agent.err``.
     """
 
-    def __init__(self, ns: NetNS, workdir: Path, *args: str, timeout: float = 60) -> None:
+    def __init__(self, ns: NetNS, workdir: Path, *args: str, timeout: float = 60,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """``wrap``: a command the agent runs under (e.g. ``unshare -p -f`` for a PID
+        namespace of its own); signals then go to its child, the agent."""
         self.err = workdir / "agent.err"
-        self.proc = ns.popen(*AGENT, *args, stderr=self.err.open("w"),
+        self.proc = ns.popen(*wrap, *AGENT, *args, stderr=self.err.open("w"),
                              stdout=subprocess.DEVNULL)
+        self._wrapped = bool(wrap)
         deadline = time.monotonic() + timeout
         while "capture live" not in self.err.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"agent did not start: {self.err.read_text()}")
             time.sleep(0.1)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the agent (not to a ``wrap`` command around it)."""
+        pid = self.proc.pid
+        if self._wrapped:
+            pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+        os.kill(pid, signum)
 
     def stop(self, settle: float = 0.5) -> str:
         """SIGTERM after ``settle`` seconds (for the last events to drain); returns the log.
@@ -188,7 +199,7 @@ class LiveAgent:
         Raises if the agent does not exit 0.
         """
         time.sleep(settle)
-        self.proc.send_signal(signal.SIGTERM)
+        self.signal(signal.SIGTERM)
         if self.proc.wait(60) != 0:
             raise RuntimeError(f"agent exited {self.proc.returncode}: {self.err.read_text()}")
         return self.err.read_text()

@@ -144,7 +144,8 @@ def test_several_interfaces(tmp_path: Path, iface_spec: str) -> None:
 
 
 def test_stale_filter_replaced_and_foreign_qdisc_kept(tmp_path: Path) -> None:
-    """A crashed run's filter is replaced; the user's own clsact and filters stay."""
+    """clsact filters (kernels without TCX): a crashed run's filter is replaced; the user's
+    own clsact and filters stay. (With TCX a crash leaves nothing: test_guest.py.)"""
     with NetNS() as server, NetNS() as client:
         server.veth_to(client, "10.32.0.1/24", "10.32.0.2/24")
         dev = server.veth
@@ -154,14 +155,15 @@ def test_stale_filter_replaced_and_foreign_qdisc_kept(tmp_path: Path) -> None:
                    "bpf", "bytecode", "1,6 0 0 0,")
         start_python_server(server, 8080, host="10.32.0.1")
         start_python_server(server, 18080, log=tmp_path / "shadow.log")
-        crashed = LiveAgent(server, tmp_path, "--iface", dev, "--port", "8080")
+        crashed = LiveAgent(server, tmp_path, "--iface", dev, "--port", "8080",
+                            "--tc-attach", "clsact")
         crashed.proc.send_signal(signal.SIGKILL)
         crashed.proc.wait(10)
         stale = server.run("tc", "filter", "show", "dev", dev, "ingress").stdout
         assert "mirror_agent" in stale  # a crash cannot clean up
 
         agent = LiveAgent(server, tmp_path, "--iface", dev, "--port", "8080",
-                          "--target", "127.0.0.1:18080")
+                          "--tc-attach", "clsact", "--target", "127.0.0.1:18080")
         ingress = server.run("tc", "filter", "show", "dev", dev, "ingress").stdout
         assert ingress.count("mirror_agent") == 1  # replaced, not added twice
         assert run_clients(client, "10.32.0.1", 8080, 2, 5) == 10

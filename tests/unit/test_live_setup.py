@@ -66,3 +66,15 @@ def test_afpacket_needs_neither_bcc_nor_headers(monkeypatch: pytest.MonkeyPatch)
 def test_default_kernel_buffer_shrinks_per_cpu_on_big_hosts() -> None:
     assert [default_buffer_mib(n) for n in (1, 2, 8, 16, 32, 64, 256)] == [16, 16, 16, 8, 4,
                                                                             4, 4]
+
+
+@pytest.mark.parametrize("addrs", [V4, V6], ids=["ipv4", "ipv6"])
+def test_afpacket_filter_skips_the_agents_own_forwarded_connections(
+        addrs: tuple[bytes, bytes]) -> None:
+    """Either port in the forward source range: a shadow connection, never captured."""
+    f = BpfFilter(capture_expression([8080], own_ports=(61000, 65535)))
+    src, dst = addrs
+    assert f.matches(synthesize_frame(src, dst, 60999, 8080, b"GET /"))
+    assert not f.matches(synthesize_frame(src, dst, 61000, 8080, b"GET /"))
+    assert not f.matches(synthesize_frame(dst, src, 8080, 65535, b"HTTP/1.1 200"))
+    assert not f.matches(synthesize_frame(src, dst, 61234, 8080, b"", flags=SYN))
