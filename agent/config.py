@@ -11,7 +11,23 @@ from agent.hooks import Hook
 from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
 
-__all__ = ["Dial", "ForwardConfig", "MirrorConfig", "WriteFunc", "parse_target"]
+__all__ = [
+    "FORWARD_SOURCE_PORTS",
+    "Dial",
+    "ForwardConfig",
+    "MirrorConfig",
+    "WriteFunc",
+    "check_port_range",
+    "parse_port_range",
+    "parse_target",
+]
+
+#: Local ports of the agent's own shadow connections. The capture programs drop every packet
+#: whose source or destination port is in this range, so the agent never captures its own
+#: forwarded traffic (nor another agent's, on this host or another). It lies above Linux's
+#: default ephemeral range (``net.ipv4.ip_local_port_range`` 32768-60999), so ordinary clients
+#: never get such a port and the service's own traffic is never hidden by it.
+FORWARD_SOURCE_PORTS: tuple[int, int] = (61000, 65535)
 
 #: A connect factory: ``dial("host:port") -> connected socket`` (blocking; run off-thread).
 Dial = Callable[[str], socket.socket]
@@ -27,6 +43,23 @@ def parse_target(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_port_range(lo: int, hi: int) -> tuple[int, int]:
+    """``(lo, hi)`` if it is a valid inclusive port range, else ValueError saying why."""
+    if not (0 < lo < 65536 and 0 < hi < 65536):
+        raise ValueError(f"port range {lo}-{hi}: ports must be 1-65535")
+    if lo > hi:
+        raise ValueError(f"port range {lo}-{hi}: the first port is above the last")
+    return lo, hi
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"61000-65535"`` → ``(61000, 65535)`` (``"62000"`` is one port); ValueError if bad."""
+    lo, sep, hi = text.strip().partition("-")
+    if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+        raise ValueError(f"port range {text!r} is not LO-HI (for example 61000-65535)")
+    return check_port_range(int(lo), int(hi) if sep else int(lo))
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardConfig:
     connect_timeout: float = 5.0
@@ -34,6 +67,17 @@ class ForwardConfig:
     max_total_buffer: int = 256 << 20
     close_timeout: float = 5.0
     """Seconds :meth:`ForwardSink.close` waits for queued bytes to reach the target."""
+    source_ports: tuple[int, int] = FORWARD_SOURCE_PORTS
+    """Local ports (inclusive) the default dial binds shadow connections to; see
+    :data:`FORWARD_SOURCE_PORTS`."""
+    end_grace: float = 2.0
+    """Seconds a finished shadow connection waits, after its FIN, for the target to answer or
+    close; one that does neither is counted ``connections_unconfirmed``."""
+    log_interval: float = 10.0
+    """At most one warning per failure reason this often (each outage is logged once)."""
+
+    def __post_init__(self) -> None:
+        check_port_range(*self.source_ports)
 
 
 
@@ -54,7 +98,10 @@ class MirrorConfig:
       ``write_func`` wins over it. With neither, nothing is written but record hooks run.
     * ``forward_hook`` / ``record_hook``: one hook or a list run in order; ``None`` picks the
       default (only client→service chunks).
-    * ``dial``: connect factory for the shadow (default: TCP connect, 5 s timeout).
+    * ``dial``: connect factory for the shadow (default: TCP connect from a port of
+      ``forward.source_ports``, 5 s timeout). A custom dial picks its own source port: bind
+      with :func:`agent.sinks.forward.bind_source_port` before connecting, or the capture may
+      see the agent's own forwarded traffic.
     * ``track_responses``: ``False`` skips service→client bytes (neither reassembled nor
       handed to hooks; the connection's SYN/FIN/RST still count). Set it only when no hook
       or sink needs responses: it halves the work, and live sources skip that payload

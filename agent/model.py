@@ -1,8 +1,9 @@
 """The types every stage shares: no I/O, no clock, no dependencies beyond the standard library.
 
 A *source* produces :class:`Segment` objects, the reassembler turns them into
-:class:`TrafficChunk` objects (contiguous bytes of one direction of one connection) and
-:class:`FlowEnd` notices, and the mirror hands chunks to hooks and sinks.
+:class:`TrafficChunk` objects (contiguous bytes of one direction of one connection),
+:class:`DirectionEnd` and :class:`FlowEnd` notices, and the mirror hands chunks to hooks and
+sinks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "RST",
     "SYN",
     "Direction",
+    "DirectionEnd",
     "FlowEnd",
     "FlowKey",
     "Segment",
@@ -148,6 +150,19 @@ class TrafficChunk:
         """A copy with other bytes (what a hook hands to the next stage)."""
         return TrafficChunk(data, self.from_addr, self.to_addr, self.direction, self.seen_at,
                             self.flow_id, self.gap_bytes, self.type)
+
+
+@dataclass(slots=True)
+class DirectionEnd:
+    """One direction of a connection is complete: its FIN was reached with every byte before
+    it delivered (or reported as a gap). No chunk from ``from_addr`` follows in ``flow_id``;
+    the other direction's chunks and the :class:`FlowEnd` still come. Sent at most once per
+    direction, before the flow's :class:`FlowEnd`.
+    """
+
+    flow_id: int
+    direction: Direction
+    from_addr: str
 
 
 @dataclass(slots=True)

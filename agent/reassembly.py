@@ -1,4 +1,4 @@
-"""TCP reassembly: :class:`~agent.model.Segment` in, chunks and flow ends out.
+"""TCP reassembly: :class:`~agent.model.Segment` in, chunks, direction and flow ends out.
 
 Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts``) or from
 :meth:`Reassembler.advance`. Every byte that is not delivered is counted in
@@ -21,6 +21,7 @@ from agent.model import (
     RST,
     SYN,
     Direction,
+    DirectionEnd,
     FlowEnd,
     FlowKey,
     Segment,
@@ -35,7 +36,7 @@ _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 _start = itemgetter(0)
 
-Output = list[TrafficChunk | FlowEnd]
+Output = list[TrafficChunk | DirectionEnd | FlowEnd]
 Classifier = Callable[[int, int], Direction]
 
 
@@ -112,6 +113,7 @@ class _Half:
     __slots__ = (
         "blocked",
         "chunk_dir",
+        "done",
         "fin",
         "flow",
         "from_addr",
@@ -136,6 +138,7 @@ class _Half:
         self.nxt: int | None = None  # position of the next byte to deliver; None = not started
         self.isn: int | None = None
         self.fin: int | None = None  # position of the FIN, once seen
+        self.done = False  # FIN reached in sequence, DirectionEnd sent
         self.gap = 0  # bytes skipped, to report on the next chunk
         # Out-of-order data: sorted, non-overlapping [start, end, bytes | None (lost)].
         self.pending: list[list[object]] = []
@@ -169,8 +172,9 @@ class _Flow:
 class Reassembler:
     """Reassembles every TCP connection seen in a stream of segments.
 
-    Feed segments in capture order with :meth:`feed`; chunks and :class:`FlowEnd` notices are
-    appended to the output list you pass. In-order data is delivered at once. Call
+    Feed segments in capture order with :meth:`feed`; chunks, :class:`DirectionEnd` (a
+    direction reached its FIN in sequence) and :class:`FlowEnd` notices are appended to the
+    output list you pass. In-order data is delivered at once. Call
     :meth:`flush` at end of input. ``classify(src_port, dst_port)`` sets each chunk's direction.
     Directions in ``untracked`` are followed for their SYN/FIN/RST only: their payload is
     ignored (and may be absent, elided by the source).
@@ -262,8 +266,9 @@ class Reassembler:
         else:
             self._track(half, seg, ts, out)
         if half.fin is not None and half.nxt is not None and half.nxt >= half.fin:
-            peer = half.peer
-            if peer.fin is not None and peer.nxt is not None and peer.nxt >= peer.fin:
+            if not half.done:
+                self._direction_end(half, out)
+            if self._finished(half.peer, out):
                 self._end(flow, "fin", out)
 
     def _track(self, half: _Half, seg: Segment, ts: float, out: Output) -> None:
@@ -370,6 +375,19 @@ class Reassembler:
         self._halves[(seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port)] = b
         self.stats.flows_opened += 1
         return a
+
+    def _finished(self, half: _Half, out: Output) -> bool:
+        """Has ``half`` reached its FIN in sequence? (Announced once with DirectionEnd.)"""
+        if half.fin is None or half.nxt is None or half.nxt < half.fin:
+            return False
+        if not half.done:
+            self._direction_end(half, out)
+        return True
+
+    @staticmethod
+    def _direction_end(half: _Half, out: Output) -> None:
+        half.done = True
+        out.append(DirectionEnd(half.flow.flow_id, half.chunk_dir, half.from_addr))
 
     def _evict(self, out: Output) -> None:
         """Make room: end the least recently active of the few oldest flows."""
@@ -585,6 +603,7 @@ class Reassembler:
             self._drain(half, ts, out)
             if once:
                 break
+        self._finished(half, out)  # skipping the last hole may complete the direction
 
     def _emit(self, half: _Half, data: bytes, ts: float, out: Output) -> None:
         gap = half.gap

@@ -1,0 +1,376 @@
+"""Forwarding faults and accounting, against real loopback shadows (127.0.0.1 / ::1 only).
+
+Reserved source ports, the reason a dropped flow is counted under, a shadow that never reads,
+failure logs once per outage, and counters written from two threads.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+import agent.sinks.forward as forward_mod
+from agent.capture.channel import ChannelSource
+from agent.cli import UsageError, build_parser, main, mirror_config
+from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
+from agent.mirror import TrafficMirror
+from agent.sinks.forward import ForwardSink, bind_source_port
+from agent.sinks.outage import OutageLog
+from tests.unit.segments import Conversation
+from tests.unit.shadow import Shadow, blackhole, free_port, wait_until
+
+
+def in_range(port: int, ports: tuple[int, int] = FORWARD_SOURCE_PORTS) -> bool:
+    return ports[0] <= port <= ports[1]
+
+
+@pytest.fixture
+def shadow() -> Iterator[Shadow]:
+    s = Shadow()
+    yield s
+    s.close()
+
+
+def mirror_flows(target: str, n: int, **cfg: Any) -> TrafficMirror:
+    """Run ``n`` captured connections (request, then both FINs) through a mirror."""
+    src = ChannelSource()
+    for i in range(n):
+        c = Conversation(client=(bytes([192, 0, 2, 1]), 43000 + i))
+        for s in [*c.handshake(), c.seg(True, 0, b"req%d" % i), *c.fins(4, 0)]:
+            src.put(s)
+    src.end()
+    m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=target, **cfg))
+    m.run(src)
+    return m
+
+
+def push(sink: ForwardSink, flow_id: int, *chunks: bytes, end: bool = True) -> None:
+    for data in chunks:
+        sink.send(flow_id, data)
+        sink.commit()
+    if end:
+        sink.end(flow_id)
+    sink.commit()
+
+
+def free_port_pair() -> int:
+    """``p`` such that ports p and p+1 of the reserved range are not bound by anyone now."""
+    for _ in range(200):
+        p = random.randrange(FORWARD_SOURCE_PORTS[0], FORWARD_SOURCE_PORTS[1])
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("", p))
+                b.bind(("", p + 1))
+        except OSError:
+            continue
+        return p
+    raise AssertionError("no free port pair")
+
+
+# ------------------------------------------------------------------ reserved source ports
+
+
+def test_shadow_connections_come_from_reserved_ports(shadow: Shadow) -> None:
+    m = mirror_flows(shadow.addr, 3)
+    assert sorted(shadow.received) == [b"req0", b"req1", b"req2"]
+    assert len(shadow.peers) == 3
+    assert all(in_range(port) for _host, port in shadow.peers), shadow.peers
+    assert m.stats()["forward_connections_completed"] == 3
+
+
+def test_ipv6_target_from_reserved_port() -> None:
+    s = Shadow("::1")
+    try:
+        mirror_flows(s.addr, 1)
+    finally:
+        s.close()
+    assert s.received == [b"req0"]
+    assert in_range(s.peers[0][1])
+
+
+def test_exhausted_source_ports_drop_the_flow_as_no_source_port(shadow: Shadow) -> None:
+    p = free_port_pair()
+    sink = ForwardSink(shadow.addr, config=ForwardConfig(source_ports=(p, p + 1)))
+    with capture_logs() as logs:
+        for flow_id in (1, 2, 3):  # all three stay open: each needs a port of its own
+            push(sink, flow_id, b"x%d" % flow_id, end=False)
+        wait_until(lambda: sink.stats["flows_dropped_no_source_port"] == 1)
+        wait_until(lambda: len(shadow.peers) == 2)
+        sink.close()
+    assert sorted(port for _h, port in shadow.peers) == [p, p + 1]
+    st = sink.stats
+    assert st["flows_dropped"] == 1 and st["connections_completed"] == 2
+    assert st["bytes_dropped"] == 2 and st["bytes_forwarded"] == 4
+    assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["no_source_port"]
+
+
+def test_custom_dial_binds_with_the_helper(shadow: Shadow) -> None:
+    def dial(addr: str) -> socket.socket:
+        host, port = addr.rsplit(":", 1)
+        sock = socket.socket()
+        bind_source_port(sock)
+        sock.connect((host, int(port)))
+        return sock
+
+    with capture_logs() as logs:
+        mirror_flows(shadow.addr, 1, dial=dial)
+    assert shadow.received == [b"req0"] and in_range(shadow.peers[0][1])
+    assert not [e for e in logs if e["event"].startswith("custom dial")]
+
+
+def test_custom_dial_outside_the_range_is_warned_about(shadow: Shadow) -> None:
+    def dial(addr: str) -> socket.socket:
+        host, port = addr.rsplit(":", 1)
+        return socket.create_connection((host, int(port)))  # an ephemeral port
+
+    with capture_logs() as logs:
+        mirror_flows(shadow.addr, 2, dial=dial)
+    assert len(shadow.received) == 2
+    assert len([e for e in logs if e["event"].startswith("custom dial")]) == 1
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("61000-65535", (61000, 65535)), (" 62000 - 62001 ", (62000, 62001)), ("62000", (62000,) * 2),
+])
+def test_parse_port_range(text: str, expected: tuple[int, int]) -> None:
+    assert parse_port_range(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("65535-61000", "above the last"), ("0-10", "1-65535"), ("61000-70000", "1-65535"),
+    ("a-b", "not LO-HI"), ("", "not LO-HI"), ("61000-", "not LO-HI"),
+])
+def test_parse_port_range_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_port_range(text)
+    with pytest.raises(ValueError):
+        ForwardConfig(source_ports=(65535, 61000))
+
+
+def test_cli_source_ports_reach_forward_config() -> None:
+    parse = build_parser().parse_args
+    args = parse(["offline", "x.pcap", "--port", "8080"])
+    assert args.forward_source_ports == FORWARD_SOURCE_PORTS
+    args = parse(["offline", "x.pcap", "--port", "8080", "--forward-source-ports", "62000-62010"])
+    assert mirror_config(args, None).forward.source_ports == (62000, 62010)
+
+
+def test_cli_bad_source_ports_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["offline", "x.pcap", "--port", "80", "--forward-source-ports", "9-3"]) == 2
+    assert "above the last" in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "--iface", "lo", "--port", "62000"])
+    with pytest.raises(UsageError, match="--port 62000 is inside --forward-source-ports"):
+        mirror_config(args, None)  # capture would skip the service's own packets
+
+
+# ------------------------------------------------------------------ which reason
+
+
+def test_blackholed_target_is_connect_timeout_not_a_buffer_limit() -> None:
+    cfg = ForwardConfig(connect_timeout=0.5, max_flow_buffer=8000, max_total_buffer=10_000)
+    with blackhole() as target:
+        sink = ForwardSink(target, config=cfg)
+        push(sink, 1, b"a" * 6000, end=False)  # dialing, holding 6000
+        push(sink, 2, b"b" * 6000)  # over the total before it has a connection
+        push(sink, 3, b"c" * 3000, b"c" * 3000)  # over the total while dialing
+        push(sink, 1, b"a" * 3000)
+        sink.close()
+    st = sink.stats
+    assert st["flows_dropped_connect_timeout"] == 3 == st["flows_dropped"], st
+    assert st["bytes_dropped"] == 21_000 and not st["bytes_forwarded"]
+
+
+def test_blackholed_target_through_the_mirror() -> None:
+    c = Conversation()
+    big = [c.seg(True, i * 60000, b"x" * 60000) for i in range(50)]  # 3 MB, flow limit 1 MiB
+    src = ChannelSource()
+    for s in [*c.handshake(), *big, *c.fins(3_000_000, 0)]:
+        src.put(s)
+    src.end()
+    with blackhole() as target:
+        cfg = ForwardConfig(connect_timeout=0.5, max_flow_buffer=1 << 20)
+        m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=target, forward=cfg))
+        m.run(src)
+    st = m.stats()
+    assert st["forward_flows_dropped_connect_timeout"] == 1 == st["forward_flows_dropped"]
+    assert st["forward_bytes_dropped"] == 3_000_000
+
+
+def test_buffer_limit_while_dialing_counts_as_such_if_the_connect_succeeds(
+        shadow: Shadow) -> None:
+    def slow_dial(addr: str) -> socket.socket:
+        time.sleep(0.3)
+        host, port = addr.rsplit(":", 1)
+        sock = socket.socket()
+        bind_source_port(sock)
+        sock.connect((host, int(port)))
+        return sock
+
+    sink = ForwardSink(shadow.addr, slow_dial, ForwardConfig(max_flow_buffer=1000))
+    push(sink, 1, b"x" * 600, b"x" * 600)
+    sink.close()
+    st = sink.stats
+    assert st["flows_dropped_flow_buffer"] == 1 == st["flows_dropped"]
+    assert st["bytes_dropped"] == 1200 and not st["connections_completed"]
+
+
+def test_never_reading_shadow_is_unconfirmed_not_completed() -> None:
+    s = Shadow(read=False)
+    sink = ForwardSink(s.addr, config=ForwardConfig(end_grace=0.3))
+    push(sink, 1, b"GET / HTTP/1.1\r\n\r\n")
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert not st["connections_completed"]
+    assert st["connections_unconfirmed"] == 1
+    assert st["bytes_forwarded"] == 18  # its kernel took them; nobody read them
+
+
+def test_shadow_that_stops_reading_leaves_bytes_unacknowledged_counted_dropped() -> None:
+    s = Shadow(read=False, rcvbuf=4096)
+
+    def dial(addr: str) -> socket.socket:  # room for everything in our send buffer
+        host, port = addr.rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        bind_source_port(sock)
+        sock.connect((host, int(port)))
+        return sock
+
+    sink = ForwardSink(s.addr, dial, ForwardConfig(end_grace=0.3))
+    push(sink, 1, *[b"y" * 20_000] * 10)
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert st["flows_dropped_stalled"] == 1 == st["flows_dropped"], st
+    assert not st["connections_completed"]
+    assert st["bytes_forwarded"] + st["bytes_dropped"] == 200_000
+    assert st["bytes_dropped"] > 100_000
+
+
+# ------------------------------------------------------------------ logs and counters
+
+
+def test_each_outage_is_logged_once_with_its_recovery() -> None:
+    port = free_port()
+    sink = ForwardSink(f"127.0.0.1:{port}", config=ForwardConfig(log_interval=0))
+    st = lambda: sink.stats  # noqa: E731
+    with capture_logs() as logs:
+        push(sink, 1, b"a")
+        wait_until(lambda: st()["flows_dropped_connect_failed"] == 1)
+        push(sink, 2, b"b")
+        wait_until(lambda: st()["flows_dropped_connect_failed"] == 2)
+        s = Shadow(port=port)
+        push(sink, 3, b"c")
+        wait_until(lambda: st()["connections_completed"] == 1)
+        s.close()
+        push(sink, 4, b"d")  # a second outage
+        wait_until(lambda: st()["flows_dropped_connect_failed"] == 3)
+        sink.close()
+    events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]
+    assert events == [
+        ("forwarding failed", "connect_failed", None),
+        ("target reachable again", None, {"connect_failed": 2}),
+        ("forwarding failed", "connect_failed", None),
+    ]
+
+
+def test_a_second_stall_outage_is_logged_again() -> None:
+    s = Shadow(read=False, rcvbuf=4096)  # reads a connection only while s.read is set
+    sink = ForwardSink(s.addr, config=ForwardConfig(max_flow_buffer=200_000, log_interval=0))
+    st = lambda: sink.stats  # noqa: E731
+    with capture_logs() as logs:
+        push(sink, 1, *[b"z" * 100_000] * 100)  # 10 MB into a shadow that never reads
+        wait_until(lambda: st()["flows_dropped_flow_buffer"] == 1)
+        s.read = True
+        push(sink, 2, b"fine")
+        wait_until(lambda: st()["connections_completed"] == 1)
+        s.read = False
+        push(sink, 3, *[b"z" * 100_000] * 100)
+        wait_until(lambda: st()["flows_dropped_flow_buffer"] == 2)
+        sink.close()
+    s.close()
+    events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]
+    assert events == [
+        ("forwarding failed", "flow_buffer", None),
+        ("target reachable again", None, {"flow_buffer": 1}),
+        ("forwarding failed", "flow_buffer", None),
+    ]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+    def warning(self, event: str, **kw: object) -> None:
+        self.lines.append(("warning", event, kw))
+
+    def info(self, event: str, **kw: object) -> None:
+        self.lines.append(("info", event, kw))
+
+
+def test_outage_log_is_rate_limited_per_reason() -> None:
+    now = [0.0]
+    rec = _Recorder()
+    ol = OutageLog(rec, "failed", "back", interval=10, clock=lambda: now[0], target="t")
+    ol.failed("a")
+    ol.failed("a")
+    now[0] = 1
+    ol.recovered()
+    assert rec.lines == [("warning", "failed", {"reason": "a", "target": "t"}),
+                         ("info", "back", {"target": "t", "failures": {"a": 2},
+                                           "outage_seconds": 1})]
+    now[0] = 2
+    ol.failed("a")  # a new outage, 2 s after the last warning: counted, not logged
+    now[0] = 3
+    ol.recovered()  # its start was not logged, so neither is its end
+    assert len(rec.lines) == 2
+    now[0] = 11
+    ol.failed("a", 2)
+    ol.failed("b")
+    assert rec.lines[2:] == [
+        ("warning", "failed", {"reason": "a", "target": "t", "unlogged_earlier": 1}),
+        ("warning", "failed", {"reason": "b", "target": "t"})]
+    now[0] = 12
+    ol.recovered({"b"})
+    assert rec.lines[4] == ("info", "back", {"target": "t", "failures": {"b": 1},
+                                             "outage_seconds": 1})
+    assert ol.failing == {"a"}
+
+
+class _SlowCounter(Counter[str]):
+    """Yields the GIL between reading and writing a count, as a thread switch may."""
+
+    def __getitem__(self, key: str) -> int:
+        value = super().__getitem__(key)
+        time.sleep(0)
+        return value
+
+
+def test_counters_updated_from_both_threads_lose_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forward_mod, "Counter", _SlowCounter)
+    sink = ForwardSink("127.0.0.1:9", config=ForwardConfig(max_total_buffer=1))
+    sink.send(1, b"xx")  # over the total: the flow is dropped, later bytes only counted
+    n = 2000
+    done = threading.Event()
+
+    def io_thread_discards() -> None:
+        for _ in range(n):
+            sink._discard_bytes(1)
+        done.set()
+
+    sink._loop.call_soon_threadsafe(io_thread_discards)
+    for _ in range(n):
+        sink.send(1, b"x")
+    done.wait(10)
+    sink.close()
+    assert sink.stats["bytes_dropped"] == 2 + 2 * n
