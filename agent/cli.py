@@ -1,7 +1,12 @@
 """The ``mirror-agent`` command line.
 
-Exit status: 0 success; 1 runtime failure (with its cause); 2 bad usage or unreadable input,
-always as one line on stderr; 130 when an offline replay was interrupted (data flushed).
+Exit status: 0 success; 1 runtime failure (the summary, then the cause on one line); 2 bad
+usage, unreadable input or an unusable output path, always as one line on stderr; 3 finished
+but degraded: a sink failed (a recording hit a write error and was closed, the rest counted
+as ``record_failed_*``) or a capture file was cut short (``source_cut_short_files``), with a
+"degraded" line after the summary; 130 when an offline replay was interrupted (data flushed);
+141 when the reader of stdout (``--record -``, ``inspect``) went away, quietly, like a
+filter killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -21,16 +26,22 @@ import structlog
 from agent import __doc__ as _pkg_doc
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
-from agent.config import MirrorConfig, parse_target
+from agent.config import (
+    FORWARD_SOURCE_PORTS,
+    ForwardConfig,
+    MirrorConfig,
+    parse_port_range,
+    parse_target,
+)
 from agent.filter import FilterError, FrameMatcher, SegmentMatcher
 from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
 from agent.http_hooks import InjectHeader, RedactHeaders
 from agent.logsetup import configure_logging
 from agent.mirror import Cancelled, TrafficMirror
 from agent.model import TrafficChunk
+from agent.outputs import EXIT_DEGRADED, EXIT_HELP, OutputError, RunOutputs, stdout_closed
 from agent.reassembly import ReassemblyConfig
 from agent.sinks.record import FORMATS, NativeReader, RecordError, chunk_json
-from agent.summary import format_summary
 
 __all__ = ["main"]
 
@@ -49,7 +60,7 @@ examples:
       --record rec.bin --redact-headers
   # print a native recording
   mirror-agent inspect rec.bin
-"""
+""" + EXIT_HELP
 
 
 RUN_EXAMPLES = """\
@@ -64,7 +75,7 @@ examples:
   # a host without eBPF: raw socket with a kernel filter; or eBPF with the BPF ring buffer
   mirror-agent run --iface eth0 --port 8080 --engine afpacket --record m.bin
   mirror-agent run --iface eth0 --port 8080 --transport ringbuf --record m.bin
-"""
+""" + EXIT_HELP
 
 
 class UsageError(Exception):
@@ -87,7 +98,24 @@ def _port(text: str) -> int:
 
 
 def _ports(text: str) -> list[int]:
-    return [_port(p) for p in text.split(",") if p.strip()]
+    ports = [_port(p) for p in text.split(",") if p.strip()]
+    if not ports:
+        raise argparse.ArgumentTypeError("no port named (e.g. --port 8080)")
+    return ports
+
+
+def _ifaces(text: str) -> str:
+    """``--iface``: kept as given (resolved at start), but it must name something."""
+    if not any(name.strip() for name in text.split(",")):
+        raise argparse.ArgumentTypeError("no interface named (e.g. --iface eth0, or 'any')")
+    return text
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_port_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -96,7 +124,17 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", metavar="HOST:PORT",
                    help="shadow to forward client->service bytes to (one connection per "
                         "captured connection)")
+    p.add_argument("--forward-source-ports", type=_port_range, default=FORWARD_SOURCE_PORTS,
+                   metavar="LO-HI",
+                   help="local ports shadow connections are made from; capture skips every "
+                        "packet with a port in this range, so the agent never mirrors its own "
+                        "(or another agent's) forwarded traffic (default: "
+                        f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}, above Linux's "
+                        "ephemeral ports)")
     p.add_argument("--record", metavar="PATH", help="write a recording here ('-' = stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="truncate an existing --record/--stats-json file (default: keep it "
+                        "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
     p.add_argument("--record-format", choices=FORMATS, default="native",
                    help="recording format (default: native)")
     p.add_argument("--both-directions", action="store_true",
@@ -143,11 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
                          epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--iface", required=True, metavar="IFACE[,IFACE...]|any",
+    run.add_argument("--iface", required=True, type=_ifaces, metavar="IFACE[,IFACE...]|any",
                      help="interfaces to capture on ('any': every non-loopback one that is up)")
     run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
                      help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
                           "only; afpacket: raw socket with a classic BPF filter, no eBPF needed")
+    run.add_argument("--tc-attach", choices=["auto", "tcx", "clsact"], default="auto",
+                     help="how --engine tc attaches: tcx (BPF links, kernel 6.6+: first on the "
+                          "hook, every other program still runs, gone when the agent dies), "
+                          "clsact (a cls_bpf filter of its own priority, for older kernels), or "
+                          "auto (default: tcx where the kernel has it, else clsact)")
     run.add_argument("--transport", choices=["perf", "ringbuf"], default="perf",
                      help="eBPF to user space: per-CPU perf buffers (default) or one BPF ring "
                           "buffer (kernel 5.8+)")
@@ -218,11 +261,17 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
         raise UsageError(str(e)) from None
     forward, record = _hooks(args)
     ports = args.port
+    lo, hi = args.forward_source_ports
+    hidden = [p for p in ports if lo <= p <= hi] if args.command == "run" else []
+    if hidden:
+        raise UsageError(f"--port {hidden[0]} is inside --forward-source-ports {lo}-{hi}, "
+                         "whose packets capture skips; choose another source port range")
     return MirrorConfig(
         observed_port=ports[0], extra_ports=frozenset(ports[1:]), target_addr=args.target or "",
         writer=writer, forward_hook=forward, record_hook=record,
         record_format=args.record_format, reassembly=reassembly,
         track_responses=needs_responses(args), record_in_background=args.command == "run",
+        forward=ForwardConfig(source_ports=args.forward_source_ports),
     )
 
 
@@ -232,50 +281,49 @@ def needs_responses(args: argparse.Namespace) -> bool:
     return bool(args.both_directions or args.hook)
 
 
-def open_record(path: str | None) -> BinaryIO | None:
-    if path is None:
-        return None
-    if path == "-":
-        return sys.stdout.buffer
-    try:
-        return open(path, "wb")
-    except OSError as e:
-        raise UsageError(f"cannot write recording {path}: {e.strerror}") from None
-
-
 def run_pipeline(args: argparse.Namespace, make_source: Callable[[], PacketSource],
                  interrupted_status: int) -> int:
-    """Build the mirror, run it over the source with signal handling, print the summary."""
-    writer = open_record(args.record)
+    """Build the mirror and run it over the source with signal handling.
+
+    Output paths are checked (exit 2) before the source starts. Once the mirror exists, the
+    summary (and ``--stats-json``) comes out on every way out, before an error goes up.
+    Returns ``interrupted_status`` after a signal, else 0, or 3 if the run was degraded.
+    """
+    config = mirror_config(args, None)
+    outputs = RunOutputs(args.record, args.stats_json, args.overwrite)
+    config.writer = outputs.record
+    mirror: TrafficMirror | None = None
     try:
-        config = mirror_config(args, writer)
         source = make_source()
         mirror = TrafficMirror(config)
-        cancel = threading.Event()
-        stopped_by: list[str] = []
+        status = _run_until_stopped(mirror, source, args.stats_interval, interrupted_status)
+    except BaseException:
+        outputs.finish(mirror.stats() if mirror is not None else None, failed=True)
+        raise
+    degraded = outputs.finish(mirror.stats())
+    return EXIT_DEGRADED if degraded and status == 0 else status
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            stopped_by.append(signal.Signals(signum).name)
-            cancel.set()
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        status = 0
-        try:
-            mirror.run(source, cancel, stats_interval=args.stats_interval)
-        except Cancelled:
-            log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
-            status = interrupted_status
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interval: float,
+                       interrupted_status: int) -> int:
+    """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status``."""
+    cancel = threading.Event()
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        cancel.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        mirror.run(source, cancel, stats_interval=stats_interval)
+    except Cancelled:
+        log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
+        return interrupted_status
     finally:
-        if writer is not None and writer is not sys.stdout.buffer:
-            writer.close()
-    stats = mirror.stats()
-    sys.stderr.write(format_summary(stats))
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    return status
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
 
 
 def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
@@ -304,10 +352,10 @@ def _run(args: argparse.Namespace) -> int:
     from agent.capture.attach import resolve_ifaces
     from agent.capture.ebpf import check_environment
 
-    if args.buffer_mib is not None and args.buffer_mib < 1:
-        raise UsageError("--buffer-mib must be >= 1")
-    check_environment(ebpf=args.engine != "afpacket")
+    check_environment(ebpf=args.engine != "afpacket", buffer_mib=args.buffer_mib,
+                      transport=args.transport)
     ifaces = resolve_ifaces(args.iface)
+    _warn_if_target_captured(args, ifaces)
     if args.engine == "afpacket":
         _compile_filter(args.filter, SegmentMatcher)  # a bad expression: exit 2 before start
 
@@ -315,7 +363,8 @@ def _run(args: argparse.Namespace) -> int:
             from agent.capture.afpacket import AfPacketSource
 
             src: PacketSource = AfPacketSource(ifaces, args.port, args.filter,
-                                               rcvbuf_mib=(args.buffer_mib or 8) * 8)
+                                               rcvbuf_mib=(args.buffer_mib or 8) * 8,
+                                               own_ports=args.forward_source_ports)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      target=args.target or None, record=args.record)
             return src
@@ -328,13 +377,31 @@ def _run(args: argparse.Namespace) -> int:
             src = EbpfSource(
                 ifaces, args.port, args.engine, args.buffer_mib,
                 segment_filter=seg_filter, transport=args.transport,
-                requests_only=not needs_responses(args), decoder=args.decoder)
+                requests_only=not needs_responses(args), decoder=args.decoder,
+                own_ports=args.forward_source_ports, tc_mode=args.tc_attach)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      transport=args.transport, decoder=src.decoder, buffer_mib=src.buffer_mib,
                      target=args.target or None, record=args.record)
             return src
 
     return run_pipeline(args, make_source, interrupted_status=0)
+
+
+def _warn_if_target_captured(args: argparse.Namespace, ifaces: list[str]) -> None:
+    """Say so when the shadow is on an observed port behind a captured interface: its traffic
+    is then seen too, and only the reserved source ports keep the mirror from feeding itself."""
+    from agent.capture.attach import captured_route
+
+    if not args.target:
+        return
+    host, port = parse_target(args.target)
+    iface = captured_route(host, ifaces) if port in args.port else None
+    if iface is not None:
+        lo, hi = args.forward_source_ports
+        log.warning("the target is on a captured interface and an observed port; its "
+                    "connections are not mirrored again because the agent connects from "
+                    f"source ports {lo}-{hi} (--forward-source-ports), which capture skips",
+                    target=args.target, iface=iface)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -366,10 +433,9 @@ def _inspect(args: argparse.Namespace) -> int:
                           f"{rec.direction.value} {len(rec.data)} bytes at "
                           f"{rec.seen_at:.6f}{gap}\n")
                 out.write(_preview(rec.data))
-        if reader.truncated_bytes:
-            what = "corrupt" if reader.corrupt else "truncated"
-            sys.stderr.write(f"mirror-agent: warning: {args.path}: last record {what} "
-                             f"({reader.truncated_bytes} bytes ignored); {count} records read\n")
+        for problem in reader.problems():
+            sys.stderr.write(f"mirror-agent: warning: {args.path}: {problem}; "
+                             f"{count} records read\n")
     return 0
 
 
@@ -392,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         return _inspect(args)
-    except (UsageError, SourceError) as e:
+    except BrokenPipeError:
+        return stdout_closed()
+    except (UsageError, SourceError, OutputError) as e:
         sys.stderr.write(f"mirror-agent: error: {e}\n")
         return 2
     except KeyboardInterrupt:

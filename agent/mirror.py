@@ -19,7 +19,7 @@ import structlog
 from agent.capture import PacketSource
 from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
-from agent.model import Direction, FlowEnd, TrafficChunk
+from agent.model import Direction, DirectionEnd, FlowEnd, TrafficChunk
 from agent.reassembly import Output, Reassembler
 from agent.sinks.record import BackgroundWriter, RecordWriter, make_writer
 
@@ -36,10 +36,19 @@ class Cancelled(Exception):
 
 
 class _FuncWriter:
-    """Adapts a ``write_func`` to the record writer interface."""
+    """Adapts a ``write_func`` to the record writer interface; counts the calls that returned."""
 
     def __init__(self, fn: WriteFunc) -> None:
-        self.write = fn
+        self._fn = fn
+        self.records = self.recorded_bytes = 0
+
+    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        self._fn(chunk, data)
+        self.records += 1
+        self.recorded_bytes += len(data)
+
+    def stats(self) -> dict[str, int]:
+        return {"records": self.records, "recorded_bytes": self.recorded_bytes}
 
     def flow_end(self, end: FlowEnd) -> None:
         pass
@@ -66,7 +75,7 @@ def coalesce(items: Output) -> Output:
     latest: dict[int, int] = {}  # flow id → index in result of its latest item
     parts: dict[int, list[bytes]] = {}  # index → data pieces of a merged chunk
     for item in items:
-        if type(item) is FlowEnd:
+        if type(item) is not TrafficChunk:  # a flow or direction end: nothing merges across
             latest.pop(item.flow_id, None)
             result.append(item)
             continue
@@ -123,6 +132,8 @@ class TrafficMirror:
         self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
         self._aware = self._fhook.flow_aware or self._rhook.flow_aware
         self._last: dict[int, dict[str, TrafficChunk]] = {}
+        # Flows whose client finished before the flow ended → the address it sent from.
+        self._forward_done: dict[int, str] = {}
         self.counters: Counter[str] = Counter()
         self._source: PacketSource | None = None
 
@@ -231,8 +242,11 @@ class TrafficMirror:
         counters = self.counters
         aware = self._aware
         for item in coalesce(items):
-            if type(item) is FlowEnd:
-                self._end_flow(item)
+            if type(item) is not TrafficChunk:
+                if isinstance(item, FlowEnd):
+                    self._end_flow(item)
+                elif isinstance(item, DirectionEnd):
+                    self._end_direction(item)
                 continue
             assert isinstance(item, TrafficChunk)
             chunk = item
@@ -245,27 +259,42 @@ class TrafficMirror:
                 if not keep:
                     counters["forward_hook_dropped_bytes"] += len(chunk.data)
                 elif data:
-                    fwd.send(chunk.flow_id, data, chunk.gap_bytes)
+                    self._send_forward(chunk.flow_id, data, chunk.gap_bytes)
             data, keep = rhook.handle(chunk)
             if not keep:
                 counters["record_hook_dropped_bytes"] += len(chunk.data)
             elif data and writer is not None:
                 writer.write(chunk, data)
-                counters["records"] += 1
-                counters["recorded_bytes"] += len(data)
+
+    def _send_forward(self, flow_id: int, data: bytes, gap: int = 0) -> None:
+        """Forward ``data``, unless the flow's client already finished (then count it)."""
+        if flow_id in self._forward_done:
+            self.counters["forward_late_bytes"] += len(data)
+        elif self._forward is not None and data:
+            self._forward.send(flow_id, data, gap)
+
+    def _end_direction(self, end: DirectionEnd) -> None:
+        """The client finished (FIN reached, every byte before it delivered): end the shadow
+        connection now. The service's FIN may never be seen (XDP captures ingress only)."""
+        if self._forward is None or end.direction is not Direction.TO_OBSERVED:
+            return
+        last = self._last.get(end.flow_id, {}).get(end.from_addr) if self._aware else None
+        if last is not None:
+            self._send_forward(end.flow_id, self._fhook.flow_end(last))
+        self._forward.end(end.flow_id)
+        self._forward_done[end.flow_id] = end.from_addr
 
     def _end_flow(self, end: FlowEnd) -> None:
         last = self._last.pop(end.flow_id, None) if self._aware else None
+        finished = self._forward_done.get(end.flow_id)
         for chunk in (last or {}).values():
-            if self._forward is not None:
-                tail = self._fhook.flow_end(chunk)
-                if tail:
-                    self._forward.send(chunk.flow_id, tail)
+            if self._forward is not None and chunk.from_addr != finished:
+                self._send_forward(chunk.flow_id, self._fhook.flow_end(chunk))
             tail = self._rhook.flow_end(chunk)
             if tail and self._writer is not None:
                 self._writer.write(chunk.with_data(tail), tail)
-                self.counters["records"] += 1
         if self._forward is not None:
+            self._forward_done.pop(end.flow_id, None)
             self._forward.end(end.flow_id)
         if self._writer is not None:
             self._writer.flow_end(end)
@@ -283,7 +312,6 @@ class TrafficMirror:
         out.update(self.counters)
         if self._forward is not None:
             out.update({f"forward_{k}": v for k, v in self._forward.stats.items()})
-        if isinstance(self._writer, BackgroundWriter) and self._writer.dropped_records:
-            out["record_dropped_records"] = self._writer.dropped_records
-            out["record_dropped_bytes"] = self._writer.dropped_bytes
+        if self._writer is not None:  # what the writer wrote, dropped and failed to write
+            out.update(self._writer.stats())
         return out

@@ -1,14 +1,22 @@
-"""The end-of-run summary: every counter that says where bytes went, grouped for humans."""
+"""The end-of-run summary: every counter that says where bytes went, grouped for humans; and
+whether the run was degraded (finished, but incomplete: exit status 3)."""
 
 from __future__ import annotations
 
-__all__ = ["format_summary"]
+__all__ = ["degradation", "format_summary"]
 
 _GROUPS = (
     ("capture", ("source_",)),
     ("reassembly", ("reassembly_",)),
-    ("mirror", ("chunks", "records", "recorded_bytes", "forward_hook", "record_hook")),
+    ("mirror", ("chunks", "forward_hook", "record_hook")),
+    ("record", ("records", "recorded_bytes", "record_")),
     ("forward", ("forward_",)),
+)
+
+#: Counters that make a finished run degraded, with what they mean.
+_DEGRADED = (
+    ("source_cut_short_files", "capture file(s) cut short"),
+    ("record_errors", "recording(s) failed"),
 )
 
 
@@ -26,3 +34,8 @@ def format_summary(stats: dict[str, int]) -> str:
     if rest:
         lines.append(f"  {'other':<11} {' '.join(rest)}")
     return "\n".join(lines) + "\n"
+
+
+def degradation(stats: dict[str, int]) -> list[str]:
+    """Why a run that finished is incomplete (``N what`` each); empty if it is not."""
+    return [f"{stats[key]} {what}" for key, what in _DEGRADED if stats.get(key)]

@@ -58,7 +58,7 @@ def run_tcpdump(ns: NetNS, work: Path, rate: float, seconds: int) -> dict[str, f
     dropped = re.search(r"(\d+) packets? dropped by kernel", cap.stop())
     stats = work / "t.json"
     subprocess.run([*AGENT[:-1], "offline", str(pcap), "--port", str(PORT),
-                    "--both-directions", "--stats-json", str(stats)],
+                    "--both-directions", "--stats-json", str(stats), "--overwrite"],
                    check=True, capture_output=True, timeout=600)
     s = json.loads(stats.read_text())
     pcap.unlink()
@@ -70,7 +70,7 @@ def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
               extra: list[str]) -> dict[str, float]:
     stats, rec = work / "a.json", work / "rec.bin"
     agent = LiveAgent(ns, work, "--iface", "lo", "--port", str(PORT), "--record", str(rec),
-                      "--both-directions", "--stats-json", str(stats), *extra)
+                      "--both-directions", "--stats-json", str(stats), "--overwrite", *extra)
     time.sleep(0.3)
     sent, gbit = iperf(ns, rate, seconds)
     agent.stop()

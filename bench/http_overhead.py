@@ -78,7 +78,7 @@ def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dic
         wait_port(ns, 18080)
         agent = LiveAgent(ns, work, "--iface", "lo", "--port", "8080", "--target",
                           "127.0.0.1:18080", "--record", str(work / "rec.bin"),
-                          "--stats-json", str(work / "stats.json"),
+                          "--stats-json", str(work / "stats.json"), "--overwrite",
                           *shlex.split(args.agent_args))
         pid = agent.proc.pid
     time.sleep(0.5)

@@ -109,10 +109,10 @@ def main() -> int:
     tools: dict[str, list[str]] = {
         "mirror-agent (native record, both directions)": [
             sys.executable, "-m", "agent.cli", "offline", str(pcap), "--port", "8080",
-            "--record", str(work / "rec.bin"), "--both-directions"],
+            "--record", str(work / "rec.bin"), "--both-directions", "--overwrite"],
         "mirror-agent (jsonl record)": [
             sys.executable, "-m", "agent.cli", "offline", str(pcap), "--port", "8080",
-            "--record", str(work / "rec.jsonl"), "--record-format", "jsonl"],
+            "--record", str(work / "rec.jsonl"), "--record-format", "jsonl", "--overwrite"],
     }
     if shutil.which("tcpflow"):
         (work / "tcpflow").mkdir()

@@ -1,17 +1,31 @@
-"""pcap and pcapng files as a packet source (several files, read in the order given)."""
+"""pcap and pcapng files as a packet source (several files, read in the order given).
+
+A damaged file is read up to the damage. A pcapng block whose framing is intact (its length
+repeated at its end) but whose content is not (a packet longer than its block, an unknown
+interface) is skipped and counted (``bad_frames``). Where the next record cannot be found (a
+pcap record with an absurd captured length, a pcapng block length that is invalid or runs past
+the end, a truncated last record) the file is cut short there: a warning names the file, the
+frame number and the byte offset, the rest of that file is skipped, and ``cut_short_files``
+counts it.
+"""
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import structlog
 
 from agent.capture import SourceError
 from agent.decode import SUPPORTED_LINKTYPES, Decoder, DecodeStats
 from agent.model import Segment
 
 __all__ = ["PcapFileSource", "read_frames"]
+
+log = structlog.get_logger("agent.pcapfile")
 
 _BATCH = 512
 _PCAP_MAGICS = {
@@ -21,18 +35,33 @@ _PCAP_MAGICS = {
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
 _PCAPNG_SHB = 0x0A0D0D0A
+#: No frame is longer (libpcap's MAXIMUM_SNAPLEN): a larger captured length is corruption.
+_MAX_CAPLEN = 262_144
 
 #: (link type, timestamp seconds, captured bytes, original length)
 Frame = tuple[int, float, bytes, int]
 #: Decides whether a raw frame is kept: (link type, frame) → bool.
 FrameFilter = Callable[[int, bytes], bool]
+#: Told about each skipped frame: (frame number, byte offset, why).
+BadFrame = Callable[[int, int, str], None]
 
 
+class CutShort(Exception):
+    """The rest of a capture file cannot be read: where (frame number, byte offset) and why."""
+
+    def __init__(self, path: Path, frame: int, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: frame {frame} at byte offset {offset}: {reason}")
+        self.path, self.frame, self.offset, self.reason = path, frame, offset, reason
 
 
-def read_frames(path: Path) -> Iterator[Frame]:
-    """Every frame of a pcap or pcapng file. Raises :class:`SourceError` on a bad file;
-    a truncated last record ends the iteration (reported through ``truncated`` in stats)."""
+def _ignore(_frame: int, _offset: int, _why: str) -> None:
+    pass
+
+
+def read_frames(path: Path, bad_frame: BadFrame = _ignore) -> Iterator[Frame]:
+    """Every frame of a pcap or pcapng file. Raises :class:`SourceError` on a bad file header
+    and :class:`CutShort` where the rest of the file cannot be read (after every frame before
+    it); ``bad_frame`` hears of each damaged frame skipped."""
     try:
         f = path.open("rb")
     except OSError as e:
@@ -49,7 +78,7 @@ def read_frames(path: Path) -> Iterator[Frame]:
             if head in _PCAP_MAGICS:
                 yield from _pcap(path, data, *_PCAP_MAGICS[head])
             elif struct.unpack("<I", head)[0] == _PCAPNG_SHB:
-                yield from _pcapng(path, data)
+                yield from _pcapng(path, data, bad_frame)
             else:
                 raise SourceError(f"{path}: not a pcap or pcapng file (magic {head.hex()})")
 
@@ -61,25 +90,26 @@ def _pcap(path: Path, data: mmap.mmap, endian: str, unit: float) -> Iterator[Fra
     rec = struct.Struct(endian + "IIII")
     pos, n = 24, len(data)
     unpack = rec.unpack_from
+    frame = 1
     while pos + 16 <= n:
         sec, frac, incl, orig = unpack(data, pos)
-        pos += 16
-        if pos + incl > n:
-            raise _TruncatedFile(path, n - pos + 16)
-        yield linktype, sec + frac * unit, data[pos : pos + incl], orig
-        pos += incl
+        if incl > _MAX_CAPLEN:
+            raise CutShort(path, frame, pos, f"captured length {incl} is larger than any "
+                           f"frame ({_MAX_CAPLEN}), so the next record cannot be found")
+        if pos + 16 + incl > n:
+            raise CutShort(path, frame, pos, f"truncated record ({incl + 16} bytes, "
+                           f"{n - pos} in the file)")
+        yield linktype, sec + frac * unit, data[pos + 16 : pos + 16 + incl], orig
+        pos += 16 + incl
+        frame += 1
     if pos != n:
-        raise _TruncatedFile(path, n - pos)
+        raise CutShort(path, frame, pos, f"truncated record header ({n - pos} of 16 bytes)")
 
 
-class _TruncatedFile(Exception):
-    def __init__(self, path: Path, missing: int) -> None:
-        super().__init__(f"{path}: last record truncated ({missing} bytes left over)")
-
-
-def _pcapng(path: Path, data: mmap.mmap) -> Iterator[Frame]:
+def _pcapng(path: Path, data: mmap.mmap, bad_frame: BadFrame) -> Iterator[Frame]:
     n = len(data)
     pos = 0
+    frame = 1  # the number of the next packet block
     endian = "<"
     ifaces: list[tuple[int, float]] = []  # (link type, seconds per tick)
     while pos + 12 <= n:
@@ -89,32 +119,58 @@ def _pcapng(path: Path, data: mmap.mmap) -> Iterator[Frame]:
             endian = "<" if bom == b"\x4d\x3c\x2b\x1a" else ">"
             ifaces = []
         blen = struct.unpack_from(endian + "I", data, pos + 4)[0]
-        if blen < 12 or blen % 4:
-            raise SourceError(f"{path}: corrupt pcapng block at offset {pos}")
-        if pos + blen > n:
-            raise _TruncatedFile(path, n - pos)
+        bad = _bad_block_length(data, pos, blen, endian)
+        if bad:
+            raise CutShort(path, frame, pos, f"{bad}, so the next block cannot be found")
         body = pos + 8
-        if btype == 1:  # Interface Description Block
+        if btype in (6, 2, 3):
+            try:
+                yield _packet(data, btype, body, pos + blen - 4, endian, ifaces)
+            except ValueError as e:
+                bad_frame(frame, pos, str(e))
+            frame += 1
+        elif btype == 1 and blen >= 20:  # Interface Description Block
             linktype = struct.unpack_from(endian + "H", data, body)[0]
             ifaces.append((linktype, _tsresol(data, body + 8, pos + blen - 4, endian)))
-        elif btype in (6, 2):  # Enhanced Packet Block, obsolete Packet Block
-            if btype == 6:
-                iface, hi, lo, incl, orig = struct.unpack_from(endian + "IIIII", data, body)
-            else:
-                iface, _drops, hi, lo, incl, orig = struct.unpack_from(
-                    endian + "HHIIII", data, body
-                )
-            if iface >= len(ifaces):
-                raise SourceError(f"{path}: packet for undeclared interface {iface}")
-            linktype, unit = ifaces[iface]
-            start = body + 20
-            yield linktype, ((hi << 32) | lo) * unit, data[start : start + incl], orig
-        elif btype == 3:  # Simple Packet Block
-            orig = struct.unpack_from(endian + "I", data, body)[0]
-            incl = min(orig, blen - 16)
-            linktype, _unit = ifaces[0] if ifaces else (1, 1e-6)
-            yield linktype, 0.0, data[body + 4 : body + 4 + incl], orig
         pos += blen
+    if pos != n:
+        raise CutShort(path, frame, pos, f"truncated block header ({n - pos} bytes)")
+
+
+def _bad_block_length(data: mmap.mmap, pos: int, blen: int, endian: str) -> str:
+    """Why a pcapng block's length cannot be trusted, or "" if it can."""
+    if blen < 12 or blen % 4:
+        return f"invalid block length {blen}"
+    if pos + blen > len(data):
+        return f"block length {blen} runs past the end of the file ({len(data) - pos} bytes left)"
+    trailer = struct.unpack_from(endian + "I", data, pos + blen - 4)[0]
+    if trailer != blen:
+        return f"block length {blen} does not match its trailer ({trailer})"
+    return ""
+
+
+def _packet(data: mmap.mmap, btype: int, body: int, end: int, endian: str,
+            ifaces: list[tuple[int, float]]) -> Frame:
+    """The frame of an Enhanced (6), obsolete (2) or Simple (3) Packet Block whose body
+    spans ``body``..``end``; ValueError if it does not fit there."""
+    if btype == 3:  # Simple Packet Block
+        if end - body < 4:
+            raise ValueError("simple packet block too short")
+        orig = struct.unpack_from(endian + "I", data, body)[0]
+        linktype, _unit = ifaces[0] if ifaces else (1, 1e-6)
+        return linktype, 0.0, data[body + 4 : body + 4 + min(orig, end - body - 4)], orig
+    if end - body < 20:
+        raise ValueError("packet block too short")
+    if btype == 6:
+        iface, hi, lo, incl, orig = struct.unpack_from(endian + "IIIII", data, body)
+    else:
+        iface, _drops, hi, lo, incl, orig = struct.unpack_from(endian + "HHIIII", data, body)
+    if iface >= len(ifaces):
+        raise ValueError(f"packet for undeclared interface {iface}")
+    if body + 20 + incl > end:
+        raise ValueError(f"captured length {incl} is larger than its block")
+    linktype, unit = ifaces[iface]
+    return linktype, ((hi << 32) | lo) * unit, data[body + 20 : body + 20 + incl], orig
 
 
 def _tsresol(data: mmap.mmap, pos: int, end: int, endian: str) -> float:
@@ -147,7 +203,8 @@ class PcapFileSource:
     """Reads pcap/pcapng files in order and decodes their frames into segments.
 
     ``frame_filter`` (for example a compiled tcpdump expression) sees each raw frame first;
-    frames it rejects are counted as ``filtered``.
+    frames it rejects are counted as ``filtered``. Damaged files: see the module docstring;
+    each is logged (a warning with the file, frame number and byte offset).
     """
 
     def __init__(self, paths: list[Path], frame_filter: FrameFilter | None = None) -> None:
@@ -160,7 +217,9 @@ class PcapFileSource:
         self.decode_stats = DecodeStats()
         self._frames = 0
         self._filtered = 0
-        self._truncated_files = 0
+        self._cut_short_files = 0
+        self._bad_frames = 0
+        self._warned: set[Path] = set()
         self._closed = False
 
     def batches(self) -> Iterator[list[Segment]]:
@@ -169,14 +228,17 @@ class PcapFileSource:
         keep = self._filter
         for path in self.paths:
             batch: list[Segment] = []
-            frames = read_frames(path)
+            frames = read_frames(path, functools.partial(self._bad_frame, path))
             while not self._closed:
                 try:
                     linktype, ts, frame, orig = next(frames)
                 except StopIteration:
                     break
-                except _TruncatedFile:
-                    self._truncated_files += 1
+                except CutShort as e:
+                    self._cut_short_files += 1
+                    log.warning("capture file cut short: the rest of it is skipped",
+                                file=str(path), frame=e.frame, offset=e.offset, reason=e.reason,
+                                frames_read=e.frame - 1)
                     break
                 self._frames += 1
                 if keep is not None and not keep(linktype, frame):
@@ -197,6 +259,15 @@ class PcapFileSource:
             if batch:
                 yield batch
 
+    def _bad_frame(self, path: Path, frame: int, offset: int, why: str) -> None:
+        """Count a damaged frame skipped; warn of the first one in each file."""
+        self._bad_frames += 1
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("damaged frame skipped (counted as bad_frames; later ones in this file "
+                        "are only counted)", file=str(path), frame=frame, offset=offset,
+                        reason=why)
+
     def close(self) -> None:
         self._closed = True
 
@@ -204,6 +275,7 @@ class PcapFileSource:
         return {
             "frames": self._frames,
             "filtered": self._filtered,
-            "truncated_files": self._truncated_files,
+            "cut_short_files": self._cut_short_files,
+            "bad_frames": self._bad_frames,
             **self.decode_stats.as_dict(),
         }
