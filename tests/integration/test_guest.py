@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,26 @@ def test_kernel_counters_sum_every_cpu(tmp_path: Path) -> None:
     data = json.loads(stats.read_text())
     assert "source_kernel_own_forward" in data
     assert data["source_kernel_submitted"] == data["source_events"] > 160
+
+
+def test_xdp_closes_the_shadow_once_the_client_is_done(tmp_path: Path) -> None:
+    """XDP sees only ingress, never the service's FIN: the shadow connection still ends as
+    soon as the client's request and FIN are through, not at the idle timeout (600 s)."""
+    with NetNS() as server, NetNS() as client:
+        server.veth_to(client, "10.48.0.1/24", "10.48.0.2/24")
+        start_python_server(server, 8080, host="10.48.0.1")
+        start_python_server(server, 18080, log=tmp_path / "shadow.log")
+        agent = LiveAgent(server, tmp_path, "--iface", server.veth, "--port", "8080",
+                          "--engine", "xdp", "--target", "127.0.0.1:18080",
+                          "--stats-interval", "0.5")
+        client.run("curl", "-sf", "-o", "/dev/null", "http://10.48.0.1:8080/once")
+        deadline = time.monotonic() + 10
+        completed = 0
+        while not completed and time.monotonic() < deadline:
+            time.sleep(0.5)
+            lines = [json.loads(line) for line in agent.err.read_text().splitlines()
+                     if '"event": "stats"' in line]
+            completed = lines[-1].get("forward_connections_completed", 0) if lines else 0
+        agent.stop(settle=0)
+    assert completed == 1
+    assert _lines(tmp_path / "shadow.log")[0].startswith("GET /once ")
