@@ -91,61 +91,54 @@ static __always_inline long load(void *ctx, __u32 off, void *buf, __u32 len, int
 	return bpf_skb_load_bytes(ctx, off, buf, len);
 }
 
-static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hook, int is_xdp)
+static __always_inline int own_port(__u16 port)
 {
-	int zero = 0;
-	struct parsed p = {};
-	struct hdr_buf *h;
-	struct scratch *s;
-	__u32 have, cpu, off = 0;
-	int i;
+	return port >= MIRROR_OWN_PORT_LO && port <= MIRROR_OWN_PORT_HI;
+}
 
-	count(MC_PACKETS, 1);
-	h = hdr_map.lookup(&zero);
-	if (!h)
-		return;
-	if (len < 14) {
-		count(MC_TRUNCATED, 1);
-		return;
-	}
+/* Does user space need this packet? 0 if so (p and *to_service filled in), else the drop
+ * reason, the counter it is counted under: each packet is counted in one reason at most. */
+static __always_inline int keep(void *ctx, __u32 len, int is_xdp, struct parsed *p,
+				int *to_service)
+{
+	int zero = 0, reason;
+	struct hdr_buf *h = hdr_map.lookup(&zero);
+	__u32 have;
+
+	if (!h || len < 14) /* the lookup cannot fail (one entry); the verifier wants the check */
+		return MC_TRUNCATED;
 	/* have in [1, HDR_COPY], computed so the verifier can see both bounds. */
 	have = (len < HDR_COPY ? len : HDR_COPY) - 1;
 	asm volatile("%0 &= 0xff" : "+r"(have));
 	have += 1;
-	if (load(ctx, 0, h->b, have, is_xdp) < 0) {
-		count(MC_TRUNCATED, 1);
-		return;
-	}
-	switch (parse_frame(h, have, len, &p)) {
-	case P_OK:
-		break;
-	case P_NOT_IP:
-		count(MC_NOT_IP, 1);
-		return;
-	case P_NOT_TCP:
-		count(MC_NOT_TCP, 1);
-		return;
-	case P_FRAGMENT:
-		count(MC_FRAGMENT, 1);
-		return;
-	default:
-		count(MC_TRUNCATED, 1);
-		return;
-	}
-	u16 sport = p.sport, dport = p.dport;
-	int to_service = ports.lookup(&dport) != NULL;
-	if (!to_service && !ports.lookup(&sport)) {
-		count(MC_NOT_OUR_PORT, 1);
-		return;
-	}
-	if ((sport >= MIRROR_OWN_PORT_LO && sport <= MIRROR_OWN_PORT_HI) ||
-	    (dport >= MIRROR_OWN_PORT_LO && dport <= MIRROR_OWN_PORT_HI)) {
-		count(MC_OWN_FORWARD, 1);
-		return;
-	}
+	if (load(ctx, 0, h->b, have, is_xdp) < 0)
+		return MC_TRUNCATED;
+	reason = parse_frame(h, have, len, p);
+	if (reason)
+		return reason;
+	u16 sport = p->sport, dport = p->dport;
+	*to_service = ports.lookup(&dport) != NULL;
+	if (!*to_service && !ports.lookup(&sport))
+		return MC_NOT_OUR_PORT;
+	if (own_port(sport) || own_port(dport))
+		return MC_OWN_FORWARD;
 	/* A pure ACK tells user space nothing it needs: skip it here, where it is cheapest. */
-	if (p.payload_len == 0 && !(p.flags & 0x07)) {
-		count(MC_PURE_ACK, 1);
+	if (p->payload_len == 0 && !(p->flags & 0x07))
+		return MC_PURE_ACK;
+	return 0;
+}
+
+static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hook, int is_xdp)
+{
+	struct parsed p = {};
+	struct scratch *s;
+	__u32 cpu, off = 0;
+	int i, reason, to_service = 0;
+
+	count(MC_PACKETS, 1);
+	reason = keep(ctx, len, is_xdp, &p, &to_service);
+	if (reason) {
+		count(reason, 1);
 		return;
 	}
 	__u8 elided = 0;

@@ -1,5 +1,7 @@
-/* The one record the kernel hands to user space, followed by piece_len payload bytes.
- * Layout is fixed (explicit padding); agent/capture/ebpf.py mirrors it with struct. */
+/* The one record the kernel hands to user space, followed by piece_len payload bytes, and
+ * the one list of the program's counters. Both are read by user space from here:
+ * agent/capture/layout.py takes the counter names and MIRROR_EVENT_SIZE from this file and
+ * checks its struct format against them at import; perf_decode.c includes it. */
 #ifndef MIRROR_EVENT_H
 #define MIRROR_EVENT_H
 
@@ -30,23 +32,38 @@ struct mirror_event {
 	__u32 lost;        /* bytes after this piece that could not be copied */
 };
 
-/* Per-CPU counters (index into the "counters" array). */
+/* sizeof(struct mirror_event): 76 bytes of fields, aligned to 8. The payload piece follows. */
+#define MIRROR_EVENT_SIZE 80
+_Static_assert(sizeof(struct mirror_event) == MIRROR_EVENT_SIZE, "struct mirror_event size");
+_Static_assert(__builtin_offsetof(struct mirror_event, saddr) == 16, "mirror_event.saddr");
+_Static_assert(__builtin_offsetof(struct mirror_event, seq) == 52, "mirror_event.seq");
+_Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_event.lost");
+
+/* Per-CPU counters, in index order of the "counters" array: X(NAME, "help"). User space
+ * names each mirror_agent kernel counter NAME in lower case and shows the help. Every packet
+ * the program sees is counted in PACKETS and then in at most one drop reason (NOT_IP ...
+ * OWN_FORWARD) or as submitted; the rest count bytes and events. */
+#define MIRROR_COUNTERS(X) \
+	X(PACKETS,       "packets the program saw") \
+	X(NOT_IP,        "packets skipped: not IPv4/IPv6") \
+	X(NOT_TCP,       "packets skipped: not TCP") \
+	X(FRAGMENT,      "packets skipped: IP fragments (no TCP header to match)") \
+	X(TRUNCATED,     "packets skipped: headers cut short or malformed; should be 0") \
+	X(NOT_OUR_PORT,  "packets skipped: not an observed port") \
+	X(PURE_ACK,      "packets skipped on purpose: bare ACKs tell user space nothing") \
+	X(SUBMITTED,     "records handed to user space") \
+	X(SUBMIT_FAILED, "records lost because the ring was full; should be 0") \
+	X(COPY_FAILED,   "payload copies that failed (reported as lost bytes); should be 0") \
+	X(BYTES,         "payload bytes handed to user space") \
+	X(LOST_BYTES,    "payload bytes not handed over (ring full, copy failed); should be 0") \
+	X(ELIDED,        "service->client packets whose payload nobody consumes: not copied") \
+	X(ELIDED_BYTES,  "payload bytes of those packets") \
+	X(OWN_FORWARD,   "packets skipped: a port in the forward source range (shadow traffic)")
+
 enum mirror_counter {
-	MC_PACKETS = 0,    /* packets seen by the program */
-	MC_NOT_IP,
-	MC_NOT_TCP,
-	MC_FRAGMENT,
-	MC_TRUNCATED,      /* headers cut short / malformed */
-	MC_NOT_OUR_PORT,
-	MC_PURE_ACK,       /* skipped on purpose: nothing for user space */
-	MC_SUBMITTED,      /* events submitted */
-	MC_SUBMIT_FAILED,  /* perf ring full: bytes become a gap */
-	MC_COPY_FAILED,
-	MC_BYTES,          /* payload bytes submitted */
-	MC_LOST_BYTES,     /* payload bytes that could not be submitted */
-	MC_ELIDED,         /* service->client packets whose payload nobody consumes: skipped */
-	MC_ELIDED_BYTES,
-	MC_OWN_FORWARD,    /* a port in the forward source range: an agent's own shadow traffic */
+#define MIRROR_COUNTER_ENUM(name, help) MC_##name,
+	MIRROR_COUNTERS(MIRROR_COUNTER_ENUM)
+#undef MIRROR_COUNTER_ENUM
 	MC_MAX,
 };
 

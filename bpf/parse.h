@@ -23,7 +23,6 @@ struct parsed {
 	__u8 daddr[16];
 };
 
-enum parse_result { P_OK = 0, P_NOT_IP, P_NOT_TCP, P_FRAGMENT, P_TRUNCATED };
 
 /* Big-endian reads; the caller guarantees off + n <= HDR_COPY via the checks below. */
 static __always_inline __u16 rd16(const struct hdr_buf *h, __u32 off)
@@ -36,7 +35,8 @@ static __always_inline __u32 rd32(const struct hdr_buf *h, __u32 off)
 	return ((__u32)rd16(h, off) << 16) | rd16(h, off + 2);
 }
 
-/* h holds `have` bytes of a frame of `frame_len` bytes. */
+/* h holds `have` bytes of a frame of `frame_len` bytes. Returns 0, or the drop reason (an
+ * MC_* counter of mirror_event.h) when the frame is not TCP over IP or cannot be parsed. */
 static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u32 frame_len,
 				       struct parsed *p)
 {
@@ -45,7 +45,7 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 	int i;
 
 	if (have < 14)
-		return P_TRUNCATED;
+		return MC_TRUNCATED;
 	proto = rd16(h, off);
 #pragma unroll
 	for (i = 0; i < 2; i++) { /* 802.1Q / 802.1ad tags */
@@ -53,7 +53,7 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 			break;
 		off += 4;
 		if (off + 2 > have)
-			return P_TRUNCATED;
+			return MC_TRUNCATED;
 		proto = rd16(h, off);
 	}
 	off += 2;
@@ -61,15 +61,15 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 	__u32 ip_end;
 	if (proto == 0x0800) {
 		if (off + 20 > have)
-			return P_TRUNCATED;
+			return MC_TRUNCATED;
 		__u8 vihl = h->b[off & (HDR_COPY - 1)];
 		__u32 ihl = (vihl & 0x0F) * 4;
 		if ((vihl >> 4) != 4 || ihl < 20)
-			return P_TRUNCATED;
+			return MC_TRUNCATED;
 		if (h->b[(off + 9) & (HDR_COPY - 1)] != 6)
-			return P_NOT_TCP;
+			return MC_NOT_TCP;
 		if (rd16(h, off + 6) & 0x1FFF)
-			return P_FRAGMENT; /* only the first fragment has the TCP header */
+			return MC_FRAGMENT; /* only the first fragment has the TCP header */
 		__u32 total = rd16(h, off + 2);
 		ip_end = total ? off + total : frame_len; /* 0: a TSO/BIG TCP super-packet */
 		p->family = 4;
@@ -81,7 +81,7 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 		off += ihl;
 	} else if (proto == 0x86DD) {
 		if (off + 40 > have)
-			return P_TRUNCATED;
+			return MC_TRUNCATED;
 		__u8 next = h->b[(off + 6) & (HDR_COPY - 1)];
 		__u32 plen = rd16(h, off + 4);
 		ip_end = plen ? off + 40 + plen : frame_len;
@@ -97,20 +97,20 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 			if (next != 0 && next != 43 && next != 60)
 				break;
 			if (off + 2 > have)
-				return P_TRUNCATED;
+				return MC_TRUNCATED;
 			next = h->b[off & (HDR_COPY - 1)];
 			off += (h->b[(off + 1) & (HDR_COPY - 1)] + 1) * 8;
 		}
 		if (next == 44)
-			return P_FRAGMENT;
+			return MC_FRAGMENT;
 		if (next != 6)
-			return P_NOT_TCP;
+			return MC_NOT_TCP;
 	} else {
-		return P_NOT_IP;
+		return MC_NOT_IP;
 	}
 
 	if (off + 20 > have)
-		return P_TRUNCATED;
+		return MC_TRUNCATED;
 	p->sport = rd16(h, off);
 	p->dport = rd16(h, off + 2);
 	p->seq = rd32(h, off + 4);
@@ -119,15 +119,15 @@ static __always_inline int parse_frame(const struct hdr_buf *h, __u32 have, __u3
 	p->flags = h->b[(off + 13) & (HDR_COPY - 1)];
 	p->window = rd16(h, off + 14);
 	if (doff < 20)
-		return P_TRUNCATED;
+		return MC_TRUNCATED;
 	off += doff;
 	if (ip_end > frame_len)
 		ip_end = frame_len;
 	if (off > ip_end)
-		return P_TRUNCATED;
+		return MC_TRUNCATED;
 	p->payload_off = off;
 	p->payload_len = ip_end - off;
-	return P_OK;
+	return 0;
 }
 
 #endif

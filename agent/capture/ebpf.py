@@ -28,6 +28,7 @@ from agent.capture import SourceError, privileges
 from agent.capture.attach import Attachment, XdpAttachment, attach_tc
 from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError
 from agent.capture.events import EventDecoder
+from agent.capture.layout import BPF_DIR, COUNTERS
 from agent.capture.loader import LoadedProgram, LoadError, load
 from agent.capture.native import NativeDecoder, NativeUnavailable
 from agent.capture.perfbuf import PerfReader, online_cpus, possible_cpus, ring_bytes
@@ -39,10 +40,6 @@ __all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment
 
 log = structlog.get_logger("agent.ebpf")
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-_COUNTERS = ("packets", "not_ip", "not_tcp", "fragment", "truncated", "not_our_port",
-             "pure_ack", "submitted", "submit_failed", "copy_failed", "bytes", "lost_bytes",
-             "elided", "elided_bytes", "own_forward")
 #: Seconds of the newest events held back to merge other CPUs' older events in order.
 REORDER_WINDOW = 0.002
 #: Seconds between drains at least (see :meth:`EbpfSource.batches`).
@@ -358,10 +355,10 @@ class EbpfSource:
     def _kernel_counters(self) -> dict[str, int]:
         """The program's per-CPU counters, summed over CPUs."""
         counters = self._prog.maps["counters"]
-        if counters.max_entries != len(_COUNTERS):  # bpf/mirror_event.h and _COUNTERS differ
-            raise BpfError(0, f"{counters.max_entries} kernel counters, {len(_COUNTERS)} names")
+        if counters.max_entries != len(COUNTERS):  # cannot be: both come from the header
+            raise BpfError(0, f"{counters.max_entries} kernel counters, {len(COUNTERS)} names")
         out = {}
-        for i, name in enumerate(_COUNTERS):
+        for i, (name, _help) in enumerate(COUNTERS):
             raw = counters.lookup(i.to_bytes(4, "little"), self._cpus) or b""
             # One u64 per possible CPU (per-CPU values are 8-byte aligned).
             out[f"kernel_{name}"] = sum(int.from_bytes(raw[c:c + 8], "little")

@@ -12,17 +12,14 @@ CPU, so a run of such records is exactly what the reassembler would have joined 
 from __future__ import annotations
 
 import mmap
-import struct
 from collections.abc import Callable
 
+from agent.capture.layout import EVENT, EVENT_SIZE
 from agent.capture.perfbuf import consume_ring
 from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["EVENT", "EVENT_SIZE", "EventDecoder"]
 
-#: struct mirror_event; the payload piece follows at EVENT_SIZE.
-EVENT = struct.Struct("<QIBBBB16s16sHHIIHHIII")
-EVENT_SIZE = 80  # sizeof(struct mirror_event): 76 bytes of fields, aligned to 8
 _MASK = 0xFFFFFFFF
 _BOUNDARY = SYN | FIN | RST
 

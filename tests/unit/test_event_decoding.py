@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.capture import native
-from agent.capture.events import EVENT, EVENT_SIZE, EventDecoder
+from agent.capture.events import EventDecoder
+from agent.capture.layout import EVENT, EVENT_SIZE
 from agent.capture.native import NativeDecoder, NativeUnavailable
 from agent.model import ACK, FIN, PSH, RST, SYN, Segment
 

@@ -1,0 +1,46 @@
+"""What user space knows of the kernel side's record and counters, read from their one
+definition, ``bpf/mirror_event.h``, not copied.
+
+- :data:`COUNTERS`: the program's per-CPU counters in index order, each ``(name, help)``,
+  from the ``MIRROR_COUNTERS`` X-macro (``NAME`` lower-cased);
+- :data:`EVENT_SIZE`: ``MIRROR_EVENT_SIZE``, the record's size (payload follows), which the
+  header asserts with ``_Static_assert`` against ``sizeof(struct mirror_event)``;
+- :data:`EVENT`: the record's fields as a ``struct`` format, checked at import to fill
+  ``EVENT_SIZE`` up to the C alignment (8), so a field added on one side only fails at
+  once rather than misreading every record.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+__all__ = ["BPF_DIR", "COUNTERS", "EVENT", "EVENT_SIZE", "LayoutError", "parse_header"]
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+#: struct mirror_event's fields: ts_ns, ifindex, hook, family, tcp_flags, elided, saddr,
+#: daddr, sport, dport, seq, ack, window, piece_len, piece_off, payload_len, lost.
+EVENT = struct.Struct("<QIBBBB16s16sHHIIHHIII")
+_COUNTER = re.compile(r'^\s*X\((\w+),\s*"([^"]*)"\)', re.MULTILINE)
+_SIZE = re.compile(r"^#define MIRROR_EVENT_SIZE (\d+)$", re.MULTILINE)
+
+
+class LayoutError(RuntimeError):
+    """``bpf/mirror_event.h`` and this module disagree."""
+
+
+def parse_header(text: str) -> tuple[list[tuple[str, str]], int]:
+    """(counters as ``(name, help)`` in index order, event size) from the header's text."""
+    counters = [(name.lower(), help_) for name, help_ in _COUNTER.findall(text)]
+    size = _SIZE.search(text)
+    if not counters or size is None:
+        raise LayoutError("bpf/mirror_event.h: no MIRROR_COUNTERS list or MIRROR_EVENT_SIZE")
+    event_size = int(size.group(1))
+    if (EVENT.size + 7) // 8 * 8 != event_size:
+        raise LayoutError(f"struct mirror_event is {event_size} bytes in C, but its fields "
+                          f"here take {EVENT.size}: update agent/capture/layout.py")
+    return counters, event_size
+
+
+COUNTERS, EVENT_SIZE = parse_header((BPF_DIR / "mirror_event.h").read_text())
