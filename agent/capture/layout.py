@@ -18,7 +18,9 @@ from pathlib import Path
 
 __all__ = ["BPF_DIR", "COUNTERS", "EVENT", "EVENT_SIZE", "LayoutError", "parse_header"]
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+_INSTALLED = Path(__file__).resolve().parents[1] / "bpf"  # a wheel: bpf/ as agent/bpf
+#: The BPF sources: inside the installed package, else beside it in a checkout.
+BPF_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "bpf"
 #: struct mirror_event's fields: ts_ns, ifindex, hook, family, tcp_flags, elided, saddr,
 #: daddr, sport, dport, seq, ack, window, piece_len, piece_off, payload_len, lost.
 EVENT = struct.Struct("<QIBBBB16s16sHHIIHHIII")

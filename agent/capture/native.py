@@ -24,12 +24,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.capture.layout import BPF_DIR
 from agent.model import Segment
 
 __all__ = ["NativeDecoder", "NativeUnavailable", "build", "cache_dir", "load"]
 
 SOURCE = Path(__file__).with_name("perf_decode.c")
-BPF_INCLUDE = Path(__file__).resolve().parents[2] / "bpf"
 #: struct md_run (perf_decode.c); the run's payload follows at RUN.size.
 RUN = struct.Struct("<QIIIIHHHBB16s16s")
 
@@ -60,7 +60,7 @@ def cache_dir() -> Path:
 
 def _target() -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update((BPF_INCLUDE / "mirror_event.h").read_bytes())
+    digest.update((BPF_DIR / "mirror_event.h").read_bytes())
     return cache_dir() / f"perf_decode-{digest.hexdigest()[:16]}.so"
 
 
@@ -77,7 +77,7 @@ def build() -> Path:
     # Build beside the target, then rename: a concurrent start never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{BPF_INCLUDE}", "-o", tmp, str(SOURCE)]
+    cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{BPF_DIR}", "-o", tmp, str(SOURCE)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
