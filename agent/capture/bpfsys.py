@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
-_MAP_LOOKUP_ELEM, _MAP_UPDATE_ELEM = 1, 2
+_MAP_LOOKUP_ELEM, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM = 1, 2, 3
 _PROG_GET_FD_BY_ID, _OBJ_GET_INFO_BY_FD, _PROG_QUERY, _LINK_CREATE = 13, 15, 16, 28
 #: enum bpf_prog_type values used here.
 SCHED_CLS, XDP = 3, 6
@@ -120,6 +120,20 @@ class BpfMap:
                 return None
             raise
         return v.raw
+
+    def delete(self, key: bytes) -> bool:
+        """``BPF_MAP_DELETE_ELEM``; False if the key was absent."""
+        self._check(key, b"", 0)
+        k = ctypes.create_string_buffer(key, len(key))
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("<I4xQ", attr, 0, self.fd, _addr(k))
+        try:
+            _bpf(_MAP_DELETE_ELEM, attr, "map delete")
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
 
     def _check(self, key: bytes, value: bytes, value_size: int) -> None:
         if len(key) != self.key_size or len(value) != value_size:

@@ -1,0 +1,118 @@
+"""The eBPF program as a kernel object: build flags, load (in a child), observed ports,
+attachments, counters. No rings, no threads: :mod:`agent.capture.ebpf` wires this to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from agent.capture import SourceError
+from agent.capture.attach import Attachment, XdpAttachment, attach_tc
+from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError, BpfMap
+from agent.capture.layout import BPF_DIR, COUNTERS
+from agent.capture.loader import LoadedProgram, LoadError, load
+
+__all__ = ["Build", "MirrorProgram"]
+
+log = structlog.get_logger("agent.program")
+
+
+@dataclass(frozen=True)
+class Build:
+    """What the program is compiled for; each field becomes a ``-D`` flag."""
+
+    engine: str  # "tc" or "xdp"
+    possible_cpus: int
+    own_ports: tuple[int, int]  # skipped in the kernel: the forward source ports
+    requests_only: bool = False  # service→client payload not copied
+    ringbuf_pages: int = 0  # 0: perf buffer; else the BPF ring buffer's size in pages
+    wakeup_bytes: int = 0  # ring buffer: bytes per CPU between forced wakeups
+
+    def cflags(self) -> list[str]:
+        lo, hi = self.own_ports
+        flags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self.possible_cpus}", "-Wno-macro-redefined",
+                 f"-DMIRROR_OWN_PORT_LO={lo}", f"-DMIRROR_OWN_PORT_HI={hi}"]
+        if self.requests_only:
+            flags.append("-DMIRROR_REQUESTS_ONLY")
+        if self.ringbuf_pages:
+            flags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self.ringbuf_pages}",
+                      f"-DMIRROR_WAKEUP_BYTES={self.wakeup_bytes}"]
+        return flags
+
+    def functions(self) -> list[tuple[str, int]]:
+        if self.engine == "tc":
+            return [("mirror_tc_ingress", SCHED_CLS), ("mirror_tc_egress", SCHED_CLS)]
+        return [("mirror_xdp", XDP)]
+
+
+class MirrorProgram:
+    """``bpf/mirror.bpf.c`` loaded for ``build``; raises SourceError if it cannot be.
+
+    ``events`` is the map the rings are installed in (perf event array) or are (ring
+    buffer). :meth:`close` detaches and releases everything; it is idempotent.
+    """
+
+    def __init__(self, build: Build) -> None:
+        self.build = build
+        try:
+            self._loaded: LoadedProgram = load(BPF_DIR / "mirror.bpf.c", build.cflags(),
+                                               build.functions(),
+                                               ["ports", "counters", "events"])
+        except LoadError as e:
+            hint = (" (the BPF ring buffer needs kernel 5.8+; try --transport perf)"
+                    if build.ringbuf_pages else "")
+            raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}{hint}") from None
+        self.events: BpfMap = self._loaded.maps["events"]
+        self.ports: frozenset[int] = frozenset()
+        self._attached: list[Attachment] = []
+
+    def set_ports(self, ports: list[int]) -> None:
+        """Observe exactly ``ports`` from now on (the program reads the map per packet)."""
+        table = self._loaded.maps["ports"]
+        new = frozenset(ports)
+        for p in new - self.ports:
+            table.update(p.to_bytes(2, "little"), b"\x01")
+        for p in self.ports - new:
+            table.delete(p.to_bytes(2, "little"))
+        self.ports = new
+
+    def attach(self, ifaces: list[str], tc_mode: str) -> None:
+        """Attach to every interface in ``ifaces`` (what was attached stays on failure, for
+        :meth:`close` to remove)."""
+        fn = self._loaded.functions
+        for name in ifaces:
+            if self.build.engine == "tc":
+                self._attached.append(attach_tc(name, fn["mirror_tc_ingress"],
+                                                fn["mirror_tc_egress"], tc_mode))
+            else:
+                x = XdpAttachment(name, fn["mirror_xdp"])
+                x.attach()
+                self._attached.append(x)
+
+    def counters(self) -> dict[str, int]:
+        """The program's per-CPU counters, summed over CPUs, named as in the header."""
+        table = self._loaded.maps["counters"]
+        if table.max_entries != len(COUNTERS):  # cannot be: both come from the header
+            raise BpfError(0, f"{table.max_entries} kernel counters, {len(COUNTERS)} names")
+        out = {}
+        for i, (name, _help) in enumerate(COUNTERS):
+            raw = table.lookup(i.to_bytes(4, "little"), self.build.possible_cpus) or b""
+            # One u64 per possible CPU (per-CPU values are 8-byte aligned).
+            out[name] = sum(int.from_bytes(raw[c:c + 8], "little")
+                            for c in range(0, len(raw), 8))
+        return out
+
+    def detach(self) -> None:
+        """Remove every attachment (each is tried, whatever the others do)."""
+        for a in reversed(self._attached):
+            try:
+                a.detach()
+            except Exception as e:  # keep going: every attachment must be tried
+                log.error("detach failed", iface=a.ifname, error=str(e))
+        self._attached.clear()
+
+    def close(self) -> None:
+        self.detach()
+        self._loaded.close()
