@@ -1,24 +1,25 @@
-"""The ``mirror-agent`` command line.
+"""The ``mirror-agent`` command line: options, and the ``offline`` and ``run`` commands
+(running the pipeline: :mod:`agent.cli_run`; ``inspect``: :mod:`agent.cli_inspect`).
 
 Exit status: 0 success; 1 runtime failure (the summary, then the cause on one line); 2 bad
-usage, unreadable input or an unusable output path, always as one line on stderr; 3 finished
-but degraded: a sink failed (a recording hit a write error and was closed, the rest counted
-as ``record_failed_*``) or a capture file was cut short (``source_cut_short_files``), with a
-"degraded" line after the summary; 130 when an offline replay was interrupted (data flushed);
-141 when the reader of stdout (``--record -``, ``inspect``) went away, quietly, like a
-filter killed by SIGPIPE.
+usage, unreadable input (every capture file's header is checked before anything runs) or an
+unusable output path (or one path for both outputs), always as one line on stderr; 3
+finished but degraded, with a "degraded" line after the summary naming the sink or source
+and why: a capture file was cut short (``source_cut_short_files``), a recording failed (a
+write error closed it, the rest counted as ``record_failed_*``) or could not keep up
+(``record_dropped_*``), or the forward sink dropped flows (``forward_flows_dropped``, by
+reason: a dead or slow shadow); for ``inspect``, a damaged recording; 130 when an offline
+replay was interrupted (data flushed); 141 when the reader of stdout (``--record -``,
+``inspect``) went away, quietly, like a filter killed by SIGPIPE. A broken pipe on any other
+output (a FIFO whose reader left) is a failed recording: exit 3.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import BinaryIO, NoReturn, TypeVar
 
 import structlog
@@ -26,6 +27,8 @@ import structlog
 from agent import __doc__ as _pkg_doc
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
+from agent.cli_inspect import inspect_recording
+from agent.cli_run import run_pipeline
 from agent.config import (
     FORWARD_SOURCE_PORTS,
     ForwardConfig,
@@ -37,13 +40,11 @@ from agent.filter import FilterError, FrameMatcher, SegmentMatcher
 from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
 from agent.http_hooks import InjectHeader, RedactHeaders
 from agent.logsetup import configure_logging
-from agent.mirror import Cancelled, TrafficMirror
-from agent.model import TrafficChunk
-from agent.outputs import EXIT_DEGRADED, EXIT_HELP, OutputError, RunOutputs, stdout_closed
+from agent.outputs import EXIT_HELP, OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
-from agent.sinks.record import FORMATS, NativeReader, RecordError, chunk_json
+from agent.sinks.record import FORMATS, RecordError
 
-__all__ = ["main"]
+__all__ = ["UsageError", "build_parser", "main", "mirror_config"]
 
 log = structlog.get_logger("agent.cli")
 T = TypeVar("T")
@@ -281,51 +282,6 @@ def needs_responses(args: argparse.Namespace) -> bool:
     return bool(args.both_directions or args.hook)
 
 
-def run_pipeline(args: argparse.Namespace, make_source: Callable[[], PacketSource],
-                 interrupted_status: int) -> int:
-    """Build the mirror and run it over the source with signal handling.
-
-    Output paths are checked (exit 2) before the source starts. Once the mirror exists, the
-    summary (and ``--stats-json``) comes out on every way out, before an error goes up.
-    Returns ``interrupted_status`` after a signal, else 0, or 3 if the run was degraded.
-    """
-    config = mirror_config(args, None)
-    outputs = RunOutputs(args.record, args.stats_json, args.overwrite)
-    config.writer = outputs.record
-    mirror: TrafficMirror | None = None
-    try:
-        source = make_source()
-        mirror = TrafficMirror(config)
-        status = _run_until_stopped(mirror, source, args.stats_interval, interrupted_status)
-    except BaseException:
-        outputs.finish(mirror.stats() if mirror is not None else None, failed=True)
-        raise
-    degraded = outputs.finish(mirror.stats())
-    return EXIT_DEGRADED if degraded and status == 0 else status
-
-
-def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interval: float,
-                       interrupted_status: int) -> int:
-    """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status``."""
-    cancel = threading.Event()
-    stopped_by: list[str] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopped_by.append(signal.Signals(signum).name)
-        cancel.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        mirror.run(source, cancel, stats_interval=stats_interval)
-    except Cancelled:
-        log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
-        return interrupted_status
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    return 0
-
-
 def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
     """``--filter``: compiled by ``make``, or a UsageError (exit 2) with libpcap's message."""
     if not expr:
@@ -338,14 +294,12 @@ def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
 
 def _offline(args: argparse.Namespace) -> int:
     matcher = _compile_filter(args.filter, FrameMatcher)
-
-    def make_source() -> PacketSource:
-        try:
-            return PcapFileSource(args.files, matcher)
-        except SourceError as e:
-            raise UsageError(str(e)) from None
-
-    return run_pipeline(args, make_source, interrupted_status=130)
+    config = mirror_config(args, None)
+    try:  # every file's header, before any output is made or any file read
+        source = PcapFileSource(args.files, matcher)
+    except SourceError as e:
+        raise UsageError(str(e)) from None
+    return run_pipeline(args, config, lambda: source, interrupted_status=130)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -384,7 +338,7 @@ def _run(args: argparse.Namespace) -> int:
                      target=args.target or None, record=args.record)
             return src
 
-    return run_pipeline(args, make_source, interrupted_status=0)
+    return run_pipeline(args, mirror_config(args, None), make_source, interrupted_status=0)
 
 
 def _warn_if_target_captured(args: argparse.Namespace, ifaces: list[str]) -> None:
@@ -404,49 +358,6 @@ def _warn_if_target_captured(args: argparse.Namespace, ifaces: list[str]) -> Non
                     target=args.target, iface=iface)
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    try:
-        f = args.path.open("rb")
-    except OSError as e:
-        raise UsageError(f"cannot read {args.path}: {e.strerror}") from None
-    with f:
-        try:
-            reader = NativeReader(f)
-        except RecordError as e:
-            raise UsageError(f"{args.path}: {e}") from None
-        out = sys.stdout
-        count = 0
-        for rec in reader:
-            count += 1
-            if rec.kind == "end":
-                if args.format == "text":
-                    missing = f", {rec.gap_bytes} bytes missing at the end" if rec.gap_bytes else ""
-                    out.write(f"flow {rec.flow_id} ended ({rec.data.decode()}{missing})\n")
-                continue
-            chunk = TrafficChunk(rec.data, rec.from_addr, rec.to_addr, rec.direction,
-                                 rec.seen_at, rec.flow_id, rec.gap_bytes)
-            if args.format == "jsonl":
-                out.write(json.dumps(chunk_json(chunk, rec.data)) + "\n")
-            else:
-                gap = f" after a {rec.gap_bytes}-byte gap" if rec.gap_bytes else ""
-                out.write(f"flow {rec.flow_id} {rec.from_addr} -> {rec.to_addr} "
-                          f"{rec.direction.value} {len(rec.data)} bytes at "
-                          f"{rec.seen_at:.6f}{gap}\n")
-                out.write(_preview(rec.data))
-        for problem in reader.problems():
-            sys.stderr.write(f"mirror-agent: warning: {args.path}: {problem}; "
-                             f"{count} records read\n")
-    return 0
-
-
-def _preview(data: bytes, limit: int = 256) -> str:
-    text = data[:limit].decode("latin-1")
-    shown = "".join(c if c.isprintable() or c in "\r\n\t" else "." for c in text)
-    shown = shown.replace("\r\n", "\n")
-    tail = f"... ({len(data) - limit} more bytes)\n" if len(data) > limit else ""
-    return "  " + shown.replace("\n", "\n  ").rstrip() + "\n" + tail
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -457,10 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _offline(args)
         if args.command == "run":
             return _run(args)
-        return _inspect(args)
-    except BrokenPipeError:
+        return inspect_recording(args.path, args.format)
+    except BrokenPipeError:  # only ever stdout's: any other output's is contained
         return stdout_closed()
-    except (UsageError, SourceError, OutputError) as e:
+    except (UsageError, SourceError, OutputError, RecordError) as e:
         sys.stderr.write(f"mirror-agent: error: {e}\n")
         return 2
     except KeyboardInterrupt:

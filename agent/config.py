@@ -71,13 +71,24 @@ class ForwardConfig:
     """Local ports (inclusive) the default dial binds shadow connections to; see
     :data:`FORWARD_SOURCE_PORTS`."""
     end_grace: float = 2.0
-    """Seconds a finished shadow connection waits, after its FIN, for the target to answer or
-    close; one that does neither is counted ``connections_unconfirmed``."""
+    """Seconds a finished shadow connection waits, once the target acknowledged its bytes and
+    FIN, for the target to answer or close; one that does neither is counted
+    ``connections_unconfirmed``."""
     log_interval: float = 10.0
     """At most one warning per failure reason this often (each outage is logged once)."""
+    stall_timeout: float = 10.0
+    """Seconds a shadow connection may go without the target acknowledging a byte while some
+    are outstanding; then the flow is dropped as ``stalled``."""
+    end_timeout: float = 60.0
+    """Seconds at most from the client's end (or from the connect, if later) until all of a
+    flow's bytes are acknowledged; a target that takes them slower is cut off: ``stalled``."""
 
     def __post_init__(self) -> None:
         check_port_range(*self.source_ports)
+        for name in ("connect_timeout", "close_timeout", "end_grace", "stall_timeout",
+                     "end_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"forward {name} must not be negative")
 
 
 

@@ -229,7 +229,11 @@ class TrafficMirror:
             self._forward.close()
 
     def _flush_writer(self) -> None:
-        if self._writer is not None:
+        """Flush the recording. A background writer is closed too (its thread stopped and
+        joined; the next run starts it again), so nothing touches the file after ``run``."""
+        if isinstance(self._writer, BackgroundWriter):
+            self._writer.close()
+        elif self._writer is not None:
             self._writer.flush()
 
     # ---------------------------------------------------------------- per chunk
@@ -269,7 +273,7 @@ class TrafficMirror:
     def _send_forward(self, flow_id: int, data: bytes, gap: int = 0) -> None:
         """Forward ``data``, unless the flow's client already finished (then count it)."""
         if flow_id in self._forward_done:
-            self.counters["forward_late_bytes"] += len(data)
+            self.counters["mirror_forward_late_bytes"] += len(data)
         elif self._forward is not None and data:
             self._forward.send(flow_id, data, gap)
 

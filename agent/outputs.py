@@ -1,12 +1,19 @@
 """The files a run writes (``--record``, ``--stats-json``, the summary on stderr): checked
-at start, never clobbered.
+at start, never shared, never clobbered, and not left behind by a run that failed to start.
 
 Every output path is checked before anything starts: it is not a directory, and its directory
-exists and is writable (or it is an existing device or FIFO that is writable); otherwise
-:class:`OutputError` names the path. A regular file that exists and is not empty is never
-truncated: the output goes to the next free ``STEM.N.SUFFIX`` (N = 1, 2, ...), created with
-``O_EXCL`` so two runs never share a file, and a warning names it. ``overwrite`` truncates
-instead.
+exists and is writable, or it is an existing character device or FIFO that is writable (any
+other kind of file is refused); and the two outputs are not one file. Otherwise
+:class:`OutputError` names the path (exit 2).
+
+A character device or a FIFO is written in place. An existing regular file, empty or not, is
+never written: every run creates its files (empty) at start, so an empty file may be another
+run's that just started. The output goes to the next free ``STEM.N.SUFFIX`` (N = 1, 2, ...)
+instead, created with ``O_EXCL`` so two runs never share a file, and a warning names it.
+``overwrite`` truncates instead.
+
+A run that fails before it starts closes and removes the files it created; a run that fails
+later removes a recording it created and never wrote.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ EXIT_DEGRADED = 3
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a filter killed by it
 EXIT_HELP = """
 exit status: 0 done; 1 failed (summary, then the cause); 2 bad usage or input, or an output
-path that cannot be written; 3 degraded: a sink failed or a capture file was cut short (see
-the summary); 130 offline replay interrupted; 141 stdout's reader went away.
-Existing non-empty output files are never overwritten: NAME.1.EXT, NAME.2.EXT, ... are used
-instead (--overwrite truncates).
+path that cannot be written; 3 degraded, said by the last line: a capture file was cut short,
+a recording failed or could not keep up, or the forward sink dropped flows (with why), and
+for inspect a damaged recording; 130 offline replay interrupted; 141 stdout's reader went away.
+Existing output files are never written to: NAME.1.EXT, NAME.2.EXT, ... are used instead
+(--overwrite truncates); devices and FIFOs are written in place.
 """
 
 _MAX_NUMBER = 10_000
@@ -45,17 +53,25 @@ class OutputError(Exception):
     """An output path cannot be written (one line naming it)."""
 
 
-def check_output_path(path: Path, what: str) -> None:
-    """Raise :class:`OutputError` unless ``path`` can be written (see the module docstring)."""
+def _mode(path: Path, what: str) -> int:
+    """``path``'s file type and mode (following links), 0 if there is nothing there."""
     try:
-        mode = path.stat().st_mode
+        return path.stat().st_mode
     except FileNotFoundError:
-        mode = 0
+        return 0
     except OSError as e:
         raise OutputError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def check_output_path(path: Path, what: str) -> None:
+    """Raise :class:`OutputError` unless ``path`` can be written (see the module docstring)."""
+    mode = _mode(path, what)
     if stat.S_ISDIR(mode):
         raise OutputError(f"cannot write {what} {path}: it is a directory")
-    if mode and not stat.S_ISREG(mode):  # a device or a FIFO: written in place
+    if mode and not stat.S_ISREG(mode):
+        if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+            raise OutputError(f"cannot write {what} {path}: not a regular file, a character "
+                              "device or a FIFO")
         if not os.access(path, os.W_OK):
             raise OutputError(f"cannot write {what} {path}: permission denied")
         return
@@ -67,25 +83,28 @@ def check_output_path(path: Path, what: str) -> None:
 
 
 def open_output(path: Path, what: str, overwrite: bool = False) -> BinaryIO:
-    """Open ``path`` for writing without clobbering anything (see the module docstring).
+    """Open ``path`` for writing without sharing or clobbering a file (see the module
+    docstring). Its ``name`` is the path actually written. Raises :class:`OutputError`."""
+    return _open_output(path, what, overwrite)[0]
 
-    Its ``name`` is the path actually written. Raises :class:`OutputError`.
-    """
+
+def _open_output(path: Path, what: str, overwrite: bool) -> tuple[BinaryIO, bool]:
+    """:func:`open_output`, and whether it created the file."""
     check_output_path(path, what)
     try:
+        mode = _mode(path, what)
+        if mode and not stat.S_ISREG(mode):  # a character device or a FIFO
+            return open(path, "ab"), False
+        with contextlib.suppress(FileExistsError):  # if someone else just made it: renamed
+            return open(path, "wb", opener=_exclusive), True
         if overwrite:
-            return open(path, "wb")
-        if not path.exists():
-            with contextlib.suppress(FileExistsError):  # if someone else just made it: renamed
-                return open(path, "wb", opener=_exclusive)
-        elif not path.is_file() or path.stat().st_size == 0:
-            return open(path, "ab")  # a device, a FIFO or an empty file: nothing to lose
+            return open(path, "wb"), False
         f = _open_numbered(path)
     except OSError as e:
         raise OutputError(f"cannot write {what} {path}: {e.strerror}") from None
-    log.warning(f"{what} exists and is not empty; writing a new file instead (--overwrite "
-                "replaces it)", path=str(path), new=f.name)
-    return f
+    log.warning(f"{what} exists; writing a new file instead (--overwrite replaces it)",
+                path=str(path), new=f.name)
+    return f, True
 
 
 def _open_numbered(path: Path) -> BinaryIO:
@@ -101,6 +120,13 @@ def _exclusive(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_EXCL, 0o666)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return a.resolve() == b.resolve()
+
+
 class RunOutputs:
     """The recording and the stats file of one run, opened (or reserved) at start.
 
@@ -109,28 +135,44 @@ class RunOutputs:
 
     def __init__(self, record: str | None, stats_json: str | None, overwrite: bool) -> None:
         # Every path first, so that a bad one leaves no file behind.
-        if record is not None and record != "-":
-            check_output_path(Path(record), "recording")
+        named = [(Path(record), "recording")] if record not in (None, "-") else []
         if stats_json is not None:
-            check_output_path(Path(stats_json), "stats file")
+            named.append((Path(stats_json), "stats file"))
+        for path, what in named:
+            check_output_path(path, what)
+        if len(named) == 2 and _same_file(named[0][0], named[1][0]):
+            raise OutputError(f"--record and --stats-json name the same file {named[0][0]}; "
+                              "give each its own")
+        self._created: set[str] = set()
         self.record: BinaryIO | None = None
-        if record == "-":
-            self.record = sys.stdout.buffer
-        elif record is not None:
-            self.record = open_output(Path(record), "recording", overwrite)
         self._stats: BinaryIO | None = None
-        if stats_json is not None:
-            self._stats = open_output(Path(stats_json), "stats file", overwrite)
+        try:
+            if record == "-":
+                self.record = sys.stdout.buffer
+            elif record is not None:
+                self.record = self._open(Path(record), "recording", overwrite)
+            if stats_json is not None:
+                self._stats = self._open(Path(stats_json), "stats file", overwrite)
+        except BaseException:
+            self.finish(None, failed=True)
+            raise
+
+    def _open(self, path: Path, what: str, overwrite: bool) -> BinaryIO:
+        f, created = _open_output(path, what, overwrite)
+        if created:
+            self._created.add(f.name)
+        return f
 
     def finish(self, stats: dict[str, int] | None, failed: bool = False) -> list[str]:
-        """Close the recording (not stdout; its writer counted any error), then, given the
-        run's stats: the summary on stderr, the stats file and, unless the run ``failed``, a
-        "degraded" line if it was. Returns why it was degraded (see
-        :func:`agent.summary.degradation`; empty if it was not)."""
-        if self.record is not None and self.record is not sys.stdout.buffer:
-            with contextlib.suppress(OSError):
-                self.record.close()
+        """Close the recording (not stdout; its writer counted any error; a background
+        writer must be closed first). Without ``stats`` (the run never started) close and
+        remove every file this run created, and stop there. Given the run's stats: the
+        summary on stderr, the stats file and, unless the run ``failed``, a "degraded" line
+        if it was. Returns why it was degraded (see :func:`agent.summary.degradation`; empty
+        if it was not)."""
+        self._close(self.record, remove_if_empty=failed or stats is None)
         if stats is None:
+            self._close(self._stats, remove_if_empty=True)
             return []
         sys.stderr.write(format_summary(stats))
         reasons = degradation(stats)
@@ -145,6 +187,19 @@ class RunOutputs:
         if reasons and not failed:
             sys.stderr.write(f"mirror-agent: degraded: {'; '.join(reasons)} (see the summary)\n")
         return reasons
+
+    def _close(self, f: BinaryIO | None, remove_if_empty: bool) -> None:
+        """Close ``f`` (not stdout); remove it if asked, this run created it and it is empty."""
+        if f is None or f is sys.stdout.buffer:
+            return
+        with contextlib.suppress(OSError):
+            f.close()
+        name = str(f.name)
+        if remove_if_empty and name in self._created:
+            with contextlib.suppress(OSError):
+                if os.stat(name).st_size == 0:
+                    os.unlink(name)
+                    self._created.discard(name)
 
 
 def stdout_closed() -> int:

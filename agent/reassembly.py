@@ -1,19 +1,21 @@
 """TCP reassembly: :class:`~agent.model.Segment` in, chunks, direction and flow ends out.
 
+The flow table: connections keyed by their 4-tuple, opened by a SYN or their first data,
+closed by RST, by the second FIN reached in sequence, by the idle sweep or by a limit. Each
+direction's bytes are ordered by a :class:`~agent.streambuf.StreamBuffer`; the table decides
+when a hole is given up on (``hole_timeout``, memory limits, the connection's end) and turns
+what the buffers release into :class:`~agent.model.TrafficChunk` objects.
+
 Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts``) or from
 :meth:`Reassembler.advance`. Every byte that is not delivered is counted in
-:class:`ReassemblyStats` or reported as ``gap_bytes`` on the next chunk.
-
-Sequence numbers are *unwrapped*: a position is an unbounded int congruent to the 32-bit
-sequence number, so wraparound needs no special case after :func:`_unwrap`.
+:class:`ReassemblyStats` or reported as ``gap_bytes`` on the next chunk (or as the
+``trailing_gap`` of the :class:`~agent.model.FlowEnd`).
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from operator import itemgetter
 
 from agent.model import (
     ACK,
@@ -29,12 +31,11 @@ from agent.model import (
     flow_key,
     format_addr,
 )
+from agent.streambuf import Ready, StreamBuffer
 
 __all__ = ["Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
 
 _MASK = 0xFFFFFFFF
-_HALF = 0x80000000
-_start = itemgetter(0)
 
 Output = list[TrafficChunk | DirectionEnd | FlowEnd]
 Classifier = Callable[[int, int], Direction]
@@ -61,9 +62,10 @@ class ReassemblyConfig:
     tombstone_ttl: float = 120.0
     """Seconds a closed 4-tuple keeps dropping late segments (unless a new SYN reopens it)."""
     hole_timeout: float = 0.0
-    """Seconds a hole may hold later data back before it is skipped as a gap (0: only the
-    limits and the flow's end skip holes). A live source cannot say where a ring overflow
-    left a hole, and TCP fills real ones within its retransmission timeout (~0.2-1 s)."""
+    """Seconds a hole may hold later data, or the FIN, back without progress before it is
+    skipped as a gap (0: only the limits and the flow's end skip holes). A live source cannot
+    say where a ring overflow left a hole, and TCP fills real ones within its retransmission
+    timeout (~0.2-1 s)."""
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0:
@@ -92,13 +94,14 @@ class ReassemblyStats:
     keepalives: int = 0
     zero_window_probes: int = 0
     late_segments: int = 0
-    """Data segments of a connection already closed (after RST or FIN), dropped."""
+    """Data segments of a connection already closed (after RST or FIN), or with bytes past
+    their direction's FIN, dropped."""
     late_bytes: int = 0
     limit_skips: int = 0
     hole_timeouts: int = 0
+    """Holes skipped because later data (or the FIN) waited longer than ``hole_timeout``."""
     untracked_segments: int = 0
     """Segments of an untracked direction (responses nobody consumes): SYN/FIN/RST only."""
-    """Holes skipped because later data waited longer than ``hole_timeout``."""
     flows_closed: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -107,54 +110,24 @@ class ReassemblyStats:
         return out
 
 
-class _Half:
-    """One direction of one connection."""
+class _Half(StreamBuffer):
+    """One direction of one connection: its stream and what the table knows about it."""
 
-    __slots__ = (
-        "blocked",
-        "chunk_dir",
-        "done",
-        "fin",
-        "flow",
-        "from_addr",
-        "gap",
-        "isn",
-        "last",
-        "nxt",
-        "peer",
-        "pending",
-        "pending_bytes",
-        "probe",
-        "since",
-        "to_addr",
-        "untracked",
-    )
+    __slots__ = ("chunk_dir", "done", "flow", "from_addr", "isn", "peer", "since", "to_addr",
+                 "untracked")
 
-    def __init__(self, flow: _Flow, from_addr: str, to_addr: str, direction: Direction) -> None:
+    def __init__(self, flow: _Flow, from_addr: str, to_addr: str, direction: Direction,
+                 stats: ReassemblyStats) -> None:
+        super().__init__(stats)
         self.flow = flow
         self.from_addr = from_addr
         self.to_addr = to_addr
         self.chunk_dir = direction
-        self.nxt: int | None = None  # position of the next byte to deliver; None = not started
         self.isn: int | None = None
-        self.fin: int | None = None  # position of the FIN, once seen
         self.done = False  # FIN reached in sequence, DirectionEnd sent
-        self.gap = 0  # bytes skipped, to report on the next chunk
-        # Out-of-order data: sorted, non-overlapping [start, end, bytes | None (lost)].
-        self.pending: list[list[object]] = []
-        self.pending_bytes = 0
-        self.since = 0.0  # when the current hole started holding data back
+        self.since = 0.0  # when the current hole started holding data (or the FIN) back
         self.untracked = False  # payload ignored; only SYN/FIN/RST are followed
-        self.last: tuple[int, bytes] | None = None  # last delivered piece, for conflict checks
-        self.blocked = False  # the peer advertised a zero window
-        self.probe: tuple[int, bytes] | None = None  # a held zero-window probe byte
         self.peer: _Half = self
-
-    def unwrap(self, seq: int) -> int:
-        """Position of 32-bit ``seq`` nearest to the next expected byte."""
-        nxt = self.nxt
-        assert nxt is not None
-        return nxt + (((seq - nxt + _HALF) & _MASK) - _HALF)
 
 
 class _Flow:
@@ -173,11 +146,11 @@ class Reassembler:
     """Reassembles every TCP connection seen in a stream of segments.
 
     Feed segments in capture order with :meth:`feed`; chunks, :class:`DirectionEnd` (a
-    direction reached its FIN in sequence) and :class:`FlowEnd` notices are appended to the
-    output list you pass. In-order data is delivered at once. Call
-    :meth:`flush` at end of input. ``classify(src_port, dst_port)`` sets each chunk's direction.
-    Directions in ``untracked`` are followed for their SYN/FIN/RST only: their payload is
-    ignored (and may be absent, elided by the source).
+    direction reached its FIN in sequence, or gave up on the bytes before it) and
+    :class:`FlowEnd` notices are appended to the output list you pass. In-order data is
+    delivered at once. Call :meth:`flush` at end of input. ``classify(src_port, dst_port)``
+    sets each chunk's direction. Directions in ``untracked`` are followed for their
+    SYN/FIN/RST only: their payload is ignored (and may be absent, elided by the source).
     """
 
     def __init__(
@@ -195,8 +168,9 @@ class Reassembler:
         self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
         self._flows: dict[int, _Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
-        self._buffering: set[_Half] = set()
+        self._buffering: set[_Half] = set()  # halves with a hole: StreamBuffer.waiting
         self._total_pending = 0
+        self._ready: Ready = []
         self._next_id = 1
         self._sweep_every = self.config.idle_timeout / 2
         self._next_hole_check = 0.0
@@ -271,29 +245,6 @@ class Reassembler:
             if self._finished(half.peer, out):
                 self._end(flow, "fin", out)
 
-    def _track(self, half: _Half, seg: Segment, ts: float, out: Output) -> None:
-        """The data path of :meth:`feed` for a tracked half (not RST)."""
-        flags = seg.flags
-        payload = seg.payload
-        nxt = half.nxt
-        if nxt is None:
-            if flags & SYN:
-                half.isn = seg.seq
-                nxt = half.nxt = seg.seq + 1
-            else:
-                nxt = half.nxt = seg.seq  # started mid-stream: begin at the first byte seen
-        pos = half.unwrap(seg.seq + 1 if flags & SYN else seg.seq)
-        if pos == nxt and payload and not (half.pending or half.probe or half.blocked
-                                           or seg.lost):
-            # Fast path: the next bytes, in order, nothing held.
-            half.nxt = pos + len(payload)
-            half.last = (pos, payload)
-            self._emit(half, payload, ts, out)
-        elif payload or seg.lost:
-            self._data(half, pos, payload, seg.lost, ts, out)
-        if flags & FIN:
-            half.fin = pos + len(payload) + seg.lost
-
     def advance(self, now: float, out: Output) -> None:
         """Let time pass: skip timed-out holes, end idle flows (and over-age ones), expire
         tombstones."""
@@ -316,18 +267,110 @@ class Reassembler:
         for key in [k for k, t in self._tombstones.items() if t <= dead_before]:
             del self._tombstones[key]
 
-    def _expire_holes(self, now: float, out: Output) -> None:
-        timeout = self.config.hole_timeout
-        self._next_hole_check = now + timeout / 4
-        for half in [h for h in self._buffering if now - h.since >= timeout]:
-            self.stats.hole_timeouts += 1
-            self._skip_holes(half, now, out, once=True)
-
     def flush(self, out: Output) -> None:
         """End every flow, delivering buffered data past its holes (end of input)."""
         for flow in list(self._flows.values()):
             self._end(flow, "flush", out)
         self._tombstones.clear()
+
+    # ----------------------------------------------------------------- data
+
+    def _track(self, half: _Half, seg: Segment, ts: float, out: Output) -> None:
+        """The data path of :meth:`feed` for a tracked half (not RST)."""
+        flags = seg.flags
+        payload = seg.payload
+        nxt = half.nxt
+        if nxt is None:
+            if flags & SYN:
+                half.isn = seg.seq
+                nxt = half.nxt = seg.seq + 1
+            else:
+                nxt = half.nxt = seg.seq  # started mid-stream: begin at the first byte seen
+        pos = half.unwrap(seg.seq + 1 if flags & SYN else seg.seq)
+        if pos == nxt and payload and not (half.pending or half.probe or half.blocked
+                                           or seg.lost or half.fin is not None):
+            # Fast path: the next bytes, in order, nothing held, no FIN known.
+            half.nxt = pos + len(payload)
+            half.last = (pos, payload)
+            gap = half.gap
+            if gap:
+                half.gap = 0
+            self._emit(half, payload, gap, ts, out)
+        elif payload or seg.lost:
+            self._add(half, pos, payload, seg.lost, ts, out)
+        if flags & FIN and half.fin is None:
+            held = half.held
+            half.set_fin(pos + len(payload) + seg.lost)
+            self._total_pending += half.held - held
+            self._wait(half, False)  # the bytes before the FIN, if missing, are a hole
+
+    def _add(self, half: _Half, pos: int, payload: bytes, lost: int, ts: float,
+             out: Output) -> None:
+        """Hand data to ``half``'s buffer; emit what it releases; apply the memory limits."""
+        nxt, held = half.nxt, half.held
+        ready = self._ready
+        half.add(pos, payload, lost, ready)
+        self._total_pending += half.held - held
+        if ready:
+            self._deliver(half, ready, ts, out)
+        self._wait(half, half.nxt != nxt)
+        cfg = self.config
+        while half.pending and half.held > cfg.max_flow_buffer:
+            self.stats.limit_skips += 1
+            self._skip(half, ts, out)
+        while self._buffering and self._total_pending > cfg.max_total_buffer:
+            self.stats.limit_skips += 1
+            biggest = max(self._buffering, key=lambda h: h.held)
+            self._skip(biggest, ts, out)
+            if biggest.flow is not half.flow:  # feed() closes this one once it is done
+                self._close_if_finished(biggest.flow, out)
+
+    def _wait(self, half: _Half, moved: bool) -> None:
+        """Keep :attr:`_buffering` and the hole clock: a hole starts when a half begins to
+        wait, and again whenever its next byte moved."""
+        if half.waiting:
+            if moved or half not in self._buffering:
+                half.since = self._now
+                self._buffering.add(half)
+        else:
+            self._buffering.discard(half)
+
+    def _skip(self, half: _Half, ts: float, out: Output) -> None:
+        """Give up on ``half``'s first hole (a gap); that may complete the direction."""
+        nxt, held = half.nxt, half.held
+        ready = self._ready
+        half.skip_hole(ready)
+        self._total_pending += half.held - held
+        if ready:
+            self._deliver(half, ready, ts, out)
+        self._wait(half, half.nxt != nxt)
+        self._finished(half, out)
+
+    def _expire_holes(self, now: float, out: Output) -> None:
+        timeout = self.config.hole_timeout
+        self._next_hole_check = now + timeout / 4
+        for half in [h for h in self._buffering if now - h.since >= timeout]:
+            if half in self._buffering:  # not ended with its flow earlier in this loop
+                self.stats.hole_timeouts += 1
+                self._skip(half, now, out)
+                self._close_if_finished(half.flow, out)
+
+    def _deliver(self, half: _Half, ready: Ready, ts: float, out: Output) -> None:
+        for gap, data in ready:
+            self._emit(half, data, gap, ts, out)
+        ready.clear()
+
+    def _emit(self, half: _Half, data: bytes, gap: int, ts: float, out: Output) -> None:
+        stats = self.stats
+        if gap:
+            stats.gap_bytes += gap
+        stats.chunks += 1
+        stats.bytes_delivered += len(data)
+        out.append(
+            TrafficChunk(
+                data, half.from_addr, half.to_addr, half.chunk_dir, ts, half.flow.flow_id, gap
+            )
+        )
 
     # ----------------------------------------------------------------- flows
 
@@ -364,8 +407,9 @@ class Reassembler:
         anon = self._anonymize
         src = format_addr(seg.src_ip, seg.src_port, anon)
         dst = format_addr(seg.dst_ip, seg.dst_port, anon)
-        a = _Half(flow, src, dst, self._classify(seg.src_port, seg.dst_port))
-        b = _Half(flow, dst, src, self._classify(seg.dst_port, seg.src_port))
+        stats = self.stats
+        a = _Half(flow, src, dst, self._classify(seg.src_port, seg.dst_port), stats)
+        b = _Half(flow, dst, src, self._classify(seg.dst_port, seg.src_port), stats)
         a.peer, b.peer = b, a
         a.untracked = a.chunk_dir in self._untracked
         b.untracked = b.chunk_dir in self._untracked
@@ -373,16 +417,22 @@ class Reassembler:
         self._flows[flow.flow_id] = flow
         self._halves[(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)] = a
         self._halves[(seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port)] = b
-        self.stats.flows_opened += 1
+        stats.flows_opened += 1
         return a
 
     def _finished(self, half: _Half, out: Output) -> bool:
         """Has ``half`` reached its FIN in sequence? (Announced once with DirectionEnd.)"""
-        if half.fin is None or half.nxt is None or half.nxt < half.fin:
+        if not half.complete:
             return False
         if not half.done:
             self._direction_end(half, out)
         return True
+
+    def _close_if_finished(self, flow: _Flow, out: Output) -> None:
+        """End ``flow`` by ``fin`` once both directions are complete (a hole skipped outside
+        :meth:`feed`, by time or by another flow's limit, may complete the second one)."""
+        if self._finished(flow.a, out) and self._finished(flow.b, out):
+            self._end(flow, "fin", out)
 
     @staticmethod
     def _direction_end(half: _Half, out: Output) -> None:
@@ -402,14 +452,17 @@ class Reassembler:
 
     def _end(self, flow: _Flow, reason: str, out: Output) -> None:
         trailing = 0
+        ready = self._ready
         for half in (flow.a, flow.b):
             if half.pending:
-                self._skip_holes(half, self._now, out)
-            if half.probe is not None:
-                half.probe = None  # never confirmed: not data
-            if half.fin is not None and half.nxt is not None and half.nxt < half.fin:
-                trailing += half.fin - half.nxt
-            trailing += half.gap  # skipped bytes with no chunk left to carry them
+                held = half.held
+                half.release_all(ready)
+                self._total_pending += half.held - held
+                self._deliver(half, ready, self._now, out)
+                self._finished(half, out)  # releasing the last hole may complete it
+            half.probe = None  # never confirmed: not data
+            self._buffering.discard(half)
+            trailing += half.trailing()  # with no chunk left to carry it
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
         del self._flows[flow.flow_id]
@@ -419,201 +472,3 @@ class Reassembler:
         if reason == "fin":
             self._tombstones[k] = self._now
         out.append(FlowEnd(flow.flow_id, reason, trailing))
-
-    # ----------------------------------------------------------------- data
-
-    def _data(
-        self, half: _Half, pos: int, payload: bytes, lost: int, ts: float, out: Output
-    ) -> None:
-        """Place ``payload`` (then ``lost`` missing bytes) at ``pos`` in ``half``'s stream."""
-        stats = self.stats
-        if half.probe is not None:
-            self._settle_probe(half, pos, ts, out)
-        nxt = half.nxt
-        assert nxt is not None
-        size = len(payload)
-        end = pos + size
-        if end + lost <= nxt:
-            if pos == nxt - 1 and size <= 1:
-                stats.keepalives += 1
-            else:
-                stats.retransmitted_bytes += size
-                self._check_conflict(half, pos, payload)
-            return
-        if pos < nxt:
-            cut = min(nxt - pos, size)
-            if cut:
-                stats.retransmitted_bytes += cut
-                self._check_conflict(half, pos, payload[:cut])
-                payload = payload[cut:]
-                size -= cut
-            lost -= (nxt - pos) - cut
-            pos = nxt
-        pending = half.pending
-        # Fast path: in order and ending before any held data (else merge via the buffer).
-        if pos == nxt and (not pending or pending[0][0] > end + lost):  # type: ignore[operator]
-            if half.blocked and size == 1 and not lost:
-                # A one-byte zero-window probe: hold it until we know the receiver took it.
-                half.probe = (pos, payload)
-                stats.zero_window_probes += 1
-                return
-            if size:
-                half.nxt = end
-                half.last = (pos, payload)
-                self._emit(half, payload, ts, out)
-            if lost:
-                half.nxt = end + lost
-                half.gap += lost
-                if pending:
-                    self._drain(half, ts, out)
-            return
-        self._insert(half, pos, payload, lost)
-        if pending[0][0] <= nxt:  # type: ignore[operator]
-            self._drain(half, ts, out)
-            return
-        cfg = self.config
-        while half.pending and half.pending_bytes > cfg.max_flow_buffer:
-            stats.limit_skips += 1
-            self._skip_holes(half, ts, out, once=True)
-        while self._buffering and self._total_pending > cfg.max_total_buffer:
-            stats.limit_skips += 1
-            biggest = max(self._buffering, key=lambda h: h.pending_bytes)
-            self._skip_holes(biggest, ts, out, once=True)
-
-    def _settle_probe(self, half: _Half, pos: int, ts: float, out: Output) -> None:
-        """A segment follows a held probe byte: at nxt+1 the receiver took it, else drop it."""
-        assert half.probe is not None
-        ppos, pbyte = half.probe
-        half.probe = None
-        if pos == ppos + 1:
-            half.nxt = pos
-            half.last = (ppos, pbyte)
-            self._emit(half, pbyte, ts, out)
-
-    def _check_conflict(self, half: _Half, pos: int, data: bytes) -> None:
-        """Count bytes of a retransmission that differ from the copy already delivered."""
-        last = half.last
-        if last is None or not data:
-            return
-        lpos, ldata = last
-        lo = max(pos, lpos)
-        hi = min(pos + len(data), lpos + len(ldata))
-        if lo < hi and data[lo - pos : hi - pos] != ldata[lo - lpos : hi - lpos]:
-            a = data[lo - pos : hi - pos]
-            b = ldata[lo - lpos : hi - lpos]
-            self.stats.conflict_bytes += sum(1 for x, y in zip(a, b, strict=True) if x != y)
-
-    def _insert(self, half: _Half, pos: int, payload: bytes, lost: int) -> None:
-        """Add [pos, pos+len+lost) to the pending list; bytes already held win (first copy)."""
-        pending = half.pending
-        end = pos + len(payload)
-        pieces: list[list[object]] = []
-        i = bisect.bisect_left(pending, pos, key=_start)
-        if i > 0 and pending[i - 1][1] > pos:  # type: ignore[operator]
-            i -= 1
-        cur = pos
-        j = i
-        total_end = end + lost
-        while j < len(pending) and pending[j][0] < total_end:  # type: ignore[operator]
-            s, e, held = pending[j]
-            assert isinstance(s, int) and isinstance(e, int)
-            if s > cur:
-                self._piece(pieces, cur, s, pos, payload, end)
-            lo, hi = max(cur, s), min(end, e)
-            if lo < hi and isinstance(held, bytes):
-                mine = payload[lo - pos : hi - pos]
-                theirs = held[lo - s : hi - s]
-                if mine != theirs:
-                    self.stats.conflict_bytes += sum(
-                        1 for x, y in zip(mine, theirs, strict=True) if x != y
-                    )
-            self.stats.retransmitted_bytes += max(0, hi - lo)
-            cur = max(cur, e)
-            j += 1
-        if cur < total_end:
-            self._piece(pieces, cur, total_end, pos, payload, end)
-        if pieces:
-            if i == j:  # no overlap with held data: the common case, O(1) at the tail
-                pending[i:i] = pieces
-            else:  # interleave with the held pieces it overlapped
-                pending[i:j] = sorted(pending[i:j] + pieces, key=_start)
-            added = sum(int(p[1]) - int(p[0]) for p in pieces if p[2] is not None)  # type: ignore[call-overload]
-            half.pending_bytes += added
-            self._total_pending += added
-            if half not in self._buffering:
-                half.since = self._now
-                self._buffering.add(half)
-
-    @staticmethod
-    def _piece(
-        pieces: list[list[object]], lo: int, hi: int, pos: int, payload: bytes, end: int
-    ) -> None:
-        """Append the part [lo, hi) of a new segment: real bytes up to ``end``, lost after."""
-        if lo < end:
-            pieces.append([lo, min(hi, end), payload[lo - pos : min(hi, end) - pos]])
-        if hi > end:
-            pieces.append([max(lo, end), hi, None])
-
-    def _drain(self, half: _Half, ts: float, out: Output) -> None:
-        """Deliver pending pieces that now start at or before ``nxt``, as one chunk."""
-        pending = half.pending
-        nxt = half.nxt
-        assert nxt is not None
-        parts: list[bytes] = []
-        released = 0
-        k = 0
-        while k < len(pending) and pending[k][0] <= nxt:  # type: ignore[operator]
-            s, e, data = pending[k]
-            k += 1
-            assert isinstance(s, int) and isinstance(e, int)
-            if data is not None:
-                released += e - s
-            if e <= nxt:
-                continue
-            if data is None:
-                if parts:
-                    self._emit(half, b"".join(parts), ts, out)
-                    parts = []
-                half.gap += e - nxt
-            else:
-                assert isinstance(data, bytes)
-                piece = data[nxt - s :] if s < nxt else data
-                parts.append(piece)
-                half.last = (max(s, nxt), piece)
-            nxt = e
-        del pending[:k]
-        half.nxt = nxt
-        half.pending_bytes -= released
-        self._total_pending -= released
-        if not pending:
-            self._buffering.discard(half)
-        else:
-            half.since = self._now  # what is left waits on a new hole
-        if parts:
-            self._emit(half, parts[0] if len(parts) == 1 else b"".join(parts), ts, out)
-
-    def _skip_holes(self, half: _Half, ts: float, out: Output, once: bool = False) -> None:
-        """Give up on the hole(s) before pending data: count them as a gap, deliver the rest."""
-        while half.pending:
-            start = half.pending[0][0]
-            assert isinstance(start, int) and half.nxt is not None
-            if start > half.nxt:
-                half.gap += start - half.nxt
-                half.nxt = start
-            self._drain(half, ts, out)
-            if once:
-                break
-        self._finished(half, out)  # skipping the last hole may complete the direction
-
-    def _emit(self, half: _Half, data: bytes, ts: float, out: Output) -> None:
-        gap = half.gap
-        if gap:
-            self.stats.gap_bytes += gap
-            half.gap = 0
-        self.stats.chunks += 1
-        self.stats.bytes_delivered += len(data)
-        out.append(
-            TrafficChunk(
-                data, half.from_addr, half.to_addr, half.chunk_dir, ts, half.flow.flow_id, gap
-            )
-        )

@@ -1,5 +1,10 @@
 """pcap and pcapng files as a packet source (several files, read in the order given).
 
+Every file's global header (the 24 bytes of pcap, pcapng's whole Section Header Block) is
+checked when the source is made: a missing, non-capture or truncated one is a
+:class:`SourceError` before any file is read. A file that can no longer be read when its turn
+comes (changed since) is cut short like a damaged one.
+
 A damaged file is read up to the damage. A pcapng block whose framing is intact (its length
 repeated at its end) but whose content is not (a packet longer than its block, an unknown
 interface) is skipped and counted (``bad_frames``). Where the next record cannot be found (a
@@ -11,8 +16,10 @@ counts it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +41,11 @@ _PCAP_MAGICS = {
     b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
+_PCAP_HEADER = 24
 _PCAPNG_SHB = 0x0A0D0D0A
+_PCAPNG_SHB_BYTES = b"\x0a\x0d\x0d\x0a"  # the same in either byte order
+_SHB_ENDIAN = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}
+_SHB_MIN = 28  # type, length, byte-order magic, version, section length, length again
 #: No frame is longer (libpcap's MAXIMUM_SNAPLEN): a larger captured length is corruption.
 _MAX_CAPLEN = 262_144
 
@@ -59,36 +70,68 @@ def _ignore(_frame: int, _offset: int, _why: str) -> None:
 
 
 def read_frames(path: Path, bad_frame: BadFrame = _ignore) -> Iterator[Frame]:
-    """Every frame of a pcap or pcapng file. Raises :class:`SourceError` on a bad file header
-    and :class:`CutShort` where the rest of the file cannot be read (after every frame before
-    it); ``bad_frame`` hears of each damaged frame skipped."""
+    """Every frame of a pcap or pcapng file. Raises :class:`SourceError` on a bad or
+    truncated global header and :class:`CutShort` where the rest of the file cannot be read
+    (after every frame before it); ``bad_frame`` hears of each damaged frame skipped."""
+    with _mapped(path) as (data, kind, endian, unit):
+        if kind == "pcap":
+            yield from _pcap(path, data, endian, unit)
+        else:
+            yield from _pcapng(path, data, bad_frame)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[tuple[mmap.mmap, str, str, float]]:
+    """The file mapped, with what :func:`_global_header` found; SourceError if it cannot be
+    opened or is not a whole capture file header."""
     try:
         f = path.open("rb")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: no such file") from None
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from None
     with f:
-        head = f.read(4)
-        if len(head) < 4:
-            raise SourceError(f"{path}: not a pcap or pcapng file (too short)")
         try:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except (ValueError, OSError) as e:
             raise SourceError(f"cannot map {path}: {e}") from None
+        if data is None:
+            raise SourceError(f"{path}: not a pcap or pcapng file (empty)")
         with data:
-            if head in _PCAP_MAGICS:
-                yield from _pcap(path, data, *_PCAP_MAGICS[head])
-            elif struct.unpack("<I", head)[0] == _PCAPNG_SHB:
-                yield from _pcapng(path, data, bad_frame)
-            else:
-                raise SourceError(f"{path}: not a pcap or pcapng file (magic {head.hex()})")
+            yield (data, *_global_header(path, data))
+
+
+def _global_header(path: Path, data: mmap.mmap) -> tuple[str, str, float]:
+    """``("pcap", endian, seconds per tick)`` or ``("pcapng", endian, 0.0)``; SourceError
+    unless the file starts with a whole pcap header (24 bytes) or Section Header Block."""
+    head = data[:4]
+    if head in _PCAP_MAGICS:
+        if len(data) < _PCAP_HEADER:
+            raise SourceError(f"{path}: truncated pcap header ({len(data)} of {_PCAP_HEADER} "
+                              "bytes)")
+        return ("pcap", *_PCAP_MAGICS[head])
+    if head != _PCAPNG_SHB_BYTES:
+        why = "too short" if len(data) < 4 else f"magic {head.hex()}"
+        raise SourceError(f"{path}: not a pcap or pcapng file ({why})")
+    if len(data) < _SHB_MIN:
+        raise SourceError(f"{path}: truncated pcapng section header ({len(data)} of at least "
+                          f"{_SHB_MIN} bytes)")
+    endian = _SHB_ENDIAN.get(data[8:12])
+    if endian is None:
+        raise SourceError(f"{path}: not a pcapng file (byte-order magic {data[8:12].hex()})")
+    blen = struct.unpack_from(endian + "I", data, 4)[0]
+    bad = _bad_block_length(data, 0, blen, endian)
+    if bad or blen < _SHB_MIN:
+        raise SourceError(f"{path}: truncated or damaged pcapng section header "
+                          f"({bad or f'block length {blen}'})")
+    return "pcapng", endian, 0.0
 
 
 def _pcap(path: Path, data: mmap.mmap, endian: str, unit: float) -> Iterator[Frame]:
-    if len(data) < 24:
-        raise SourceError(f"{path}: truncated pcap header")
     linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
     rec = struct.Struct(endian + "IIII")
-    pos, n = 24, len(data)
+    pos, n = _PCAP_HEADER, len(data)
     unpack = rec.unpack_from
     frame = 1
     while pos + 16 <= n:
@@ -115,8 +158,7 @@ def _pcapng(path: Path, data: mmap.mmap, bad_frame: BadFrame) -> Iterator[Frame]
     while pos + 12 <= n:
         btype = struct.unpack_from(endian + "I", data, pos)[0]
         if btype == _PCAPNG_SHB:
-            bom = data[pos + 8 : pos + 12]
-            endian = "<" if bom == b"\x4d\x3c\x2b\x1a" else ">"
+            endian = _SHB_ENDIAN.get(data[pos + 8 : pos + 12], ">")
             ifaces = []
         blen = struct.unpack_from(endian + "I", data, pos + 4)[0]
         bad = _bad_block_length(data, pos, blen, endian)
@@ -187,16 +229,9 @@ def _tsresol(data: mmap.mmap, pos: int, end: int, endian: str) -> float:
 
 
 def _check_header(path: Path) -> None:
-    """Fail early, with one clear line, on a missing or non-capture file."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: no such file") from None
-    except OSError as e:
-        raise SourceError(f"cannot open {path}: {e.strerror}") from None
-    if head not in _PCAP_MAGICS and (len(head) < 4 or struct.unpack("<I", head)[0] != _PCAPNG_SHB):
-        raise SourceError(f"{path}: not a pcap or pcapng file")
+    """Fail early, with one clear line, on a missing, non-capture or truncated file."""
+    with _mapped(path):
+        pass
 
 
 class PcapFileSource:
@@ -229,17 +264,20 @@ class PcapFileSource:
         for path in self.paths:
             batch: list[Segment] = []
             frames = read_frames(path, functools.partial(self._bad_frame, path))
+            read = 0
             while not self._closed:
                 try:
                     linktype, ts, frame, orig = next(frames)
                 except StopIteration:
                     break
                 except CutShort as e:
-                    self._cut_short_files += 1
-                    log.warning("capture file cut short: the rest of it is skipped",
-                                file=str(path), frame=e.frame, offset=e.offset, reason=e.reason,
-                                frames_read=e.frame - 1)
+                    self._cut_short(path, e.reason, frames_read=read, frame=e.frame,
+                                    offset=e.offset)
                     break
+                except SourceError as e:  # changed since the check at start
+                    self._cut_short(path, str(e), frames_read=read)
+                    break
+                read += 1
                 self._frames += 1
                 if keep is not None and not keep(linktype, frame):
                     self._filtered += 1
@@ -258,6 +296,11 @@ class PcapFileSource:
                         batch = []
             if batch:
                 yield batch
+
+    def _cut_short(self, path: Path, reason: str, **where: int) -> None:
+        self._cut_short_files += 1
+        log.warning("capture file cut short: the rest of it is skipped", file=str(path),
+                    reason=reason, **where)
 
     def _bad_frame(self, path: Path, frame: int, offset: int, why: str) -> None:
         """Count a damaged frame skipped; warn of the first one in each file."""

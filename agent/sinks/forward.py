@@ -3,40 +3,49 @@
 The mirror thread only queues work (:meth:`ForwardSink.send`, :meth:`end`) and hands it over
 once per batch (:meth:`ForwardSink.commit`); an asyncio loop in its own thread dials (from a
 reserved source port, see :mod:`agent.sinks.source_ports`), writes, reads and discards the
-target's responses. Nothing here can block capture: a flow whose buffered bytes pass
-``max_flow_buffer`` (target stalls), or any flow while all flows together hold more than
+target's responses (per-connection work: :mod:`agent.sinks.shadow_conn`). Nothing here can
+block capture: a flow holding more than ``max_flow_buffer`` bytes (queued, or in its
+transport until the kernel takes them), or any flow while all together hold more than
 ``max_total_buffer``, is dropped whole and counted. A target that refuses, times out, resets
-or stops reading costs only that flow (dropped, counted, logged once per outage).
+or stops reading costs only that flow (dropped, counted, logged once per outage); one that
+acknowledges nothing for ``stall_timeout``, or not all of a finished flow within
+``end_timeout``, is ``stalled`` and its connection reset.
 
 Accounting: ``bytes_forwarded`` are bytes the target acknowledged; every other byte handed to
-the sink is in ``bytes_dropped``. A dropped flow is counted once, in ``flows_dropped`` and
-``flows_dropped_<reason>``, the reason being the root cause: a buffer limit hit while the
-connection is still being made is charged to the connect (``connect_timeout``,
-``connect_failed``) unless it then succeeds. ``connections_completed`` counts connections
-whose bytes were all acknowledged and whose target then answered or closed;
-``connections_unconfirmed`` those whose target did neither within ``end_grace`` (a shadow that
-never reads).
-
-Each counter is written by one thread only (mirror: :attr:`_mcounts`, I/O: :attr:`_counts`);
-:attr:`stats` adds them up.
+the sink is in ``bytes_dropped``. A dropped flow is counted once (a gap may have restarted its
+connection), in ``flows_dropped`` and ``flows_dropped_<reason>``, the reason being the root
+cause: a buffer limit hit while dialing is charged to the connect (``connect_timeout``,
+``connect_failed``) unless it succeeds; ``error`` is a fault of the sink itself.
+``connections_completed`` counts connections whose bytes were all acknowledged and whose
+target then answered or closed; ``connections_unconfirmed`` those whose target did neither
+within ``end_grace`` (a shadow that never reads). Each counter is written by one thread only
+(mirror: :attr:`_mcounts`, I/O: :attr:`_counts`); :attr:`stats` adds them up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import socket
-import struct
-import termios
 import threading
-from collections import Counter, deque
+from collections import Counter
 
 import structlog
 
-from agent.config import Dial, ForwardConfig, parse_target
+from agent.config import Dial, ForwardConfig
 from agent.sinks.outage import OutageLog
-from agent.sinks.source_ports import NoSourcePort, bind_source_port, connect_from_ports
+from agent.sinks.shadow_conn import (
+    Conn,
+    Dialer,
+    Flow,
+    Stalled,
+    Streams,
+    connect_failure,
+    describe,
+    hard_close,
+    progressing,
+    wait_acked,
+)
+from agent.sinks.source_ports import NoSourcePort, bind_source_port
 
 __all__ = ["ForwardSink", "NoSourcePort", "bind_source_port"]
 
@@ -45,52 +54,7 @@ log = structlog.get_logger("agent.forward")
 _DATA, _END, _RESET, _DROP = 0, 1, 2, 3
 _BUFFER_REASONS = frozenset({"flow_buffer", "total_buffer"})
 _CONNECT_REASONS = frozenset({"connect_failed", "connect_timeout", "no_source_port"})
-
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class _Conn:
-    """One shadow connection (I/O thread only)."""
-
-    __slots__ = ("answered", "buffered", "counted", "deferred", "dialing", "ended", "pushed",
-                 "queue", "task", "wake")
-
-    def __init__(self) -> None:
-        self.queue: deque[bytes] = deque()
-        self.buffered = 0  # bytes in queue
-        self.pushed = 0  # bytes handed to the transport
-        self.counted = 0  # of those, counted as forwarded (acknowledged) or dropped
-        self.ended = False
-        self.dialing = True
-        self.deferred: str | None = None  # a buffer limit hit while dialing
-        self.answered = False
-        self.wake: asyncio.Event = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-
-def _connect_failure(e: BaseException) -> str:
-    if isinstance(e, NoSourcePort):
-        return "no_source_port"
-    return "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
-
-
-def _kernel_unacked(fd: int, fin_queued: bool) -> int:
-    """Payload bytes in a TCP socket's send queue not yet acknowledged (SIOCOUTQ)."""
-    try:
-        n: int = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
-    except OSError:
-        return 0
-    return max(0, n - 1) if fin_queued else n  # a queued FIN takes one sequence number
-
-
-def _in_flight(writer: asyncio.StreamWriter, eof: bool) -> int | None:
-    """Bytes handed to ``writer`` and not acknowledged; None once its socket is gone."""
-    sock = writer.get_extra_info("socket")
-    fd = sock.fileno() if sock is not None else -1
-    if fd < 0:
-        return None
-    buffered = writer.transport.get_write_buffer_size()
-    return buffered + _kernel_unacked(fd, fin_queued=eof and not buffered)
+_PIECE = 256 << 10  # bytes handed to a transport at once (the rest stays queued)
 
 
 class ForwardSink:
@@ -103,24 +67,24 @@ class ForwardSink:
     def __init__(self, target: str, dial: Dial | None = None,
                  config: ForwardConfig | None = None) -> None:
         self.target = target
-        self._host, self._port = parse_target(target)
-        self._dial = dial
         self.config = config or ForwardConfig()
+        self._dialer = Dialer(target, dial, self.config.source_ports)
         self._mcounts: Counter[str] = Counter()  # mirror thread's counters
         self._counts: Counter[str] = Counter()  # I/O thread's counters
         self._ops: list[tuple[int, int, bytes]] = []
         self._uncommitted = 0  # bytes in _ops
         self._lock = threading.Lock()
-        self._queued_total = 0  # bytes handed over and not yet written (guarded by _lock)
+        # Bytes handed over and still held: queued or in a transport (guarded by _lock).
+        self._queued_total = 0
         # Flows given up on. Mirror thread: adds, reads. I/O thread: adds while the flow is
         # open, discards when its end arrives (set operations are atomic under the GIL).
         self._dropped: set[int] = set()
         self._open: set[int] = set()  # mirror thread: flows that sent data and did not end
-        self._current: dict[int, _Conn] = {}  # I/O thread: flow id → its shadow connection
-        self._live: set[_Conn] = set()  # I/O thread: connections whose task still runs
+        self._flows: dict[int, Flow] = {}  # I/O thread: flows with a connection, until end
+        self._current: dict[int, Conn] = {}  # I/O thread: flow id → its shadow connection
+        self._live: set[Conn] = set()  # I/O thread: connections whose task still runs
         self._dialing = 0  # I/O thread: connections not connected yet
         self._awaiting = 0  # I/O thread: flows dropped meanwhile, charged to their outcome
-        self._warned_port = False
         self._outages = OutageLog(log, "forwarding failed", "target reachable again",
                                   self.config.log_interval, target=target)
         self._loop = asyncio.new_event_loop()
@@ -193,7 +157,7 @@ class ForwardSink:
         total.update(dict(self._counts))
         return total
 
-    # ---------------------------------------------------------------- I/O thread
+    # ---------------------------------------------------------------- I/O thread: flows
 
     def _apply(self, ops: list[tuple[int, int, bytes]]) -> None:
         for kind, flow_id, data in ops:
@@ -202,53 +166,82 @@ class ForwardSink:
                 self._queue(flow_id, conn, data)
             elif kind == _DROP:
                 self._drop_over_total(flow_id, conn)
+            elif kind == _RESET and conn is not None and conn.ended:
+                continue  # given up on: a gap does not revive it (its bytes are discarded)
             else:
                 if kind == _END:
                     self._dropped.discard(flow_id)
+                    self._flows.pop(flow_id, None)
                 if conn is not None:
                     # This connection takes no more data; a later send opens another.
                     del self._current[flow_id]
-                    conn.ended = True
-                    conn.wake.set()
+                    conn.finish(self.config.end_timeout)
 
-    def _queue(self, flow_id: int, conn: _Conn | None, data: bytes) -> None:
+    def _queue(self, flow_id: int, conn: Conn | None, data: bytes) -> None:
         if conn is not None and conn.ended:  # aborted: count, do not queue
             self._discard_bytes(len(data))
             return
         if conn is None:
-            conn = self._current[flow_id] = _Conn()
-            self._dialing += 1
-            self._live.add(conn)
-            conn.task = self._loop.create_task(self._run(flow_id, conn))
-            conn.task.add_done_callback(lambda _t: self._live.discard(conn))  # even unstarted
-            self._counts["connections"] += 1
+            conn = self._new_conn(flow_id)
         conn.queue.append(data)
         conn.buffered += len(data)
-        if conn.buffered > self.config.max_flow_buffer:
-            self._abort(flow_id, conn, "flow_buffer")
+        if conn.buffered + self._sync(conn) > self.config.max_flow_buffer:
+            self._abort(conn, "flow_buffer")
         conn.wake.set()
 
-    def _drop_over_total(self, flow_id: int, conn: _Conn | None) -> None:
+    def _new_conn(self, flow_id: int) -> Conn:
+        conn = self._current[flow_id] = Conn(self._flows.setdefault(flow_id, Flow(flow_id)))
+        self._dialing += 1
+        self._live.add(conn)
+        conn.task = self._loop.create_task(self._run(conn))
+        conn.task.add_done_callback(lambda _t: self._live.discard(conn))  # even unstarted
+        self._counts["connections"] += 1
+        return conn
+
+    def _drop_over_total(self, flow_id: int, conn: Conn | None) -> None:
         """The mirror thread dropped the flow: all flows together hold too much."""
         if conn is not None:
             if not conn.ended:
-                self._abort(flow_id, conn, "total_buffer")
-        elif self._dialing:  # the buffers are full while connects hang: they decide
+                self._abort(conn, "total_buffer")
+            return
+        flow = self._flows.get(flow_id) or Flow(flow_id)
+        if flow.dropped:
+            return
+        if self._dialing:  # the buffers are full while connects hang: they decide
+            flow.dropped = True
             self._awaiting += 1
         else:
-            self._count_drop("total_buffer", flow_id=flow_id)
+            self._count_drop("total_buffer", flow)
 
-    def _count_drop(self, why: str, n: int = 1, /, **detail: object) -> None:
+    def _count_drop(self, why: str, flow: Flow | None, n: int = 1, /,
+                    **detail: object) -> None:
+        if flow is not None:
+            if flow.dropped:
+                return
+            flow.dropped = True
+            detail["flow_id"] = flow.flow_id
         self._counts["flows_dropped"] += n
         self._counts[f"flows_dropped_{why}"] += n
         self._outages.failed(why, n, **detail)
 
-    def _discard_bytes(self, n: int) -> None:
-        self._counts["bytes_dropped"] += n
+    def _release(self, n: int) -> None:
+        """``n`` bytes no longer held (written to the kernel, or discarded)."""
         with self._lock:
             self._queued_total -= n
 
-    def _abort(self, flow_id: int, conn: _Conn, why: str, **detail: object) -> None:
+    def _discard_bytes(self, n: int) -> None:
+        self._counts["bytes_dropped"] += n
+        self._release(n)
+
+    def _sync(self, conn: Conn) -> int:
+        """Release the bytes ``conn``'s transport passed on; return those it still holds."""
+        held = conn.writer.transport.get_write_buffer_size() if conn.writer is not None else 0
+        if held < conn.in_transport:
+            self._release(conn.in_transport - held)
+            conn.in_transport = held
+        return conn.in_transport
+
+    def _abort(self, conn: Conn, why: str, **detail: object) -> None:
         """Give up on a connection: discard what it holds (counted), cancel its task, drop the
         rest of the flow, count ``why``. A buffer limit hit while still dialing is not counted
         yet and the dial goes on: its outcome names the cause (see :meth:`_connect`)."""
@@ -256,9 +249,9 @@ class ForwardSink:
         if deferred:
             conn.deferred = conn.deferred or why
         else:
-            self._count_drop(why, flow_id=flow_id, **detail)
-        if self._current.get(flow_id) is conn:
-            self._dropped.add(flow_id)
+            self._count_drop(why, conn.flow, **detail)
+        if self._current.get(conn.flow.flow_id) is conn:
+            self._dropped.add(conn.flow.flow_id)
         self._discard_bytes(conn.buffered)
         conn.queue.clear()
         conn.buffered = 0
@@ -267,135 +260,134 @@ class ForwardSink:
             self._dial_over(conn)
             conn.task.cancel()
 
-    def _dial_over(self, conn: _Conn) -> None:
+    def _dial_over(self, conn: Conn) -> None:
         if conn.dialing:
             conn.dialing = False
             self._dialing -= 1
 
-    async def _run(self, flow_id: int, conn: _Conn) -> None:
-        streams = await self._connect(flow_id, conn)
-        if streams is not None:
-            await self._exchange(flow_id, conn, *streams)
+    # ---------------------------------------------------------------- I/O thread: a connection
 
-    async def _connect(self, flow_id: int, conn: _Conn) -> Streams | None:
+    async def _run(self, conn: Conn) -> None:
+        try:
+            streams = await self._connect(conn)
+            if streams is not None:
+                await self._exchange(conn, *streams)
+        except Exception as e:  # a fault of ours: still count the flow and free its bytes
+            log.exception("forwarding error", flow_id=conn.flow.flow_id)
+            self._abort(conn, "error", error=describe(e))
+        finally:  # normally nothing is left by now; after a fault, whatever is gets freed
+            self._dial_over(conn)
+            self._discard_bytes(conn.buffered)
+            self._release(conn.in_transport)
+            conn.buffered = conn.in_transport = 0
+            conn.queue.clear()
+
+    async def _connect(self, conn: Conn) -> Streams | None:
         """Dial the target; None (counted) if that failed or the flow was given up meanwhile
         (a connection made for a flow already given up is closed unused)."""
         try:
-            streams = await asyncio.wait_for(self._open_conn(), self.config.connect_timeout)
-        except (OSError, TimeoutError) as e:
+            streams = await asyncio.wait_for(self._dialer(), self.config.connect_timeout)
+        except Exception as e:  # whatever a custom dial raises
             self._dial_over(conn)
-            why = _connect_failure(e)
-            self._abort(flow_id, conn, why, error=str(e) or type(e).__name__)
+            why = connect_failure(e)
+            self._abort(conn, why, error=describe(e))
             self._settle_awaiting(why)
             return None
         self._dial_over(conn)
         self._outages.recovered(_CONNECT_REASONS)
         self._settle_awaiting("total_buffer")
         if conn.deferred is not None:
-            self._count_drop(conn.deferred, flow_id=flow_id)
+            self._count_drop(conn.deferred, conn.flow)
             streams[1].close()
             return None
+        conn.writer = streams[1]
         return streams
 
     def _settle_awaiting(self, why: str) -> None:
         if self._awaiting:
-            self._count_drop(why, self._awaiting)
+            self._count_drop(why, None, self._awaiting)
             self._awaiting = 0
 
-    async def _open_conn(self) -> Streams:
-        if self._dial is None:
-            sock = await connect_from_ports(self._host, self._port, self.config.source_ports)
-        else:
-            sock = await self._loop.run_in_executor(None, self._dial, self.target)
-            self._check_source_port(sock)
-            sock.setblocking(False)
-        return await asyncio.open_connection(sock=sock)
-
-    def _check_source_port(self, sock: socket.socket) -> None:
-        """Warn once if a custom dial connected from outside the reserved source ports."""
-        name = sock.getsockname()
-        lo, hi = self.config.source_ports
-        if self._warned_port or not isinstance(name, tuple) or lo <= name[1] <= hi:
-            return
-        self._warned_port = True
-        log.warning("custom dial connected from a port outside the reserved source ports: "
-                    "capture may see the agent's own forwarded traffic; bind with "
-                    "bind_source_port()", port=name[1], source_ports=f"{lo}-{hi}")
-
-    async def _exchange(self, flow_id: int, conn: _Conn, reader: asyncio.StreamReader,
+    async def _exchange(self, conn: Conn, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
-        """Write the flow's bytes until it ends, half-close, wait for the answer, count."""
+        """Write the flow's bytes until it ends, half-close, wait until the target took them
+        and for its answer, count. Every wait is bounded (``stall_timeout``, ``end_timeout``,
+        ``end_grace``); a connection given up on is reset, so nothing counted as dropped
+        still reaches the target."""
         reader_task = self._loop.create_task(self._discard(reader, conn))
-        eof = False
+        eof = clean = False
         try:
-            await self._pump(conn, writer)
-            if writer.can_write_eof():
-                writer.write_eof()
-                eof = True
+            # Bounded from the client's end on (from the connect if that came later).
+            end_by = self._loop.time() + self.config.end_timeout if conn.ended else None
+            async with asyncio.timeout_at(end_by) as conn.limit:
+                await self._pump(conn, writer)
+                if writer.can_write_eof():
+                    writer.write_eof()
+                    eof = True
+                await wait_acked(writer, eof, self.config.stall_timeout, reader_task)
+            conn.limit = None
             # Give the target a moment to answer and close first, so it sees a clean end.
             await asyncio.wait({reader_task}, timeout=self.config.end_grace)
-            self._conclude(flow_id, conn, writer, eof, reader_task.done())
+            clean = self._conclude(conn, eof, reader_task.done())
+        except (Stalled, TimeoutError):  # TimeoutError: end_timeout (before OSError: a subclass)
+            self._abort(conn, "stalled", unacked_bytes=self._settle(conn, eof, True))
         except OSError as e:
-            self._abort(flow_id, conn, "reset", error=str(e) or type(e).__name__)
+            self._abort(conn, "reset", error=describe(e))
         finally:
+            conn.limit = None
             reader_task.cancel()
-            self._settle(conn, writer, eof, final=True)
-            writer.close()
+            self._settle(conn, eof, final=True)
+            if clean:
+                writer.close()
+            else:
+                hard_close(writer)
+            self._sync(conn)
 
-    async def _pump(self, conn: _Conn, writer: asyncio.StreamWriter) -> None:
-        """Write what the flow queues, as it comes, until it ends."""
+    async def _pump(self, conn: Conn, writer: asyncio.StreamWriter) -> None:
+        """Write what the flow queues, as it comes, until it ends (:class:`Stalled` if the
+        target stops acknowledging meanwhile)."""
+        stall = self.config.stall_timeout
         while True:
             if conn.queue:
-                batch = list(conn.queue)
-                conn.queue.clear()
-                size = conn.buffered
-                conn.buffered = 0
-                conn.pushed += size
-                with self._lock:
-                    self._queued_total -= size
-                writer.writelines(batch)
-                await writer.drain()
-                self._settle(conn, writer, eof=False)
+                writer.writelines(conn.take(_PIECE))
+                self._sync(conn)
+                await progressing(writer.drain, writer, stall)
+                self._sync(conn)
+                self._settle(conn, eof=False)
             elif conn.ended:
                 return
             else:
                 conn.wake.clear()
-                await conn.wake.wait()
+                await progressing(conn.wake.wait, writer, stall)
 
-    def _settle(self, conn: _Conn, writer: asyncio.StreamWriter, eof: bool,
-                final: bool = False) -> int:
+    def _settle(self, conn: Conn, eof: bool, final: bool = False) -> int:
         """Count bytes the target acknowledged since the last call as forwarded; with
-        ``final`` count the rest as dropped. Returns the bytes not acknowledged."""
-        uncounted = conn.pushed - conn.counted
-        in_flight = _in_flight(writer, eof)
-        unacked = uncounted if in_flight is None else min(uncounted, in_flight)
-        self._counts["bytes_forwarded"] += uncounted - unacked
-        conn.counted += uncounted - unacked
-        if final and unacked:
-            self._counts["bytes_dropped"] += unacked
-            conn.counted = conn.pushed
-        return unacked
+        ``final`` count the rest as dropped and return how many."""
+        acked, lost = conn.settle(eof, final)
+        self._counts["bytes_forwarded"] += acked
+        self._counts["bytes_dropped"] += lost
+        return lost
 
-    def _conclude(self, flow_id: int, conn: _Conn, writer: asyncio.StreamWriter, eof: bool,
-                  closed: bool) -> None:
-        """Count a finished connection by what the target did with its bytes."""
-        unacked = self._settle(conn, writer, eof, final=True)
-        if unacked:
-            self._abort(flow_id, conn, "stalled", unacked_bytes=unacked)
-        elif closed or conn.answered:
+    def _conclude(self, conn: Conn, eof: bool, closed: bool) -> bool:
+        """Count a finished connection by what the target did with its bytes; True if it
+        took them all."""
+        unacked = self._settle(conn, eof, final=True)
+        if unacked:  # the target closed before taking everything
+            self._abort(conn, "stalled", unacked_bytes=unacked)
+            return False
+        if closed or conn.answered:
             self._counts["connections_completed"] += 1
             self._outages.recovered()
         else:
             self._counts["connections_unconfirmed"] += 1
             self._outages.failed("unconfirmed", end_grace=self.config.end_grace)
+        return True
 
-    async def _discard(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
-        try:
+    async def _discard(self, reader: asyncio.StreamReader, conn: Conn) -> None:
+        with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 conn.answered = True
                 self._counts["response_bytes"] += len(data)
-        except OSError:
-            pass
 
     async def _shutdown(self) -> None:
         tasks = [c.task for c in self._live if c.task is not None]
@@ -403,7 +395,7 @@ class ForwardSink:
             _done, pending = await asyncio.wait(tasks, timeout=self.config.close_timeout)
             for conn in list(self._live):
                 if conn.task in pending:
-                    self._abort(0, conn, "close_timeout")
+                    self._abort(conn, "close_timeout")
             if pending:
                 await asyncio.wait(pending, timeout=1)
         self._settle_awaiting("total_buffer")

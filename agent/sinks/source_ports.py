@@ -5,15 +5,23 @@ Every connection the agent makes to a shadow is bound to a port of a reserved ra
 by the port alone, in the kernel. Ports are handed out in rotation (each range has one cursor
 per process, starting at a random port), so a port comes back as late as possible; one whose
 connection to the same target is still open or in TIME_WAIT is skipped.
+
+A connect failing with EADDRNOTAVAIL means either that (this port's 4-tuple is taken) or that
+the target address itself cannot be used from here (say ``::1`` with IPv6 off): a UDP connect
+to it, which sends nothing, tells them apart, and an unusable address gives way to the next
+one. When every port is taken for an address (its shadow connections in TIME_WAIT for a
+minute), that address fails at once for :data:`EXHAUSTED_BACKOFF` seconds instead of being
+scanned again for each new flow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import random
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +29,14 @@ from agent.config import FORWARD_SOURCE_PORTS
 
 __all__ = ["NoSourcePort", "bind_source_port", "connect_from_ports"]
 
-#: bind/connect errors that mean "this port is taken, try the next one".
-_PORT_BUSY = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+#: Seconds an address whose every source port is taken fails at once (no scan).
+EXHAUSTED_BACKOFF = 1.0
+_YIELD_EVERY = 64  # ports tried between two yields to the event loop
 
-_cursors: dict[tuple[int, int], Iterator[int]] = {}
+_lock = threading.Lock()
+_cursors: dict[tuple[int, int], int] = {}  # range → where the next walk starts (unbounded)
+_exhausted: dict[tuple[object, ...], float] = {}  # (range, address) → end of its back-off
+_clock = time.monotonic
 
 
 class NoSourcePort(OSError):
@@ -35,16 +47,33 @@ class NoSourcePort(OSError):
                          f"every source port {ports[0]}-{ports[1]} is in use")
 
 
-def _rotation(ports: tuple[int, int]) -> Iterator[int]:
-    """Each port of ``ports`` once, continuing the range's rotation (``next`` on a count is
-    atomic, so threads may share it)."""
-    lo, hi = ports
-    n = hi - lo + 1
-    cursor = _cursors.get(ports)
-    if cursor is None:
-        cursor = _cursors.setdefault(ports, itertools.count(random.randrange(n)))
-    for _ in range(n):
-        yield lo + next(cursor) % n
+class _Walk:
+    """One caller's pass over every port of a range, from the range's shared cursor on.
+
+    Thread-safe: each walk takes its own start (the next caller starts one further on) and
+    sees the whole range whatever other walks do; :meth:`took` moves the cursor past the
+    port a walk ended on, so the next walk starts after it.
+    """
+
+    def __init__(self, ports: tuple[int, int]) -> None:
+        self._lo, hi = ports
+        self._n = hi - self._lo + 1
+        self._ports = ports
+        with _lock:
+            start = _cursors.get(ports)
+            if start is None:
+                start = random.randrange(self._n)
+            _cursors[ports] = start + 1
+        self._start = start
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self._n):
+            yield self._lo + (self._start + i) % self._n
+
+    def took(self, port: int) -> None:
+        after = self._start + (port - self._lo - self._start) % self._n + 1
+        with _lock:
+            _cursors[self._ports] = max(_cursors[self._ports], after)
 
 
 def _bind(sock: socket.socket, port: int) -> None:
@@ -63,13 +92,15 @@ def bind_source_port(sock: socket.socket,
     the same target is still open or in TIME_WAIT), take a new socket and call it again.
     Raises :class:`NoSourcePort` if no port of the range can be bound.
     """
-    for port in _rotation(ports):
+    walk = _Walk(ports)
+    for port in walk:
         try:
             _bind(sock, port)
         except OSError as e:
-            if e.errno not in _PORT_BUSY:
+            if e.errno != errno.EADDRINUSE:
                 raise
             continue
+        walk.took(port)
         return port
     raise NoSourcePort(ports)
 
@@ -78,34 +109,83 @@ async def connect_from_ports(host: str, port: int,
                              ports: tuple[int, int] = FORWARD_SOURCE_PORTS) -> socket.socket:
     """A non-blocking socket connected to ``host:port`` from a port of ``ports``.
 
-    Tries each address ``host`` resolves to, in order; raises the last error, or
-    :class:`NoSourcePort` as soon as every port of the range is in use.
+    Tries each address ``host`` resolves to, in order. If none works, raises
+    :class:`NoSourcePort` if every port was taken for one of them, else the last error.
     """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    error = OSError(errno.EHOSTUNREACH, f"{host} has no address")
+    error: OSError = OSError(errno.EHOSTUNREACH, f"{host} has no address")
+    exhausted: NoSourcePort | None = None
     for family, _type, proto, _name, addr in infos:
         try:
             return await _connect(loop, family, proto, addr, ports)
-        except NoSourcePort:
-            raise
+        except NoSourcePort as e:
+            exhausted = e
         except OSError as e:
             error = e
-    raise error
+    raise exhausted or error
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
                    ports: tuple[int, int]) -> socket.socket:
-    for source_port in _rotation(ports):
-        sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    """Connect to ``addr`` from the first port of ``ports`` whose 4-tuple is free."""
+    key = (ports, family, addr)
+    if _exhausted.get(key, 0.0) > _clock():
+        raise NoSourcePort(ports)
+    walk = _Walk(ports)
+    checked = False
+    for i, source_port in enumerate(walk):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)  # a long walk must not hold up the other connections
         try:
-            sock.setblocking(False)
-            _bind(sock, source_port)
-            await loop.sock_connect(sock, addr)
-        except BaseException as e:  # a cancelled connect must not leak its socket either
-            sock.close()
-            if isinstance(e, OSError) and e.errno in _PORT_BUSY:
-                continue
-            raise
+            sock = await _connect_from(loop, family, proto, addr, source_port)
+        except _Taken:
+            if not checked:  # unusable address: raise its error, do not walk on
+                _check_address(family, addr)
+                checked = True
+            continue
+        except _InUse:
+            continue
+        walk.took(source_port)
+        _exhausted.pop(key, None)
         return sock
+    _exhausted[key] = _clock() + EXHAUSTED_BACKOFF
     raise NoSourcePort(ports)
+
+
+class _InUse(Exception):
+    """The source port cannot be bound (EADDRINUSE)."""
+
+
+class _Taken(Exception):
+    """The connect failed with EADDRNOTAVAIL: the 4-tuple is taken, or the address unusable."""
+
+
+async def _connect_from(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
+                        source_port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setblocking(False)
+        try:
+            _bind(sock, source_port)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise _InUse from None
+            raise
+        try:
+            await loop.sock_connect(sock, addr)
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise _Taken from None
+            raise
+    except BaseException:  # a cancelled connect must not leak its socket either
+        sock.close()
+        raise
+    return sock
+
+
+def _check_address(family: int, addr: Any) -> None:
+    """Raise the error any connect to ``addr`` gets, whatever its source port (no route, no
+    source address: IPv6 off). A UDP connect picks route and source without sending."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(addr)

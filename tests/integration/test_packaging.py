@@ -4,6 +4,7 @@ and `run` need: the BPF sources, the native decoder's source, the bundled captur
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The venv's bin directory, with the wheel installed."""
     work = tmp_path_factory.mktemp("wheel")
+    # From a copy: setuptools builds in the source's build/, where files of an older tree
+    # (a module since moved) would slip into the wheel.
+    src = work / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(work / "dist"), str(ROOT)],
+                    "--disable-pip-version-check", "-w", str(work / "dist"), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next((work / "dist").glob("mirror_agent-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 class Shadow:
     """A TCP server on loopback. Per accepted connection it records the client's address
     (``peers``) and, with ``read``, everything it sent (``received``, at EOF) and when its EOF
-    came (``eof_at``, monotonic). Without ``read`` it accepts and never reads."""
+    came (``eof_at``, monotonic). Without ``read`` it accepts and never reads. With ``pace``
+    it reads slowly: at most ``chunk`` bytes, then a pause of ``pace`` seconds."""
 
     def __init__(self, host: str = "127.0.0.1", read: bool = True,
-                 rcvbuf: int | None = None, port: int = 0) -> None:
+                 rcvbuf: int | None = None, port: int = 0, pace: float = 0.0,
+                 chunk: int = 65536) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -26,6 +28,8 @@ class Shadow:
         port = self.sock.getsockname()[1]
         self.addr = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         self.read = read
+        self.pace = pace
+        self.chunk = chunk
         self.peers: list[tuple[str, int]] = []
         self.received: list[bytes] = []
         self.eof_at: list[float] = []
@@ -46,11 +50,22 @@ class Shadow:
     def _serve(self, conn: socket.socket) -> None:
         data = b""
         with contextlib.suppress(OSError):
-            while chunk := conn.recv(65536):
+            while chunk := conn.recv(self.chunk):
                 data += chunk
+                if self.pace:
+                    time.sleep(self.pace)
         self.eof_at.append(time.monotonic())
         self.received.append(data)
         conn.close()
+
+    def read_late(self, index: int = 0) -> int:
+        """Read accepted connection ``index`` (one not read so far) until its end or a reset;
+        the number of bytes it got."""
+        n = 0
+        with contextlib.suppress(OSError):
+            while chunk := self._conns[index].recv(65536):
+                n += len(chunk)
+        return n
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # wakes the accept (close alone would not)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.capture import SourceError
+from agent.capture.pcapfile import PcapFileSource, read_frames
 from agent.cli import main
 from agent.sinks.record import NativeWriter
 from tests.unit.test_record import chunk
@@ -149,6 +151,44 @@ def test_damaged_pcapng_packet_in_an_intact_block_is_skipped(tmp_path: Path) -> 
     assert (warning["frame"], warning["offset"]) == (6, offsets[5])
 
 
+@pytest.mark.parametrize("kind,size", [("pcap", 12), ("pcap", 23), ("pcapng", 12),
+                                       ("pcapng", 27)])
+def test_a_truncated_global_header_is_refused_before_anything_runs(
+        tmp_path: Path, kind: str, size: int) -> None:
+    raw = DEMO.read_bytes() if kind == "pcap" else to_pcapng(DEMO.read_bytes())[0]
+    cut = tmp_path / f"cut.{kind}"
+    cut.write_bytes(raw[:size])
+    stats = tmp_path / "stats.json"
+    # After a whole file: it must not be read first and then abandoned unflushed.
+    res = subprocess.run([*AGENT, "offline", str(DEMO), str(cut), "--port", "8080",
+                          "--stats-json", str(stats)], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cut) in lines[0] and "truncated" in lines[0], lines
+    assert not stats.exists()
+
+
+def test_a_file_damaged_after_the_start_is_cut_short(tmp_path: Path) -> None:
+    """Checked at start, cut by the time it is read: counted, the run goes on."""
+    later = tmp_path / "later.pcap"
+    later.write_bytes(DEMO.read_bytes())
+    src = PcapFileSource([DEMO, later])
+    later.write_bytes(DEMO.read_bytes()[:12])
+    segments = sum(len(b) for b in src.batches())
+    assert segments > 0 and src.stats()["cut_short_files"] == 1
+
+
+def test_one_header_check_for_the_run_and_the_reader(tmp_path: Path) -> None:
+    for raw in (b"\xd4\xc3\xb2\xa1" + b"\0" * 8, b"\x0a\x0d\x0d\x0a" + b"\0" * 8, b"nope"):
+        path = tmp_path / "x.pcap"
+        path.write_bytes(raw)
+        with pytest.raises(SourceError) as at_start:
+            PcapFileSource([path])
+        with pytest.raises(SourceError) as reading:
+            list(read_frames(path))
+        assert str(at_start.value) == str(reading.value)
+
+
 def test_random_damage_never_crashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = random.Random(7)
     clean = DEMO.read_bytes()
@@ -197,7 +237,7 @@ def test_inspect_skips_a_corrupt_record_mid_file(tmp_path: Path) -> None:
     raw[offsets[2] + 8 + 40] ^= 0xFF  # a byte of the third record's body: its CRC fails
     path.write_bytes(raw)
     status, lines, err = inspect(path)
-    assert status == 0
+    assert status == 3  # read, but damaged
     assert [ln.split()[1] for ln in lines] == ["1", "2", "4", "5", "6"]
     assert len(err) == 1
     assert f"1 corrupt record(s) skipped (CRC mismatch) at byte offset(s) {offsets[2]}" in err[0]
@@ -209,7 +249,7 @@ def test_inspect_stops_where_no_whole_record_follows(tmp_path: Path) -> None:
     struct.pack_into("<I", raw, offsets[3], 0x7FFF0000)  # the fourth record's length
     path.write_bytes(raw)
     status, lines, err = inspect(path)
-    assert status == 0 and len(lines) == 3
+    assert status == 3 and len(lines) == 3
     assert len(err) == 1 and f"record at byte offset {offsets[3]}" in err[0]
     assert f"the last {len(raw) - offsets[3]} bytes are ignored" in err[0]
 
@@ -226,8 +266,14 @@ def test_inspect_decodes_bad_utf8_addresses_with_replacement(tmp_path: Path) -> 
     struct.pack_into("<I", raw, 20, zlib.crc32(bytes(raw[body:])))
     path.write_bytes(raw)
     status, lines, err = inspect(path)
-    assert status == 0 and len(lines) == 1 and "\ufffd" in lines[0]
+    assert status == 3 and len(lines) == 1 and "\ufffd" in lines[0]
     assert len(err) == 1 and "1 record(s) with addresses that are not UTF-8" in err[0]
+
+
+def test_inspect_a_clean_recording_exits_0(tmp_path: Path) -> None:
+    path, _ = recording(tmp_path)
+    status, lines, err = inspect(path)
+    assert (status, len(lines), err) == (0, 6, [])
 
 
 # ------------------------------------------------------------------ a closed stdout

@@ -22,6 +22,7 @@ from agent.capture.channel import ChannelSource
 from agent.cli import UsageError, build_parser, main, mirror_config
 from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
 from agent.mirror import TrafficMirror
+from agent.sinks import source_ports
 from agent.sinks.forward import ForwardSink, bind_source_port
 from agent.sinks.outage import OutageLog
 from tests.unit.segments import Conversation
@@ -155,6 +156,12 @@ def test_parse_port_range_rejects(text: str, message: str) -> None:
         ForwardConfig(source_ports=(65535, 61000))
 
 
+@pytest.mark.parametrize("name", ["stall_timeout", "end_timeout", "end_grace"])
+def test_negative_forward_timeouts_are_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ForwardConfig(**{name: -1.0})
+
+
 def test_cli_source_ports_reach_forward_config() -> None:
     parse = build_parser().parse_args
     args = parse(["offline", "x.pcap", "--port", "8080"])
@@ -245,7 +252,7 @@ def test_shadow_that_stops_reading_leaves_bytes_unacknowledged_counted_dropped()
         sock.connect((host, int(port)))
         return sock
 
-    sink = ForwardSink(s.addr, dial, ForwardConfig(end_grace=0.3))
+    sink = ForwardSink(s.addr, dial, ForwardConfig(end_grace=0.3, stall_timeout=0.3))
     push(sink, 1, *[b"y" * 20_000] * 10)
     sink.close()
     s.close()
@@ -374,3 +381,332 @@ def test_counters_updated_from_both_threads_lose_nothing(
     done.wait(10)
     sink.close()
     assert sink.stats["bytes_dropped"] == 2 + 2 * n
+
+
+# ------------------------------------------------------------------ stalls and the budget
+
+
+def live_tasks(sink: ForwardSink) -> int:
+    return len(sink._live)
+
+
+def test_shadow_that_stops_reading_after_the_end_is_dropped_as_stalled() -> None:
+    """The flow's bytes stay in the budget while the transport holds them, and a drain that
+    makes no progress for ``stall_timeout`` ends the connection: counted, logged, freed."""
+    s = Shadow(read=False, rcvbuf=4096)
+    sink = ForwardSink(s.addr, config=ForwardConfig(stall_timeout=0.5, end_grace=0.1))
+    total = 120 * 65536  # more than the kernel's send buffer can take (4 MiB at most)
+    with capture_logs() as logs:
+        push(sink, 1, *[b"z" * 65536] * 120)
+        wait_until(lambda: sink.queued_bytes > total // 3)  # held by us, so in the budget
+        wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1, timeout=10)
+        wait_until(lambda: live_tasks(sink) == 0)
+        assert sink.queued_bytes == 0
+        st = sink.stats
+        sink.close()
+    s.close()
+    assert st["flows_dropped"] == 1 and st["bytes_forwarded"] + st["bytes_dropped"] == total
+    assert st["bytes_dropped"] > total // 3
+    assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["stalled"]
+    assert [e["flow_id"] for e in logs if e["event"] == "forwarding failed"] == [1]
+
+
+def test_bytes_counted_dropped_never_reach_the_shadow_later() -> None:
+    """A connection given up on is reset, not closed: its unsent bytes are not delivered."""
+    s = Shadow(read=False, rcvbuf=4096)
+    sink = ForwardSink(s.addr, config=ForwardConfig(stall_timeout=0.3, end_grace=0.1))
+    push(sink, 1, *[b"z" * 65536] * 20)
+    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: live_tasks(sink) == 0)
+    got = s.read_late()  # the shadow wakes up and reads
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert got == st["bytes_forwarded"] and st["bytes_dropped"] == 20 * 65536 - got
+
+
+def test_shadow_that_stops_reading_while_the_flow_is_open_is_dropped_as_stalled() -> None:
+    s = Shadow(read=False, rcvbuf=4096)
+    sink = ForwardSink(s.addr, config=ForwardConfig(stall_timeout=0.3))
+    push(sink, 1, *[b"z" * 65536] * 20, end=False)
+    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
+    push(sink, 1, b"more")  # the flow is given up: later bytes only counted
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert st["flows_dropped"] == 1 and st["connections"] == 1
+    assert st["bytes_forwarded"] + st["bytes_dropped"] == 20 * 65536 + 4
+
+
+def small_sndbuf_dial(addr: str) -> socket.socket:
+    """A dial whose socket's kernel send buffer is small: the rest waits in the transport."""
+    host, port = addr.rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    bind_source_port(sock)
+    sock.connect((host, int(port)))
+    return sock
+
+
+def test_bytes_in_the_transport_count_against_the_flow_buffer() -> None:
+    s = Shadow(read=False, rcvbuf=4096)
+    sink = ForwardSink(s.addr, small_sndbuf_dial, ForwardConfig(max_flow_buffer=1 << 20))
+    push(sink, 1, b"a" * 600_000, end=False)
+
+    def written() -> bool:
+        conn = sink._current.get(1)
+        return conn is not None and conn.pushed == 600_000  # handed to the transport
+
+    wait_until(written)
+    push(sink, 1, b"b" * 600_000)  # the first 600 kB are still ours: over 1 MiB
+    wait_until(lambda: sink.stats["flows_dropped_flow_buffer"] == 1)
+    wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert st["flows_dropped"] == 1
+    assert st["bytes_forwarded"] + st["bytes_dropped"] == 1_200_000
+
+
+def test_shadow_that_trickles_after_the_end_is_cut_at_end_timeout() -> None:
+    s = Shadow(rcvbuf=4096, pace=0.05, chunk=1024)  # about 20 kB/s: never stalls
+    cfg = ForwardConfig(end_timeout=0.5, stall_timeout=5, end_grace=30)
+    sink = ForwardSink(s.addr, config=cfg)
+    push(sink, 1, *[b"t" * 65536] * 16)
+    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
+    st = sink.stats
+    sink.close()
+    s.close()
+    assert st["flows_dropped"] == 1 and st["bytes_forwarded"] > 0
+    assert st["bytes_forwarded"] + st["bytes_dropped"] == 16 * 65536
+
+
+def test_slow_but_healthy_shadow_is_completed_not_stalled() -> None:
+    """Acknowledgements still coming after ``end_grace`` are waited for, not counted lost."""
+    s = Shadow(rcvbuf=4096, pace=0.01, chunk=16384)
+    sink = ForwardSink(s.addr, config=ForwardConfig(end_grace=0.05, stall_timeout=2))
+    push(sink, 1, *[b"h" * 65536] * 8)
+    wait_until(lambda: sink.stats["connections_completed"] == 1, timeout=20)
+    sink.close()
+    s.close()
+    st = sink.stats
+    assert not st["flows_dropped"] and not st["bytes_dropped"], st
+    assert st["bytes_forwarded"] == 8 * 65536 and s.received == [b"h" * 8 * 65536]
+
+
+# ------------------------------------------------------------------ dial faults
+
+
+def test_a_dial_raising_any_exception_is_connect_failed() -> None:
+    def dial(addr: str) -> socket.socket:
+        raise ValueError("no such shadow")
+
+    sink = ForwardSink("127.0.0.1:9", dial, ForwardConfig(max_total_buffer=100))
+    with capture_logs() as logs:
+        push(sink, 1, b"x" * 60)
+        wait_until(lambda: sink.stats["flows_dropped_connect_failed"] == 1)
+        wait_until(lambda: live_tasks(sink) == 0)
+        assert sink.queued_bytes == 0 and sink._dialing == 0
+        push(sink, 2, b"y" * 60)  # the budget is free again: dialed, not over the total
+        wait_until(lambda: sink.stats["flows_dropped_connect_failed"] == 2)
+        sink.close()
+    st = sink.stats
+    assert st["flows_dropped"] == 2 and st["bytes_dropped"] == 120
+    failed = [e for e in logs if e["event"] == "forwarding failed"]
+    assert len(failed) == 1 and "ValueError" in failed[0]["error"]
+
+
+def test_an_unexpected_error_drops_the_flow_and_frees_its_budget(
+        shadow: Shadow, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    sink = ForwardSink(shadow.addr)
+    monkeypatch.setattr(sink, "_pump", broken)
+    with capture_logs() as logs:
+        push(sink, 1, b"x" * 50)
+        wait_until(lambda: sink.stats["flows_dropped_error"] == 1)
+        wait_until(lambda: live_tasks(sink) == 0)
+        sink.close()
+    assert sink.queued_bytes == 0 and sink.stats["bytes_dropped"] == 50
+    assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["error"]
+
+
+def test_shutdown_abort_names_the_flow() -> None:
+    with blackhole() as target:
+        sink = ForwardSink(target, config=ForwardConfig(connect_timeout=30, close_timeout=0.2))
+        with capture_logs() as logs:
+            push(sink, 7, b"x", end=False)
+            sink.close()
+    failed = [e for e in logs if e["event"] == "forwarding failed"]
+    assert [(e["reason"], e["flow_id"]) for e in failed] == [("close_timeout", 7)]
+
+
+# ------------------------------------------------------------------ each flow counted once
+
+
+def test_a_flow_restarted_by_a_gap_is_dropped_once() -> None:
+    sink = ForwardSink(f"127.0.0.1:{free_port()}")
+    sink.send(1, b"before")
+    sink.send(1, b"after", gap=10)  # a second shadow connection; both are refused
+    push(sink, 1)
+    wait_until(lambda: live_tasks(sink) == 0 and sink.stats["connections"] == 2)
+    sink.close()
+    st = sink.stats
+    assert st["flows_dropped"] == 1 == st["flows_dropped_connect_failed"], st
+    assert st["bytes_dropped"] == 11
+
+
+def test_a_dropped_flow_is_not_revived_by_a_queued_gap(shadow: Shadow) -> None:
+    sink = ForwardSink(shadow.addr, config=ForwardConfig(max_flow_buffer=1000))
+    sink.send(1, b"x" * 600)
+    sink.send(1, b"x" * 600)  # over the flow limit: given up on in the I/O thread ...
+    sink.send(1, b"y" * 100, gap=5)  # ... after these were queued
+    push(sink, 1)
+    sink.close()
+    st = sink.stats
+    assert st["flows_dropped"] == 1 == st["flows_dropped_flow_buffer"], st
+    assert st["bytes_dropped"] == 1300 and st["connections"] == 1
+    assert shadow.received in ([], [b""])
+
+
+# ------------------------------------------------------------------ source ports
+
+
+def test_concurrent_walks_each_see_the_whole_range() -> None:
+    ports = (62100, 62107)
+    walks = [iter(source_ports._Walk(ports)) for _ in range(3)]
+    seen: list[list[int]] = [[], [], []]
+    for _ in range(8):
+        for w, s in zip(walks, seen, strict=True):
+            s.append(next(w))
+    assert all(sorted(s) == list(range(62100, 62108)) for s in seen), seen
+
+
+def test_bind_from_many_threads_finds_the_one_free_port(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    p = free_port_pair()
+    with socket.socket() as taken:
+        taken.bind(("", p))  # no SO_REUSEADDR: bind on p fails with EADDRINUSE
+        real_bind = source_ports._bind
+
+        def slow_bind(sock: socket.socket, port: int) -> None:
+            time.sleep(0.001)  # let the threads interleave
+            real_bind(sock, port)
+
+        monkeypatch.setattr(source_ports, "_bind", slow_bind)
+        results: list[object] = []
+
+        def worker() -> None:
+            with socket.socket() as sock:
+                try:
+                    results.append(bind_source_port(sock, (p, p + 1)))
+                except OSError as e:
+                    results.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [p + 1] * 8
+
+
+def _count_binds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    binds: list[int] = []
+    real_bind = source_ports._bind
+
+    def counting(sock: socket.socket, port: int) -> None:
+        binds.append(port)
+        real_bind(sock, port)
+
+    monkeypatch.setattr(source_ports, "_bind", counting)
+    return binds
+
+
+def test_an_exhausted_range_fails_fast_until_the_back_off_ends(
+        shadow: Shadow, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    p = free_port_pair()
+    ports = (p, p + 1)
+    host, port = shadow.addr.rsplit(":", 1)
+    now = [1000.0]
+    monkeypatch.setattr(source_ports, "_clock", lambda: now[0])
+    binds = _count_binds(monkeypatch)
+
+    async def scenario() -> None:
+        held = [await source_ports.connect_from_ports(host, int(port), ports) for _ in ports]
+        for expected_binds in (2, 0, 0):  # a scan, then the back-off
+            binds.clear()
+            with pytest.raises(source_ports.NoSourcePort):
+                await source_ports.connect_from_ports(host, int(port), ports)
+            assert len(binds) == expected_binds
+            now[0] += source_ports.EXHAUSTED_BACKOFF / 3
+        now[0] += source_ports.EXHAUSTED_BACKOFF
+        binds.clear()
+        with pytest.raises(source_ports.NoSourcePort):
+            await source_ports.connect_from_ports(host, int(port), ports)
+        assert len(binds) == 2  # scanned again
+        other = Shadow()
+        try:  # another target is not in back-off: its 4-tuples are free
+            ohost, oport = other.addr.rsplit(":", 1)
+            held.append(await source_ports.connect_from_ports(ohost, int(oport), ports))
+        finally:
+            other.close()
+        for sock in held:
+            sock.close()
+
+    asyncio.run(scenario())
+
+
+_UNUSABLE_V6 = r"""
+import asyncio, errno, socket, sys
+for path in ("all", "lo"):
+    with open(f"/proc/sys/net/ipv6/conf/{path}/disable_ipv6", "w") as f:
+        f.write("1")
+from agent.sinks import source_ports
+from tests.unit.shadow import Shadow
+
+shadow = Shadow()
+port = int(shadow.addr.rsplit(":", 1)[1])
+binds = []
+real_bind = source_ports._bind
+source_ports._bind = lambda sock, p: (binds.append(sock.family), real_bind(sock, p))[1]
+V6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
+V4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
+
+async def main(infos):
+    async def resolve(*_a, **_k):
+        return infos
+    asyncio.get_running_loop().getaddrinfo = resolve
+    return await source_ports.connect_from_ports("localhost", port)
+
+sock = asyncio.run(main([V6, V4]))
+assert sock.getpeername() == ("127.0.0.1", port), sock
+assert binds.count(socket.AF_INET6) <= 2, binds
+try:
+    asyncio.run(main([V6]))
+except source_ports.NoSourcePort as e:
+    sys.exit(f"an unusable address is not an exhausted range: {e}")
+except OSError as e:
+    assert e.errno == errno.EADDRNOTAVAIL, e
+print("ok")
+"""
+
+
+def test_an_unusable_address_is_skipped_for_the_next_one() -> None:
+    """A target resolving to ::1 first while IPv6 is off: EADDRNOTAVAIL whatever the port."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -rn (a private network namespace) is not available")
+    script = "import subprocess; subprocess.run(['ip', 'link', 'set', 'lo', 'up'])\n"
+    r = subprocess.run(["unshare", "-rn", sys.executable, "-c", script + _UNUSABLE_V6],
+                       capture_output=True, text=True, cwd=root, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

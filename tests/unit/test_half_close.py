@@ -76,6 +76,117 @@ def test_both_fins_end_each_direction_once_then_the_flow() -> None:
                           "end from_observed", "flow fin"]
 
 
+def test_a_skipped_hole_that_completes_the_last_direction_ends_the_flow() -> None:
+    c = Conversation()
+    t = c.ts
+    r = Reassembler(ReassemblyConfig(hole_timeout=1.0), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"ab"), c.seg(True, 4, b"ef", ts=t + 0.1),
+                     c.seg(True, 6, flags=FIN | ACK, ts=t + 0.2),
+                     c.seg(False, 0, flags=FIN | ACK, ts=t + 0.3)])
+    assert kinds(out)[-2:] == ["chunk to_observed ab", "end from_observed"]
+    r.advance(t + 2, out)
+    assert kinds(out)[-3:] == ["chunk to_observed ef", "end to_observed", "flow fin"]
+    assert r.flow_count == 0 and r.buffered_bytes == 0
+    assert r.stats.gap_bytes == 2 and r.stats.flows_closed == {"fin": 1}
+
+
+def test_a_limit_that_completes_another_flows_last_direction_ends_that_flow() -> None:
+    r = Reassembler(ReassemblyConfig(max_total_buffer=5), classify)
+    a = Conversation()
+    out = r.process([*a.handshake(), a.seg(False, 0, flags=FIN | ACK), a.seg(True, 0, b"ab"),
+                     a.seg(True, 4, b"efgh"), a.seg(True, 8, flags=FIN | ACK)])
+    assert kinds(out)[-2:] == ["end from_observed", "chunk to_observed ab"]
+    b = Conversation(client=(bytes([192, 0, 2, 9]), 40001))
+    out = r.process([*b.handshake(), b.seg(True, 10, b"xyz")])  # 7 bytes held: over the limit
+    assert kinds(out) == ["chunk to_observed efgh", "end to_observed", "flow fin"]
+    assert r.stats.limit_skips == 1 and r.flow_count == 1
+
+
+def test_a_bare_fin_after_lost_data_ends_the_direction_at_the_hole_timeout() -> None:
+    c = Conversation()
+    t = c.ts
+    r = Reassembler(ReassemblyConfig(hole_timeout=1.0), classify)
+    # "cd" is lost; the FIN right after it is the last the client sends.
+    out = r.process([*c.handshake(), c.seg(True, 0, b"ab"),
+                     c.seg(True, 4, flags=FIN | ACK, ts=t + 0.1)])
+    assert kinds(out) == ["chunk to_observed ab"]
+    r.advance(t + 0.9, out)
+    assert kinds(out) == ["chunk to_observed ab"]  # TCP may still retransmit "cd"
+    r.advance(t + 1.2, out)
+    assert kinds(out) == ["chunk to_observed ab", "end to_observed"]
+    assert r.stats.hole_timeouts == 1 and r.flow_count == 1
+    out = r.process([c.seg(True, 2, b"cd", ts=t + 1.3)])  # too late: the direction is over
+    assert out == [] and r.stats.retransmitted_bytes == 2
+    out = r.process([c.seg(False, 0, flags=FIN | ACK, ts=t + 1.4)])
+    assert kinds(out) == ["end from_observed", "flow fin"]
+    end = out[-1]
+    assert isinstance(end, FlowEnd) and end.trailing_gap == 2
+    assert r.stats.gap_bytes == 2 and r.buffered_bytes == 0
+
+
+def test_a_fin_hole_filled_in_time_is_not_a_gap() -> None:
+    c = Conversation()
+    t = c.ts
+    r = Reassembler(ReassemblyConfig(hole_timeout=1.0), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"ab"),
+                     c.seg(True, 6, flags=FIN | ACK, ts=t + 0.1),
+                     c.seg(True, 2, b"cd", ts=t + 0.8),  # progress: the hole starts again
+                     c.seg(False, 0, b"reply", ts=t + 1.5)])
+    assert kinds(out) == ["chunk to_observed ab", "chunk to_observed cd",
+                          "chunk from_observed reply"]  # t + 1.5: no hole waited 1 s
+    r.advance(t + 1.9, out)
+    assert kinds(out)[-1] == "end to_observed"  # "ef" waited 1 s from the progress at t + 0.8
+    assert r.stats.hole_timeouts == 1 and r.stats.gap_bytes == 0
+    r.flush(out)
+    end = out[-1]
+    assert isinstance(end, FlowEnd) and end.trailing_gap == 2 and r.stats.gap_bytes == 2
+
+
+def test_a_bare_fin_hole_without_timeout_waits_for_the_flow_end() -> None:
+    c = Conversation()
+    r = Reassembler(ReassemblyConfig(), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"ab"), c.seg(True, 4, flags=FIN | ACK)])
+    r.advance(c.ts + 100, out)
+    assert kinds(out) == ["chunk to_observed ab"]
+    r.flush(out)
+    assert kinds(out)[1:] == ["flow flush"]
+    end = out[-1]
+    assert isinstance(end, FlowEnd) and end.trailing_gap == 2
+
+
+def test_no_bytes_of_a_direction_after_its_end() -> None:
+    """Bytes past a FIN are not the stream's: dropped and counted as late, never delivered."""
+    c = Conversation()
+    r = Reassembler(ReassemblyConfig(), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"abc"), c.seg(True, 3, flags=FIN | ACK),
+                     c.seg(True, 3, b"xyz"), c.seg(True, 1, b"bcde")])
+    assert kinds(out) == ["chunk to_observed abc", "end to_observed"]
+    assert r.stats.late_bytes == 5 and r.stats.late_segments == 2
+    assert r.stats.retransmitted_bytes == 2
+    r.flush(out)
+    assert kinds(out)[2:] == ["flow flush"] and r.stats.gap_bytes == 0
+
+
+def test_held_bytes_past_a_later_fin_are_dropped() -> None:
+    c = Conversation()
+    r = Reassembler(ReassemblyConfig(), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"ab"), c.seg(True, 4, b"efgh"),
+                     c.seg(True, 6, flags=FIN | ACK),  # "gh" past it: not this stream's
+                     c.seg(True, 2, b"cd")])
+    assert kinds(out) == ["chunk to_observed ab", "chunk to_observed cdef", "end to_observed"]
+    assert r.stats.late_bytes == 2 and r.buffered_bytes == 0
+
+
+def test_a_keepalive_after_the_fin_is_not_data() -> None:
+    """A keep-alive of a half-closed side sits at the FIN's number (snd_una - 1)."""
+    c = Conversation()
+    r = Reassembler(ReassemblyConfig(), classify)
+    out = r.process([*c.handshake(), c.seg(True, 0, b"abc"), c.seg(True, 3, flags=FIN | ACK),
+                     c.seg(True, 3, b"\x00")])
+    assert kinds(out) == ["chunk to_observed abc", "end to_observed"]
+    assert r.stats.keepalives == 1 and r.stats.late_bytes == 0
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_direction_end_follows_all_its_bytes_whatever_the_order(seed: int) -> None:
     rng = random.Random(seed)
@@ -142,4 +253,4 @@ def test_held_forward_bytes_go_out_at_the_client_fin_on_the_same_connection() ->
     assert shadow.received == [partial]  # released at the client's FIN, one connection
     assert recorded == [partial, b"HTTP/1.1 200 OK\r\n\r\n"]
     st = m.stats()
-    assert st["forward_connections"] == 1 and not st.get("forward_late_bytes")
+    assert st["forward_connections"] == 1 and not st.get("mirror_forward_late_bytes")

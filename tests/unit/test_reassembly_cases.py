@@ -289,3 +289,13 @@ def test_untracked_direction_follows_flags_only() -> None:
     assert [x.data for x in chunks] == [b"GET / HTTP/1.1\r\n\r\n", b"GET /2 HTTP/1.1\r\n\r\n"]
     assert [e.reason for e in ends] == ["fin"]
     assert r.stats.untracked_segments == 4 and r.stats.gap_bytes == 0  # SYN-ACK, 2 data, FIN
+
+
+def test_lost_bytes_after_a_retransmitted_payload_are_a_gap_from_the_next_byte() -> None:
+    """A copy of delivered bytes whose source lost what followed: the gap starts at nxt."""
+    c = Conversation()
+    segs = [*c.handshake(), c.seg(True, 0, b"abcde"), c.seg(True, 0, b"ab", lost=10),
+            c.seg(True, 12, b"X")]
+    r, chunks, _ = run(segs, flush=False)
+    assert [(x.data, x.gap_bytes) for x in chunks] == [(b"abcde", 0), (b"X", 7)]
+    assert r.buffered_bytes == 0 and r.stats.gap_bytes == 7

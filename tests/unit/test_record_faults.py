@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -21,11 +21,14 @@ from structlog.testing import capture_logs
 
 import agent.mirror
 from agent.capture.channel import ChannelSource
+from agent.cli import build_parser, mirror_config
+from agent.cli_run import run_pipeline
 from agent.config import MirrorConfig
 from agent.mirror import TrafficMirror
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.outputs import OutputError, open_output
 from agent.sinks.record import BackgroundWriter, NativeReader, NativeWriter
+from agent.summary import degradation, format_summary
 from tests.unit.segments import Conversation
 from tests.unit.test_mirror_contracts import Sink, sink  # noqa: F401  (a fixture)
 
@@ -159,8 +162,11 @@ def test_recorded_bytes_do_not_count_dropped_records(monkeypatch: pytest.MonkeyP
             self.gate.wait(10)
             return super().write(b)
 
-    small = functools.partial(BackgroundWriter, max_bytes=2 * len(request(0)))
-    monkeypatch.setattr(agent.mirror, "BackgroundWriter", small)
+    class Small(BackgroundWriter):
+        def __init__(self, inner: NativeWriter) -> None:
+            super().__init__(inner, max_bytes=2 * len(request(0)))
+
+    monkeypatch.setattr(agent.mirror, "BackgroundWriter", Small)
     out = Stalled()
     threading.Timer(0.5, Stalled.gate.set).start()
     mirror = TrafficMirror(MirrorConfig(observed_port=8080, writer=out,
@@ -203,14 +209,28 @@ def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     assert rec.read_bytes() == b""
 
 
-def test_an_empty_file_or_a_device_is_written_in_place(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
+def test_an_empty_file_is_not_shared(tmp_path: Path) -> None:
+    """Every run makes its files empty at start: an empty file may be another run's."""
+    empty = tmp_path / "rec.bin"
     empty.touch()
     with open_output(empty, "recording") as f:
         f.write(b"x")
-    assert empty.read_bytes() == b"x"
+    assert f.name == str(tmp_path / "rec.1.bin") and empty.read_bytes() == b""
+
+
+def test_a_device_or_a_fifo_is_written_in_place(tmp_path: Path) -> None:
     with open_output(Path("/dev/null"), "recording") as f:
         assert f.name == "/dev/null"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write returns
+    try:
+        with open_output(fifo, "recording") as f:
+            f.write(b"x")
+        assert f.name == str(fifo) and os.read(reader, 10) == b"x"
+    finally:
+        os.close(reader)
+    assert list(tmp_path.iterdir()) == [fifo]
 
 
 @pytest.mark.parametrize("path,needle", [
@@ -239,6 +259,142 @@ def test_cli_keeps_earlier_outputs(tmp_path: Path) -> None:
     assert again.stderr.count("writing a new file instead") == 2
     assert cli("--record", str(rec), "--overwrite").returncode == 0
     assert not (tmp_path / "rec.2.bin").exists()
+
+
+def test_cli_never_shares_a_file_another_run_made(tmp_path: Path) -> None:
+    """Empty files, as a run that just started leaves them: the next run with the same
+    paths writes files of its own."""
+    rec, stats = tmp_path / "rec.bin", tmp_path / "stats.json"
+    rec.touch()
+    stats.touch()
+    res = cli("--record", str(rec), "--stats-json", str(stats))
+    assert res.returncode == 0, res.stderr
+    assert rec.read_bytes() == b"" and stats.read_bytes() == b""
+    assert (tmp_path / "rec.1.bin").stat().st_size > 0
+    assert json.loads((tmp_path / "stats.1.json").read_text())["records"] == 7
+
+
+def test_cli_one_path_for_two_outputs_is_a_usage_error(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = cli("--record", str(out), "--stats-json", str(tmp_path / "." / "out"))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [res.stderr.strip()] and str(out) in res.stderr
+    assert "same file" in res.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_start_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None:
+    (tmp_path / "rec.bin").write_bytes(b"precious")  # so the run makes rec.1.bin
+    stats = tmp_path / "stats.json"
+    args = build_parser().parse_args(["offline", str(DEMO), "--port", "8080", "--record",
+                                      str(tmp_path / "rec.bin"), "--stats-json", str(stats)])
+
+    def no_source() -> ChannelSource:
+        raise RuntimeError("no capture today")
+
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="no capture today"):
+        run_pipeline(args, mirror_config(args, None), no_source, interrupted_status=130)
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.bin"]
+    assert (tmp_path / "rec.bin").read_bytes() == b"precious"
+
+
+def test_cli_a_failed_start_leaves_no_file(tmp_path: Path) -> None:
+    bad, rec, stats = tmp_path / "bad.pcap", tmp_path / "rec.bin", tmp_path / "stats.json"
+    bad.write_bytes(b"not a capture")
+    res = subprocess.run([*AGENT, "offline", str(bad), "--port", "8080", "--record", str(rec),
+                          "--stats-json", str(stats)], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pcap"]
+
+
+def test_broken_pipe_on_a_recording_that_is_not_stdout_costs_that_recording() -> None:
+    r, w = os.pipe()
+    os.close(r)  # its reader went away
+    out = open(w, "wb")  # noqa: SIM115
+    writer = NativeWriter(out)
+    with capture_logs() as logs:
+        writer.write(TrafficChunk(b"data", "a:1", "b:2", Direction.TO_OBSERVED, 1.0, 1), b"data")
+        writer.flush()  # no BrokenPipeError: that is for stdout only
+    assert writer.stats()["record_errors"] == 1 and writer.stats()["record_failed_records"] == 1
+    (error,) = errors(logs)
+    assert error["errno"] == "EPIPE" and error["file"] == str(w)
+    assert out.closed
+
+
+def test_cli_a_fifo_whose_reader_left_exits_3_naming_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    head = subprocess.Popen(["head", "-c", "100", str(fifo)], stdout=subprocess.DEVNULL)
+    res = cli("--both-directions", "--record-format", "jsonl", "--record", str(fifo),
+              "--stats-json", str(tmp_path / "stats.json"))
+    head.wait(10)
+    assert res.returncode == 3, res.stderr
+    lines = res.stderr.splitlines()
+    errs = [json.loads(ln) for ln in lines if ln.startswith("{") and '"error"' in ln]
+    assert len(errs) == 1 and errs[0]["file"] == str(fifo) and errs[0]["errno"] == "EPIPE"
+    assert lines[-1].startswith("mirror-agent: degraded: 1 recording(s) failed")
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["source_frames"] > 0 and stats["record_failed_records"] > 0
+
+
+def test_cli_a_dead_shadow_exits_3_saying_why() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = cli("--target", f"127.0.0.1:{port}")
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        "mirror-agent: degraded: forward sink dropped 7 flow(s) (connect_failed=7) "
+        "(see the summary)")
+
+
+def test_degradation_names_the_sink_and_why() -> None:
+    assert degradation({"forward_flows_dropped": 5, "forward_flows_dropped_connect_failed": 1,
+                        "forward_flows_dropped_flow_buffer": 4, "forward_bytes_dropped": 9,
+                        "records": 3}) == [
+        "forward sink dropped 5 flow(s) (flow_buffer=4, connect_failed=1)"]
+    assert degradation({"forward_flows_dropped": 0, "records": 1}) == []
+    assert degradation({"record_dropped_records": 2, "record_dropped_bytes": 10}) == [
+        "recording dropped 2 record(s): the disk could not keep up"]
+
+
+def test_late_forward_bytes_are_the_mirrors() -> None:
+    lines = format_summary({"chunks": 2, "mirror_forward_late_bytes": 5,
+                            "forward_connections": 1}).splitlines()
+    mirror = next(ln for ln in lines if ln.split()[0] == "mirror")
+    forward = next(ln for ln in lines if ln.split()[0] == "forward")
+    assert "mirror_forward_late_bytes=5" in mirror and "late" not in forward
+
+
+def record_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "record-writer"]
+
+
+def test_the_background_writer_stops_when_the_run_ends() -> None:
+    before = len(record_threads())
+    out = io.BytesIO()
+    mirror = TrafficMirror(MirrorConfig(observed_port=8080, writer=out,
+                                        record_in_background=True))
+    mirror.run(traffic())
+    assert len(record_threads()) == before  # no thread left behind
+    assert mirror.stats()["records"] == FLOWS
+    mirror.run(traffic())  # a mirror can run again: the writer starts again
+    assert mirror.stats()["records"] == 2 * FLOWS and len(record_threads()) == before
+
+
+def test_background_writer_close_drains_then_joins() -> None:
+    before = len(record_threads())
+    out = io.BytesIO()
+    w = BackgroundWriter(NativeWriter(out))
+    for i in range(50):
+        data = request(i)
+        w.write(TrafficChunk(data, "a:1", "b:2", Direction.TO_OBSERVED, 1.0, i), data)
+    w.close()
+    assert len(record_threads()) == before
+    assert w.stats()["records"] == 50
+    assert len(list(NativeReader(io.BytesIO(out.getvalue())))) == 50
+    w.close()  # idempotent
 
 
 @pytest.mark.parametrize("flag", ["--record", "--stats-json"])

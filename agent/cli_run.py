@@ -1,0 +1,77 @@
+"""Running the pipeline for the command line: the outputs opened (or refused, exit 2) before
+the source starts, the mirror run with SIGINT/SIGTERM as cancellation, and on every way out
+the summary (once the run started) and the exit status.
+
+Order at the end: the mirror's run closes its writers (a background writer's thread is
+stopped and joined), then :meth:`RunOutputs.finish` closes the files. A run that fails
+before it starts leaves no file it created behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import structlog
+
+from agent.capture import PacketSource
+from agent.config import MirrorConfig
+from agent.mirror import Cancelled, TrafficMirror
+from agent.outputs import EXIT_DEGRADED, RunOutputs
+
+__all__ = ["run_pipeline"]
+
+log = structlog.get_logger("agent.cli")
+
+
+def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
+                 make_source: Callable[[], PacketSource], interrupted_status: int) -> int:
+    """Open the outputs of ``args``, build the mirror of ``config`` and run it over the
+    source ``make_source`` makes.
+
+    Returns ``interrupted_status`` after a signal, else 0, or 3 if the run was degraded.
+    Output paths are checked (:class:`~agent.outputs.OutputError`, exit 2) before the source
+    is made; if that fails, the files are closed and removed and the error goes up. Once the
+    source exists, the summary (and ``--stats-json``) comes out on every way out, before an
+    error goes up.
+    """
+    outputs = RunOutputs(args.record, args.stats_json, args.overwrite)
+    try:
+        config.writer = outputs.record
+        mirror = TrafficMirror(config)
+        source = make_source()
+    except BaseException:
+        outputs.finish(None, failed=True)
+        raise
+    try:
+        status = _run_until_stopped(mirror, source, args.stats_interval, interrupted_status)
+    except BaseException:
+        outputs.finish(mirror.stats(), failed=True)
+        raise
+    degraded = outputs.finish(mirror.stats())
+    return EXIT_DEGRADED if degraded and status == 0 else status
+
+
+def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interval: float,
+                       interrupted_status: int) -> int:
+    """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status``."""
+    cancel = threading.Event()
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        cancel.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        mirror.run(source, cancel, stats_interval=stats_interval)
+    except Cancelled:
+        log.info("stopped; buffered data flushed", signal=stopped_by[0] if stopped_by else "")
+        return interrupted_status
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
