@@ -109,7 +109,7 @@ def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dic
         result["hole_timeouts"] = stats.get("reassembly_hole_timeouts", 0)
         result["retransmitted_bytes"] = stats.get("reassembly_retransmitted_bytes", 0)
         result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
-        result["forward_dropped_bytes"] = stats.get("forward_dropped_bytes", 0)
+        result["forward_dropped_bytes"] = stats.get("forward_bytes_dropped", 0)
     return result
 
 
