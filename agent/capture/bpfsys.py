@@ -66,6 +66,17 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
     return ret
 
 
+def _bpf_unless_absent(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> bool:
+    """:func:`_bpf` for a map element; False if the key is absent (ENOENT)."""
+    try:
+        _bpf(cmd, attr, what)
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def _addr(buf: ctypes.Array[ctypes.c_char]) -> int:
     return ctypes.addressof(buf)
 
@@ -113,13 +124,7 @@ class BpfMap:
         v = ctypes.create_string_buffer(self.lookup_size(possible_cpus))
         attr = ctypes.create_string_buffer(_ATTR_SIZE)
         struct.pack_into("<I4xQQ", attr, 0, self.fd, _addr(k), _addr(v))
-        try:
-            _bpf(_MAP_LOOKUP_ELEM, attr, "map lookup")
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        return v.raw
+        return v.raw if _bpf_unless_absent(_MAP_LOOKUP_ELEM, attr, "map lookup") else None
 
     def delete(self, key: bytes) -> bool:
         """``BPF_MAP_DELETE_ELEM``; False if the key was absent."""
@@ -127,13 +132,7 @@ class BpfMap:
         k = ctypes.create_string_buffer(key, len(key))
         attr = ctypes.create_string_buffer(_ATTR_SIZE)
         struct.pack_into("<I4xQ", attr, 0, self.fd, _addr(k))
-        try:
-            _bpf(_MAP_DELETE_ELEM, attr, "map delete")
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return _bpf_unless_absent(_MAP_DELETE_ELEM, attr, "map delete")
 
     def _check(self, key: bytes, value: bytes, value_size: int) -> None:
         if len(key) != self.key_size or len(value) != value_size:

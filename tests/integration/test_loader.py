@@ -58,3 +58,24 @@ def test_running_agent_does_not_map_llvm(tmp_path: Path) -> None:
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
         agent.stop(settle=0)
     assert "LLVM" not in maps and "libbcc" not in maps
+
+
+def test_ports_change_without_reloading() -> None:
+    """set_ports adds and removes map entries; the ports that stay are untouched."""
+    from agent.capture.perfbuf import possible_cpus
+    from agent.capture.program import Build, MirrorProgram
+
+    prog = MirrorProgram(Build("tc", possible_cpus(), (61000, 65535)))
+    try:
+        table = prog._loaded.maps["ports"]
+
+        def present() -> set[int]:
+            return {p for p in (80, 8080, 9090)
+                    if table.lookup(p.to_bytes(2, "little")) is not None}
+
+        prog.set_ports([8080, 9090])
+        assert present() == {8080, 9090}
+        prog.set_ports([9090, 80])
+        assert present() == {80, 9090} and prog.ports == {80, 9090}
+    finally:
+        prog.close()
