@@ -2,16 +2,18 @@
 (running the pipeline: :mod:`agent.cli_run`; ``inspect``: :mod:`agent.cli_inspect`).
 
 Exit status: 0 success; 1 runtime failure (the summary, then the cause on one line); 2 bad
-usage, unreadable input (every capture file's header is checked before anything runs) or an
-unusable output path (or one path for both outputs), always as one line on stderr; 3
+usage (a bad value names its flag), unreadable input (every capture file's header is checked
+before anything runs), a target that does not resolve, or an unusable output path (one path
+for both outputs, an output that is an input), always as one line on stderr; 3
 finished but degraded, with a "degraded" line after the summary naming the sink or source
 and why: a capture file was cut short (``source_cut_short_files``), a recording failed (a
 write error closed it, the rest counted as ``record_failed_*``) or could not keep up
 (``record_dropped_*``), or the forward sink dropped flows (``forward_flows_dropped``, by
 reason: a dead or slow shadow); for ``inspect``, a damaged recording; 130 when an offline
-replay was interrupted (data flushed); 141 when the reader of stdout (``--record -``,
-``inspect``) went away, quietly, like a filter killed by SIGPIPE. A broken pipe on any other
-output (a FIFO whose reader left) is a failed recording: exit 3.
+replay was interrupted (data flushed; a second signal stops the wait for the shadow); 141
+when the reader of stdout (``--record -``, ``inspect``) went away, quietly, like a filter
+killed by SIGPIPE. A broken pipe on any other output (a FIFO whose reader left) is a failed
+recording: exit 3.
 """
 
 from __future__ import annotations
@@ -19,25 +21,27 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import BinaryIO, NoReturn, TypeVar
 
 import structlog
 
 from agent import __doc__ as _pkg_doc
+from agent import cli_args as a
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
 from agent.cli_inspect import inspect_recording
 from agent.cli_run import run_pipeline
-from agent.config import (
-    FORWARD_SOURCE_PORTS,
-    ForwardConfig,
-    MirrorConfig,
-    parse_port_range,
-    parse_target,
+from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_target
+from agent.filter import BpfFilter, FilterError, FrameMatcher, SegmentMatcher
+from agent.hooks import (
+    Hook,
+    HookError,
+    HookLoadError,
+    KeepAll,
+    OnlyToObserved,
+    SampleFlows,
+    load_hook,
 )
-from agent.filter import FilterError, FrameMatcher, SegmentMatcher
-from agent.hooks import Hook, HookLoadError, KeepAll, OnlyToObserved, SampleFlows, load_hook
 from agent.http_hooks import InjectHeader, RedactHeaders
 from agent.logsetup import configure_logging
 from agent.outputs import EXIT_HELP, OutputError, stdout_closed
@@ -58,7 +62,7 @@ examples:
       --record-format jsonl --both-directions --filter 'host 192.0.2.10'
   # inject a header into forwarded HTTP requests, redact credentials in the recording
   mirror-agent offline cap.pcap --port 80 --target shadow:80 --inject-header 'X-Mirror: 1' \\
-      --record rec.bin --redact-headers
+      --record rec.bin --redact-headers=Authorization,Cookie,X-Api-Key
   # print a native recording
   mirror-agent inspect rec.bin
 """ + EXIT_HELP
@@ -87,52 +91,31 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range 1-65535")
-    return value
-
-
-def _ports(text: str) -> list[int]:
-    ports = [_port(p) for p in text.split(",") if p.strip()]
-    if not ports:
-        raise argparse.ArgumentTypeError("no port named (e.g. --port 8080)")
-    return ports
-
-
-def _ifaces(text: str) -> str:
-    """``--iface``: kept as given (resolved at start), but it must name something."""
-    if not any(name.strip() for name in text.split(",")):
-        raise argparse.ArgumentTypeError("no interface named (e.g. --iface eth0, or 'any')")
-    return text
-
-
-def _port_range(text: str) -> tuple[int, int]:
-    try:
-        return parse_port_range(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            argv = a.normalize_argv(sys.argv[1:] if args is None else args)
+        except ValueError as e:
+            self.error(str(e))
+        return super().parse_known_args(argv, namespace)
 
 
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=_ports, required=True, metavar="PORT[,PORT...]",
+    p.add_argument("--port", type=a.ports, required=True, metavar="PORT[,PORT...]",
                    help="observed service port(s); decides each chunk's direction")
-    p.add_argument("--target", metavar="HOST:PORT",
+    p.add_argument("--target", type=a.target, metavar="HOST:PORT",
                    help="shadow to forward client->service bytes to (one connection per "
                         "captured connection)")
-    p.add_argument("--forward-source-ports", type=_port_range, default=FORWARD_SOURCE_PORTS,
+    p.add_argument("--forward-source-ports", type=a.port_range, default=FORWARD_SOURCE_PORTS,
                    metavar="LO-HI",
                    help="local ports shadow connections are made from; capture skips every "
                         "packet with a port in this range, so the agent never mirrors its own "
                         "(or another agent's) forwarded traffic (default: "
                         f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}, above Linux's "
                         "ephemeral ports)")
-    p.add_argument("--record", metavar="PATH", help="write a recording here ('-' = stdout)")
+    p.add_argument("--record", type=a.output_path, metavar="PATH",
+                   help="write a recording here ('-' = stdout)")
     p.add_argument("--overwrite", action="store_true",
                    help="truncate an existing --record/--stats-json file (default: keep it "
                         "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
@@ -143,27 +126,31 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", metavar="EXPR", help="tcpdump expression packets must match")
     p.add_argument("--hook", action="append", default=[], metavar="MODULE:NAME",
                    help="extra hook for both paths (object, class or function); repeatable")
-    p.add_argument("--inject-header", metavar="'NAME: VALUE'",
-                   help="add this header to every forwarded HTTP/1.x request")
-    p.add_argument("--redact-headers", nargs="?", const="Authorization,Cookie", metavar="NAMES",
-                   help="redact these request headers in recordings "
-                        "(default when given: Authorization,Cookie)")
-    p.add_argument("--sample", type=float, metavar="FRACTION",
+    p.add_argument("--inject-header", type=a.inject_header, metavar="'NAME: VALUE'",
+                   help="add this header to every forwarded HTTP/1.x request (not one that "
+                        "frames or routes it: Content-Length, Transfer-Encoding, Host, ...)")
+    p.add_argument("--redact-headers", type=a.header_names, nargs="?", const=a.REDACT_DEFAULT,
+                   metavar="=NAMES",
+                   help="redact request headers in recordings: alone Authorization and "
+                        "Cookie, or the names given as --redact-headers=NAME[,NAME...]")
+    p.add_argument("--sample", type=a.fraction, metavar="FRACTION",
                    help="mirror only this fraction of connections (0..1)")
-    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--idle-timeout", type=a.positive_seconds, default=600.0, metavar="SECONDS",
                    help="flush connections idle this long (default: 600)")
-    p.add_argument("--hole-timeout", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--hole-timeout", type=a.seconds, default=2.0, metavar="SECONDS",
                    help="skip a hole (as a gap) once later data waited this long; TCP fills "
                         "real ones sooner (default: 2; 0: only at the limits)")
-    p.add_argument("--max-flows", type=int, default=100_000,
+    p.add_argument("--max-flows", type=a.at_least_one, default=100_000,
                    help="connections tracked at once (default: 100000)")
-    p.add_argument("--max-flow-buffer", type=int, default=4 << 20, metavar="BYTES",
+    p.add_argument("--max-flow-buffer", type=a.at_least_one, default=4 << 20, metavar="BYTES",
                    help="out-of-order bytes held per direction (default: 4 MiB)")
-    p.add_argument("--max-buffer", type=int, default=256 << 20, metavar="BYTES",
+    p.add_argument("--max-buffer", type=a.at_least_one, default=256 << 20, metavar="BYTES",
                    help="out-of-order bytes held in total (default: 256 MiB)")
-    p.add_argument("--stats-json", metavar="PATH", help="also write the final stats as JSON")
-    p.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
-                   help="log every counter this often while running (default: 60; 0: never)")
+    p.add_argument("--stats-json", type=a.output_path, metavar="PATH",
+                   help="also write the final stats as JSON ('-' = stdout)")
+    p.add_argument("--stats-interval", type=a.stats_interval, default=60.0, metavar="SECONDS",
+                   help="log every counter this often while running (default: 60; 0: never; "
+                        "at least 0.1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    off.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE")
     _add_pipeline_options(off)
 
     run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
                          epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--iface", required=True, type=_ifaces, metavar="IFACE[,IFACE...]|any",
+    run.add_argument("--iface", required=True, type=a.ifaces, metavar="IFACE[,IFACE...]|any",
                      help="interfaces to capture on ('any': every non-loopback one that is up)")
     run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
                      help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
@@ -208,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
-    ins.add_argument("path", type=Path)
+    ins.add_argument("path", type=a.input_path)
     ins.add_argument("--format", choices=["text", "jsonl"], default="text")
     return parser
 
@@ -218,10 +205,7 @@ def _hooks(args: argparse.Namespace) -> tuple[list[Hook], list[Hook]]:
     forward: list[Hook] = []
     record: list[Hook] = []
     if args.sample is not None:
-        try:
-            sampler = SampleFlows(args.sample)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        sampler = SampleFlows(args.sample)
         forward.append(sampler)
         record.append(sampler)
     forward.append(OnlyToObserved())
@@ -233,25 +217,23 @@ def _hooks(args: argparse.Namespace) -> tuple[list[Hook], list[Hook]]:
     forward += user
     record += user
     if args.inject_header:
-        name, sep, value = args.inject_header.partition(":")
-        try:
-            if not sep:
-                raise ValueError("expected 'NAME: VALUE'")
-            forward.append(InjectHeader(name.strip(), value.strip()))
-        except ValueError as e:
-            raise UsageError(f"--inject-header: {e}") from None
+        forward.append(InjectHeader(*args.inject_header))
     if args.redact_headers:
-        record.append(RedactHeaders(args.redact_headers.split(",")))
+        record.append(RedactHeaders(args.redact_headers))
     return forward, record
 
 
 def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorConfig:
-    """The MirrorConfig the shared pipeline options describe (raises UsageError)."""
+    """The MirrorConfig the shared pipeline options describe (raises UsageError). The target
+    must resolve, and its source ports be ones this process may bind."""
     if args.target:
         try:
-            parse_target(args.target)
+            a.resolve_target(args.target)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        why = a.privileged_source_ports(args.forward_source_ports)
+        if why:
+            raise UsageError(why)
     try:
         reassembly = ReassemblyConfig(
             idle_timeout=args.idle_timeout, hole_timeout=args.hole_timeout,
@@ -292,6 +274,27 @@ def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
         raise UsageError(str(e)) from None
 
 
+def _check_live_filter(args: argparse.Namespace) -> None:
+    """UsageError if ``--filter`` cannot work on the engine: a link-layer term on tc/xdp
+    (they match IP/TCP only), or, for afpacket, no packet left once combined with the
+    agent's own capture expression (said about the user's expression)."""
+    if not args.filter:
+        return
+    if args.engine != "afpacket":
+        why = a.ip_only_filter(args.filter)
+        if why:
+            raise UsageError(why)
+        return
+    from agent.capture.afpacket import capture_expression
+
+    _compile_filter(args.filter, SegmentMatcher)
+    full = capture_expression(args.port, args.filter, args.forward_source_ports)
+    try:
+        BpfFilter(full)
+    except FilterError as e:
+        raise UsageError(a.filter_message(args.filter, full, e)) from None
+
+
 def _offline(args: argparse.Namespace) -> int:
     matcher = _compile_filter(args.filter, FrameMatcher)
     config = mirror_config(args, None)
@@ -306,12 +309,17 @@ def _run(args: argparse.Namespace) -> int:
     from agent.capture.attach import resolve_ifaces
     from agent.capture.ebpf import check_environment
 
+    _check_live_filter(args)
+    if args.engine != "afpacket":  # names CAP_IPC_LOCK with the others if it is missing too
+        a.preflight_ebpf(args.buffer_mib, args.transport)
     check_environment(ebpf=args.engine != "afpacket", buffer_mib=args.buffer_mib,
                       transport=args.transport)
     ifaces = resolve_ifaces(args.iface)
     _warn_if_target_captured(args, ifaces)
+    overlap = a.ephemeral_overlap(args.forward_source_ports)
+    if overlap:
+        log.warning(overlap)
     if args.engine == "afpacket":
-        _compile_filter(args.filter, SegmentMatcher)  # a bad expression: exit 2 before start
 
         def make_source() -> PacketSource:
             from agent.capture.afpacket import AfPacketSource
@@ -376,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except HookError as e:  # its message names the hook and what it did
+        sys.stderr.write(f"mirror-agent: failed: {e}\n")
+        return 1
     except Exception as e:
         sys.stderr.write(f"mirror-agent: failed: {type(e).__name__}: {e}\n")
         return 1

@@ -2,7 +2,8 @@
 
 Exit status 0 for a clean recording; 3 (degraded) when it was read but is damaged (corrupt
 records skipped, a truncated or unreadable tail, addresses that are not UTF-8), with one line
-per problem on stderr. A file that is not a recording raises :class:`RecordError`.
+per problem on stderr. A file that is not a recording raises :class:`RecordError`; a closed
+stdout, :class:`~agent.outputs.OutputError` (both exit 2).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from agent.model import TrafficChunk
-from agent.outputs import EXIT_DEGRADED
+from agent.outputs import EXIT_DEGRADED, OutputError
 from agent.sinks.record import NativeReader, RecordedChunk, RecordError, chunk_json
 
 __all__ = ["inspect_recording"]
@@ -20,6 +21,8 @@ __all__ = ["inspect_recording"]
 
 def inspect_recording(path: Path, fmt: str = "text") -> int:
     """Print every record of ``path`` on stdout (``fmt``: text or jsonl); the exit status."""
+    if sys.stdout is None:  # started with fd 1 closed
+        raise OutputError("inspect prints to stdout, and stdout is closed")
     try:
         f = path.open("rb")
     except OSError as e:

@@ -5,6 +5,12 @@ the summary (once the run started) and the exit status.
 Order at the end: the mirror's run closes its writers (a background writer's thread is
 stopped and joined), then :meth:`RunOutputs.finish` closes the files. A run that fails
 before it starts leaves no file it created behind.
+
+The first SIGINT/SIGTERM stops the run gracefully: buffered data goes through hooks and sinks,
+and the forward sink waits (up to its ``close_timeout``) for the shadow to take what is
+queued. A further signal while it waits stops the waiting at once: what the shadow had not
+taken is dropped (a warning says so), the recording is still flushed, and the status is the
+interrupted one.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
     source exists, the summary (and ``--stats-json``) comes out on every way out, before an
     error goes up.
     """
-    outputs = RunOutputs(args.record, args.stats_json, args.overwrite)
+    outputs = RunOutputs(args.record, args.stats_json, args.overwrite,
+                         inputs=getattr(args, "files", None) or ())
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)
@@ -57,13 +64,24 @@ def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
 
 def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interval: float,
                        interrupted_status: int) -> int:
-    """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status``."""
+    """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status`` once
+    a signal came (see the module docstring)."""
     cancel = threading.Event()
     stopped_by: list[str] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopped_by.append(signal.Signals(signum).name)
         cancel.set()
+        if not mirror.config.target_addr:
+            return
+        if len(stopped_by) == 1:
+            log.info("stopping: waiting up to "
+                     f"{mirror.config.forward.close_timeout:g} s for the shadow to take what "
+                     "is queued; signal again to stop waiting", signal=stopped_by[0])
+            return
+        log.warning("stopped waiting for the shadow: what it had not taken is dropped "
+                    "(counted as close_timeout)", signal=stopped_by[-1])
+        mirror.stop_waiting()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -74,4 +92,4 @@ def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interv
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return 0
+    return interrupted_status if stopped_by else 0

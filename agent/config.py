@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +35,36 @@ FORWARD_SOURCE_PORTS: tuple[int, int] = (61000, 65535)
 Dial = Callable[[str], socket.socket]
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+
+
 def parse_target(addr: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message
+    (the host is checked for its form only, not resolved)."""
+    if not addr:
+        raise ValueError("target is empty: give HOST:PORT (e.g. 127.0.0.1:8080)")
+    if "://" in addr:
+        raise ValueError(f"target {addr!r}: give HOST:PORT without a scheme "
+                         "(e.g. 127.0.0.1:8080)")
     host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port or addr.endswith("]"):
         raise ValueError(f"target {addr!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"target {addr!r}: port {port!r} is not a number")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"target {addr!r}: port {int(port)} is out of range 1-65535")
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(f"target {addr!r}: unbalanced bracket (IPv6: [::1]:8080)")
         host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"target {addr!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"target {addr!r}: an IPv6 address goes in brackets ([::1]:8080)")
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"target {addr!r}: {host!r} is not a host name or address")
     return host, int(port)
 
 

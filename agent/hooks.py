@@ -4,7 +4,8 @@ A hook is anything with ``handle(chunk) -> (data, keep)``:
 
 * ``keep=False`` drops the chunk (counted as a hook drop);
 * empty ``data`` with ``keep=True`` skips this write/forward (a hook holding bytes back);
-* an exception aborts :meth:`agent.mirror.TrafficMirror.run`.
+* an exception aborts :meth:`agent.mirror.TrafficMirror.run`; so does a result that is not
+  a ``(bytes, bool)`` pair (:class:`HookError`, naming the hook).
 
 Hooks that hold bytes across chunks (see :mod:`agent.http_hooks`) also implement
 ``flow_end(chunk) -> bytes``: called once per direction when the connection ends, with the last
@@ -26,12 +27,14 @@ __all__ = [
     "DEFAULT_FORWARD_HOOK",
     "DEFAULT_RECORD_HOOK",
     "Hook",
+    "HookError",
     "HookFunc",
     "HookLoadError",
     "HookPipeline",
     "KeepAll",
     "OnlyToObserved",
     "SampleFlows",
+    "hook_name",
     "load_hook",
 ]
 
@@ -101,8 +104,29 @@ class SampleFlows:
         return chunk.data, h <= self._threshold
 
 
+class HookError(Exception):
+    """A hook broke the contract: its result was not ``(bytes, bool)`` (or, from
+    ``flow_end``, not bytes). The message names the hook."""
+
+
+def hook_name(hook: object) -> str:
+    """``module:name`` of a hook: its function's for a :class:`HookFunc`, else its class's."""
+    obj = hook.fn if isinstance(hook, HookFunc) else type(hook)
+    name = getattr(obj, "__qualname__", None) or repr(obj)
+    return f"{getattr(obj, '__module__', '?')}:{name}"
+
+
+def _type_names(result: object) -> str:
+    if isinstance(result, tuple):
+        return f"({', '.join(type(x).__name__ for x in result)})"
+    return type(result).__name__
+
+
 class HookPipeline:
-    """Runs hooks in order; the first drop or empty result ends the chain for that chunk."""
+    """Runs hooks in order; the first drop or empty result ends the chain for that chunk.
+
+    Every result is checked: one that is not ``(bytes, bool)`` raises :class:`HookError`
+    before it reaches a sink."""
 
     __slots__ = ("_aware", "hooks")
 
@@ -120,7 +144,7 @@ class HookPipeline:
         for i, hook in enumerate(self.hooks):
             if i:
                 chunk = chunk.with_data(data)
-            data, keep = hook.handle(chunk)
+            data, keep = _checked(hook, hook.handle(chunk))
             if not keep:
                 return b"", False
             if not data:
@@ -132,12 +156,25 @@ class HookPipeline:
         carry = b""
         for hook in self.hooks:
             if carry:
-                carry, keep = hook.handle(chunk.with_data(carry))
+                carry, keep = _checked(hook, hook.handle(chunk.with_data(carry)))
                 if not keep:
                     carry = b""
             if isinstance(hook, FlowAwareHook):
-                carry += hook.flow_end(chunk)
+                tail = hook.flow_end(chunk)
+                if not isinstance(tail, bytes):
+                    raise HookError(f"hook {hook_name(hook)} returned "
+                                    f"{type(tail).__name__} from flow_end, expected bytes")
+                carry += tail
         return carry
+
+
+def _checked(hook: Hook, result: object) -> HookResult:
+    """``result`` if it is ``(bytes, bool)``, else HookError naming ``hook``."""
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], bytes)
+            and isinstance(result[1], bool)):
+        return result
+    raise HookError(f"hook {hook_name(hook)} returned {_type_names(result)}, expected "
+                    "(bytes, bool)")
 
 
 class HookLoadError(Exception):

@@ -15,10 +15,21 @@ from collections.abc import Iterable
 
 from agent.model import Direction, TrafficChunk
 
-__all__ = ["HttpRequestEditor", "InjectHeader", "RedactHeaders"]
+__all__ = ["HttpRequestEditor", "InjectHeader", "RedactHeaders", "check_header",
+           "check_header_name"]
 
 _REQUEST_START = re.compile(rb"[A-Z]{3,12} ")
 _REQUEST_LINE = re.compile(rb"[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
+
+#: An HTTP field name: a token (RFC 9110 5.1).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A field value: visible ASCII, spaces and tabs (no control characters, nothing that is not
+#: ASCII: the bytes on the wire would depend on an encoding).
+_VALUE = re.compile(r"[\x20-\x7e\t]*")
+#: Headers that frame or route a request, or manage its connection: injecting one would make
+#: the shadow read the stream differently from the service.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection",
+                             "upgrade", "te", "trailer", "keep-alive", "proxy-connection"})
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _PASS, _RESYNC = range(7)
 
@@ -188,13 +199,30 @@ def _body_framing(head: bytes) -> tuple[int, bool, bool]:
     return length, chunked, upgrade
 
 
+def check_header_name(name: str) -> None:
+    """ValueError unless ``name`` is a valid HTTP header name."""
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid header name (letters, digits and "
+                         "!#$%&'*+-.^_`|~ only)")
+
+
+def check_header(name: str, value: str) -> None:
+    """ValueError unless ``name: value`` is a header :class:`InjectHeader` may add."""
+    check_header_name(name)
+    if name.lower() in FRAMING_HEADERS:
+        raise ValueError(f"{name} cannot be injected: it frames or routes the request, so the "
+                         "shadow would read the stream differently from the service")
+    if not _VALUE.fullmatch(value):
+        raise ValueError(f"header value {value!r} must be printable ASCII (spaces and tabs "
+                         "allowed)")
+
+
 class InjectHeader(HttpRequestEditor):
     """Adds ``name: value`` to every HTTP/1.x request (replacing a header of the same name)."""
 
     def __init__(self, name: str, value: str, max_head: int = 64 * 1024) -> None:
         super().__init__(max_head)
-        if not name or any(c in name for c in ":\r\n ") or any(c in value for c in "\r\n"):
-            raise ValueError(f"invalid header {name!r}: {value!r}")
+        check_header(name, value)
         self._header = f"{name}: {value}\r\n".encode("latin-1")
         self._strip = re.compile(
             rb"\r\n" + re.escape(name.encode("latin-1")) + rb"[ \t]*:[^\r\n]*", re.IGNORECASE
@@ -214,9 +242,12 @@ class RedactHeaders(HttpRequestEditor):
         max_head: int = 64 * 1024,
     ) -> None:
         super().__init__(max_head)
-        alts = b"|".join(re.escape(n.strip().encode("latin-1")) for n in names if n.strip())
-        if not alts:
+        stripped = [n.strip() for n in names if n.strip()]
+        if not stripped:
             raise ValueError("no header names to redact")
+        for name in stripped:
+            check_header_name(name)
+        alts = b"|".join(re.escape(n.encode("ascii")) for n in stripped)
         self._re = re.compile(rb"(\r\n(?:" + alts + rb")[ \t]*:[ \t]*)[^\r\n]*", re.IGNORECASE)
         self._repl = replacement.encode("latin-1")
         self.redacted = 0

@@ -19,6 +19,7 @@ import structlog
 from agent.capture import PacketSource
 from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
+from agent.lograte import RateLimitedLog
 from agent.model import Direction, DirectionEnd, FlowEnd, TrafficChunk
 from agent.reassembly import Output, Reassembler
 from agent.sinks.record import BackgroundWriter, RecordWriter, make_writer
@@ -136,6 +137,7 @@ class TrafficMirror:
         self._forward_done: dict[int, str] = {}
         self.counters: Counter[str] = Counter()
         self._source: PacketSource | None = None
+        self._limit_log = RateLimitedLog(log)  # one line per reason per 10 s, not per flow
 
     # ---------------------------------------------------------------- running
 
@@ -224,6 +226,12 @@ class TrafficMirror:
         if errors and error is None:
             raise errors[0]
 
+    def stop_waiting(self) -> None:
+        """Stop waiting for the shadow at the end of :meth:`run` (callable from a signal
+        handler); what it had not taken is dropped and counted. No-op without a target."""
+        if self._forward is not None:
+            self._forward.stop_waiting()
+
     def _close_forward(self) -> None:
         if self._forward is not None:
             self._forward.close()
@@ -303,7 +311,8 @@ class TrafficMirror:
         if self._writer is not None:
             self._writer.flow_end(end)
         if end.reason in ("evicted", "lifetime"):
-            log.info("flow ended by a limit", flow_id=end.flow_id, reason=end.reason)
+            self._limit_log.info("flow ended by a limit", end.reason, flow_id=end.flow_id,
+                                 reason=end.reason)
 
     # ---------------------------------------------------------------- stats
 

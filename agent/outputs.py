@@ -3,10 +3,14 @@ at start, never shared, never clobbered, and not left behind by a run that faile
 
 Every output path is checked before anything starts: it is not a directory, and its directory
 exists and is writable, or it is an existing character device or FIFO that is writable (any
-other kind of file is refused); and the two outputs are not one file. Otherwise
+other kind of file is refused); the two outputs are not one file; and neither is an input
+(a capture file being read: even with ``overwrite`` it is never written). Otherwise
 :class:`OutputError` names the path (exit 2).
 
-A character device or a FIFO is written in place. An existing regular file, empty or not, is
+``-`` is stdout; ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` and ``/proc/self/fd/N`` are
+the caller's streams too, written in place through a copy of that descriptor, whatever they
+are (a regular file after ``>``, a pipe, a terminal); a closed one is an error. A character
+device or a FIFO is written in place. An existing regular file, empty or not, is
 never written: every run creates its files (empty) at start, so an empty file may be another
 run's that just started. The output goes to the next free ``STEM.N.SUFFIX`` (N = 1, 2, ...)
 instead, created with ``O_EXCL`` so two runs never share a file, and a warning names it.
@@ -19,10 +23,13 @@ later removes a recording it created and never wrote.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import stat
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,7 +38,7 @@ import structlog
 from agent.summary import degradation, format_summary
 
 __all__ = ["EXIT_DEGRADED", "EXIT_HELP", "EXIT_PIPE_CLOSED", "OutputError", "RunOutputs",
-           "check_output_path", "open_output", "stdout_closed"]
+           "check_output_path", "open_output", "stdout_closed", "stream_fd"]
 
 log = structlog.get_logger("agent.outputs")
 
@@ -43,10 +50,14 @@ path that cannot be written; 3 degraded, said by the last line: a capture file w
 a recording failed or could not keep up, or the forward sink dropped flows (with why), and
 for inspect a damaged recording; 130 offline replay interrupted; 141 stdout's reader went away.
 Existing output files are never written to: NAME.1.EXT, NAME.2.EXT, ... are used instead
-(--overwrite truncates); devices and FIFOs are written in place.
+(--overwrite truncates), and never an input file; devices, FIFOs and the caller's streams
+(-, /dev/stdout, /dev/stderr) are written in place.
 """
 
 _MAX_NUMBER = 10_000
+_STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
+_FD_PATH = re.compile(r"/(?:dev/fd|proc/(self|thread-self|\d+)/fd)/(\d+)")
+_FLAG = {"recording": "--record", "stats file": "--stats-json"}
 
 
 class OutputError(Exception):
@@ -127,38 +138,132 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def stream_fd(text: str) -> int | None:
+    """The caller's file descriptor an output names: 1 for ``-``, ``/dev/stdout`` and
+    ``/dev/fd/1``, 2 for ``/dev/stderr``, N for ``/dev/fd/N`` and ``/proc/self/fd/N``; None for
+    any other path."""
+    if text == "-":
+        return 1
+    norm = os.path.normpath(text)
+    if norm in _STD_STREAMS:
+        return _STD_STREAMS[norm]
+    m = _FD_PATH.fullmatch(norm)
+    if m is None:
+        return None
+    pid = m.group(1)
+    if pid is not None and pid.isdigit() and int(pid) != os.getpid():
+        return None  # another process's descriptor: a path like any other
+    return int(m.group(2))
+
+
+def _fd_name(fd: int) -> str:
+    return {0: "stdin", 1: "stdout", 2: "stderr"}.get(fd, f"file descriptor {fd}")
+
+
+def _check_stream(fd: int, text: str, what: str) -> None:
+    """OutputError unless descriptor ``fd`` is open for writing."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise OutputError(f"cannot write {what} to {text}: {_fd_name(fd)} is closed") from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise OutputError(f"cannot write {what} to {text}: {_fd_name(fd)} is open for reading "
+                          "only")
+
+
+def _output_stat(text: str) -> os.stat_result | None:
+    """What an output names, if it exists yet (following links; a stream: its descriptor)."""
+    fd = stream_fd(text)
+    try:
+        return os.fstat(fd) if fd is not None else os.stat(text)
+    except OSError:
+        return None
+
+
+def _check_not_input(text: str, what: str, inputs: Sequence[Path]) -> None:
+    """OutputError if output ``text`` is one of the ``inputs`` (same inode, or same path)."""
+    st, fd = _output_stat(text), stream_fd(text)
+    for inp in inputs:
+        try:
+            same = st is not None and os.path.samestat(st, os.stat(inp))
+        except OSError:
+            same = False
+        if same or (fd is None and os.path.realpath(text) == os.path.realpath(inp)):
+            via = "" if fd is None else f" ({_fd_name(fd)} is {inp})"
+            raise OutputError(f"{_FLAG[what]} names the input file {text}{via}; write the "
+                              "output elsewhere")
+
+
+def _one_output(record: str, stats: str) -> bool:
+    """Do ``--record`` and ``--stats-json`` name one file or stream?"""
+    a, b = stream_fd(record), stream_fd(stats)
+    if a is None and b is None:
+        return _same_file(Path(record), Path(stats))
+    if a is not None and a == b:
+        return True
+    sa, sb = _output_stat(record), _output_stat(stats)
+    return sa is not None and sb is not None and os.path.samestat(sa, sb) and not (
+        stat.S_ISCHR(sa.st_mode))  # two streams on one terminal (or /dev/null) is fine
+
+
+def _on_stdout(text: str) -> bool:
+    fd = stream_fd(text)
+    if fd == 1:
+        return True
+    try:
+        return fd is not None and os.path.samestat(os.fstat(fd), os.fstat(1))
+    except OSError:
+        return False
+
+
+def _open_stream(fd: int, text: str) -> BinaryIO:
+    """A file object writing to a copy of the caller's descriptor ``fd``, named ``text``."""
+    f = os.fdopen(os.dup(fd), "wb")
+    setattr(f.raw, "name", "stdout" if text == "-" else text)  # noqa: B010  (for messages)
+    return f
+
+
 class RunOutputs:
     """The recording and the stats file of one run, opened (or reserved) at start.
 
-    ``record`` is None without ``--record``, stdout's binary stream for ``-``.
+    ``record`` is None without ``--record``; ``-`` (like ``stats_json``) is stdout. No output
+    may be one of ``inputs`` (the files the run reads).
     """
 
-    def __init__(self, record: str | None, stats_json: str | None, overwrite: bool) -> None:
+    def __init__(self, record: str | None, stats_json: str | None, overwrite: bool,
+                 inputs: Sequence[Path] = ()) -> None:
         # Every path first, so that a bad one leaves no file behind.
-        named = [(Path(record), "recording")] if record not in (None, "-") else []
-        if stats_json is not None:
-            named.append((Path(stats_json), "stats file"))
-        for path, what in named:
-            check_output_path(path, what)
-        if len(named) == 2 and _same_file(named[0][0], named[1][0]):
-            raise OutputError(f"--record and --stats-json name the same file {named[0][0]}; "
+        named = [(text, what) for text, what in ((record, "recording"),
+                                                  (stats_json, "stats file")) if text is not None]
+        for text, what in named:
+            fd = stream_fd(text)
+            if fd is not None:
+                _check_stream(fd, text, what)
+            else:
+                check_output_path(Path(text), what)
+            _check_not_input(text, what, inputs)
+        if record is not None and stats_json is not None and _one_output(record, stats_json):
+            where = "stdout" if stream_fd(record) == 1 else record
+            raise OutputError(f"--record and --stats-json name the same file ({where}); "
                               "give each its own")
         self._created: set[str] = set()
         self.record: BinaryIO | None = None
         self._stats: BinaryIO | None = None
+        self._stats_on_stdout = stats_json is not None and _on_stdout(stats_json)
         try:
-            if record == "-":
-                self.record = sys.stdout.buffer
-            elif record is not None:
-                self.record = self._open(Path(record), "recording", overwrite)
+            if record is not None:
+                self.record = self._open(record, "recording", overwrite)
             if stats_json is not None:
-                self._stats = self._open(Path(stats_json), "stats file", overwrite)
+                self._stats = self._open(stats_json, "stats file", overwrite)
         except BaseException:
             self.finish(None, failed=True)
             raise
 
-    def _open(self, path: Path, what: str, overwrite: bool) -> BinaryIO:
-        f, created = _open_output(path, what, overwrite)
+    def _open(self, text: str, what: str, overwrite: bool) -> BinaryIO:
+        fd = stream_fd(text)
+        if fd is not None:
+            return _open_stream(fd, text)
+        f, created = _open_output(Path(text), what, overwrite)
         if created:
             self._created.add(f.name)
         return f
@@ -181,6 +286,8 @@ class RunOutputs:
                 with self._stats as f:
                     f.write((json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
             except OSError as e:
+                if isinstance(e, BrokenPipeError) and self._stats_on_stdout:
+                    raise  # stdout's reader went away: stop quietly (exit 141)
                 log.error("cannot write the stats file", file=self._stats.name,
                           error=e.strerror)
                 reasons.append("the stats file could not be written")
@@ -189,8 +296,8 @@ class RunOutputs:
         return reasons
 
     def _close(self, f: BinaryIO | None, remove_if_empty: bool) -> None:
-        """Close ``f`` (not stdout); remove it if asked, this run created it and it is empty."""
-        if f is None or f is sys.stdout.buffer:
+        """Close ``f``; remove it if asked, this run created it and it is empty."""
+        if f is None:
             return
         with contextlib.suppress(OSError):
             f.close()

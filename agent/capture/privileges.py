@@ -43,8 +43,8 @@ __all__ = ["AFPACKET_CAPS", "CAPS", "EBPF_CAPS", "MEMLOCK_CAP", "Host", "buffer_
            "perf_ring_size", "ringbuf_size"]
 
 #: Capability numbers (``include/uapi/linux/capability.h``) of those the agent may need.
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_IPC_LOCK": 14, "CAP_SYS_ADMIN": 21,
-        "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAPS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13,
+        "CAP_IPC_LOCK": 14, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
 EBPF_CAPS = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")
 AFPACKET_CAPS = ("CAP_NET_RAW",)
 #: Lifts the locked-memory limit for the perf rings (not needed for the BPF ring buffer).
@@ -208,8 +208,13 @@ def _smallest_limit(point: Path, rel: str, name: str) -> int | None:
 # ------------------------------------------------------------------ capabilities
 
 
-def check_capabilities(host: Host, ebpf: bool) -> None:
-    """SourceError naming the missing capabilities and how to grant them, if any is missing."""
+def check_capabilities(host: Host, ebpf: bool, mib: int | None = None,
+                       transport: str = "perf") -> None:
+    """SourceError naming the missing capabilities and how to grant them, if any is missing.
+
+    Given the ``--buffer-mib`` (``mib``) and ``transport``, CAP_IPC_LOCK is named with the
+    others when the perf rings would need it too (:func:`check_memlock` would refuse them), so
+    one grant is enough. When only CAP_IPC_LOCK is missing, :func:`check_memlock` says so."""
     if not ebpf:
         missing = [c for c in AFPACKET_CAPS if not host.has(c)]
         if missing:
@@ -220,9 +225,20 @@ def check_capabilities(host: Host, ebpf: bool) -> None:
         missing = [c for c in ("CAP_SYS_ADMIN", "CAP_NET_ADMIN") if not host.has(c)]
     else:
         missing = [c for c in EBPF_CAPS if not host.has(c)]
-    if missing:
-        raise SourceError(f"live eBPF capture needs root or {', '.join(EBPF_CAPS)}; "
-                          f"{_lacks(host)} {_grant(missing)}")
+    if not missing:
+        return
+    needed = ", ".join(EBPF_CAPS)
+    if mib is not None and transport == "perf" and _memlock_short(host, mib):
+        missing.append(MEMLOCK_CAP)
+        needed += f" ({MEMLOCK_CAP} too for perf rings of --buffer-mib {mib})"
+    raise SourceError(f"live eBPF capture needs root or {needed}; {_lacks(host)} "
+                      f"{_grant(missing)}")
+
+
+def _memlock_short(host: Host, mib: int) -> bool:
+    """Would the perf rings for ``mib`` exceed what may be locked without CAP_IPC_LOCK?"""
+    allowed = memlock_allowance(host)
+    return allowed is not None and perf_locked_bytes(mib, host.cpus) > allowed
 
 
 def _lacks(host: Host) -> str:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
+from typing import Any
 
 import structlog
 
@@ -87,6 +88,7 @@ class ForwardSink:
         self._awaiting = 0  # I/O thread: flows dropped meanwhile, charged to their outcome
         self._outages = OutageLog(log, "forwarding failed", "target reachable again",
                                   self.config.log_interval, target=target)
+        self._stop_wait = asyncio.Event()  # set: close() stops waiting for the shadow
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="forward",
                                         daemon=True)
@@ -145,6 +147,12 @@ class ForwardSink:
         self._thread.join(5)
         if not self._thread.is_alive():
             self._loop.close()
+
+    def stop_waiting(self) -> None:
+        """Cut :meth:`close`'s wait for the shadow short; callable from any thread or a
+        signal handler. What the shadow has not taken is dropped and counted
+        (``close_timeout``)."""
+        self._loop.call_soon_threadsafe(self._stop_wait.set)
 
     @property
     def queued_bytes(self) -> int:
@@ -392,7 +400,12 @@ class ForwardSink:
     async def _shutdown(self) -> None:
         tasks = [c.task for c in self._live if c.task is not None]
         if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self.config.close_timeout)
+            stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_wait.wait())
+            every: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait([every, stop], timeout=self.config.close_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            pending = {t for t in tasks if not t.done()}
             for conn in list(self._live):
                 if conn.task in pending:
                     self._abort(conn, "close_timeout")
