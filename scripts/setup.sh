@@ -49,5 +49,5 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The native perf decoder (agent/capture/perf_decode.c): built once per source version.
+# The native ring decoder (agent/capture/ring_decode.c): built once per source version.
 .venv/bin/python -m agent.capture.native >/dev/null

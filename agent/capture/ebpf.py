@@ -126,9 +126,9 @@ class EbpfSource:
     this range are never captured (the forward sink's source ports). ``tc_mode``: see
     :func:`agent.capture.attach.attach_tc`.
 
-    ``decoder``: how perf records become Segments: ``native`` (``perf_decode.c``, SourceError
-    if it cannot be built), ``python`` (``events.py``) or ``auto`` (native if it can be had,
-    else Python with a warning). The ring buffer transport always uses the Python decoder.
+    ``decoder``: how ring records become Segments, for either transport: ``native``
+    (``ring_decode.c``, SourceError if it cannot be built), ``python`` (``events.py``) or
+    ``auto`` (native if it can be had, else Python with a warning).
     """
 
     live = True
@@ -171,9 +171,9 @@ class EbpfSource:
 
     def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
                       ) -> EventDecoder | NativeDecoder:
-        if self.transport == "perf" and kind != "python":
+        if kind != "python":
             try:
-                return NativeDecoder(self._clock, self._geometry.capacity, segment_filter)
+                return NativeDecoder(self._clock, segment_filter)
             except NativeUnavailable as e:
                 if kind == "native":
                     raise SourceError(str(e)) from None
@@ -183,16 +183,15 @@ class EbpfSource:
     def _open_ring(self) -> RingBufReader | PerfReader:
         events = self._prog.events
         if self.transport == "ringbuf":
-            assert isinstance(self._decoder, EventDecoder)
             return RingBufReader(events.fd, self._geometry.ringbuf_pages * os.sysconf(
-                "SC_PAGE_SIZE"), self._decoder.record)
+                "SC_PAGE_SIZE"), self._decoder.drain_ringbuf)
 
         def install(cpu: int, fd: int) -> None:
             events.update(cpu.to_bytes(4, "little"), fd.to_bytes(4, "little"))
 
         try:
             return PerfReader(self._geometry.perf_pages, self._geometry.wakeup, install,
-                              self._decoder.consume_perf)
+                              self._decoder.drain_perf)
         except PermissionError as e:  # the start-up check passed, the kernel did not
             raise SourceError(
                 f"the kernel refused to lock the perf rings ({e.strerror}): grant "
@@ -249,7 +248,8 @@ class EbpfSource:
                "perf_lost_samples": d.lost_samples, "filtered": d.filtered,
                "ring_bytes": self._geometry.capacity, "ring_peak_bytes": self._ring.peak_bytes,
                "drain_gap_max_ms": round(self._drain.gap_max * 1000),
-               "drain_pauses": self._drain.pauses}
+               "drain_pauses": self._drain.pauses, "ringbuf_discarded": d.discarded,
+               "records_malformed": d.malformed, "coalesce_no_slot": d.no_slot}
         try:
             out.update({f"kernel_{k}": v for k, v in self._prog.counters().items()})
         except BpfError as e:  # keep the rest; say (once) why these are missing
@@ -266,4 +266,5 @@ class EbpfSource:
         self._drain.stop()
         self._prog.detach()
         self._ring.close()
+        self._decoder.close()
         self._prog.close()

@@ -1,12 +1,32 @@
-"""The native fast path for perf ring records (``perf_decode.c``), built and loaded on demand.
+"""The native ring path (``ring_decode.c``), built and loaded on demand.
 
-``perf_decode.c`` does what :class:`~agent.capture.events.EventDecoder` does, about twenty
-times faster: the Python decoder spends ~1.5 µs per record, the C one ~0.05 µs plus ~1 µs per
-coalesced run. It is compiled with the system C compiler (``cc``) into a cache directory
-(:func:`cache_dir`), named after the source's hash, so a changed source is rebuilt and a stale
-build is never loaded.
-``make setup`` (and the container image) build it ahead of time; without a compiler the agent
-logs one warning and uses the Python decoder, which has the same contract.
+``ring_decode.c`` walks a perf ring or the BPF ring buffer, counts perf LOST records and
+discarded ring buffer records, joins each direction's in-order payload into runs (the contract
+of :class:`~agent.capture.events.EventDecoder`, the Python reference and fallback) and releases
+the walked bytes to the kernel itself, with an acquire load of the producer position and a
+release store of the consumer position. It is compiled with the system C compiler (``cc``)
+into a cache directory (:func:`cache_dir`), named after the source's hash, so a changed source
+is rebuilt and a stale build is never loaded. ``make setup`` (and the container image) build
+it ahead of time; without a compiler the agent logs one warning and uses the Python decoder.
+
+Memory is bounded per decoder and allocated once (``md_new``), whatever the rings' sizes. With
+the defaults below (sizes from ``md_footprint``, x86-64):
+
+- runs: ``MAX_EVENTS`` x 88 B (a 64-byte ``md_run`` plus links) = 1,441,792 B; pieces:
+  ``MAX_EVENTS`` x 16 B = 262,144 B: a call decodes at most ``MAX_EVENTS`` records, each
+  making at most one run and one piece;
+- the open-run table: ``TABLE_SLOTS`` x 4 B = 131,072 B, twice ``MAX_EVENTS`` so it is at
+  most half full; a lookup probes 16 slots at most;
+- the wrapped perf record: 65,536 B (a perf record's size is a u16);
+- the output: ``OUT_BYTES`` = 1,048,576 B (see there), which also bounds the payload one
+  call turns into Segments;
+
+2,949,208 B (2.8 MiB) in all with the handle (``NativeDecoder.footprint``), allocated once
+per source: neither the rings' size nor the traffic's shape changes it. A drain calls the
+decoder until the ring is empty up to the producer position its first call saw, each call
+releasing what it decoded, so a drain ends even while the kernel keeps writing. The Segments
+one drain makes hold at most what the rings held; ``drain.py``'s budget bounds what waits
+after that.
 
 Run ``python -m agent.capture.native`` to build it (exit 1 and the compiler's message if not).
 """
@@ -21,17 +41,32 @@ import struct
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.capture.layout import BPF_DIR
 from agent.model import Segment
 
-__all__ = ["NativeDecoder", "NativeUnavailable", "build", "cache_dir", "load"]
+__all__ = ["MAX_EVENTS", "OUT_BYTES", "TABLE_SLOTS", "NativeDecoder", "NativeUnavailable",
+           "build", "cache_dir", "load"]
 
-SOURCE = Path(__file__).with_name("perf_decode.c")
-#: struct md_run (perf_decode.c); the run's payload follows at RUN.size.
+SOURCE = Path(__file__).with_name("ring_decode.c")
+#: struct md_run (ring_decode.c). A call's output: its runs' headers, then their payloads.
 RUN = struct.Struct("<QIIIIHHHBB16s16s")
+#: Records one call decodes at most (runs and pieces are sized for it).
+MAX_EVENTS = 16384
+#: Open-run table slots: twice MAX_EVENTS, so the table is at most half full.
+TABLE_SLOTS = 2 * MAX_EVENTS
+#: Output bytes of one call. It must take one record's run (64 KiB + 64 B); beyond that a
+#: larger buffer only saves calls, and a call's fixed cost (a few µs: ctypes, the loop) is
+#: about 1% of copying 1 MiB twice (ring -> output -> Segment). Not as large as the ring: at
+#: 1 MiB the output stays in cache between C writing it and Python copying the runs out. In
+#: bench/decode_rings.py 256 KiB to 4 MiB decode within noise of each other, while 16 MiB
+#: (a ring's size) is slower on bulk data (4.3-6.5 vs 7.5-8.5 GB/s); 1 MiB also keeps a bulk
+#: connection's drain in a few large Segments. A full 16 MiB ring of bulk data takes 16 calls.
+OUT_BYTES = 1 << 20
+_NO_LIMIT = (1 << 64) - 1
 
 
 class NativeUnavailable(RuntimeError):
@@ -39,8 +74,19 @@ class NativeUnavailable(RuntimeError):
 
 
 class _Stats(ctypes.Structure):
-    _fields_ = [("events", ctypes.c_uint64), ("coalesced", ctypes.c_uint64),
-                ("lost_samples", ctypes.c_uint64), ("runs", ctypes.c_uint64)]
+    """struct md_stats: running totals."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "events", "coalesced", "lost_samples", "discarded", "no_slot", "malformed", "runs",
+        "calls", "bounded")]
+
+
+class _Call(ctypes.Structure):
+    """struct md_call: what one call did."""
+
+    _fields_ = [("head", ctypes.c_uint64), ("pending", ctypes.c_uint64),
+                ("consumed", ctypes.c_uint64), ("out_used", ctypes.c_uint64),
+                ("runs", ctypes.c_uint32), ("more", ctypes.c_uint32)]
 
 
 def cache_dir() -> Path:
@@ -61,11 +107,11 @@ def cache_dir() -> Path:
 def _target() -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update((BPF_DIR / "mirror_event.h").read_bytes())
-    return cache_dir() / f"perf_decode-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"ring_decode-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
-    """Compile ``perf_decode.c`` unless this exact source is built already; returns the .so."""
+    """Compile ``ring_decode.c`` unless this exact source is built already; returns the .so."""
     target = _target()
     if target.exists():
         return target
@@ -77,7 +123,8 @@ def build() -> Path:
     # Build beside the target, then rename: a concurrent start never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{BPF_DIR}", "-o", tmp, str(SOURCE)]
+    cmd = [cc, "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", f"-I{BPF_DIR}", "-o", tmp,
+           str(SOURCE)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -98,32 +145,57 @@ def load() -> ctypes.CDLL:
             lib = ctypes.CDLL(str(build()))
         except OSError as e:
             raise NativeUnavailable(f"loading the native decoder failed: {e}") from None
-        fn = lib.md_decode_perf
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64),
-                       ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(_Stats)]
+        u64, ptr = ctypes.c_uint64, ctypes.c_void_p
+        lib.md_new.restype = ptr
+        lib.md_new.argtypes = [ctypes.c_uint32, ctypes.c_uint32, u64, ctypes.c_int]
+        lib.md_free.restype = None
+        lib.md_free.argtypes = [ptr]
+        lib.md_out.restype = ptr
+        lib.md_out.argtypes = [ptr]
+        lib.md_footprint.restype = u64
+        lib.md_footprint.argtypes = [ptr]
+        call, stats = ctypes.POINTER(_Call), ctypes.POINTER(_Stats)
+        lib.md_perf.restype = ctypes.c_int64
+        lib.md_perf.argtypes = [ptr, ptr, ptr, u64, u64, call, stats]
+        lib.md_ringbuf.restype = ctypes.c_int64
+        lib.md_ringbuf.argtypes = [ptr, ptr, ptr, ptr, u64, u64, call, stats]
         _lib = lib
     return _lib
 
 
 class NativeDecoder:
-    """Decodes perf rings with ``perf_decode.c``; the interface of EventDecoder for a ring.
+    """Decodes perf rings and the BPF ring buffer with ``ring_decode.c``; the interface of
+    :class:`~agent.capture.events.EventDecoder`.
 
-    :meth:`consume_perf` is a PerfReader ``consume`` function: it decodes one ring's records
-    between ``tail`` and ``head`` and returns the new tail. :meth:`take` returns the Segments
-    so far, like ``EventDecoder.take``. ``out_size`` must be at least
-    the largest ring's data size. Raises NativeUnavailable if the library cannot be had.
+    :meth:`drain_perf` and :meth:`drain_ringbuf` take a ring's addresses, decode everything
+    up to the producer position and release it; :meth:`take` returns the Segments so far.
+    ``max_events``, ``out_bytes`` and ``table_slots`` (a power of two) bound one call (see the
+    module's arithmetic; tests make them small). Raises NativeUnavailable if the library
+    cannot be had. :meth:`close` frees the C state (also done when collected).
+
+    A direction's in-order records join within one call: across the calls of one drain (a
+    ring larger than one call's bounds, or several perf rings) a run may come out in a few
+    Segments, which the reassembler joins.
     """
 
-    def __init__(self, clock: float, out_size: int,
-                 segment_filter: Callable[[Segment], bool] | None = None) -> None:
-        self._fn = load().md_decode_perf
+    def __init__(self, clock: float, segment_filter: Callable[[Segment], bool] | None = None,
+                 *, max_events: int = MAX_EVENTS, out_bytes: int = OUT_BYTES,
+                 table_slots: int = TABLE_SLOTS) -> None:
+        lib = load()
+        handle = lib.md_new(max_events, table_slots, out_bytes, segment_filter is None)
+        if not handle:
+            raise MemoryError(f"native decoder: cannot allocate {max_events} events, "
+                              f"{table_slots} slots, {out_bytes} output bytes")
+        self._lib = lib
+        self._handle: int | None = handle
+        self._free = weakref.finalize(self, lib.md_free, handle)
+        self.footprint = int(lib.md_footprint(handle))
+        self._out = (ctypes.c_char * out_bytes).from_address(lib.md_out(handle))
+        self._view = memoryview(self._out).cast("B")
         self._clock = clock
         self._filter = segment_filter
-        self._out = ctypes.create_string_buffer(out_size)
-        self._out_addr = ctypes.addressof(self._out)
-        self._view = memoryview(self._out).cast("B")
         self._stats = _Stats()
+        self._call = _Call()
         self._segments: list[Segment] = []
         self.filtered = 0
 
@@ -139,38 +211,78 @@ class NativeDecoder:
     def lost_samples(self) -> int:
         return int(self._stats.lost_samples)
 
-    def consume_perf(self, ring: object, base: int, size: int, tail: int, head: int) -> int:
-        """Decode ``ring`` (a writable perf mmap) from ``tail`` to ``head``; the new tail."""
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(ring)) + base  # type: ignore[arg-type]
-        pos = ctypes.c_uint64(tail)
-        used = self._fn(addr, size, ctypes.byref(pos), head, self._filter is None,
-                        self._out_addr, ctypes.byref(self._stats))
-        if used < 0:
-            raise MemoryError("native decoder: out of memory")
-        self._runs(used)
-        return pos.value
+    @property
+    def discarded(self) -> int:
+        return int(self._stats.discarded)
 
-    def _runs(self, used: int) -> None:
-        view, unpack, clock, keep = self._view, RUN.unpack_from, self._clock, self._filter
-        out = self._segments
-        off = 0
-        while off < used:
-            (ts, seq, ack, lost, length, sport, dport, win, fam, flags, saddr,
-             daddr) = unpack(view, off)
+    @property
+    def no_slot(self) -> int:
+        return int(self._stats.no_slot)
+
+    @property
+    def malformed(self) -> int:
+        return int(self._stats.malformed)
+
+    @property
+    def calls(self) -> int:
+        return int(self._stats.calls)
+
+    def drain_perf(self, ctrl: int, data: int, size: int) -> tuple[int, int]:
+        """Decode the perf ring whose ``perf_event_mmap_page`` is at ``ctrl`` and whose
+        ``size``-byte data area is at ``data``; returns (bytes released, bytes waiting when
+        read)."""
+        return self._drain(self._lib.md_perf, (ctrl, data, size))
+
+    def drain_ringbuf(self, cons: int, prod: int, data: int, size: int) -> tuple[int, int]:
+        """Decode the BPF ring buffer whose consumer page is at ``cons``, producer page at
+        ``prod`` and doubly mapped ``size``-byte data area at ``data``; as :meth:`drain_perf`.
+        """
+        return self._drain(self._lib.md_ringbuf, (cons, prod, data, size))
+
+    def _drain(self, fn: Callable[..., int], ring: tuple[int, ...]) -> tuple[int, int]:
+        if self._handle is None:
+            raise ValueError("native decoder is closed")
+        call, call_ref, stats_ref = self._call, ctypes.byref(self._call), ctypes.byref(
+            self._stats)
+        until, consumed, pending = _NO_LIMIT, 0, -1
+        while True:
+            used = fn(self._handle, *ring, until, call_ref, stats_ref)
+            if pending < 0:  # the first call: stop at what the producer had written then
+                pending, until = call.pending, call.head
+            consumed += call.consumed
+            self._runs(used, call.runs)
+            if not call.more:
+                return consumed, pending
+
+    def _runs(self, used: int, runs: int) -> None:
+        """Segments of a call's ``runs`` runs (``used`` bytes of output)."""
+        view, clock, keep = self._view, self._clock, self._filter
+        append = self._segments.append
+        off = runs * RUN.size  # the payloads, in the headers' order
+        for (ts, seq, ack, lost, length, sport, dport, win, fam, flags, saddr,
+             daddr) in RUN.iter_unpack(view[:off]):
+            end = off + length
             if fam == 4:
                 saddr, daddr = saddr[:4], daddr[:4]
-            start = off + RUN.size
-            seg = Segment(saddr, sport, daddr, dport, seq, ack, flags,
-                          bytes(view[start:start + length]), ts / 1e9 + clock, win, lost)
-            off = start + length + 7 & ~7
+            seg = Segment(saddr, sport, daddr, dport, seq, ack, flags, view[off:end].tobytes(),
+                          ts / 1e9 + clock, win, lost)
+            off = end
             if keep is not None and not keep(seg):
                 self.filtered += 1
                 continue
-            out.append(seg)
+            append(seg)
+        assert off == used, "native decoder: output and run headers disagree"
 
     def take(self) -> list[Segment]:
         out, self._segments = self._segments, []
         return out
+
+    def close(self) -> None:
+        """Free the C state; the counters stay readable."""
+        if self._handle is not None:
+            self._view.release()
+            self._handle = None
+            self._free()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ event per online CPU itself, puts its fd in the map, and reads samples in batche
 - ``PERF_RECORD_SAMPLE`` (9) with ``PERF_SAMPLE_RAW``: u32 size, then the BPF program's bytes;
   ``PERF_RECORD_LOST`` (2): u64 id, u64 number of samples lost.
 
-Ordering note: data is read after ``data_head`` and ``data_tail`` is written after the reads;
-CPython's loads and stores are program-ordered on x86-64 (TSO), the architecture this runs on.
+The records are read, and ``data_tail`` moved, by the decoder (``drain_perf`` of
+:class:`~agent.capture.native.NativeDecoder`, or of the Python
+:class:`~agent.capture.events.EventDecoder`): the native one loads ``data_head`` with acquire
+and stores ``data_tail`` with release ordering, as ``perf_event.h`` asks.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PerfReader", "consume_ring", "online_cpus", "possible_cpus", "ring_bytes"]
+__all__ = ["DrainPerf", "PerfReader", "online_cpus", "possible_cpus", "ring_bytes"]
 
 PERF_TYPE_SOFTWARE = 1
 PERF_COUNT_SW_BPF_OUTPUT = 10
@@ -37,19 +39,12 @@ PERF_SAMPLE_RAW = 1 << 10
 PERF_FLAG_FD_CLOEXEC = 1 << 3
 PERF_ATTR_WATERMARK = 1 << 14  # wakeup_watermark (bytes) instead of wakeup_events
 PERF_EVENT_IOC_ENABLE = 0x2400
-PERF_RECORD_LOST = 2
-PERF_RECORD_SAMPLE = 9
 _ATTR_SIZE = 112  # PERF_ATTR_SIZE_VER5
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
-_HEAD = 1024  # offsetof(struct perf_event_mmap_page, data_head)
-_TAIL = 1032
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-_REC = struct.Struct("<IHH")
 
-OnRecord = Callable[[bytes | memoryview, int, int], None]
-#: ``consume(ring, base, size, tail, head) -> new tail``: decodes one ring's records.
-Consume = Callable[[mmap.mmap, int, int, int, int], int]
+#: ``drain(ctrl, data, size) -> (bytes released, bytes waiting when read)``: a decoder's
+#: ``drain_perf``, given the addresses of a ring's control page and data area.
+DrainPerf = Callable[[int, int, int], tuple[int, int]]
 
 
 def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int]:
@@ -71,64 +66,39 @@ def ring_bytes(pages: int) -> int:
     return (1 << max(0, pages - 1).bit_length()) * mmap.PAGESIZE
 
 
-def consume_ring(buf: bytes | bytearray | memoryview | mmap.mmap, base: int, size: int,
-                 tail: int, head: int, on_record: OnRecord, on_lost: Callable[[int], None]
-                 ) -> int:
-    """Hand every record of ``buf[base:base + size]`` between ``tail`` and ``head`` over.
-
-    ``size`` is a power of two; ``tail``/``head`` are free-running byte counters. Samples go to
-    ``on_record(view, offset, raw_size)``, lost-record counts to ``on_lost``. A record that
-    wraps the area's end is copied to make it contiguous. Returns the new tail.
-    """
-    mask = size - 1
-    view = memoryview(buf)
-    rec = _REC.unpack_from
-    u32 = _U32.unpack_from
-    while tail < head:
-        pos = tail & mask
-        typ, _misc, length = rec(view, base + pos)  # 8-aligned: a header never wraps
-        if length < 8:
-            break  # cannot happen with a sane kernel; never spin on it
-        if pos + length > size:
-            data: bytes | memoryview = bytes(view[base + pos:base + size]) + bytes(
-                view[base:base + pos + length - size])
-            off = 0
-        else:
-            data, off = view, base + pos
-        if typ == PERF_RECORD_SAMPLE:
-            on_record(data, off + 12, u32(data, off + 8)[0])
-        elif typ == PERF_RECORD_LOST:
-            on_lost(_U64.unpack_from(data, off + 16)[0])
-        tail += length
-    view.release()
-    return tail
-
-
 class _Ring:
-    __slots__ = ("cpu", "fd", "map", "size")
+    __slots__ = ("addr", "cpu", "fd", "map", "pin", "size")
 
     def __init__(self, cpu: int, fd: int, ring: mmap.mmap, size: int) -> None:
         self.cpu = cpu
         self.fd = fd
         self.map = ring
         self.size = size
+        self.pin: ctypes.c_char | None = ctypes.c_char.from_buffer(ring)  # the address
+        self.addr = ctypes.addressof(self.pin)
+
+    def close(self) -> None:
+        self.pin = None  # an exported buffer cannot be unmapped
+        try:
+            self.map.close()
+        finally:
+            os.close(self.fd)
 
 
 class PerfReader:
     """Per-CPU perf rings of ``pages`` pages each, filled by ``bpf_perf_event_output``.
 
     ``install(cpu, fd)`` puts a ring's event fd into the BPF map (the caller owns the map);
-    ``consume`` decodes a ring's new records (:func:`consume_ring` with a decoder's callbacks,
-    or the native decoder). The kernel wakes :meth:`wait` each time a ring
-    has taken ``wakeup_bytes`` more (perf's watermark); :meth:`consume` reads what is there
-    regardless. Not thread-safe.
+    ``drain`` (a decoder's ``drain_perf``) decodes a ring's new records and releases them.
+    The kernel wakes :meth:`wait` each time a ring has taken ``wakeup_bytes`` more (perf's
+    watermark); :meth:`consume` reads what is there regardless. Not thread-safe.
     """
 
     def __init__(self, pages: int, wakeup_bytes: int, install: Callable[[int, int], None],
-                 consume: Consume, cpus: list[int] | None = None) -> None:
+                 drain: DrainPerf, cpus: list[int] | None = None) -> None:
         self._pages = ring_bytes(pages) // mmap.PAGESIZE
         self._wakeup = max(1, wakeup_bytes)
-        self._consume = consume
+        self._drain = drain
         #: The most bytes any one ring held when read: how close it came to dropping.
         self.peak_bytes = 0
         self._rings: list[_Ring] = []
@@ -179,23 +149,15 @@ class PerfReader:
         total = 0
         page = mmap.PAGESIZE
         for r in self._rings:
-            head = _U64.unpack_from(r.map, _HEAD)[0]
-            tail = _U64.unpack_from(r.map, _TAIL)[0]
-            if head == tail:
-                continue
-            if head - tail > self.peak_bytes:
-                self.peak_bytes = head - tail
-            new = self._consume(r.map, page, r.size, tail, head)
-            _U64.pack_into(r.map, _TAIL, new)
-            total += new - tail
+            used, pending = self._drain(r.addr, r.addr + page, r.size)
+            if pending > self.peak_bytes:
+                self.peak_bytes = pending
+            total += used
         return total
 
     def close(self) -> None:
         """Unmap and close every ring (the map's entries die with the program's maps)."""
         for r in self._rings:
-            try:
-                r.map.close()
-            finally:
-                os.close(r.fd)
+            r.close()
         self._rings.clear()
         self._poller.close()

@@ -6,77 +6,92 @@ than the rest of the per-record work. The ring's layout is a stable kernel ABI
 
 - offset 0: one page holding ``consumer_pos`` (u64), writable by the consumer;
 - offset PAGE: one page holding ``producer_pos`` (u64), then the data area mapped twice in
-  a row, so a record that wraps is still contiguous;
+  a row, so a record that wraps is still contiguous (read-only);
 - each record: a u32 length (bit 31: still being written, bit 30: discarded), a u32 page
   offset, then the data, padded to 8 bytes.
+
+The records are read, and ``consumer_pos`` moved, by the decoder (``drain_ringbuf`` of
+:class:`~agent.capture.native.NativeDecoder`, or of the Python
+:class:`~agent.capture.events.EventDecoder`): the native one loads ``producer_pos`` and each
+record's length with acquire and stores ``consumer_pos`` with release ordering, as libbpf does.
+The pages are mapped with libc's ``mmap`` rather than Python's, whose read-only mappings do
+not give their address.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import select
-import struct
 from collections.abc import Callable
 
-__all__ = ["RingBufReader"]
+__all__ = ["DrainRingbuf", "RingBufReader"]
 
-_BUSY = 1 << 31
-_DISCARD = 1 << 30
-_HDR = 8
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
+#: ``drain(cons, prod, data, size) -> (bytes released, bytes waiting when read)``: a
+#: decoder's ``drain_ringbuf``, given the addresses of the consumer page, the producer page
+#: and the (doubly mapped) data area.
+DrainRingbuf = Callable[[int, int, int, int], tuple[int, int]]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _map(fd: int, length: int, prot: int, offset: int) -> int:
+    addr = _mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of the ring buffer: {os.strerror(err)}")
+    return int(addr)
 
 
 class RingBufReader:
-    """Reads records of one ring buffer map; ``on_record(view, offset, length)`` per record.
+    """Reads the records of one ring buffer map of ``size`` bytes with ``drain`` (a decoder's
+    ``drain_ringbuf``). Not thread-safe; one reader per ring."""
 
-    The view is only valid during the call. Not thread-safe; one reader per ring.
-    """
-
-    def __init__(self, map_fd: int, size: int, on_record: Callable[[memoryview, int, int], None]
-                 ) -> None:
+    def __init__(self, map_fd: int, size: int, drain: DrainRingbuf) -> None:
         if size <= 0 or size & (size - 1):
             raise ValueError("ring buffer size must be a power of two")
         page = mmap.PAGESIZE
-        self._mask = size - 1
-        self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                               offset=page)
-        self._view = memoryview(self._prod)
-        self._data_off = page
-        self._on_record = on_record
+        self._size = size
+        self._drain = drain
+        self._maps: list[tuple[int, int]] = []
+        self._poller = select.epoll()
+        try:
+            self._cons = _map(map_fd, page, mmap.PROT_READ | mmap.PROT_WRITE, 0)
+            self._maps.append((self._cons, page))
+            self._prod = _map(map_fd, page + 2 * size, mmap.PROT_READ, page)
+            self._maps.append((self._prod, page + 2 * size))
+            self._poller.register(map_fd, select.EPOLLIN)
+        except BaseException:
+            self.close()
+            raise
+        self._data = self._prod + page
         #: The most bytes the ring held when read: how close it came to dropping.
         self.peak_bytes = 0
-        self._poller = select.epoll()
-        self._poller.register(map_fd, select.EPOLLIN)
 
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout`` seconds, less if the BPF program forces a wakeup."""
         self._poller.poll(timeout)
 
     def consume(self) -> int:
-        """Hand every complete record to ``on_record`` and release the space; returns bytes."""
-        prod_map, view = self._prod, self._view
-        mask, base, cb = self._mask, self._data_off, self._on_record
-        start = cons = _U64.unpack_from(self._cons, 0)[0]
-        prod = _U64.unpack_from(prod_map, 0)[0]
-        if prod - start > self.peak_bytes:
-            self.peak_bytes = prod - start
-        u32 = _U32.unpack_from
-        while cons < prod:
-            off = base + (cons & mask)
-            length = u32(prod_map, off)[0]
-            if length & _BUSY:
-                break  # still being written; records after it wait for it
-            if not length & _DISCARD:
-                cb(view, off + _HDR, length)
-            cons += (length & ~(_BUSY | _DISCARD)) + _HDR + 7 & ~7
-        _U64.pack_into(self._cons, 0, cons)
-        return int(cons - start)
+        """Decode every complete record and release the space; returns bytes released."""
+        if not self._maps:
+            raise ValueError("ring buffer reader is closed")
+        used, pending = self._drain(self._cons, self._prod, self._data, self._size)
+        if pending > self.peak_bytes:
+            self.peak_bytes = pending
+        return used
 
     def close(self) -> None:
         self._poller.close()
-        self._view.release()
-        self._prod.close()
-        self._cons.close()
+        while self._maps:
+            addr, length = self._maps.pop()
+            _munmap(addr, length)

@@ -33,7 +33,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheel = next((work / "dist").glob("mirror_agent-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("agent/bpf/mirror.bpf.c", "agent/bpf/mirror_event.h", "agent/bpf/parse.h",
-                   "agent/capture/perf_decode.c", "agent/data/demo.pcap"):
+                   "agent/capture/ring_decode.c", "agent/data/demo.pcap"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     venv = work / "venv"
     # System site-packages for bcc (Debian's python3-bpfcc; PyPI's "bcc" is another thing).

@@ -1,10 +1,9 @@
 """Perf ring records → Segments: the Python decoder (events.py) and the native one
-(perf_decode.c) against the same hand-built rings, and against each other."""
+(ring_decode.c) against the same hand-built rings, and against each other. The ring buffer
+transport and the native decoder's bounds: test_native_ring.py."""
 
 from __future__ import annotations
 
-import ipaddress
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,45 +14,12 @@ from hypothesis import strategies as st
 
 from agent.capture import native
 from agent.capture.events import EventDecoder
-from agent.capture.layout import EVENT, EVENT_SIZE
 from agent.capture.native import NativeDecoder, NativeUnavailable
-from agent.model import ACK, FIN, PSH, RST, SYN, Segment
+from agent.model import ACK, FIN, RST, SYN, Segment
+from tests.unit.rings import SIZE, PerfRing, event
 
-SIZE = 1 << 16  # ring data area
 CLIENT = ("10.0.0.1", 40000)
 SERVICE = ("10.0.0.2", 8080)
-
-
-def event(src: tuple[str, int], dst: tuple[str, int], seq: int, payload: bytes = b"",
-          flags: int = ACK | PSH, ts: int = 1_000_000_000, ack: int = 7, win: int = 512,
-          poff: int = 0, paylen: int | None = None, lost: int = 0, elided: int = 0) -> bytes:
-    """One mirror_event record (as bpf_perf_event_output hands it over) and its piece."""
-    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
-    fam = s.version
-    return EVENT.pack(ts, 1, 0, fam, flags, elided, s.packed.ljust(16, b"\0"),
-                      d.packed.ljust(16, b"\0"), src[1], dst[1], seq, ack, win, len(payload),
-                      poff, len(payload) if paylen is None else paylen, lost).ljust(
-                          EVENT_SIZE, b"\0") + payload
-
-
-def perf_ring(records: list[bytes | int], tail: int = 0) -> tuple[bytearray, int, int]:
-    """A perf data area holding ``records`` from ``tail`` on (wrapping); an int is a LOST record.
-
-    Returns (ring, tail, head).
-    """
-    ring = bytearray(SIZE)
-    pos = tail
-    for rec in records:
-        if isinstance(rec, int):
-            blob = struct.pack("<IHHQQ", 2, 0, 24, 1, rec)
-        else:
-            raw = rec + bytes(-(len(rec) + 4) % 8)
-            blob = struct.pack("<IHHI", 9, 0, 12 + len(raw), len(raw)) + raw
-        for i, b in enumerate(blob):
-            ring[(pos + i) % SIZE] = b
-        pos += len(blob)
-    return ring, tail, pos
-
 
 Decoder = EventDecoder | NativeDecoder
 
@@ -61,14 +27,15 @@ Decoder = EventDecoder | NativeDecoder
 def make(kind: str, keep: Callable[[Segment], bool] | None = None) -> Decoder:
     if kind == "python":
         return EventDecoder(0.0, keep)
-    return NativeDecoder(0.0, SIZE, keep)
+    return NativeDecoder(0.0, keep)
 
 
 def decode(kind: str, records: list[bytes | int], tail: int = 0,
            keep: Callable[[Segment], bool] | None = None) -> tuple[list[Segment], Decoder]:
-    ring, tail, head = perf_ring(records, tail)
+    ring = PerfRing(list(records), tail)
     dec = make(kind, keep)
-    assert dec.consume_perf(ring, 0, SIZE, tail, head) == head
+    dec.drain_perf(*ring.args())
+    assert ring.tail == ring.head  # the decoder released everything, itself
     return dec.take(), dec
 
 
