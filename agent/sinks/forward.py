@@ -1,12 +1,14 @@
 """Forwarding to a shadow target: one TCP connection per captured connection.
 
-The mirror thread only queues work (:meth:`ForwardSink.send`, :meth:`end`) and hands it over
-once per batch (:meth:`ForwardSink.commit`); an asyncio loop in its own thread dials (from a
-reserved source port, see :mod:`agent.sinks.source_ports`), writes, reads and discards the
-target's responses (per-connection work: :mod:`agent.sinks.shadow_conn`). Nothing here can
-block capture: a flow holding more than ``max_flow_buffer`` bytes (queued, or in its
-transport until the kernel takes them), or any flow while all together hold more than
-``max_total_buffer``, is dropped whole and counted. A target that refuses, times out, resets
+The mirror thread only hands work over (:meth:`ForwardSink.send`, :meth:`end`; an
+:class:`agent.handoff.Handoff` with the drop policy) and wakes the I/O thread once per batch
+(:meth:`ForwardSink.commit`); an asyncio loop in that thread dials (from a reserved source
+port, see :mod:`agent.sinks.source_ports`), writes, reads and discards the target's responses
+(per-connection work: :mod:`agent.sinks.shadow_conn`). Nothing here can block capture: a flow
+holding more than ``max_flow_buffer`` bytes (queued, or in its transport until the kernel
+takes them), or any flow while all together hold more than ``max_total_buffer`` (the hand-off's
+budget: bytes stay in it until the kernel took them or they were discarded), is dropped whole
+and counted (``total_buffer``). A target that refuses, times out, resets
 or stops reading costs only that flow (dropped, counted, logged once per outage); one that
 acknowledges nothing for ``stall_timeout``, or not all of a finished flow within
 ``end_timeout``, is ``stalled`` and its connection reset.
@@ -33,6 +35,7 @@ from typing import Any
 import structlog
 
 from agent.config import Dial, ForwardConfig
+from agent.handoff import Handoff, HandoffStats, Policy
 from agent.sinks.outage import OutageLog
 from agent.sinks.shadow_conn import (
     Conn,
@@ -44,6 +47,7 @@ from agent.sinks.shadow_conn import (
     describe,
     hard_close,
     progressing,
+    read_answers,
     wait_acked,
 )
 from agent.sinks.source_ports import NoSourcePort, bind_source_port
@@ -72,11 +76,14 @@ class ForwardSink:
         self._dialer = Dialer(target, dial, self.config.source_ports)
         self._mcounts: Counter[str] = Counter()  # mirror thread's counters
         self._counts: Counter[str] = Counter()  # I/O thread's counters
-        self._ops: list[tuple[int, int, bytes]] = []
-        self._uncommitted = 0  # bytes in _ops
-        self._lock = threading.Lock()
-        # Bytes handed over and still held: queued or in a transport (guarded by _lock).
-        self._queued_total = 0
+        # Operations from the mirror thread to the I/O thread. Its budget, max_total_buffer
+        # (256 << 20 bytes by default: 32 flows at their 8 MiB max_flow_buffer, or ~0.5 s
+        # of 4 Gbit/s for a shadow that takes nothing), covers every byte handed over
+        # and not yet taken by the kernel or discarded: queued here, in a connection's queue,
+        # or in a transport. The kernel's socket buffers are outside it.
+        self._ops: Handoff[tuple[int, int, bytes]] = Handoff(
+            "forward", self.config.max_total_buffer, Policy.DROP, release_on_take=False)
+        self._uncommitted = False  # mirror thread: ops put since the last commit()
         # Flows given up on. Mirror thread: adds, reads. I/O thread: adds while the flow is
         # open, discards when its end arrives (set operations are atomic under the GIL).
         self._dropped: set[int] = set()
@@ -103,43 +110,38 @@ class ForwardSink:
         if flow_id in self._dropped:
             counts["bytes_dropped"] += len(data)
             return
+        self._uncommitted = True
         if flow_id in self._open:
             if gap:
-                self._ops.append((_RESET, flow_id, b""))
+                self._ops.put((_RESET, flow_id, b""), 0)
                 counts["gap_resets"] += 1
         else:
             self._open.add(flow_id)
-        size = len(data)
-        if self._queued_total + self._uncommitted + size > self.config.max_total_buffer:
-            self._dropped.add(flow_id)
-            counts["bytes_dropped"] += size
-            self._ops.append((_DROP, flow_id, b""))
-            return
-        self._uncommitted += size
-        self._ops.append((_DATA, flow_id, data))
+        if not self._ops.put((_DATA, flow_id, data), len(data), "total_buffer"):
+            self._dropped.add(flow_id)  # all flows hold too much: this one goes, whole
+            counts["bytes_dropped"] += len(data)
+            self._ops.put((_DROP, flow_id, b""), 0)
 
     def end(self, flow_id: int) -> None:
         """The client finished (or the connection is over): close the shadow connection
         once its bytes are written. A later :meth:`send` would open a new one."""
         if flow_id in self._open:
             self._open.discard(flow_id)
-            self._ops.append((_END, flow_id, b""))
+            self._ops.put((_END, flow_id, b""), 0)
+            self._uncommitted = True
 
     def commit(self) -> None:
-        """Hand the queued work to the I/O thread (once per batch)."""
-        if not self._ops:
-            return
-        ops, self._ops = self._ops, []
-        with self._lock:
-            self._queued_total += self._uncommitted
-        self._uncommitted = 0
-        self._loop.call_soon_threadsafe(self._apply, ops)
+        """Wake the I/O thread for the work queued (once per batch)."""
+        if self._uncommitted:
+            self._uncommitted = False
+            self._loop.call_soon_threadsafe(self._take_ops)
 
     def close(self) -> None:
         """Deliver what is queued (up to ``close_timeout`` seconds), then close everything."""
         for flow_id in list(self._open):
             self.end(flow_id)
         self.commit()
+        self._ops.close()  # the I/O thread still takes what is queued
         fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         with contextlib.suppress(Exception):  # the loop is stopped below either way
             fut.result(self.config.close_timeout + 2)
@@ -156,7 +158,11 @@ class ForwardSink:
 
     @property
     def queued_bytes(self) -> int:
-        return self._queued_total
+        return self._ops.queued_bytes
+
+    def handoff_stats(self) -> HandoffStats:
+        """The hand-over's counters (see :mod:`agent.handoff`)."""
+        return self._ops.stats()
 
     @property
     def stats(self) -> Counter[str]:
@@ -167,8 +173,8 @@ class ForwardSink:
 
     # ---------------------------------------------------------------- I/O thread: flows
 
-    def _apply(self, ops: list[tuple[int, int, bytes]]) -> None:
-        for kind, flow_id, data in ops:
+    def _take_ops(self) -> None:
+        for kind, flow_id, data in self._ops.take_all(0):
             conn = self._current.get(flow_id)
             if kind == _DATA:
                 self._queue(flow_id, conn, data)
@@ -232,21 +238,13 @@ class ForwardSink:
         self._counts[f"flows_dropped_{why}"] += n
         self._outages.failed(why, n, **detail)
 
-    def _release(self, n: int) -> None:
-        """``n`` bytes no longer held (written to the kernel, or discarded)."""
-        with self._lock:
-            self._queued_total -= n
-
     def _discard_bytes(self, n: int) -> None:
         self._counts["bytes_dropped"] += n
-        self._release(n)
+        self._ops.release(n)  # no longer held
 
     def _sync(self, conn: Conn) -> int:
         """Release the bytes ``conn``'s transport passed on; return those it still holds."""
-        held = conn.writer.transport.get_write_buffer_size() if conn.writer is not None else 0
-        if held < conn.in_transport:
-            self._release(conn.in_transport - held)
-            conn.in_transport = held
+        self._ops.release(conn.passed_on())
         return conn.in_transport
 
     def _abort(self, conn: Conn, why: str, **detail: object) -> None:
@@ -286,7 +284,7 @@ class ForwardSink:
         finally:  # normally nothing is left by now; after a fault, whatever is gets freed
             self._dial_over(conn)
             self._discard_bytes(conn.buffered)
-            self._release(conn.in_transport)
+            self._ops.release(conn.in_transport)
             conn.buffered = conn.in_transport = 0
             conn.queue.clear()
 
@@ -322,7 +320,7 @@ class ForwardSink:
         and for its answer, count. Every wait is bounded (``stall_timeout``, ``end_timeout``,
         ``end_grace``); a connection given up on is reset, so nothing counted as dropped
         still reaches the target."""
-        reader_task = self._loop.create_task(self._discard(reader, conn))
+        reader_task = self._loop.create_task(read_answers(reader, conn, self._counts))
         eof = clean = False
         try:
             # Bounded from the client's end on (from the connect if that came later).
@@ -390,12 +388,6 @@ class ForwardSink:
             self._counts["connections_unconfirmed"] += 1
             self._outages.failed("unconfirmed", end_grace=self.config.end_grace)
         return True
-
-    async def _discard(self, reader: asyncio.StreamReader, conn: Conn) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                conn.answered = True
-                self._counts["response_bytes"] += len(data)
 
     async def _shutdown(self) -> None:
         tasks = [c.task for c in self._live if c.task is not None]

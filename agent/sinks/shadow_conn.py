@@ -14,7 +14,7 @@ import socket
 import struct
 import termios
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -23,7 +23,7 @@ from agent.config import Dial, parse_target
 from agent.sinks.source_ports import NoSourcePort, connect_from_ports
 
 __all__ = ["Conn", "Dialer", "Flow", "Stalled", "Streams", "connect_failure", "describe",
-           "hard_close", "in_flight", "progressing", "wait_acked"]
+           "hard_close", "in_flight", "progressing", "read_answers", "wait_acked"]
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -194,6 +194,15 @@ class Conn:
         self.pushed += taken
         return batch
 
+    def passed_on(self) -> int:
+        """Bytes the transport passed on to the kernel since the last call (no longer held
+        by us)."""
+        held = self.writer.transport.get_write_buffer_size() if self.writer is not None else 0
+        if held >= self.in_transport:
+            return 0
+        passed, self.in_transport = self.in_transport - held, held
+        return passed
+
     def settle(self, eof: bool, final: bool = False) -> tuple[int, int]:
         """(bytes acknowledged since the last call, bytes lost): with ``final`` every byte
         written and not acknowledged is lost, else none is yet."""
@@ -205,6 +214,14 @@ class Conn:
             return uncounted - unacked, 0
         self.counted = self.pushed
         return uncounted - unacked, unacked
+
+
+async def read_answers(reader: asyncio.StreamReader, conn: Conn, counts: Counter[str]) -> None:
+    """Read and discard what the target answers (``response_bytes``) until it closes."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            conn.answered = True
+            counts["response_bytes"] += len(data)
 
 
 def connect_failure(e: BaseException) -> str:

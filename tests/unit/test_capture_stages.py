@@ -122,3 +122,18 @@ def test_ring_geometry(mib: int, transport: str, cpus: int) -> None:
     # Every CPU writing its wakeup share fills at most FILL_FRACTION of the ring.
     share = cpus if transport == "ringbuf" else 1
     assert g.wakeup * share <= g.capacity * FILL_FRACTION
+
+
+def test_drain_hand_off_counts_every_drain_and_drops_nothing() -> None:
+    ring = FakeRing(per_drain=1000)
+    drain = RingDrain(ring, ring.take, interval=0.001, budget=5000)
+    drain.start()
+    time.sleep(0.1)
+    taken = sum(len(s.payload) for s in drain.take(0.1)[0])
+    time.sleep(0.05)
+    rest = sum(len(s.payload) for s in drain.stop())
+    st = drain.handoff_stats()
+    assert (st.name, st.policy, st.budget_bytes) == ("ring_drain", "pause", 5000)
+    assert st.bytes == st.taken_bytes == taken + rest == 1000 * ring.consumed
+    assert st.items == st.taken_items == ring.consumed and not st.dropped_items
+    assert st.pauses == drain.pauses >= 1 and st.queued_bytes == 0

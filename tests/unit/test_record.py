@@ -101,3 +101,16 @@ def test_background_writer_keeps_order_and_marks_dropped_records_as_gaps() -> No
     recs = list(NativeReader(out))
     assert [(r.kind, r.data, r.gap_bytes) for r in recs] == [
         ("chunk", b"first", 0), ("chunk", b"12345", 0), ("end", b"fin", 12)]
+
+
+def test_background_writer_hand_off_counts_drops_as_full() -> None:
+    w = BackgroundWriter(NativeWriter(io.BytesIO()), max_bytes=4)
+    w.close()
+    for data in (b"1234", b"56789", b""):
+        w.write(TrafficChunk(data, "a:1", "b:2", Direction.TO_OBSERVED, 1.0, 7), data)
+    w.close()
+    st = w.handoff_stats()
+    assert (st.name, st.policy, st.budget_bytes) == ("record_writer", "drop", 4)
+    assert st.dropped_items.get("full", 0) == w.dropped_records
+    assert st.dropped_bytes.get("full", 0) == w.dropped_bytes
+    assert st.items + w.dropped_records >= 3 and st.queued_bytes == 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import replace
 
 import structlog
 
+from agent.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.record.writers import RecordWriter
 
@@ -15,7 +15,7 @@ __all__ = ["BackgroundWriter"]
 
 log = structlog.get_logger("agent.record")
 
-_CHUNK, _END, _FLUSH, _STOP = range(4)  # kinds of queued items
+_CHUNK, _END, _FLUSH = range(3)  # kinds of queued items
 
 
 class BackgroundWriter:
@@ -32,14 +32,21 @@ class BackgroundWriter:
     The thread starts with the first record. :meth:`close` writes and flushes everything
     queued, stops the thread and waits for it, so the file can be closed after it; a later
     record starts the thread again. All calls come from one thread (the capture thread).
+
+    The queue is an :class:`agent.handoff.Handoff` with the *drop* policy (reason ``full``):
+    the capture thread is its producer and owns :attr:`dropped_records`/:attr:`dropped_bytes`,
+    the ``record-writer`` thread its consumer, which gives a record's bytes back to the budget
+    once it has written them.
     """
 
     def __init__(self, inner: RecordWriter, max_bytes: int = 256 << 20) -> None:
+        # 256 MiB default (256 << 20 = 268,435,456 bytes of record data, the chunks' own bytes,
+        # not copied) may wait for the disk: ~0.5 s of 4 Gbit/s, or ~2.7 s of a 100 MB/s disk
+        # falling behind completely. Records and ends cost ~200 B of objects each beyond
+        # that, not counted. The memory-budget derivation replaces this fixed figure later.
         self._inner = inner
-        self._max = max_bytes
-        self._queue: deque[tuple[int, object, bytes]] = deque()
-        self._queued_bytes = 0
-        self._cv = threading.Condition()
+        self._handoff: Handoff[tuple[int, object, bytes]] = Handoff(
+            "record_writer", max_bytes, Policy.DROP, release_on_take=False)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.dropped_records = 0
@@ -75,9 +82,7 @@ class BackgroundWriter:
         like :meth:`flush`; calling it again does nothing more."""
         thread = self._thread
         if thread is not None:
-            with self._cv:
-                self._queue.append((_STOP, None, b""))
-                self._cv.notify()
+            self._handoff.close()  # the thread writes what is queued, flushes and ends
             thread.join()
             self._thread = None
         self._raise()
@@ -90,49 +95,43 @@ class BackgroundWriter:
                        record_dropped_bytes=self.dropped_bytes)
         return out
 
+    def handoff_stats(self) -> HandoffStats:
+        """The queue's counters (see :mod:`agent.handoff`)."""
+        return self._handoff.stats()
+
     def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def _put(self, kind: int, item: object, data: bytes) -> bool:
-        """Queue one item; False if a chunk was dropped because the queue is full."""
+        """Queue one item; False if a chunk was dropped because the queue is full (items
+        other than chunks are empty, so they always fit)."""
         self._raise()
+        if self._thread is None and self._handoff.closed:
+            self._handoff.reopen()  # closed earlier: a new run, a new thread
         n = len(data)
-        with self._cv:
-            if kind == _CHUNK and self._queued_bytes + n > self._max:
-                if not self.dropped_records:
-                    log.warning("recording cannot keep up; dropping records (counted, and "
-                                "marked as gaps in the recording)")
-                self.dropped_records += 1
-                self.dropped_bytes += n
-                return False
-            self._queue.append((kind, item, data))
-            self._queued_bytes += n
-            self._cv.notify()
+        if not self._handoff.put((kind, item, data), n):
+            if not self.dropped_records:
+                log.warning("recording cannot keep up; dropping records (counted, and "
+                            "marked as gaps in the recording)")
+            self.dropped_records += 1
+            self.dropped_bytes += n
+            return False
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="record-writer", daemon=True)
             self._thread.start()
         return True
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue:
-                    self._cv.wait()
-                batch = list(self._queue)
-                self._queue.clear()
+        handoff = self._handoff
+        while batch := handoff.take_all():  # empty once closed and drained
             for kind, item, data in batch:
-                if kind == _STOP:  # always the last item: its caller waits for this thread
-                    self._apply(_FLUSH, None, b"")
-                    return
                 self._apply(kind, item, data)
-                with self._cv:
-                    self._queued_bytes -= len(data)
-            with self._cv:
-                idle = not self._queue
-            if idle:
+                handoff.release(len(data))  # written: no longer held
+            if not len(handoff):
                 self._apply(_FLUSH, None, b"")
+        self._apply(_FLUSH, None, b"")
 
     def _apply(self, kind: int, item: object, data: bytes) -> None:
         """One queued item (a chunk, a flow end or a flush; then set ``item`` if an event)."""
