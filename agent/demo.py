@@ -138,7 +138,7 @@ def offline_demo() -> int:
     stats = mirror.stats()
     print(format_summary(stats), end="")
     tagged = sum(1 for s in _Shadow.seen if s[3] == "1")
-    print(f"\nconnections in the capture:  {stats['reassembly_flows_opened']}")
+    print(f"\nconnections in the capture:  {stats['mirror_agent_reassembly_flows_opened_total']}")
     print(f"requests in the capture:     {requests_in_capture}")
     print(f"requests the shadow got:     {len(_Shadow.seen)} ({tagged} with X-Mirror: 1)")
     redacted = [r for r in records if b"[REDACTED]" in r.data]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from agent import metrics
 from agent.capture import PacketSource
 from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
@@ -138,6 +139,8 @@ class TrafficMirror:
         self.counters: Counter[str] = Counter()
         self._source: PacketSource | None = None
         self._limit_log = RateLimitedLog(log)  # one line per reason per 10 s, not per flow
+        #: The one registry of this mirror's metrics, collected from the stages on demand.
+        self.metrics = metrics.new_registry(self.stage_stats)
 
     # ---------------------------------------------------------------- running
 
@@ -145,8 +148,9 @@ class TrafficMirror:
             stats_interval: float = 0.0) -> None:
         """Mirror everything ``source`` yields until it ends (or ``cancel`` is set).
 
-        With ``stats_interval`` > 0, every counter is logged ("stats") that often, so a
-        long-running agent shows its progress and losses without stopping.
+        With ``stats_interval`` > 0, every metric is logged ("stats", names as in
+        :meth:`stats`) that often, so a long-running agent shows its progress and losses
+        without stopping.
 
         The source is always closed. On cancellation (``cancel`` set, or KeyboardInterrupt)
         buffered data is flushed through hooks and sinks first, then :class:`Cancelled` (or the
@@ -316,15 +320,20 @@ class TrafficMirror:
 
     # ---------------------------------------------------------------- stats
 
-    def stats(self) -> dict[str, int]:
-        """Every counter of every stage, flat, for the summary and metrics."""
-        out: dict[str, int] = {}
+    def stage_stats(self) -> dict[str, dict[str, int]]:
+        """Every stage's own counters, flat, by stage: what :attr:`metrics` collects."""
+        out: dict[str, dict[str, int]] = {}
         if self._source is not None:
-            out.update({f"source_{k}": v for k, v in self._source.stats().items()})
-        out.update({f"reassembly_{k}": v for k, v in self.reassembler.stats.as_dict().items()})
-        out.update(self.counters)
+            out["source"] = dict(self._source.stats())
+        out["reassembly"] = self.reassembler.stats.as_dict()
+        out["mirror"] = dict(self.counters)
         if self._forward is not None:
-            out.update({f"forward_{k}": v for k, v in self._forward.stats.items()})
+            out["forward"] = dict(self._forward.stats)
         if self._writer is not None:  # what the writer wrote, dropped and failed to write
-            out.update(self._writer.stats())
+            out["record"] = dict(self._writer.stats())
         return out
+
+    def stats(self) -> dict[str, float]:
+        """Every metric of :attr:`metrics` now, Prometheus-style names with labels
+        (:func:`agent.metrics.snapshot`): the summary, ``--stats-json`` and the "stats" log."""
+        return metrics.snapshot(self.metrics)

@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -268,7 +268,7 @@ class RunOutputs:
             self._created.add(f.name)
         return f
 
-    def finish(self, stats: dict[str, int] | None, failed: bool = False) -> list[str]:
+    def finish(self, stats: Mapping[str, float] | None, failed: bool = False) -> list[str]:
         """Close the recording (not stdout; its writer counted any error; a background
         writer must be closed first). Without ``stats`` (the run never started) close and
         remove every file this run created, and stop there. Given the run's stats: the

@@ -1,56 +1,78 @@
-"""The end-of-run summary: every counter that says where bytes went, grouped for humans; and
-whether the run was degraded (finished, but incomplete: exit status 3)."""
+"""The end-of-run summary: the registry's non-zero metrics grouped by stage for humans; and
+whether the run was degraded (finished, but incomplete: exit status 3).
+
+Both read a :func:`agent.metrics.snapshot` (``{'name{label="value"}': value}``). In the
+summary a metric shows as ``<what>=<value>`` on its stage's line (``mirror_agent_<stage>_``
+and ``_total`` dropped), a labelled one as ``<what>{<label value>}=<value>``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from agent.metrics import FAMILIES, FORWARD_FLOWS_DROPPED, PREFIX, key, split_key, total
+
 __all__ = ["degradation", "format_summary"]
 
-_GROUPS = (
-    ("capture", ("source_",)),
-    ("reassembly", ("reassembly_",)),
-    ("mirror", ("chunks", "forward_hook", "record_hook", "mirror_")),
-    ("record", ("records", "recorded_bytes", "record_")),
-    ("forward", ("forward_",)),
-)
+#: Stages in pipeline order (the word after ``mirror_agent_`` in a metric's name).
+_STAGES = tuple(dict.fromkeys(f.stage for f in FAMILIES))
+#: Stages whose line shows even when all of it is 0 (the others only matter for some sources).
+_ALWAYS = ("source", "reassembly", "mirror", "forward", "record")
 
-#: Counters that make a finished run degraded, with what they mean.
+#: Metrics (name, labels) that make a finished run degraded, with what they mean.
 _DEGRADED = (
-    ("source_cut_short_files", "{} capture file(s) cut short"),
-    ("record_errors", "{} recording(s) failed"),
-    ("record_dropped_records", "recording dropped {} record(s): the disk could not keep up"),
-    ("forward_flows_dropped", "forward sink dropped {} flow(s)"),
+    (key("mirror_agent_source_files_cut_short_total"), "{} capture file(s) cut short"),
+    (key("mirror_agent_record_errors_total"), "{} recording(s) failed"),
+    (key("mirror_agent_record_records_lost_total", reason="queue_full"),
+     "recording dropped {} record(s): the disk could not keep up"),
+    (FORWARD_FLOWS_DROPPED.name, "forward sink dropped {} flow(s)"),
 )
-_FORWARD_REASON = "forward_flows_dropped_"
 
 
-def format_summary(stats: dict[str, int]) -> str:
-    """A few lines, one per stage, listing the non-zero counters (``name=value``)."""
+def _short(sample: str) -> tuple[str, str]:
+    """(stage, what) of a sample: ``mirror_agent_forward_flows_dropped_total{reason="x"}``
+    → ``("forward", "flows_dropped{x}")``."""
+    name, labels = split_key(sample)
+    stage, _, what = name.removeprefix(PREFIX).partition("_")
+    what = what.removesuffix("_total")
+    if labels:
+        what += "{" + ",".join(labels.values()) + "}"
+    return stage, what
+
+
+def _number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def format_summary(stats: Mapping[str, float]) -> str:
+    """A few lines, one per stage, listing the non-zero metrics (``what=value``); the
+    kernel, ring and drain lines only if one of theirs is non-zero."""
+    by_stage: dict[str, list[str]] = {s: [] for s in _STAGES}
+    for sample, v in stats.items():
+        if not v:
+            continue
+        stage, what = _short(sample)
+        by_stage.setdefault(stage, []).append(f"{what}={_number(v)}")
     lines = ["mirror-agent summary:"]
-    used: set[str] = set()
-    for title, prefixes in _GROUPS:
-        items = [(k, v) for k, v in stats.items() if k.startswith(prefixes) and k not in used]
-        used.update(k for k, _ in items)
-        shown = [f"{k.removeprefix(prefixes[0]) if len(prefixes) == 1 else k}={v}"
-                 for k, v in items if v]
-        lines.append(f"  {title:<11} {' '.join(shown) if shown else '-'}")
-    rest = [f"{k}={v}" for k, v in stats.items() if k not in used and v]
-    if rest:
-        lines.append(f"  {'other':<11} {' '.join(rest)}")
+    for stage, items in by_stage.items():
+        if items or stage in _ALWAYS:
+            lines.append(f"  {stage:<11} {' '.join(items) if items else '-'}")
     return "\n".join(lines) + "\n"
 
 
-def degradation(stats: dict[str, int]) -> list[str]:
+def degradation(stats: Mapping[str, float]) -> list[str]:
     """Why a run that finished is incomplete, one phrase per sink or source that lost data
     (the forward sink's with its reasons); empty if it is not."""
     out = []
-    for key, what in _DEGRADED:
-        if not stats.get(key):
+    for sample, what in _DEGRADED:
+        n = total(stats, sample) if sample == FORWARD_FLOWS_DROPPED.name else stats.get(sample, 0)
+        if not n:
             continue
-        phrase = what.format(stats[key])
-        if key == "forward_flows_dropped":
-            reasons = sorted(((v, k.removeprefix(_FORWARD_REASON)) for k, v in stats.items()
-                              if k.startswith(_FORWARD_REASON) and v), key=lambda r: -r[0])
+        phrase = what.format(_number(n))
+        if sample == FORWARD_FLOWS_DROPPED.name:
+            reasons = sorted(((v, split_key(k)[1].get("reason", "")) for k, v in stats.items()
+                              if k.startswith(sample + "{") and v), key=lambda r: -r[0])
             if reasons:
-                phrase += f" ({', '.join(f'{why}={n}' for n, why in reasons)})"
+                phrase += f" ({', '.join(f'{why}={_number(n)}' for n, why in reasons)})"
         out.append(phrase)
     return out

@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.lab.netns import AGENT, LiveAgent, NetNS, Tcpdump, wait_port
+from bench.stats import load, metric
 
 OUT = Path(__file__).resolve().parent / "out"
 PORT = 5201
@@ -60,9 +61,10 @@ def run_tcpdump(ns: NetNS, work: Path, rate: float, seconds: int) -> dict[str, f
     subprocess.run([*AGENT[:-1], "offline", str(pcap), "--port", str(PORT),
                     "--both-directions", "--stats-json", str(stats), "--overwrite"],
                    check=True, capture_output=True, timeout=600)
-    s = json.loads(stats.read_text())
+    s = load(stats)
     pcap.unlink()
-    return {"sent_bytes": sent, "gbit": gbit, "lost_bytes": s.get("reassembly_gap_bytes", 0),
+    return {"sent_bytes": sent, "gbit": gbit,
+            "lost_bytes": metric(s, "mirror_agent_reassembly_gap_bytes_total"),
             "kernel_dropped_packets": int(dropped.group(1)) if dropped else -1}
 
 
@@ -74,20 +76,21 @@ def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
     time.sleep(0.3)
     sent, gbit = iperf(ns, rate, seconds)
     agent.stop()
-    s = json.loads(stats.read_text())
+    s = load(stats)
     rec.unlink()
     # Every byte missing from the reassembled streams is a gap, whatever lost it (a full
     # ring, a copy that failed): kernel_lost_bytes is the part the kernel counted itself.
     # Records the writer had to drop are lost too (and marked as gaps in the file).
-    lost = s.get("reassembly_gap_bytes", 0) + s.get("record_dropped_bytes", 0)
+    dropped = metric(s, "mirror_agent_record_lost_bytes_total", reason="queue_full")
+    lost = metric(s, "mirror_agent_reassembly_gap_bytes_total") + dropped
     return {"sent_bytes": sent, "gbit": gbit, "lost_bytes": lost,
-            "record_dropped_bytes": s.get("record_dropped_bytes", 0),
-            "kernel_lost_bytes": s.get("source_kernel_lost_bytes", 0),
-            "perf_lost_samples": s.get("source_perf_lost_samples", 0),
-            "ring_peak_fill": s.get("source_ring_peak_bytes", 0) / max(
-                s.get("source_ring_bytes", 1), 1),
-            "drain_gap_max_ms": s.get("source_drain_gap_max_ms", 0),
-            "recorded_bytes": s.get("recorded_bytes", 0)}
+            "record_dropped_bytes": dropped,
+            "kernel_lost_bytes": metric(s, "mirror_agent_kernel_lost_bytes_total"),
+            "perf_lost_samples": metric(s, "mirror_agent_ring_lost_samples_total"),
+            "ring_peak_fill": metric(s, "mirror_agent_ring_peak_bytes") / max(
+                metric(s, "mirror_agent_ring_capacity_bytes"), 1),
+            "drain_gap_max_ms": metric(s, "mirror_agent_drain_gap_max_seconds") * 1000,
+            "recorded_bytes": metric(s, "mirror_agent_record_written_bytes_total")}
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.lab.netns import LAB, LiveAgent, NetNS, Tcpdump, start_nginx, wait_port
+from bench.stats import load, metric
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = ("none", "tcpdump", "agent")
@@ -103,13 +104,14 @@ def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dic
         mirrored = int(count_file.read_text())
         result["shadow_requests"] = mirrored
         result["mirrored_fraction"] = mirrored / total if total else 0.0
-        stats = json.loads((work / "stats.json").read_text())
-        result["kernel_lost_bytes"] = stats.get("source_kernel_lost_bytes", 0)
-        result["gap_bytes"] = stats.get("reassembly_gap_bytes", 0)
-        result["hole_timeouts"] = stats.get("reassembly_hole_timeouts", 0)
-        result["retransmitted_bytes"] = stats.get("reassembly_retransmitted_bytes", 0)
-        result["perf_lost_samples"] = stats.get("source_perf_lost_samples", 0)
-        result["forward_dropped_bytes"] = stats.get("forward_bytes_dropped", 0)
+        stats = load(work / "stats.json")
+        result["kernel_lost_bytes"] = metric(stats, "mirror_agent_kernel_lost_bytes_total")
+        result["gap_bytes"] = metric(stats, "mirror_agent_reassembly_gap_bytes_total")
+        result["hole_timeouts"] = metric(stats, "mirror_agent_reassembly_hole_timeouts_total")
+        result["retransmitted_bytes"] = metric(
+            stats, "mirror_agent_reassembly_retransmitted_bytes_total")
+        result["perf_lost_samples"] = metric(stats, "mirror_agent_ring_lost_samples_total")
+        result["forward_dropped_bytes"] = metric(stats, "mirror_agent_forward_dropped_bytes_total")
     return result
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.lab.netns import LiveAgent, NetNS, start_nginx
+from bench.stats import load, metric
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -86,12 +87,12 @@ def live(args: argparse.Namespace) -> dict[str, float]:
         peak = status_kib(pid, "VmHWM")
         client.kill()
         agent.stop(settle=0)
-        s = json.loads(stats.read_text())
+        s = load(stats)
     return {"rss_before_kib": before, "rss_with_idle_kib": with_idle,
             "rss_after_active_kib": after_load, "peak_rss_kib": peak,
             "per_idle_flow_bytes": (with_idle - before) * 1024 / args.idle,
-            "flows_opened": s.get("reassembly_flows_opened", 0),
-            "gap_bytes": s.get("reassembly_gap_bytes", 0)}
+            "flows_opened": metric(s, "mirror_agent_reassembly_flows_opened_total"),
+            "gap_bytes": metric(s, "mirror_agent_reassembly_gap_bytes_total")}
 
 
 FLOOD = """

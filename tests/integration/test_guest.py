@@ -18,7 +18,15 @@ import pytest
 
 from agent.lab.counter import CountingProgram, attached
 from agent.lab.netns import AGENT, LiveAgent, NetNS, run_clients, start_python_server
+from agent.metrics import key
 from tests.integration.truth import jsonl_streams
+
+# Metrics (agent/metrics.py) this file reads from stats.
+FORWARD_CONNECTIONS_COMPLETED = "mirror_agent_forward_connections_completed_total"
+KERNEL_PACKETS_SKIPPED_OWN_FORWARD = key(
+    "mirror_agent_kernel_packets_skipped_total", reason="own_forward")
+KERNEL_SUBMITTED = "mirror_agent_kernel_submitted_total"
+RING_RECORDS = "mirror_agent_ring_records_total"
 
 ENGINES = ["tc", "xdp", "afpacket"]
 TC_MODES = ["tcx", "clsact"]
@@ -28,12 +36,16 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _kernel(err: str, name: str) -> int:
-    """A ``source_kernel_*`` counter from the summary in the agent's log."""
+def _kernel(err: str, what: str) -> int:
+    """A ``mirror_agent_kernel_*`` metric from the summary in the agent's log, as the kernel
+    line shows it (``packets_skipped{own_forward}``); 0 if not there (it is 0)."""
     summary = err[err.index("mirror-agent summary"):]
-    for word in summary.split():
-        if word.startswith(f"kernel_{name}="):
-            return int(word.split("=")[1])
+    for line in summary.splitlines():
+        words = line.split()
+        if words and words[0] == "kernel":
+            for word in words[1:]:
+                if word.startswith(f"{what}="):
+                    return int(word.split("=")[1])
     return 0
 
 
@@ -63,7 +75,8 @@ def test_never_mirrors_itself(tmp_path: Path, engine: str) -> None:
                                      for s in clients)
     assert all("10.41.0.2:8080" not in key for key in streams)  # no shadow connection
     if engine != "afpacket":
-        assert _kernel(err, "own_forward") > 0  # its own traffic was seen, and skipped
+        # its own traffic was seen, and skipped
+        assert _kernel(err, "packets_skipped{own_forward}") > 0
 
 
 def test_two_nodes_forwarding_to_each_other(tmp_path: Path) -> None:
@@ -86,7 +99,7 @@ def test_two_nodes_forwarding_to_each_other(tmp_path: Path) -> None:
         err_b = agent_b.stop(settle=0)
     assert len(_lines(tmp_path / "a.log")) == 20, err_a
     assert len(_lines(tmp_path / "b.log")) == 20, err_b
-    assert _kernel(err_b, "own_forward") > 0
+    assert _kernel(err_b, "packets_skipped{own_forward}") > 0
 
 
 @pytest.mark.parametrize("mode", TC_MODES)
@@ -234,8 +247,8 @@ def test_kernel_counters_sum_every_cpu(tmp_path: Path) -> None:
         assert run_clients(ns, "127.0.0.1", 9000, 8, 20, 300) == 160
         agent.stop(settle=0.5)
     data = json.loads(stats.read_text())
-    assert "source_kernel_own_forward" in data
-    assert data["source_kernel_submitted"] == data["source_events"] > 160
+    assert KERNEL_PACKETS_SKIPPED_OWN_FORWARD in data
+    assert data[KERNEL_SUBMITTED] == data[RING_RECORDS] > 160
 
 
 def test_xdp_closes_the_shadow_once_the_client_is_done(tmp_path: Path) -> None:
@@ -255,7 +268,7 @@ def test_xdp_closes_the_shadow_once_the_client_is_done(tmp_path: Path) -> None:
             time.sleep(0.5)
             lines = [json.loads(line) for line in agent.err.read_text().splitlines()
                      if '"event": "stats"' in line]
-            completed = lines[-1].get("forward_connections_completed", 0) if lines else 0
+            completed = lines[-1].get(FORWARD_CONNECTIONS_COMPLETED, 0) if lines else 0
         agent.stop(settle=0)
     assert completed == 1
     assert _lines(tmp_path / "shadow.log")[0].startswith("GET /once ")

@@ -11,7 +11,15 @@ import subprocess
 from pathlib import Path
 
 from agent.lab.netns import LiveAgent, NetNS, run_clients, sh, start_python_server
+from agent.metrics import key
 from agent.sinks.record import NativeReader
+
+# Metrics (agent/metrics.py) this file reads from stats.
+RECORD_ERRORS = "mirror_agent_record_errors_total"
+RECORD_RECORDS = "mirror_agent_record_records_total"
+RECORD_RECORDS_LOST_WRITE_FAILED = key(
+    "mirror_agent_record_records_lost_total", reason="write_failed")
+RECORD_WRITTEN_BYTES = "mirror_agent_record_written_bytes_total"
 
 CLIENTS, REQUESTS, MAX_BODY = 8, 40, 4000  # ~640 KB of requests: far more than the disk
 
@@ -52,10 +60,10 @@ def test_full_disk_under_the_recording(tmp_path: Path) -> None:
     assert len(shadow) == sent  # forwarding went on: every request reached the shadow
 
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["record_errors"] == 1 and stats["record_failed_records"] > 0
+    assert stats[RECORD_ERRORS] == 1 and stats[RECORD_RECORDS_LOST_WRITE_FAILED] > 0
     reader = NativeReader(io.BytesIO(recording))
     chunks = [r for r in reader if r.kind == "chunk"]
     assert reader.skipped == 0 and not reader.corrupt  # intact up to the fault
     assert reader.truncated_bytes < 256 << 10  # at most a truncated tail
-    assert len(chunks) == stats["records"] > 0
-    assert sum(len(r.data) for r in chunks) == stats["recorded_bytes"]
+    assert len(chunks) == stats[RECORD_RECORDS] > 0
+    assert sum(len(r.data) for r in chunks) == stats[RECORD_WRITTEN_BYTES]

@@ -12,6 +12,11 @@ import pytest
 from agent.cli import main
 from agent.sinks.record import NativeReader
 
+# Metrics (agent/metrics.py) this file reads from stats.
+REASSEMBLY_FLOWS_OPENED = "mirror_agent_reassembly_flows_opened_total"
+REASSEMBLY_UNTRACKED_SEGMENTS = "mirror_agent_reassembly_untracked_segments_total"
+RECORD_RECORDS = "mirror_agent_record_records_total"
+
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 
 
@@ -53,9 +58,9 @@ def test_offline_demo_capture_records_and_inspects(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "mirror-agent summary" in res.stderr
     s = json.loads(stats.read_text())
-    assert s["reassembly_flows_opened"] == 7
+    assert s[REASSEMBLY_FLOWS_OPENED] == 7
     # Responses are not tracked, so each connection's back-to-back requests coalesce.
-    assert s["records"] == 7 and s["reassembly_untracked_segments"] > 0
+    assert s[RECORD_RECORDS] == 7 and s[REASSEMBLY_UNTRACKED_SEGMENTS] > 0
     with rec.open("rb") as f:
         chunks = [r for r in NativeReader(f) if r.kind == "chunk"]
     assert sum(r.data.count(b" HTTP/1.1\r\n") for r in chunks) == 61

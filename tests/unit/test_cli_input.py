@@ -19,6 +19,11 @@ from agent.cli import main
 from agent.sinks.record import NativeWriter
 from tests.unit.test_record import chunk
 
+# Metrics (agent/metrics.py) this file reads from stats.
+SOURCE_BAD_FRAMES = "mirror_agent_source_bad_frames_total"
+SOURCE_FILES_CUT_SHORT = "mirror_agent_source_files_cut_short_total"
+SOURCE_FRAMES = "mirror_agent_source_frames_total"
+
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json"]
 
@@ -95,11 +100,11 @@ def test_absurd_caplen_mid_pcap_cuts_the_file_short(tmp_path: Path) -> None:
     bad.write_bytes(raw)
     status, err, stats = run_offline(bad, tmp_path)
     assert status == 3
-    assert stats["source_frames"] == 10 and stats["source_cut_short_files"] == 1
+    assert stats[SOURCE_FRAMES] == 10 and stats[SOURCE_FILES_CUT_SHORT] == 1
     (warning,) = warnings_of(err)
     assert (warning["file"], warning["frame"], warning["offset"]) == (str(bad), 11, offset)
     assert "cut short" in str(warning["event"])
-    assert "cut_short_files=1" in err
+    assert "files_cut_short=1" in err
     assert "mirror-agent: degraded: 1 capture file(s) cut short" in err
 
 
@@ -109,14 +114,14 @@ def test_truncated_last_pcap_record_cuts_the_file_short(tmp_path: Path) -> None:
     bad = tmp_path / "cut.pcap"
     bad.write_bytes(raw[:-5])
     status, err, stats = run_offline(bad, tmp_path)
-    assert status == 3 and stats["source_frames"] == len(records) - 1
+    assert status == 3 and stats[SOURCE_FRAMES] == len(records) - 1
     (warning,) = warnings_of(err)
     assert (warning["frame"], warning["offset"]) == (len(records), records[-1][0])
 
 
 def test_a_whole_pcap_exits_0(tmp_path: Path) -> None:
     status, err, stats = run_offline(DEMO, tmp_path)
-    assert status == 0 and stats["source_cut_short_files"] == 0 and "degraded" not in err
+    assert status == 0 and stats[SOURCE_FILES_CUT_SHORT] == 0 and "degraded" not in err
 
 
 @pytest.mark.parametrize("damage", ["huge length", "trailer mismatch"])
@@ -131,7 +136,7 @@ def test_bad_pcapng_block_length_cuts_the_file_short(tmp_path: Path, damage: str
     bad = tmp_path / "bad.pcapng"
     bad.write_bytes(raw)
     status, err, stats = run_offline(bad, tmp_path)
-    assert status == 3 and stats["source_frames"] == 20
+    assert status == 3 and stats[SOURCE_FRAMES] == 20
     (warning,) = warnings_of(err)
     assert (warning["frame"], warning["offset"]) == (21, pos)
 
@@ -145,8 +150,8 @@ def test_damaged_pcapng_packet_in_an_intact_block_is_skipped(tmp_path: Path) -> 
     bad.write_bytes(raw)
     status, err, stats = run_offline(bad, tmp_path)
     assert status == 0
-    assert stats["source_bad_frames"] == 2
-    assert stats["source_frames"] == len(offsets) - 2
+    assert stats[SOURCE_BAD_FRAMES] == 2
+    assert stats[SOURCE_FRAMES] == len(offsets) - 2
     (warning,) = warnings_of(err)  # the first per file; the rest are counted
     assert (warning["frame"], warning["offset"]) == (6, offsets[5])
 

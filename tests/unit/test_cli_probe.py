@@ -30,6 +30,9 @@ from agent.model import Direction, TrafficChunk
 from agent.sinks.record import NativeReader
 from tests.unit.shadow import Shadow, blackhole
 
+# Metrics (agent/metrics.py) this file reads from stats.
+REASSEMBLY_FLOWS_OPENED = "mirror_agent_reassembly_flows_opened_total"
+
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +166,7 @@ def test_stats_to_stdout_redirected_to_a_file_is_written_there(tmp_path: Path,
         assert res.returncode == 0, res.stderr
         text = out.read_text()
         assert text.startswith("before\n")
-        assert json.loads(text[len("before\n"):])["reassembly_flows_opened"] == 7
+        assert json.loads(text[len("before\n"):])[REASSEMBLY_FLOWS_OPENED] == 7
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     finally:
         stray = Path("/dev/stdout.1")

@@ -13,11 +13,18 @@ from agent.capture.channel import ChannelSource
 from agent.config import MirrorConfig
 from agent.hooks import KeepAll, OnlyToObserved
 from agent.http_hooks import InjectHeader
+from agent.metrics import key
 from agent.mirror import TrafficMirror
 from agent.model import ACK, FIN, Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler, ReassemblyConfig
 from tests.unit.segments import Conversation, split
 from tests.unit.shadow import Shadow, wait_until
+
+# Metrics (agent/metrics.py) this file reads from stats.
+FORWARD_CONNECTIONS = "mirror_agent_forward_connections_total"
+FORWARD_CONNECTIONS_COMPLETED = "mirror_agent_forward_connections_completed_total"
+MIRROR_FORWARD_LATE_BYTES = "mirror_agent_mirror_forward_late_bytes_total"
+REASSEMBLY_FLOWS_CLOSED_FLUSH = key("mirror_agent_reassembly_flows_closed_total", reason="flush")
 
 
 def classify(src_port: int, dst_port: int) -> Direction:
@@ -231,8 +238,8 @@ def test_shadow_sees_eof_once_the_client_finished_without_the_service_fin() -> N
         run.join(10)
         shadow.close()
     st = m.stats()
-    assert st["forward_connections"] == 1 == st["forward_connections_completed"]
-    assert st["reassembly_flows_closed_flush"] == 1
+    assert st[FORWARD_CONNECTIONS] == 1 == st[FORWARD_CONNECTIONS_COMPLETED]
+    assert st[REASSEMBLY_FLOWS_CLOSED_FLUSH] == 1
 
 
 def test_held_forward_bytes_go_out_at_the_client_fin_on_the_same_connection() -> None:
@@ -253,4 +260,4 @@ def test_held_forward_bytes_go_out_at_the_client_fin_on_the_same_connection() ->
     assert shadow.received == [partial]  # released at the client's FIN, one connection
     assert recorded == [partial, b"HTTP/1.1 200 OK\r\n\r\n"]
     st = m.stats()
-    assert st["forward_connections"] == 1 and not st.get("mirror_forward_late_bytes")
+    assert st[FORWARD_CONNECTIONS] == 1 and not st.get(MIRROR_FORWARD_LATE_BYTES)

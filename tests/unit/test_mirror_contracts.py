@@ -12,10 +12,21 @@ import pytest
 from agent.capture.channel import ChannelSource
 from agent.config import MirrorConfig
 from agent.hooks import HookFunc, KeepAll
+from agent.metrics import key
 from agent.mirror import Cancelled, TrafficMirror, coalesce
 from agent.model import Direction, FlowEnd, Segment, TrafficChunk
 from agent.sinks.record import NativeReader
 from tests.unit.segments import Conversation
+
+# Metrics (agent/metrics.py) this file reads from stats.
+FORWARD_CONNECTIONS_COMPLETED = "mirror_agent_forward_connections_completed_total"
+FORWARD_DROPPED_BYTES = "mirror_agent_forward_dropped_bytes_total"
+FORWARD_FLOWS_DROPPED_CONNECT_FAILED = key(
+    "mirror_agent_forward_flows_dropped_total", reason="connect_failed")
+FORWARD_FLOWS_DROPPED_FLOW_BUFFER = key(
+    "mirror_agent_forward_flows_dropped_total", reason="flow_buffer")
+FORWARD_FORWARDED_BYTES = "mirror_agent_forward_forwarded_bytes_total"
+REASSEMBLY_SEGMENTS = "mirror_agent_reassembly_segments_total"
 
 
 def conversation() -> list[Segment]:
@@ -219,7 +230,7 @@ def test_forward_one_connection_per_captured_connection(sink: Sink) -> None:
     m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=sink.addr))
     m.run(source_of(segs))
     assert sorted(sink.received) == [b"req0-a|req0-b", b"req1-a|req1-b", b"req2-a|req2-b"]
-    assert m.stats()["forward_connections_completed"] == 3
+    assert m.stats()[FORWARD_CONNECTIONS_COMPLETED] == 3
 
 
 def test_custom_dial_is_used(sink: Sink) -> None:
@@ -247,8 +258,8 @@ def test_refusing_target_costs_only_forwarding() -> None:
     m.run(source_of(conversation()))
     assert got == [b"GET / HTTP/1.1\r\n\r\n"]
     st = m.stats()
-    assert st["forward_flows_dropped_connect_failed"] == 1
-    assert st["forward_bytes_dropped"] == 18
+    assert st[FORWARD_FLOWS_DROPPED_CONNECT_FAILED] == 1
+    assert st[FORWARD_DROPPED_BYTES] == 18
 
 
 def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
@@ -264,8 +275,8 @@ def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
     m.run(source_of([*c.handshake(), *big]))
     server.close()
     st = m.stats()
-    assert st["forward_flows_dropped_flow_buffer"] == 1
-    assert st["forward_bytes_dropped"] + st.get("forward_bytes_forwarded", 0) == 6_000_000
+    assert st[FORWARD_FLOWS_DROPPED_FLOW_BUFFER] == 1
+    assert st[FORWARD_DROPPED_BYTES] + st.get(FORWARD_FORWARDED_BYTES, 0) == 6_000_000
 
 
 def test_coalesce_keeps_direction_interleaving() -> None:
@@ -295,5 +306,5 @@ def test_stats_are_logged_periodically_while_running() -> None:
     feeder.join()
     reports = [e for e in logs if e["event"] == "stats"]
     assert len(reports) >= 5  # ~12 intervals pass
-    assert reports[0]["reassembly_segments"] == 0
-    assert reports[-1]["reassembly_segments"] == len(conversation())
+    assert reports[0][REASSEMBLY_SEGMENTS] == 0
+    assert reports[-1][REASSEMBLY_SEGMENTS] == len(conversation())

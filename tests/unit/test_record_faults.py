@@ -24,6 +24,7 @@ from agent.capture.channel import ChannelSource
 from agent.cli import build_parser, mirror_config
 from agent.cli_run import run_pipeline
 from agent.config import MirrorConfig
+from agent.metrics import key
 from agent.mirror import TrafficMirror
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.outputs import OutputError, open_output
@@ -31,6 +32,27 @@ from agent.sinks.record import BackgroundWriter, NativeReader, NativeWriter
 from agent.summary import degradation, format_summary
 from tests.unit.segments import Conversation
 from tests.unit.test_mirror_contracts import Sink, sink  # noqa: F401  (a fixture)
+
+# Metrics (agent/metrics.py) this file reads from stats.
+FORWARD_CONNECTIONS = "mirror_agent_forward_connections_total"
+FORWARD_DROPPED_BYTES = "mirror_agent_forward_dropped_bytes_total"
+FORWARD_FLOWS_DROPPED = "mirror_agent_forward_flows_dropped_total"
+MIRROR_CHUNKS = "mirror_agent_mirror_chunks_total"
+MIRROR_FORWARD_LATE_BYTES = "mirror_agent_mirror_forward_late_bytes_total"
+RECORD_ERRORS = "mirror_agent_record_errors_total"
+RECORD_LOST_BYTES = "mirror_agent_record_lost_bytes_total"
+RECORD_LOST_BYTES_QUEUE_FULL = key(
+    "mirror_agent_record_lost_bytes_total", reason="queue_full")
+RECORD_LOST_BYTES_WRITE_FAILED = key(
+    "mirror_agent_record_lost_bytes_total", reason="write_failed")
+RECORD_RECORDS = "mirror_agent_record_records_total"
+RECORD_RECORDS_LOST = "mirror_agent_record_records_lost_total"
+RECORD_RECORDS_LOST_QUEUE_FULL = key(
+    "mirror_agent_record_records_lost_total", reason="queue_full")
+RECORD_RECORDS_LOST_WRITE_FAILED = key(
+    "mirror_agent_record_records_lost_total", reason="write_failed")
+RECORD_WRITTEN_BYTES = "mirror_agent_record_written_bytes_total"
+SOURCE_FRAMES = "mirror_agent_source_frames_total"
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json"]
@@ -79,11 +101,11 @@ def errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any
 def assert_exact(stats: dict[str, int], written: bytes) -> None:
     """The counters add up, and say exactly what the file holds."""
     total = sum(len(request(i)) for i in range(FLOWS))
-    assert stats["records"] + stats["record_failed_records"] == FLOWS
-    assert stats["recorded_bytes"] + stats["record_failed_bytes"] == total
+    assert stats[RECORD_RECORDS] + stats[RECORD_RECORDS_LOST_WRITE_FAILED] == FLOWS
+    assert stats[RECORD_WRITTEN_BYTES] + stats[RECORD_LOST_BYTES_WRITE_FAILED] == total
     chunks = [r for r in NativeReader(io.BytesIO(written)) if r.kind == "chunk"]
-    assert len(chunks) == stats["records"]
-    assert sum(len(r.data) for r in chunks) == stats["recorded_bytes"]
+    assert len(chunks) == stats[RECORD_RECORDS]
+    assert sum(len(r.data) for r in chunks) == stats[RECORD_WRITTEN_BYTES]
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["offline", "live-writer"])
@@ -94,7 +116,7 @@ def test_full_disk_costs_the_recording_only(sink: Sink, background: bool) -> Non
     with capture_logs() as logs:
         mirror.run(traffic())  # no exception: forwarding and the rest went on
     stats = mirror.stats()
-    assert stats["record_errors"] == 1 and 0 < stats["records"] < FLOWS
+    assert stats[RECORD_ERRORS] == 1 and 0 < stats[RECORD_RECORDS] < FLOWS
     assert_exact(stats, out.kept)
     (error,) = errors(logs)
     assert error["file"] == "fake.bin" and error["errno"] == "ENOSPC"
@@ -109,7 +131,7 @@ def test_a_device_that_is_always_full() -> None:
         mirror = TrafficMirror(MirrorConfig(observed_port=8080, writer=out))
         mirror.run(traffic())
     stats = mirror.stats()
-    assert (stats["records"], stats["record_failed_records"]) == (0, FLOWS)
+    assert (stats[RECORD_RECORDS], stats[RECORD_RECORDS_LOST_WRITE_FAILED]) == (0, FLOWS)
     (error,) = errors(logs)
     assert error["file"] == "/dev/full" and error["error"] == "No space left on device"
 
@@ -174,11 +196,11 @@ def test_recorded_bytes_do_not_count_dropped_records(monkeypatch: pytest.MonkeyP
     mirror.run(traffic())
     stats = mirror.stats()
     total = sum(len(request(i)) for i in range(FLOWS))
-    assert stats["record_dropped_records"] > 0
-    assert stats["recorded_bytes"] + stats["record_dropped_bytes"] == total
+    assert stats[RECORD_RECORDS_LOST_QUEUE_FULL] > 0
+    assert stats[RECORD_WRITTEN_BYTES] + stats[RECORD_LOST_BYTES_QUEUE_FULL] == total
     chunks = [r for r in NativeReader(io.BytesIO(out.getvalue())) if r.kind == "chunk"]
     assert (len(chunks), sum(len(r.data) for r in chunks)) == (
-        stats["records"], stats["recorded_bytes"])
+        stats[RECORD_RECORDS], stats[RECORD_WRITTEN_BYTES])
 
 
 def test_background_writer_counts_written_and_dropped_apart() -> None:
@@ -271,7 +293,7 @@ def test_cli_never_shares_a_file_another_run_made(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert rec.read_bytes() == b"" and stats.read_bytes() == b""
     assert (tmp_path / "rec.1.bin").stat().st_size > 0
-    assert json.loads((tmp_path / "stats.1.json").read_text())["records"] == 7
+    assert json.loads((tmp_path / "stats.1.json").read_text())[RECORD_RECORDS] == 7
 
 
 def test_cli_one_path_for_two_outputs_is_a_usage_error(tmp_path: Path) -> None:
@@ -335,7 +357,7 @@ def test_cli_a_fifo_whose_reader_left_exits_3_naming_it(tmp_path: Path) -> None:
     assert len(errs) == 1 and errs[0]["file"] == str(fifo) and errs[0]["errno"] == "EPIPE"
     assert lines[-1].startswith("mirror-agent: degraded: 1 recording(s) failed")
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["source_frames"] > 0 and stats["record_failed_records"] > 0
+    assert stats[SOURCE_FRAMES] > 0 and stats[RECORD_RECORDS_LOST_WRITE_FAILED] > 0
 
 
 def test_cli_a_dead_shadow_exits_3_saying_why() -> None:
@@ -350,21 +372,28 @@ def test_cli_a_dead_shadow_exits_3_saying_why() -> None:
 
 
 def test_degradation_names_the_sink_and_why() -> None:
-    assert degradation({"forward_flows_dropped": 5, "forward_flows_dropped_connect_failed": 1,
-                        "forward_flows_dropped_flow_buffer": 4, "forward_bytes_dropped": 9,
-                        "records": 3}) == [
+    dropped = FORWARD_FLOWS_DROPPED
+    assert degradation({key(dropped, reason="connect_failed"): 1,
+                        key(dropped, reason="flow_buffer"): 4,
+                        key(dropped, reason="reset"): 0,
+                        FORWARD_DROPPED_BYTES: 9,
+                        RECORD_RECORDS: 3}) == [
         "forward sink dropped 5 flow(s) (flow_buffer=4, connect_failed=1)"]
-    assert degradation({"forward_flows_dropped": 0, "records": 1}) == []
-    assert degradation({"record_dropped_records": 2, "record_dropped_bytes": 10}) == [
+    assert degradation({key(dropped, reason="reset"): 0,
+                        RECORD_RECORDS: 1}) == []
+    lost = RECORD_RECORDS_LOST
+    assert degradation({key(lost, reason="queue_full"): 2, key(lost, reason="write_failed"): 0,
+                        key(RECORD_LOST_BYTES, reason="queue_full"): 10}) == [
         "recording dropped 2 record(s): the disk could not keep up"]
 
 
 def test_late_forward_bytes_are_the_mirrors() -> None:
-    lines = format_summary({"chunks": 2, "mirror_forward_late_bytes": 5,
-                            "forward_connections": 1}).splitlines()
+    lines = format_summary({MIRROR_CHUNKS: 2,
+                            MIRROR_FORWARD_LATE_BYTES: 5,
+                            FORWARD_CONNECTIONS: 1}).splitlines()
     mirror = next(ln for ln in lines if ln.split()[0] == "mirror")
     forward = next(ln for ln in lines if ln.split()[0] == "forward")
-    assert "mirror_forward_late_bytes=5" in mirror and "late" not in forward
+    assert "forward_late_bytes=5" in mirror and "late" not in forward
 
 
 def record_threads() -> list[threading.Thread]:
@@ -378,9 +407,9 @@ def test_the_background_writer_stops_when_the_run_ends() -> None:
                                         record_in_background=True))
     mirror.run(traffic())
     assert len(record_threads()) == before  # no thread left behind
-    assert mirror.stats()["records"] == FLOWS
+    assert mirror.stats()[RECORD_RECORDS] == FLOWS
     mirror.run(traffic())  # a mirror can run again: the writer starts again
-    assert mirror.stats()["records"] == 2 * FLOWS and len(record_threads()) == before
+    assert mirror.stats()[RECORD_RECORDS] == 2 * FLOWS and len(record_threads()) == before
 
 
 def test_background_writer_close_drains_then_joins() -> None:
@@ -419,7 +448,8 @@ def test_cli_recording_fault_exits_3_with_the_summary(tmp_path: Path) -> None:
     assert "mirror-agent summary:" in res.stderr
     assert lines[-1].startswith("mirror-agent: degraded: 1 recording(s) failed")
     s = json.loads(stats.read_text())
-    assert s["record_errors"] == 1 and s["records"] == 0 and s["record_failed_records"] == 7
+    assert s[RECORD_ERRORS] == 1 and s[RECORD_RECORDS] == 0
+    assert s[RECORD_RECORDS_LOST_WRITE_FAILED] == 7
 
 
 def test_summary_comes_out_before_a_fatal_error(tmp_path: Path) -> None:
@@ -434,4 +464,4 @@ def test_summary_comes_out_before_a_fatal_error(tmp_path: Path) -> None:
     assert "mirror-agent summary:" in lines
     assert lines[-1] == "mirror-agent: failed: RuntimeError: hook exploded"
     assert lines.index("mirror-agent summary:") < len(lines) - 1
-    assert json.loads(stats.read_text())["source_frames"] > 0
+    assert json.loads(stats.read_text())[SOURCE_FRAMES] > 0

@@ -1,0 +1,383 @@
+"""The one metrics registry: every counter and gauge of every stage, declared here.
+
+Names are ``mirror_agent_<stage>_<what>_<unit>``: ``_total`` on counters, ``_bytes`` or
+``_seconds`` where there is a unit; a reason is a label, never part of the name
+(``mirror_agent_forward_flows_dropped_total{reason="connect_failed"}``). Each help text says
+what a healthy value is ("should be 0" where it should). The kernel's counters are not
+copied here: their names and help come from ``bpf/mirror_event.h`` through
+:data:`agent.capture.layout.COUNTERS`.
+
+Stages keep owning their counters (plain ints, each written by one thread); nothing is
+counted twice. The registry holds one :class:`StageCollector` that, at scrape time, asks the
+mirror for every stage's flat ``stats()`` and maps each key to its declared metric
+(:func:`lookup`). Every declared metric is rendered, 0 until counted, so a healthy zero is
+visible. A key no declaration covers is still rendered, as
+``mirror_agent_undeclared_stat{key="<stage>:<key>"}`` (a bug; a unit test keeps it empty).
+
+Views of the registry: :func:`snapshot` (``--stats-json``, the periodic "stats" log line, the
+summary in :mod:`agent.summary`) and :func:`render` (the Prometheus text format).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.capture.layout import COUNTERS
+
+__all__ = ["FAMILIES", "Family", "StageCollector", "StageStats", "family", "key", "lookup",
+           "new_registry", "render", "snapshot", "split_key", "total", "undeclared"]
+
+PREFIX = "mirror_agent_"
+#: Stage name → that stage's flat counters (``source``, ``reassembly``, ``mirror``,
+#: ``forward``, ``record``); a stage that does not exist in this run is absent.
+StageStats = Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One declared metric: a counter or gauge, with at most one label.
+
+    ``values``: label values that are always rendered (0 until counted). ``open``: other
+    label values may come at run time (e.g. a capture's unsupported link type) and are
+    declared too. ``scale`` turns the stage's unit into the metric's (ms → seconds)."""
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+    label: str = ""
+    values: tuple[str, ...] = ()
+    open: bool = False
+    scale: float = 1.0
+
+    @property
+    def stage(self) -> str:
+        return self.name.removeprefix(PREFIX).split("_", 1)[0]
+
+
+_families: dict[str, Family] = {}
+#: (stage, key) → (family, label value).
+_exact: dict[tuple[str, str], tuple[Family, str]] = {}
+#: (stage, key prefix, family): the rest of the key is the label value.
+_prefixes: list[tuple[str, str, Family]] = []
+#: (stage, key) of totals that a labelled family already holds (the sum over its labels).
+_sums: dict[tuple[str, str], Family] = {}
+
+
+def _declare(name: str, kind: Literal["counter", "gauge"], help_: str, *, label: str = "",
+             values: Iterable[str] = (), open_: bool = False, scale: float = 1.0) -> Family:
+    fam = Family(PREFIX + name, kind, help_, label, tuple(values), open_, scale)
+    if fam.name in _families:
+        raise ValueError(f"metric {fam.name} declared twice")
+    _families[fam.name] = fam
+    return fam
+
+
+def _counter(name: str, help_: str, stage: str, *keys: str) -> Family:
+    """A counter without labels fed by ``keys`` of ``stage``."""
+    fam = _declare(name, "counter", help_)
+    for k in keys:
+        _exact[(stage, k)] = (fam, "")
+    return fam
+
+
+def _by_reason(name: str, help_: str, stage: str, keys: Mapping[str, str] | None = None,
+               prefixes: Iterable[str] = (), values: Iterable[str] = (), label: str = "reason",
+               open_: bool = False) -> Family:
+    """A counter labelled by ``label``: ``keys`` maps stage keys to label values; a key
+    starting with one of ``prefixes`` has its label value after the prefix."""
+    keys = keys or {}
+    fam = _declare(name, "counter", help_, label=label,
+                   values=dict.fromkeys([*values, *keys.values()]), open_=open_)
+    for k, v in keys.items():
+        _exact[(stage, k)] = (fam, v)
+    for p in prefixes:
+        _prefixes.append((stage, p, fam))
+    return fam
+
+
+def _gauge(name: str, help_: str, stage: str, key_: str, scale: float = 1.0) -> Family:
+    fam = _declare(name, "gauge", help_, scale=scale)
+    _exact[(stage, key_)] = (fam, "")
+    return fam
+
+
+# ---------------------------------------------------------------- kernel (bpf/mirror_event.h)
+
+_SKIPPED = re.compile(r"^packets skipped(?: on purpose)?:\s*")
+_kernel_skips = {n: h for n, h in COUNTERS if _SKIPPED.match(h)}
+_by_reason("kernel_packets_skipped_total",
+           "Packets the BPF program skipped, by reason: "
+           + "; ".join(f"{n}: {_SKIPPED.sub('', h)}" for n, h in _kernel_skips.items()),
+           "source", {f"kernel_{n}": n for n in _kernel_skips})
+for _name, _help in COUNTERS:
+    if _name not in _kernel_skips:
+        _extra = " (AF_PACKET: packets the socket received)" if _name == "packets" else ""
+        _counter(f"kernel_{_name}_total", f"BPF program: {_help}{_extra}", "source",
+                 f"kernel_{_name}")
+_counter("kernel_packets_dropped_total",
+         "AF_PACKET: packets the kernel dropped before the socket read them; should be 0",
+         "source", "kernel_drops")
+
+# ---------------------------------------------------------------- ring and drain (eBPF source)
+
+_counter("ring_records_total", "Records read from the kernel rings", "source", "events")
+_counter("ring_records_coalesced_total",
+         "Records merged into the previous segment of their connection", "source", "coalesced")
+_counter("ring_lost_samples_total",
+         "Perf buffer LOST records: samples the kernel could not store; should be 0",
+         "source", "perf_lost_samples")
+_counter("ring_discarded_records_total",
+         "BPF ring buffer records the program discarded; should be 0", "source",
+         "ringbuf_discarded")
+_counter("ring_malformed_records_total", "Ring records that could not be parsed; should be 0",
+         "source", "records_malformed")
+_counter("ring_coalesce_no_slot_total",
+         "Records not coalesced because the coalescing table was full; should be 0",
+         "source", "coalesce_no_slot")
+_gauge("ring_capacity_bytes", "Bytes the kernel rings hold in all", "source", "ring_bytes")
+_gauge("ring_peak_bytes", "Most bytes ever waiting in one ring; healthy well below "
+       "mirror_agent_ring_capacity_bytes", "source", "ring_peak_bytes")
+_gauge("drain_gap_max_seconds", "Longest time between two reads of the rings; healthy "
+       "well below the time the rings take to fill", "source", "drain_gap_max_ms", 0.001)
+_counter("drain_pauses_total", "Times reading the rings paused because the mirror was "
+         "behind (the rings held the rest); 0 when it keeps up", "source", "drain_pauses")
+
+# ---------------------------------------------------------------- source and decoding
+
+_counter("source_frames_total", "Frames (or segments) the source read", "source", "frames")
+_counter("source_filtered_packets_total", "Packets the --filter expression did not match",
+         "source", "filtered")
+_counter("source_files_cut_short_total", "Capture files that ended in the middle of a "
+         "record; should be 0", "source", "cut_short_files")
+_counter("source_bad_frames_total", "Capture file records that could not be read; "
+         "should be 0", "source", "bad_frames")
+_counter("source_frames_truncated_total", "Frames cut short by the capture length; "
+         "should be 0", "source", "frames_truncated")
+_by_reason("source_frames_skipped_total", "Frames the source skipped on purpose, by reason: "
+           "lo_outgoing (loopback sees each packet twice), other_iface", "source",
+           {"lo_outgoing_skipped": "lo_outgoing", "other_iface": "other_iface"})
+_counter("decode_frames_decoded_total", "Frames decoded into TCP segments", "source",
+         "decoded", "decode_decoded")
+_by_reason("decode_frames_skipped_total", "Frames the decoder skipped, by reason "
+           "(linktype_<n>: an unsupported link type); not_ip/not_tcp are expected, "
+           "truncated and bad_* should be 0", "source",
+           prefixes=("skipped_", "decode_skipped_"), open_=True,
+           values=("truncated", "not_ip", "bad_ip_header", "not_tcp", "ip_fragment",
+                   "bad_tcp_header"))
+
+# ---------------------------------------------------------------- reassembly
+
+_counter("reassembly_segments_total", "TCP segments fed to the reassembler", "reassembly",
+         "segments")
+_counter("reassembly_chunks_total", "Contiguous chunks the reassembler delivered",
+         "reassembly", "chunks")
+_counter("reassembly_delivered_bytes_total", "Payload bytes delivered in order", "reassembly",
+         "bytes_delivered")
+_counter("reassembly_flows_opened_total", "Connections opened", "reassembly", "flows_opened")
+_by_reason("reassembly_flows_closed_total", "Connections closed, by reason: fin, rst, idle, "
+           "flush (end of input) are normal; evicted and lifetime are limits (should be 0); "
+           "reused: a new connection on the same addresses", "reassembly",
+           prefixes=("flows_closed_",),
+           values=("fin", "rst", "idle", "flush", "evicted", "lifetime", "reused"))
+_counter("reassembly_gap_bytes_total", "Bytes given up on (holes skipped, lost by the "
+         "source, missing at a connection's end); should be 0", "reassembly", "gap_bytes")
+_counter("reassembly_retransmitted_bytes_total", "Bytes seen again (retransmits, overlaps); "
+         "the first copy wins", "reassembly", "retransmitted_bytes")
+_counter("reassembly_conflict_bytes_total", "Bytes of a later copy that differed from the "
+         "first copy; should be 0", "reassembly", "conflict_bytes")
+_counter("reassembly_keepalives_total", "TCP keepalive probes seen", "reassembly",
+         "keepalives")
+_counter("reassembly_zero_window_probes_total", "TCP zero-window probes seen", "reassembly",
+         "zero_window_probes")
+_counter("reassembly_late_segments_total", "Data segments after their connection or "
+         "direction ended, dropped; should be 0", "reassembly", "late_segments")
+_counter("reassembly_late_bytes_total", "Bytes of those late segments; should be 0",
+         "reassembly", "late_bytes")
+_counter("reassembly_limit_skips_total", "Segments skipped because a flow or memory limit "
+         "was reached; should be 0", "reassembly", "limit_skips")
+_counter("reassembly_hole_timeouts_total", "Holes skipped because later data waited longer "
+         "than the hole timeout; should be 0", "reassembly", "hole_timeouts")
+_counter("reassembly_untracked_segments_total", "Segments of an untracked direction "
+         "(responses nobody consumes): only SYN/FIN/RST are used", "reassembly",
+         "untracked_segments")
+
+# ---------------------------------------------------------------- mirror (hooks)
+
+_counter("mirror_chunks_total", "Chunks handed to the hooks", "mirror", "chunks")
+_by_reason("mirror_hook_dropped_bytes_total", "Bytes a hook chose not to pass on, by hook",
+           "mirror", {"forward_hook_dropped_bytes": "forward",
+                      "record_hook_dropped_bytes": "record"}, label="hook")
+_counter("mirror_forward_late_bytes_total", "Bytes not forwarded because the client had "
+         "already finished; should be 0", "mirror", "mirror_forward_late_bytes")
+
+# ---------------------------------------------------------------- forward sink
+
+_counter("forward_connections_total", "Shadow connections opened", "forward", "connections")
+_counter("forward_connections_completed_total", "Shadow connections whose bytes were all "
+         "acknowledged and whose target then answered or closed", "forward",
+         "connections_completed")
+_counter("forward_connections_unconfirmed_total", "Shadow connections whose target neither "
+         "answered nor closed in time (a shadow that never reads); should be 0", "forward",
+         "connections_unconfirmed")
+_counter("forward_forwarded_bytes_total", "Bytes the shadow target acknowledged", "forward",
+         "bytes_forwarded")
+_counter("forward_dropped_bytes_total", "Bytes handed to the forward sink that the target "
+         "did not acknowledge; should be 0", "forward", "bytes_dropped")
+_counter("forward_gap_resets_total", "Shadow connections restarted after a gap in the "
+         "captured stream; should be 0", "forward", "gap_resets")
+_counter("forward_response_bytes_total", "Bytes the shadow target answered (read, "
+         "discarded)", "forward", "response_bytes")
+FORWARD_FLOWS_DROPPED = _by_reason(
+    "forward_flows_dropped_total", "Flows the forward sink dropped whole, by root cause; "
+    "should be 0", "forward", prefixes=("flows_dropped_",),
+    values=("connect_failed", "connect_timeout", "no_source_port", "flow_buffer",
+            "total_buffer", "stalled", "reset", "close_timeout", "error"))
+_sums[("forward", "flows_dropped")] = FORWARD_FLOWS_DROPPED
+
+# ---------------------------------------------------------------- record sink
+
+_counter("record_records_total", "Records written to the recording", "record", "records")
+_counter("record_written_bytes_total", "Payload bytes written to the recording", "record",
+         "recorded_bytes")
+_counter("record_errors_total", "Recordings that failed (a write error stops the "
+         "recording); should be 0", "record", "record_errors")
+_by_reason("record_records_lost_total", "Records not in the recording, by reason: "
+           "write_failed (the file failed), queue_full (the disk could not keep up); "
+           "should be 0", "record", {"record_failed_records": "write_failed",
+                                     "record_dropped_records": "queue_full"})
+_by_reason("record_lost_bytes_total", "Payload bytes of those records; should be 0",
+           "record", {"record_failed_bytes": "write_failed",
+                      "record_dropped_bytes": "queue_full"})
+
+UNDECLARED = Family(PREFIX + "undeclared_stat", "gauge", "A stage counter that "
+                    "agent/metrics.py does not declare (a bug); should be absent", "key")
+#: Every declared metric, in declaration order.
+FAMILIES: tuple[Family, ...] = tuple(_families.values())
+
+
+def family(name: str) -> Family:
+    """The declared metric called ``name``."""
+    return _families[name]
+
+
+def lookup(stage: str, key_: str) -> tuple[Family, str] | None:
+    """Where ``key_`` of ``stage`` goes: (metric, label value); None if undeclared (also for
+    a label value its metric does not declare)."""
+    hit = _exact.get((stage, key_))
+    if hit is not None:
+        return hit
+    for s, p, fam in _prefixes:
+        if s == stage and key_.startswith(p):
+            value = key_[len(p):]
+            if value and (fam.open or value in fam.values):
+                return fam, value
+    return None
+
+
+def undeclared(stages: StageStats) -> list[str]:
+    """``stage:key`` of every key in ``stages`` that no metric declares."""
+    return [f"{s}:{k}" for s, d in stages.items() for k in d
+            if (s, k) not in _sums and lookup(s, k) is None]
+
+
+class StageCollector(Collector):
+    """Renders the declared metrics from the stages' own counters at each collection."""
+
+    def __init__(self, stages: Callable[[], StageStats]) -> None:
+        self._stages = stages
+
+    def describe(self) -> Iterator[Metric]:
+        for fam in FAMILIES:
+            yield _empty(fam)
+
+    def collect(self) -> Iterator[Metric]:
+        values: dict[Family, dict[str, float]] = {f: dict.fromkeys(f.values or ("",), 0.0)
+                                                  for f in FAMILIES}
+        stray: dict[str, float] = {}
+        for stage, stats in self._stages().items():
+            for k, v in stats.items():
+                hit = lookup(stage, k)
+                if hit is not None:
+                    fam, label = hit
+                    per = values[fam]
+                    per[label] = per.get(label, 0.0) + v * fam.scale
+                elif (stage, k) not in _sums:
+                    stray[f"{stage}:{k}"] = v
+        for fam in FAMILIES:
+            metric = _empty(fam)
+            for label, v in values[fam].items():
+                metric.add_metric([label] if fam.label else [], v)
+            yield metric
+        if stray:
+            g = GaugeMetricFamily(UNDECLARED.name, UNDECLARED.help, labels=["key"])
+            for k, v in sorted(stray.items()):
+                g.add_metric([k], v)
+            yield g
+
+
+def _empty(fam: Family) -> CounterMetricFamily | GaugeMetricFamily:
+    labels = [fam.label] if fam.label else []
+    if fam.kind == "counter":
+        return CounterMetricFamily(fam.name, fam.help, labels=labels)
+    return GaugeMetricFamily(fam.name, fam.help, labels=labels)
+
+
+def new_registry(stages: Callable[[], StageStats]) -> CollectorRegistry:
+    """A registry of its own (not the process-wide default) collecting from ``stages``."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(StageCollector(stages))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition format (what ``GET /metrics`` serves)."""
+    return generate_latest(registry)
+
+
+def key(name: str, **labels: str) -> str:
+    """A sample's name in Prometheus style: ``name{label="value"}`` (``name`` alone without
+    labels), as :func:`snapshot` and ``--stats-json`` spell it."""
+    if not labels:
+        return name
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+_KEY = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$")
+_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+
+
+def split_key(text: str) -> tuple[str, dict[str, str]]:
+    """The inverse of :func:`key`."""
+    m = _KEY.match(text)
+    if m is None:
+        raise ValueError(f"not a sample name: {text!r}")
+    labels = {k: re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), v)
+              for k, v in _LABEL.findall(m.group(2) or "")}
+    return m.group(1), labels
+
+
+def snapshot(registry: CollectorRegistry) -> dict[str, float]:
+    """Every sample now, ``key(name, **labels) → value`` (whole numbers as ``int``)."""
+    out: dict[str, float] = {}
+    for metric in registry.collect():
+        for s in metric.samples:
+            v = s.value
+            out[key(s.name, **s.labels)] = int(v) if float(v).is_integer() else v
+    return out
+
+
+def total(snap: Mapping[str, float], name: str) -> float:
+    """The sum of metric ``name`` over all its labels in a :func:`snapshot`."""
+    return sum(v for k, v in snap.items() if k == name or k.startswith(name + "{"))
