@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from agent import metrics
-from agent.capture import PacketSource
+from agent.capture import LiveSource, PacketSource
 from agent.config import MirrorConfig, WriteFunc
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.lograte import RateLimitedLog
@@ -165,7 +165,7 @@ class TrafficMirror:
 
             self._forward = ForwardSink(self.config.target_addr, self.config.dial,
                                         self.config.forward)
-        live = bool(getattr(source, "live", False))
+        live = isinstance(source, LiveSource)
         reasm = self.reassembler
         error: BaseException | None = None
         next_advance = 0.0
@@ -205,12 +205,11 @@ class TrafficMirror:
             self._finish(source, error)
 
     def _drain(self, source: PacketSource) -> None:
-        """Take what a live source still holds (its ``drain()``, if it has one)."""
-        drain = getattr(source, "drain", None)
-        if drain is None:
+        """Take what a live source still holds."""
+        if not isinstance(source, LiveSource):
             return
         out: Output = []
-        for seg in drain():
+        for seg in source.drain():
             self.reassembler.feed(seg, out)
         self._dispatch(out)
 

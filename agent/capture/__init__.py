@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from agent.model import Segment
 
-__all__ = ["PacketSource", "SourceError"]
+__all__ = ["LiveSource", "PacketSource", "SourceError"]
 
 
 class SourceError(Exception):
@@ -32,4 +32,16 @@ class PacketSource(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters: frames read, skipped by reason, losses, ..."""
+        ...
+
+
+@runtime_checkable
+class LiveSource(PacketSource, Protocol):
+    """A source the kernel feeds as time passes (eBPF, AF_PACKET): the mirror lets
+    wall-clock time pass for it (idle sweeps, hole timeouts) even while segments arrive, and
+    on cancellation takes what it still holds with :meth:`drain` before flushing."""
+
+    def drain(self) -> list[Segment]:
+        """Everything still buffered (rings, held-back segments), in order; stops the
+        source's own reading."""
         ...

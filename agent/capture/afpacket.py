@@ -76,8 +76,6 @@ class AfPacketSource:
     the socket cannot be opened.
     """
 
-    live = True
-
     def __init__(self, ifaces: list[str], ports: list[int], user_filter: str | None = None,
                  rcvbuf_mib: int = 64, poll_ms: int = 10,
                  own_ports: tuple[int, int] | None = None) -> None:

@@ -131,8 +131,6 @@ class EbpfSource:
     ``auto`` (native if it can be had, else Python with a warning).
     """
 
-    live = True
-
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
                  buffer_mib: int | None = None,
                  segment_filter: Callable[[Segment], bool] | None = None,
