@@ -3,7 +3,7 @@ PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
 .PHONY: help setup demo test unit integration lint bench bench-offline bench-http bench-bulk \
-	bench-memory bench-idle clean
+	bench-memory bench-idle bench-overload clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
@@ -32,7 +32,7 @@ lint: setup
 	$(PY) -m mypy
 
 # Each benchmark is one command; `make bench` runs them all (about 15 minutes, root).
-bench: bench-offline bench-http bench-bulk bench-memory bench-idle
+bench: bench-offline bench-http bench-bulk bench-memory bench-idle bench-overload
 
 bench-offline: setup
 	$(PY) bench/offline_replay.py
@@ -48,6 +48,9 @@ bench-memory: setup
 
 bench-idle: setup
 	$(PY) bench/idle_rss.py
+
+bench-overload: setup
+	$(PY) bench/overload_memory.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache bench/out

@@ -26,7 +26,9 @@ from typing import BinaryIO, NoReturn, TypeVar
 import structlog
 
 from agent import __doc__ as _pkg_doc
+from agent import budget
 from agent import cli_args as a
+from agent.budget import UNREAD_CGROUP, Budget
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
 from agent.cli_inspect import inspect_recording
@@ -48,7 +50,7 @@ from agent.outputs import EXIT_HELP, OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
 from agent.sinks.record import FORMATS, RecordError
 
-__all__ = ["UsageError", "build_parser", "main", "mirror_config"]
+__all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config"]
 
 log = structlog.get_logger("agent.cli")
 T = TypeVar("T")
@@ -140,12 +142,20 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hole-timeout", type=a.seconds, default=2.0, metavar="SECONDS",
                    help="skip a hole (as a gap) once later data waited this long; TCP fills "
                         "real ones sooner (default: 2; 0: only at the limits)")
-    p.add_argument("--max-flows", type=a.at_least_one, default=100_000,
-                   help="connections tracked at once (default: 100000)")
-    p.add_argument("--max-flow-buffer", type=a.at_least_one, default=4 << 20, metavar="BYTES",
-                   help="out-of-order bytes held per direction (default: 4 MiB)")
-    p.add_argument("--max-buffer", type=a.at_least_one, default=256 << 20, metavar="BYTES",
-                   help="out-of-order bytes held in total (default: 256 MiB)")
+    p.add_argument("--memory-limit", type=a.size, default=None, metavar="SIZE",
+                   help="memory the agent stays under (e.g. 512MiB, 1GiB); every buffer is "
+                        "derived from it and logged at start (\"memory budget\"). Default: "
+                        "the memory cgroup's limit less 1/8, else 1 GiB (at most a quarter of "
+                        "RAM)")
+    p.add_argument("--max-flows", type=a.at_least_one, default=None,
+                   help="connections tracked at once (default: 100000, fewer if "
+                        "--memory-limit cannot hold them at ~1.6 KiB each)")
+    p.add_argument("--max-flow-buffer", type=a.at_least_one, default=None, metavar="BYTES",
+                   help="out-of-order bytes held per direction (default: 4 MiB, less with a "
+                        "small --memory-limit)")
+    p.add_argument("--max-buffer", type=a.at_least_one, default=None, metavar="BYTES",
+                   help="out-of-order bytes held in total (default: a quarter of the buffers "
+                        "--memory-limit allows)")
     p.add_argument("--stats-json", type=a.output_path, metavar="PATH",
                    help="also write the final stats as JSON ('-' = stdout)")
     p.add_argument("--stats-interval", type=a.stats_interval, default=60.0, metavar="SECONDS",
@@ -190,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel buffer per CPU (default: 16 MiB, less with more than 8 "
                           "CPUs so all stay near 128 MiB, at least 4; the ring buffer gets "
                           "this times the CPU count; afpacket: the socket's receive buffer, "
-                          "x8, default 64 MiB). It is drained every 20 ms, or sooner once a "
-                          "quarter full")
+                          "x8, default 64 MiB; a small --memory-limit lowers the default). It "
+                          "is drained every 20 ms, or sooner once a quarter full")
     _add_pipeline_options(run)
 
     ins = sub.add_parser("inspect", help="print a native recording")
@@ -223,6 +233,38 @@ def _hooks(args: argparse.Namespace) -> tuple[list[Hook], list[Hook]]:
     return forward, record
 
 
+def memory_budget(args: argparse.Namespace) -> Budget:
+    """The memory budget of ``--memory-limit`` (or the cgroup's or default limit) with the
+    explicit sizes; UsageError (exit 2) saying what does not fit. Derived once per run."""
+    cached = getattr(args, "_budget", None)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    if args.command == "offline":
+        transport = "none"
+    elif args.engine == "afpacket":
+        transport = "afpacket"
+    else:
+        transport = args.transport
+    try:
+        found = budget.for_host(args.memory_limit, transport,
+                                buffer_mib=getattr(args, "buffer_mib", None),
+                                max_flows=args.max_flows, max_buffer=args.max_buffer,
+                                max_flow_buffer=args.max_flow_buffer)
+    except budget.BudgetError as e:
+        raise UsageError(str(e)) from None
+    args._budget = found
+    return found
+
+
+def _log_budget(mem: Budget) -> None:
+    """The one start-up line with every budget (once the run is sure to start)."""
+    log.info("memory budget", **mem.log_fields())
+    if mem.origin == UNREAD_CGROUP:
+        log.warning("this process is in a memory cgroup whose limit it cannot read (the "
+                    "cgroup filesystem is not mounted in its mount namespace): the budget "
+                    "assumes the default; pass --memory-limit")
+
+
 def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorConfig:
     """The MirrorConfig the shared pipeline options describe (raises UsageError). The target
     must resolve, and its source ports be ones this process may bind."""
@@ -234,11 +276,12 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
         why = a.privileged_source_ports(args.forward_source_ports)
         if why:
             raise UsageError(why)
+    mem = memory_budget(args)
     try:
         reassembly = ReassemblyConfig(
             idle_timeout=args.idle_timeout, hole_timeout=args.hole_timeout,
-            max_flows=args.max_flows,
-            max_flow_buffer=args.max_flow_buffer, max_total_buffer=args.max_buffer,
+            max_flows=mem.max_flows,
+            max_flow_buffer=mem.reassembly_flow, max_total_buffer=mem.reassembly_total,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -254,7 +297,10 @@ def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorCo
         writer=writer, forward_hook=forward, record_hook=record,
         record_format=args.record_format, reassembly=reassembly,
         track_responses=needs_responses(args), record_in_background=args.command == "run",
-        forward=ForwardConfig(source_ports=args.forward_source_ports),
+        forward=ForwardConfig(source_ports=args.forward_source_ports,
+                              max_flow_buffer=mem.forward_flow,
+                              max_total_buffer=mem.forward_total),
+        budget=mem,
     )
 
 
@@ -302,7 +348,12 @@ def _offline(args: argparse.Namespace) -> int:
         source = PcapFileSource(args.files, matcher)
     except SourceError as e:
         raise UsageError(str(e)) from None
-    return run_pipeline(args, config, lambda: source, interrupted_status=130)
+
+    def make_source() -> PacketSource:
+        _log_budget(config.budget)
+        return source
+
+    return run_pipeline(args, config, make_source, interrupted_status=130)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -310,10 +361,16 @@ def _run(args: argparse.Namespace) -> int:
     from agent.capture.ebpf import check_environment
 
     _check_live_filter(args)
+    # A given --buffer-mib is checked against the host first (its range, then the budget);
+    # a derived one comes from the budget and is checked as "the default".
+    given = args.buffer_mib is not None
+    mem = None if given else memory_budget(args)
+    mib = args.buffer_mib if mem is None else mem.buffer_mib
     if args.engine != "afpacket":  # names CAP_IPC_LOCK with the others if it is missing too
-        a.preflight_ebpf(args.buffer_mib, args.transport)
-    check_environment(ebpf=args.engine != "afpacket", buffer_mib=args.buffer_mib,
-                      transport=args.transport)
+        a.preflight_ebpf(mib, args.transport, not given)
+    check_environment(ebpf=args.engine != "afpacket", buffer_mib=mib,
+                      transport=args.transport, default=not given)
+    mem = memory_budget(args)
     ifaces = resolve_ifaces(args.iface)
     _warn_if_target_captured(args, ifaces)
     overlap = a.ephemeral_overlap(args.forward_source_ports)
@@ -325,8 +382,9 @@ def _run(args: argparse.Namespace) -> int:
             from agent.capture.afpacket import AfPacketSource
 
             src: PacketSource = AfPacketSource(ifaces, args.port, args.filter,
-                                               rcvbuf_mib=(args.buffer_mib or 8) * 8,
+                                               rcvbuf_mib=mem.buffer_mib * 8,
                                                own_ports=args.forward_source_ports)
+            _log_budget(mem)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      target=args.target or None, record=args.record)
             return src
@@ -337,10 +395,12 @@ def _run(args: argparse.Namespace) -> int:
             from agent.capture.ebpf import EbpfSource
 
             src = EbpfSource(
-                ifaces, args.port, args.engine, args.buffer_mib,
+                ifaces, args.port, args.engine, mem.buffer_mib,
                 segment_filter=seg_filter, transport=args.transport,
                 requests_only=not needs_responses(args), decoder=args.decoder,
-                own_ports=args.forward_source_ports, tc_mode=args.tc_attach)
+                own_ports=args.forward_source_ports, tc_mode=args.tc_attach,
+                backlog_bytes=mem.drain_backlog)
+            _log_budget(mem)
             log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
                      transport=args.transport, decoder=src.decoder, buffer_mib=src.buffer_mib,
                      target=args.target or None, record=args.record)

@@ -38,6 +38,7 @@ __all__ = [
     "privileged_source_ports",
     "resolve_target",
     "seconds",
+    "size",
     "stats_interval",
     "target",
 ]
@@ -123,6 +124,17 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise _Error(f"{text} must be between 0 and 1")
     return value
+
+
+def size(text: str) -> int:
+    """``--memory-limit``: ``512MiB``, ``1GiB``, ``1G`` or bytes
+    (:func:`agent.budget.parse_size`)."""
+    from agent.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise _Error(str(e)) from None
 
 
 def at_least_one(text: str) -> int:
@@ -274,7 +286,7 @@ def filter_message(expr: str, compiled: str, error: Exception) -> str:
 # ------------------------------------------------------------------ privileges
 
 
-def preflight_ebpf(buffer_mib: int | None, transport: str) -> None:
+def preflight_ebpf(buffer_mib: int | None, transport: str, default: bool = False) -> None:
     """The first checks :func:`agent.capture.ebpf.check_environment` makes (the --buffer-mib
     range, then capabilities), with CAP_IPC_LOCK named among the missing capabilities when the
     perf rings will need it too, so one grant is enough. SourceError (exit 2)."""
@@ -283,7 +295,8 @@ def preflight_ebpf(buffer_mib: int | None, transport: str) -> None:
 
     host = privileges.Host.read()
     mib = default_buffer_mib(host.cpus) if buffer_mib is None else buffer_mib
-    privileges.check_buffer_mib(host, mib, True, transport, default=buffer_mib is None)
+    privileges.check_buffer_mib(host, mib, True, transport,
+                                default=default or buffer_mib is None)
     privileges.check_capabilities(host, True, mib=mib, transport=transport)
 
 

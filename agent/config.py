@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from agent import budget as _budget
+from agent.budget import Budget
 from agent.hooks import Hook
 from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
@@ -121,6 +123,19 @@ class ForwardConfig:
 WriteFunc = Callable[[TrafficChunk, bytes], None]
 
 
+def _default_reassembly() -> ReassemblyConfig:
+    """The reassembly limits of the default memory budget (:func:`agent.budget.default`)."""
+    b = _budget.default()
+    return ReassemblyConfig(max_flows=b.max_flows, max_flow_buffer=b.reassembly_flow,
+                            max_total_buffer=b.reassembly_total)
+
+
+def _default_forward() -> ForwardConfig:
+    """The forward limits of the default memory budget (:func:`agent.budget.default`)."""
+    b = _budget.default()
+    return ForwardConfig(max_flow_buffer=b.forward_flow, max_total_buffer=b.forward_total)
+
+
 @dataclass
 class MirrorConfig:
     """Configuration of one mirror.
@@ -142,6 +157,9 @@ class MirrorConfig:
       handed to hooks; the connection's SYN/FIN/RST still count). Set it only when no hook
       or sink needs responses: it halves the work, and live sources skip that payload
       in the kernel.
+    * ``budget``: the memory budget (:mod:`agent.budget`) the record writer's queue comes
+      from and that the metrics show; ``reassembly`` and ``forward`` default to its limits,
+      the same the command line derives when given no ``--memory-limit``.
     """
 
     observed_port: int = 0
@@ -153,8 +171,9 @@ class MirrorConfig:
     dial: Dial | None = None
     extra_ports: frozenset[int] = frozenset()
     record_format: str = "native"
-    reassembly: ReassemblyConfig = field(default_factory=ReassemblyConfig)
-    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    reassembly: ReassemblyConfig = field(default_factory=_default_reassembly)
+    forward: ForwardConfig = field(default_factory=_default_forward)
+    budget: Budget = field(default_factory=_budget.default)
     anonymize: Callable[[bytes], bytes] | None = None
     track_responses: bool = True
     record_in_background: bool = False

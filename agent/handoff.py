@@ -5,10 +5,12 @@ Every thread boundary of the pipeline is one of these:
 ===================  ==========================  =====================  =========================
 boundary             producer → consumer         policy                 budget
 ===================  ==========================  =====================  =========================
-ring drain           ``ring-drain`` → mirror     :attr:`Policy.PAUSE`   ``BACKLOG_BYTES``
-record writer        mirror → ``record-writer``  :attr:`Policy.DROP`    ``max_bytes``
-forward hand-over    mirror → ``forward`` loop   :attr:`Policy.DROP`    ``max_total_buffer``
+ring drain           ``ring-drain`` → mirror     :attr:`Policy.PAUSE`   ``drain_backlog``
+record writer        mirror → ``record-writer``  :attr:`Policy.DROP`    ``record_queue``
+forward hand-over    mirror → ``forward`` loop   :attr:`Policy.DROP`    ``forward_total``
 ===================  ==========================  =====================  =========================
+
+Budgets: the fields of :class:`agent.budget.Budget`, all from one ``--memory-limit``.
 
 Policies, chosen per use:
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.budget import BUFFERS as BUDGET_BUFFERS
 from agent.capture.layout import COUNTERS
 
 __all__ = ["FAMILIES", "Family", "StageCollector", "StageStats", "family", "key", "lookup",
@@ -255,6 +256,16 @@ _by_reason("record_records_lost_total", "Records not in the recording, by reason
 _by_reason("record_lost_bytes_total", "Payload bytes of those records; should be 0",
            "record", {"record_failed_bytes": "write_failed",
                       "record_dropped_bytes": "queue_full"})
+
+# ---------------------------------------------------------------- memory budget (agent/budget.py)
+
+_BUDGET = _declare("budget_bytes", "gauge", "Bytes of the memory budget (--memory-limit) given "
+                   "to each buffer (limit: the whole; slack: for object overhead); constant",
+                   label="buffer", values=BUDGET_BUFFERS)
+for _b in BUDGET_BUFFERS:
+    _exact[("budget", _b)] = (_BUDGET, _b)
+_gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from the memory "
+       "budget); constant", "budget", "max_flows")
 
 UNDECLARED = Family(PREFIX + "undeclared_stat", "gauge", "A stage counter that "
                     "agent/metrics.py does not declare (a bug); should be absent", "key")

@@ -130,7 +130,7 @@ class TrafficMirror:
         elif config.writer is not None:
             self._writer = make_writer(config.writer, config.record_format)
             if config.record_in_background:
-                self._writer = BackgroundWriter(self._writer)
+                self._writer = BackgroundWriter(self._writer, config.budget.record_queue)
         self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
         self._aware = self._fhook.flow_aware or self._rhook.flow_aware
         self._last: dict[int, dict[str, TrafficChunk]] = {}
@@ -325,6 +325,7 @@ class TrafficMirror:
         if self._source is not None:
             out["source"] = dict(self._source.stats())
         out["reassembly"] = self.reassembler.stats.as_dict()
+        out["budget"] = self.config.budget.as_dict()
         out["mirror"] = dict(self.counters)
         if self._forward is not None:
             out["forward"] = dict(self._forward.stats)

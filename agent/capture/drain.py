@@ -45,10 +45,11 @@ class RingDrain:
         self._interval = interval
         self._clock = clock
         # One item per drain: its segments and clock() at its start; sized by payload bytes.
-        # The live source passes BACKLOG_BYTES = 256 MiB: at 4 Gbit/s (~500 MB/s) the mirror
-        # may lag ~0.5 s before the drain pauses; at most one drain (a ring's worth, up to
+        # The live source passes the memory budget's drain_backlog (agent/budget.py: 128 MiB
+        # for a 1 GiB cgroup): at 4 Gbit/s (~500 MB/s) the mirror may lag ~0.25 s before the
+        # drain pauses; at most one drain (a ring's worth, up to
         # --buffer-mib per CPU) more is held past it. Decoded Segments cost more than their
-        # payload (~100 B of object each), not counted here yet.
+        # payload (~100 B of object each): the budget's slack covers them.
         self._handoff: Handoff[tuple[list[Segment], float]] = Handoff(
             "ring_drain", budget, Policy.PAUSE)
         self._drained_at = 0.0  # mirror thread: start of the latest drain taken

@@ -31,7 +31,7 @@ from agent.capture.drain import RingDrain
 from agent.capture.events import EventDecoder
 from agent.capture.layout import BPF_DIR
 from agent.capture.native import NativeDecoder, NativeUnavailable
-from agent.capture.perfbuf import PerfReader, online_cpus, possible_cpus
+from agent.capture.perfbuf import PerfReader, possible_cpus
 from agent.capture.program import Build, MirrorProgram
 from agent.capture.reorder import Reorderer
 from agent.capture.ringbuf import RingBufReader
@@ -48,8 +48,6 @@ REORDER_WINDOW = 0.002
 BATCH_INTERVAL = 0.02
 #: A ring this full wakes the reader before the timer does.
 FILL_FRACTION = 0.25
-#: Payload bytes drained but not yet taken by the mirror before the drain pauses.
-BACKLOG_BYTES = 256 << 20
 TRANSPORTS = ("perf", "ringbuf")
 DECODERS = ("auto", "native", "python")
 
@@ -89,17 +87,20 @@ class RingGeometry:
 
 
 def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules"), *,
-                      buffer_mib: int | None = None, transport: str = "perf") -> None:
+                      buffer_mib: int | None = None, transport: str = "perf",
+                      default: bool = False) -> None:
     """Start-up checks with the exact fix; raises SourceError (exit 2) when one fails.
 
-    In order: the ``buffer_mib`` range (None: the default), capabilities (whatever the uid),
+    In order: the ``buffer_mib`` range (None: the default; ``default``: it is a derived
+    default, not given), capabilities (whatever the uid),
     locked memory for ``transport``'s rings, bcc, kernel headers (``privileges.py``).
     ``ebpf=False`` checks only what the AF_PACKET engine needs.
     """
     host = privileges.Host.read()
     mib = default_buffer_mib(host.cpus) if buffer_mib is None else buffer_mib
     if ebpf or buffer_mib is not None:
-        privileges.check_buffer_mib(host, mib, ebpf, transport, default=buffer_mib is None)
+        privileges.check_buffer_mib(host, mib, ebpf, transport,
+                                    default=default or buffer_mib is None)
     privileges.check_capabilities(host, ebpf)
     if not ebpf:
         return
@@ -129,6 +130,9 @@ class EbpfSource:
     ``decoder``: how ring records become Segments, for either transport: ``native``
     (``ring_decode.c``, SourceError if it cannot be built), ``python`` (``events.py``) or
     ``auto`` (native if it can be had, else Python with a warning).
+
+    ``buffer_mib`` / ``backlog_bytes`` (the drain's pause budget): from
+    :func:`agent.budget.default` when not given, as the command line derives them.
     """
 
     def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
@@ -136,7 +140,7 @@ class EbpfSource:
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
                  decoder: str = "auto", own_ports: tuple[int, int] | None = None,
-                 tc_mode: str = "auto") -> None:
+                 tc_mode: str = "auto", backlog_bytes: int | None = None) -> None:
         for what, value, allowed in (("engine", engine, ("tc", "xdp")),
                                      ("transport", transport, TRANSPORTS),
                                      ("decoder", decoder, DECODERS)):
@@ -145,7 +149,13 @@ class EbpfSource:
         self.ifaces = ifaces
         self.engine = engine
         self.transport = transport
-        self.buffer_mib = buffer_mib or default_buffer_mib(len(online_cpus()))
+        if buffer_mib is None or backlog_bytes is None:  # the default memory budget's
+            from agent import budget
+
+            mem = budget.default(transport)
+            buffer_mib = buffer_mib or mem.buffer_mib
+            backlog_bytes = mem.drain_backlog if backlog_bytes is None else backlog_bytes
+        self.buffer_mib = buffer_mib
         cpus = possible_cpus()
         self._geometry = RingGeometry.of(self.buffer_mib, transport, cpus)
         self._clock = time.time() - time.monotonic()  # ktime (CLOCK_MONOTONIC) → epoch
@@ -165,7 +175,7 @@ class EbpfSource:
         except BaseException:
             self._prog.close()
             raise
-        self._drain = RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL, BACKLOG_BYTES)
+        self._drain = RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL, backlog_bytes)
 
     def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
                       ) -> EventDecoder | NativeDecoder:

@@ -166,6 +166,25 @@ def cgroup_memory_limit(cgroup: Path = Path("/proc/self/cgroup"),
     return None
 
 
+def unseen_memory_cgroup(cgroup: Path = Path("/proc/self/cgroup"),
+                         mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The memory cgroup this process is in when its hierarchy is not mounted where it can
+    read it (e.g. under ``ip netns exec``, which mounts a fresh /sys), so its limit is
+    unknown; None when there is none or it is readable."""
+    try:
+        lines = cgroup.read_text().splitlines()
+        mounts = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "memory" in controllers.split(",") and path not in ("", "/") \
+                and _mount(mounts, "cgroup", "memory") is None:
+            return path
+    return None
+
+
 def _mount(mounts: list[str], fstype: str, option: str | None) -> tuple[str, Path] | None:
     """(root within the hierarchy, mount point) of a cgroup mount from ``mountinfo`` lines."""
     for m in mounts:

@@ -77,7 +77,8 @@ class ForwardSink:
         self._mcounts: Counter[str] = Counter()  # mirror thread's counters
         self._counts: Counter[str] = Counter()  # I/O thread's counters
         # Operations from the mirror thread to the I/O thread. Its budget, max_total_buffer
-        # (256 << 20 bytes by default: 32 flows at their 8 MiB max_flow_buffer, or ~0.5 s
+        # (the memory budget's forward_total, agent/budget.py: 128 MiB for a 1 GiB cgroup;
+        # ForwardConfig alone says 256 << 20: 32 flows at their 8 MiB max_flow_buffer, or ~0.5 s
         # of 4 Gbit/s for a shadow that takes nothing), covers every byte handed over
         # and not yet taken by the kernel or discarded: queued here, in a connection's queue,
         # or in a transport. The kernel's socket buffers are outside it.

@@ -240,3 +240,21 @@ def test_cli_buffer_out_of_range_exits_2_with_one_line(args: list[str],
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert f"--buffer-mib {args[1]} is out of range: this host allows 1-" in lines[0]
+
+
+def test_a_memory_cgroup_whose_filesystem_is_hidden_is_reported(tmp_path: Path) -> None:
+    """Under ``ip netns exec`` /sys is a fresh sysfs: the process is in a memory cgroup whose
+    limit it cannot read; say which, so the budget can warn instead of guessing silently."""
+    from agent.capture.privileges import unseen_memory_cgroup
+
+    cg = tmp_path / "cgroup"
+    cg.write_text("5:memory:/bench/agent\n0::/\n")
+    hidden = tmp_path / "mountinfo"
+    hidden.write_text("30 1 0:26 / /sys rw - sysfs sysfs rw\n")
+    seen = tmp_path / "mountinfo2"
+    seen.write_text("40 30 0:33 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    assert unseen_memory_cgroup(cg, hidden) == "/bench/agent"
+    assert unseen_memory_cgroup(cg, seen) is None
+    root = tmp_path / "rootcg"
+    root.write_text("5:memory:/\n")
+    assert unseen_memory_cgroup(root, hidden) is None

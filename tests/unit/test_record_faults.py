@@ -185,7 +185,7 @@ def test_recorded_bytes_do_not_count_dropped_records(monkeypatch: pytest.MonkeyP
             return super().write(b)
 
     class Small(BackgroundWriter):
-        def __init__(self, inner: NativeWriter) -> None:
+        def __init__(self, inner: NativeWriter, _budget: int = 0) -> None:
             super().__init__(inner, max_bytes=2 * len(request(0)))
 
     monkeypatch.setattr(agent.mirror, "BackgroundWriter", Small)

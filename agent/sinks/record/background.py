@@ -43,7 +43,8 @@ class BackgroundWriter:
         # 256 MiB default (256 << 20 = 268,435,456 bytes of record data, the chunks' own bytes,
         # not copied) may wait for the disk: ~0.5 s of 4 Gbit/s, or ~2.7 s of a 100 MB/s disk
         # falling behind completely. Records and ends cost ~200 B of objects each beyond
-        # that, not counted. The memory-budget derivation replaces this fixed figure later.
+        # that, not counted. The mirror passes the memory budget's ``record_queue``
+        # (agent/budget.py); the 256 MiB default is for this class alone.
         self._inner = inner
         self._handoff: Handoff[tuple[int, object, bytes]] = Handoff(
             "record_writer", max_bytes, Policy.DROP, release_on_take=False)
