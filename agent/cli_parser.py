@@ -1,0 +1,173 @@
+"""The command line's parser: every option of ``offline``, ``run`` and ``inspect``, with
+the help text and examples; values are checked as they are parsed (:mod:`agent.cli_args`),
+a bad one is :class:`UsageError` (exit 2, one line naming the flag)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from agent import __doc__ as _pkg_doc
+from agent import cli_args as a
+from agent.config import FORWARD_SOURCE_PORTS
+from agent.outputs import EXIT_HELP
+from agent.sinks.record import FORMATS
+
+__all__ = ["UsageError", "build_parser"]
+
+
+EXAMPLES = """\
+examples:
+  # replay a capture, forward client->service bytes of port 8080 to a shadow
+  mirror-agent offline traffic.pcap --port 8080 --target 127.0.0.1:18080
+  # record both directions as JSON lines, only from one client
+  mirror-agent offline a.pcapng b.pcap --port 443 --record out.jsonl \\
+      --record-format jsonl --both-directions --filter 'host 192.0.2.10'
+  # inject a header into forwarded HTTP requests, redact credentials in the recording
+  mirror-agent offline cap.pcap --port 80 --target shadow:80 --inject-header 'X-Mirror: 1' \\
+      --record rec.bin --redact-headers=Authorization,Cookie,X-Api-Key
+  # print a native recording
+  mirror-agent inspect rec.bin
+""" + EXIT_HELP
+
+
+RUN_EXAMPLES = """\
+examples:
+  # mirror live traffic of port 8080 on eth0 to a shadow, recording requests
+  mirror-agent run --iface eth0 --port 8080 --target 10.0.0.5:8080 --record /var/lib/m.bin
+  # loopback service, both directions as JSON lines; stop with Ctrl-C or SIGTERM
+  mirror-agent run --iface lo --port 9000 --record out.jsonl --record-format jsonl \\
+      --both-directions
+  # every non-loopback interface, XDP (ingress only), two ports
+  mirror-agent run --iface any --port 8080,8081 --engine xdp --target 10.0.0.5:8080
+  # a host without eBPF: raw socket with a kernel filter; or eBPF with the BPF ring buffer
+  mirror-agent run --iface eth0 --port 8080 --engine afpacket --record m.bin
+  mirror-agent run --iface eth0 --port 8080 --transport ringbuf --record m.bin
+""" + EXIT_HELP
+
+
+class UsageError(Exception):
+    """Bad flag, file or config: exit 2 with this one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            argv = a.normalize_argv(sys.argv[1:] if args is None else args)
+        except ValueError as e:
+            self.error(str(e))
+        return super().parse_known_args(argv, namespace)
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=a.ports, required=True, metavar="PORT[,PORT...]",
+                   help="observed service port(s); decides each chunk's direction")
+    p.add_argument("--target", type=a.target, metavar="HOST:PORT",
+                   help="shadow to forward client->service bytes to (one connection per "
+                        "captured connection)")
+    p.add_argument("--forward-source-ports", type=a.port_range, default=FORWARD_SOURCE_PORTS,
+                   metavar="LO-HI",
+                   help="local ports shadow connections are made from; capture skips every "
+                        "packet with a port in this range, so the agent never mirrors its own "
+                        "(or another agent's) forwarded traffic (default: "
+                        f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}, above Linux's "
+                        "ephemeral ports)")
+    p.add_argument("--record", type=a.output_path, metavar="PATH",
+                   help="write a recording here ('-' = stdout)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="truncate an existing --record/--stats-json file (default: keep it "
+                        "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
+    p.add_argument("--record-format", choices=FORMATS, default="native",
+                   help="recording format (default: native)")
+    p.add_argument("--both-directions", action="store_true",
+                   help="record service->client bytes too (default: client->service only)")
+    p.add_argument("--filter", metavar="EXPR", help="tcpdump expression packets must match")
+    p.add_argument("--hook", action="append", default=[], metavar="MODULE:NAME",
+                   help="extra hook for both paths (object, class or function); repeatable")
+    p.add_argument("--inject-header", type=a.inject_header, metavar="'NAME: VALUE'",
+                   help="add this header to every forwarded HTTP/1.x request (not one that "
+                        "frames or routes it: Content-Length, Transfer-Encoding, Host, ...)")
+    p.add_argument("--redact-headers", type=a.header_names, nargs="?", const=a.REDACT_DEFAULT,
+                   metavar="=NAMES",
+                   help="redact request headers in recordings: alone Authorization and "
+                        "Cookie, or the names given as --redact-headers=NAME[,NAME...]")
+    p.add_argument("--sample", type=a.fraction, metavar="FRACTION",
+                   help="mirror only this fraction of connections (0..1)")
+    p.add_argument("--idle-timeout", type=a.positive_seconds, default=600.0, metavar="SECONDS",
+                   help="flush connections idle this long (default: 600)")
+    p.add_argument("--hole-timeout", type=a.seconds, default=2.0, metavar="SECONDS",
+                   help="skip a hole (as a gap) once later data waited this long; TCP fills "
+                        "real ones sooner (default: 2; 0: only at the limits)")
+    p.add_argument("--memory-limit", type=a.size, default=None, metavar="SIZE",
+                   help="memory the agent stays under (e.g. 512MiB, 1GiB); every buffer is "
+                        "derived from it and logged at start (\"memory budget\"). Default: "
+                        "the memory cgroup's limit less 1/8, else 1 GiB (at most a quarter of "
+                        "RAM)")
+    p.add_argument("--max-flows", type=a.at_least_one, default=None,
+                   help="connections tracked at once (default: 100000, fewer if "
+                        "--memory-limit cannot hold them at ~1.6 KiB each)")
+    p.add_argument("--max-flow-buffer", type=a.at_least_one, default=None, metavar="BYTES",
+                   help="out-of-order bytes held per direction (default: 4 MiB, less with a "
+                        "small --memory-limit)")
+    p.add_argument("--max-buffer", type=a.at_least_one, default=None, metavar="BYTES",
+                   help="out-of-order bytes held in total (default: a quarter of the buffers "
+                        "--memory-limit allows)")
+    p.add_argument("--stats-json", type=a.output_path, metavar="PATH",
+                   help="also write the final stats as JSON ('-' = stdout)")
+    p.add_argument("--stats-interval", type=a.stats_interval, default=60.0, metavar="SECONDS",
+                   help="log every counter this often while running (default: 60; 0: never; "
+                        "at least 0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE")
+    _add_pipeline_options(off)
+
+    run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--iface", required=True, type=a.ifaces, metavar="IFACE[,IFACE...]|any",
+                     help="interfaces to capture on ('any': every non-loopback one that is up)")
+    run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
+                     help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
+                          "only; afpacket: raw socket with a classic BPF filter, no eBPF needed")
+    run.add_argument("--tc-attach", choices=["auto", "tcx", "clsact"], default="auto",
+                     help="how --engine tc attaches: tcx (BPF links, kernel 6.6+: first on the "
+                          "hook, every other program still runs, gone when the agent dies), "
+                          "clsact (a cls_bpf filter of its own priority, for older kernels), or "
+                          "auto (default: tcx where the kernel has it, else clsact)")
+    run.add_argument("--transport", choices=["perf", "ringbuf"], default="perf",
+                     help="eBPF to user space: per-CPU perf buffers (default) or one BPF ring "
+                          "buffer (kernel 5.8+)")
+    run.add_argument("--decoder", choices=["auto", "native", "python"], default="auto",
+                     help="ring records to segments, for either --transport: native (C, "
+                          "built with cc on first use; make setup builds it), python, or auto "
+                          "(default: native if it can be built, else python with a warning)")
+    run.add_argument("--buffer-mib", type=int, default=None, metavar="MIB",
+                     help="kernel buffer per CPU (default: 16 MiB, less with more than 8 "
+                          "CPUs so all stay near 128 MiB, at least 4; the ring buffer gets "
+                          "this times the CPU count; afpacket: the socket's receive buffer, "
+                          "x8, default 64 MiB; a small --memory-limit lowers the default). It "
+                          "is drained every 20 ms, or sooner once a quarter full")
+    _add_pipeline_options(run)
+
+    ins = sub.add_parser("inspect", help="print a native recording")
+    ins.add_argument("path", type=a.input_path)
+    ins.add_argument("--format", choices=["text", "jsonl"], default="text")
+    return parser
