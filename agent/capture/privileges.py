@@ -30,7 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,50 +137,44 @@ def _mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
     return int((fields.get("MemAvailable") or fields["MemTotal"]).split()[0]) * 1024
 
 
-def cgroup_memory_limit(cgroup: Path = Path("/proc/self/cgroup"),
-                        mountinfo: Path = Path("/proc/self/mountinfo")) -> int | None:
-    """The smallest memory limit on the way from this process's cgroup up to the root of the
-    mounted hierarchy (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``), or None."""
+def _memory_hierarchies(cgroup: Path, mountinfo: Path
+                        ) -> Iterator[tuple[str, tuple[str, Path] | None, str]]:
+    """For each hierarchy with a memory controller this process is in: (its cgroup path,
+    (root, mount point) where it is mounted or None if not visible here, the limit file)."""
     try:
         lines = cgroup.read_text().splitlines()
         mounts = mountinfo.read_text().splitlines()
     except OSError:
-        return None
+        return
     for line in lines:
         hid, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if "memory" in controllers.split(","):
-            found = _mount(mounts, "cgroup", "memory")
-            name = "memory.limit_in_bytes"
+            yield path, _mount(mounts, "cgroup", "memory"), "memory.limit_in_bytes"
         elif hid == "0" and not controllers:
-            found = _mount(mounts, "cgroup2", None)
-            name = "memory.max"
-        else:
-            continue
-        if found is None:
-            continue
-        root, point = found
-        limit = _smallest_limit(point, _relative(path, root), name)
-        if limit is not None:
-            return limit
+            yield path, _mount(mounts, "cgroup2", None), "memory.max"
+
+
+def cgroup_memory_limit(cgroup: Path = Path("/proc/self/cgroup"),
+                        mountinfo: Path = Path("/proc/self/mountinfo")) -> int | None:
+    """The smallest memory limit on the way from this process's cgroup up to the root of the
+    mounted hierarchy (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``), or None."""
+    for path, found, name in _memory_hierarchies(cgroup, mountinfo):
+        if found is not None:
+            root, point = found
+            limit = _smallest_limit(point, _relative(path, root), name)
+            if limit is not None:
+                return limit
     return None
 
 
 def unseen_memory_cgroup(cgroup: Path = Path("/proc/self/cgroup"),
                          mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
-    """The memory cgroup this process is in when its hierarchy is not mounted where it can
-    read it (e.g. under ``ip netns exec``, which mounts a fresh /sys), so its limit is
+    """The v1 memory cgroup this process is in when its hierarchy is not mounted where it
+    can read it (e.g. under ``ip netns exec``, which mounts a fresh /sys), so its limit is
     unknown; None when there is none or it is readable."""
-    try:
-        lines = cgroup.read_text().splitlines()
-        mounts = mountinfo.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _hid, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if "memory" in controllers.split(",") and path not in ("", "/") \
-                and _mount(mounts, "cgroup", "memory") is None:
+    for path, found, name in _memory_hierarchies(cgroup, mountinfo):
+        if name == "memory.limit_in_bytes" and found is None and path not in ("", "/"):
             return path
     return None
 
