@@ -50,9 +50,9 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Handoff", "HandoffStats", "Policy"]
+__all__ = ["Handoff", "HandoffStats", "HasHandoffs", "Policy"]
 
 T = TypeVar("T")
 
@@ -303,3 +303,10 @@ class Handoff(Generic[T]):
             self._released += size
             if self.policy is Policy.PAUSE:
                 self._room.notify()
+
+
+@runtime_checkable
+class HasHandoffs(Protocol):
+    """A stage that owns hand-offs: the mirror collects their counters for the metrics."""
+
+    def handoffs(self) -> list[HandoffStats]: ...

@@ -267,6 +267,25 @@ for _b in BUDGET_BUFFERS:
 _gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from the memory "
        "budget); constant", "budget", "max_flows")
 
+# ---------------------------------------------------------------- hand-offs (agent/handoff.py)
+
+#: The thread boundaries (agent.handoff.Handoff names).
+HANDOFFS = ("ring_drain", "record_writer", "forward")
+
+
+def _per_handoff(name: str, kind: Literal["counter", "gauge"], help_: str, stat: str) -> None:
+    fam = _declare(name, kind, help_, label="handoff", values=HANDOFFS)
+    _prefixes.append(("handoff", f"{stat}:", fam))
+
+
+_per_handoff("handoff_queued_bytes", "gauge", "Bytes waiting at a thread boundary now",
+             "queued_bytes")
+_per_handoff("handoff_peak_queued_bytes", "gauge", "The most bytes that waited at a thread "
+             "boundary; near its budget means it came close to pausing or dropping",
+             "peak_queued_bytes")
+_per_handoff("handoff_items_total", "counter", "Items handed across a thread boundary",
+             "items")
+
 UNDECLARED = Family(PREFIX + "undeclared_stat", "gauge", "A stage counter that "
                     "agent/metrics.py does not declare (a bug); should be absent", "key")
 #: Every declared metric, in declaration order.

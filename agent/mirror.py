@@ -19,6 +19,7 @@ import structlog
 from agent import metrics
 from agent.capture import LiveSource, PacketSource
 from agent.config import MirrorConfig, WriteFunc
+from agent.handoff import HasHandoffs
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.lograte import RateLimitedLog
 from agent.model import Direction, DirectionEnd, FlowEnd, TrafficChunk
@@ -326,6 +327,12 @@ class TrafficMirror:
             out["source"] = dict(self._source.stats())
         out["reassembly"] = self.reassembler.stats.as_dict()
         out["budget"] = self.config.budget.as_dict()
+        out["handoff"] = {f"{key}:{h.name}": value
+                          for stage in (self._source, self._writer, self._forward)
+                          if isinstance(stage, HasHandoffs) for h in stage.handoffs()
+                          for key, value in (("queued_bytes", h.queued_bytes),
+                                             ("peak_queued_bytes", h.peak_queued_bytes),
+                                             ("items", h.items))}
         out["mirror"] = dict(self.counters)
         if self._forward is not None:
             out["forward"] = dict(self._forward.stats)

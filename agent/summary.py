@@ -46,14 +46,15 @@ def _number(v: float) -> str:
 
 def format_summary(stats: Mapping[str, float]) -> str:
     """A few lines, one per stage, listing the non-zero metrics (``what=value``); the
-    kernel, ring and drain lines only if one of theirs is non-zero. The memory budget is
-    left out: it is constant, logged at start and in ``--stats-json``."""
+    kernel, ring and drain lines only if one of theirs is non-zero. The memory budget and
+    the hand-offs' fill are left out: constant or momentary, they are logged at start, in
+    ``--stats-json`` and in the stats log."""
     by_stage: dict[str, list[str]] = {s: [] for s in _STAGES}
     for sample, v in stats.items():
         if not v:
             continue
         stage, what = _short(sample)
-        if stage == "budget":
+        if stage in ("budget", "handoff"):
             continue
         by_stage.setdefault(stage, []).append(f"{what}={_number(v)}")
     lines = ["mirror-agent summary:"]

@@ -64,6 +64,10 @@ class RingDrain:
         """Times the drain paused because the mirror had not taken ``budget`` bytes yet."""
         return self._handoff.stats().pauses
 
+    def handoffs(self) -> list[HandoffStats]:
+        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        return [self.handoff_stats()]
+
     def handoff_stats(self) -> HandoffStats:
         """The hand-off's counters (see :mod:`agent.handoff`)."""
         return self._handoff.stats()

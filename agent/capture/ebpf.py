@@ -35,6 +35,7 @@ from agent.capture.perfbuf import PerfReader, possible_cpus
 from agent.capture.program import Build, MirrorProgram
 from agent.capture.reorder import Reorderer
 from agent.capture.ringbuf import RingBufReader
+from agent.handoff import HandoffStats
 from agent.model import Segment
 
 __all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment",
@@ -205,6 +206,10 @@ class EbpfSource:
                 f"the kernel refused to lock the perf rings ({e.strerror}): grant "
                 "CAP_IPC_LOCK, raise the memlock limit, or use a smaller --buffer-mib "
                 "or --transport ringbuf") from None
+
+    def handoffs(self) -> list[HandoffStats]:
+        """:class:`agent.handoff.HasHandoffs`: the ring drain's hand-off."""
+        return self._drain.handoffs()
 
     @property
     def decoder(self) -> str:

@@ -161,6 +161,10 @@ class ForwardSink:
     def queued_bytes(self) -> int:
         return self._ops.queued_bytes
 
+    def handoffs(self) -> list[HandoffStats]:
+        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        return [self.handoff_stats()]
+
     def handoff_stats(self) -> HandoffStats:
         """The hand-over's counters (see :mod:`agent.handoff`)."""
         return self._ops.stats()

@@ -25,8 +25,8 @@ from agent.summary import degradation, format_summary
 from tests.unit.shadow import Shadow
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
-NAME = re.compile(r"^mirror_agent_(budget|kernel|ring|drain|source|decode|reassembly|mirror|"
-                  r"forward|record)_[a-z0-9]+(_[a-z0-9]+)*$")
+NAME = re.compile(r"^mirror_agent_(budget|handoff|kernel|ring|drain|source|decode|reassembly|"
+                  r"mirror|forward|record)_[a-z0-9]+(_[a-z0-9]+)*$")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,10 @@ def _afpacket_stats() -> dict[str, int]:
 
 def test_every_key_a_stage_produces_is_declared(replayed: TrafficMirror) -> None:
     stages = replayed.stage_stats()
-    assert set(stages) == {"source", "reassembly", "mirror", "forward", "record", "budget"}
+    assert set(stages) == {"source", "reassembly", "mirror", "forward", "record", "budget",
+                           "handoff"}
+    # Offline: the record writer writes in line and the forward hand-over is the one boundary.
+    assert stages["handoff"]["items:forward"] > 0
     assert stages["forward"]["connections"] > 0 and stages["record"]["records"] > 0
     channel = ChannelSource()
     channel.put(b"\x00" * 10)  # a frame too short: skipped_truncated
@@ -92,7 +95,8 @@ def test_names_follow_the_pattern() -> None:
         assert fam.help[:1].isupper(), fam.name
         assert "bytes" not in fam.name or fam.name.endswith(("_bytes", "_bytes_total")), fam.name
         if fam.label:
-            assert fam.label in ("reason", "hook", "buffer") and (fam.values or fam.open), fam.name
+            assert fam.label in ("reason", "hook", "buffer", "handoff"), fam.name
+            assert fam.values or fam.open, fam.name
             assert not any(v in fam.name for v in fam.values), fam.name
     names = [f.name for f in metrics.FAMILIES]
     assert len(names) == len(set(names))

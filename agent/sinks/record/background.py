@@ -96,6 +96,10 @@ class BackgroundWriter:
                        record_dropped_bytes=self.dropped_bytes)
         return out
 
+    def handoffs(self) -> list[HandoffStats]:
+        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        return [self.handoff_stats()]
+
     def handoff_stats(self) -> HandoffStats:
         """The queue's counters (see :mod:`agent.handoff`)."""
         return self._handoff.stats()
