@@ -185,7 +185,9 @@ def _ring_bytes(transport: str, mib: int, cpus: int, possible: int) -> int:
     if transport == "ringbuf":
         return 2 * pow2_pages(mib * MIB * possible)
     if transport == "afpacket":
-        return mib * 8 * MIB  # the socket's receive buffer (--buffer-mib x 8)
+        # The socket's receive buffer (--buffer-mib x 8), which the kernel doubles for its
+        # bookkeeping (SO_RCVBUF / SO_RCVBUFFORCE): up to twice that in queued skbs.
+        return 2 * mib * 8 * MIB
     return 0
 
 

@@ -285,8 +285,8 @@ class Handoff(Generic[T]):
                 self._ready.wait_for(lambda: self._queue or self._closed, timeout)
             finally:
                 self._takers -= 1
-        if self._error is not None:
-            raise self._error
+        if self._error is not None and not self._queue:
+            raise self._error  # only once what came before the failure is taken
 
     def _take_all_locked(self) -> list[T]:
         if not self._queue:

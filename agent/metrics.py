@@ -147,6 +147,9 @@ _gauge("ring_peak_bytes", "Most bytes ever waiting in one ring; healthy well bel
        "mirror_agent_ring_capacity_bytes", "source", "ring_peak_bytes")
 _gauge("drain_gap_max_seconds", "Longest time between two reads of the rings; healthy "
        "well below the time the rings take to fill", "source", "drain_gap_max_ms", 0.001)
+_counter("drain_discarded_bytes_total", "Payload bytes drained from the rings but never "
+         "taken because the source failed or closed first; should be 0", "source",
+         "drain_discarded_bytes")
 _counter("drain_pauses_total", "Times reading the rings paused because the mirror was "
          "behind (the rings held the rest); 0 when it keeps up", "source", "drain_pauses")
 

@@ -165,6 +165,7 @@ class EbpfSource:
         self._closed = False
         self._final_stats: dict[str, int] = {}
         self._counter_error = False
+        self._discarded = 0  # payload bytes drained but never taken (see close)
         self._prog = MirrorProgram(Build(
             engine, cpus, own_ports or (1, 0), requests_only,
             self._geometry.ringbuf_pages if transport == "ringbuf" else 0,
@@ -261,7 +262,8 @@ class EbpfSource:
                "perf_lost_samples": d.lost_samples, "filtered": d.filtered,
                "ring_bytes": self._geometry.capacity, "ring_peak_bytes": self._ring.peak_bytes,
                "drain_gap_max_ms": round(self._drain.gap_max * 1000),
-               "drain_pauses": self._drain.pauses, "ringbuf_discarded": d.discarded,
+               "drain_pauses": self._drain.pauses,
+               "drain_discarded_bytes": self._discarded, "ringbuf_discarded": d.discarded,
                "records_malformed": d.malformed, "coalesce_no_slot": d.no_slot}
         try:
             out.update({f"kernel_{k}": v for k, v in self._prog.counters().items()})
@@ -275,8 +277,10 @@ class EbpfSource:
         if self._closed:
             return
         self._final_stats = self.stats()
+        # Drained but never taken (the run failed before drain()): counted, not silent.
+        self._discarded += sum(len(seg.payload) for seg in self._drain.stop())
+        self._final_stats["drain_discarded_bytes"] = self._discarded
         self._closed = True
-        self._drain.stop()
         self._prog.detach()
         self._ring.close()
         self._decoder.close()

@@ -217,3 +217,15 @@ def test_forward_hand_over_drops_whole_flows_as_total_buffer() -> None:
     assert sink.stats["bytes_dropped"] == 3 + 5 + 1
     sink.send(3, b"x")  # after close: refused cleanly, counted
     assert sink.handoff_stats().dropped_bytes["closed"] == 1
+
+
+def test_what_came_before_a_failure_is_delivered_before_the_error() -> None:
+    """A drain thread that fails after handing over data: the data is taken first, then the
+    error; nothing drained is lost uncounted."""
+    h: Handoff[int] = Handoff("t", 100, Policy.PAUSE)
+    h.put(1, 1)
+    h.put(2, 1)
+    h.fail(OSError("ring gone"))
+    assert h.take_all(0) == [1, 2]
+    with pytest.raises(OSError, match="ring gone"):
+        h.take_all(0)

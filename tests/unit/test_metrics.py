@@ -50,7 +50,7 @@ def _ebpf_stats() -> dict[str, int]:
         _closed=False, _decoder=decoder, _geometry=SimpleNamespace(capacity=1),
         _ring=SimpleNamespace(peak_bytes=1), _drain=SimpleNamespace(gap_max=0.5, pauses=1),
         _prog=SimpleNamespace(counters=lambda: {name: 1 for name, _ in COUNTERS}),
-        _counter_error=False)
+        _counter_error=False, _discarded=1)
     return EbpfSource.stats(stub)
 
 

@@ -55,6 +55,7 @@ class BackgroundWriter:
         self._missed: dict[tuple[int, str], int] = {}  # (flow, from) → bytes dropped since
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        self._raise()  # before the owed gap is taken: a raise must not lose it
         key = (chunk.flow_id, chunk.from_addr)
         missed = self._missed.pop(key, 0)
         queued = replace(chunk, gap_bytes=chunk.gap_bytes + missed) if missed else chunk
