@@ -8,11 +8,12 @@ one line that names what is wrong; :mod:`agent.cli` turns them into exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from agent.capture.privileges import CAPS, effective_caps
@@ -49,6 +50,15 @@ _REDACT = "--redact-headers"
 _Error = argparse.ArgumentTypeError
 
 
+@contextlib.contextmanager
+def _value_errors() -> Iterator[None]:
+    """A parser's ValueError becomes argparse's error for the flag (exit 2, one line)."""
+    try:
+        yield
+    except ValueError as e:
+        raise _Error(str(e)) from None
+
+
 # ------------------------------------------------------------------ ports, interfaces
 
 
@@ -79,10 +89,8 @@ def ifaces(text: str) -> str:
 
 
 def port_range(text: str) -> tuple[int, int]:
-    try:
+    with _value_errors():
         return parse_port_range(text)
-    except ValueError as e:
-        raise _Error(str(e)) from None
 
 
 # ------------------------------------------------------------------ numbers
@@ -131,10 +139,8 @@ def size(text: str) -> int:
     (:func:`agent.budget.parse_size`)."""
     from agent.budget import parse_size
 
-    try:
+    with _value_errors():
         return parse_size(text)
-    except ValueError as e:
-        raise _Error(str(e)) from None
 
 
 def at_least_one(text: str) -> int:
@@ -174,10 +180,8 @@ def output_path(text: str) -> str:
 
 def target(text: str) -> str:
     """``--target``: a well-formed ``HOST:PORT`` (resolved at start, :func:`resolve_target`)."""
-    try:
+    with _value_errors():
         parse_target(text)
-    except ValueError as e:
-        raise _Error(str(e)) from None
     return text
 
 
@@ -200,10 +204,8 @@ def inject_header(text: str) -> tuple[str, str]:
     if not sep:
         raise _Error(f"{text!r}: expected 'NAME: VALUE'")
     name, value = name.strip(), value.strip()
-    try:
+    with _value_errors():
         check_header(name, value)
-    except ValueError as e:
-        raise _Error(str(e)) from None
     return name, value
 
 
@@ -213,11 +215,9 @@ def header_names(text: str) -> list[str]:
     if not names:
         raise _Error("no header name given (--redact-headers=NAME[,NAME...], or "
                      f"--redact-headers alone for {REDACT_DEFAULT})")
-    try:
+    with _value_errors():
         for name in names:
             check_header_name(name)
-    except ValueError as e:
-        raise _Error(str(e)) from None
     return names
 
 
