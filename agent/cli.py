@@ -1,4 +1,6 @@
-"""The ``mirror-agent`` command line: options, and the ``offline`` and ``run`` commands
+"""The ``mirror-agent`` command line: options (:mod:`agent.cli_options`: flags, environment
+and ``--config`` file into one :class:`~agent.options.Options`), and the ``offline``, ``run``
+and ``config`` commands
 (running the pipeline: :mod:`agent.cli_run`; ``inspect``: :mod:`agent.cli_inspect`).
 
 Exit status: 0 success; 1 runtime failure (the summary, then the cause on one line); 2 bad
@@ -18,10 +20,10 @@ recording: exit 3.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -31,6 +33,7 @@ from agent.budget import UNREAD_CGROUP, Budget
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
 from agent.cli_inspect import inspect_recording
+from agent.cli_options import parse_options, toml_lines
 from agent.cli_parser import UsageError, build_parser
 from agent.cli_run import run_pipeline
 from agent.config import ForwardConfig, MirrorConfig, parse_target
@@ -46,59 +49,52 @@ from agent.hooks import (
 )
 from agent.http_hooks import InjectHeader, RedactHeaders
 from agent.logsetup import configure_logging
+from agent.options import Options, PipelineOptions
 from agent.outputs import OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
 from agent.sinks.record import RecordError
 
-__all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config"]
+__all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config",
+           "parse_options"]
 
 log = structlog.get_logger("agent.cli")
 T = TypeVar("T")
 
-def _hooks(args: argparse.Namespace) -> tuple[list[Hook], list[Hook]]:
+def _hooks(p: PipelineOptions) -> tuple[list[Hook], list[Hook]]:
     """(forward hooks, record hooks) from the options, in the order they run."""
     forward: list[Hook] = []
     record: list[Hook] = []
-    if args.sample is not None:
-        sampler = SampleFlows(args.sample)
+    if p.sample is not None:
+        sampler = SampleFlows(p.sample)
         forward.append(sampler)
         record.append(sampler)
     forward.append(OnlyToObserved())
-    record.append(KeepAll() if args.both_directions else OnlyToObserved())
+    record.append(KeepAll() if p.both_directions else OnlyToObserved())
     try:
-        user = [load_hook(spec) for spec in args.hook]
+        user = [load_hook(spec) for spec in p.hooks]
     except HookLoadError as e:
         raise UsageError(str(e)) from None
     forward += user
     record += user
-    if args.inject_header:
-        forward.append(InjectHeader(*args.inject_header))
-    if args.redact_headers:
-        record.append(RedactHeaders(args.redact_headers))
+    if p.inject_header:
+        forward.append(InjectHeader(*p.inject_header))
+    if p.redact_headers:
+        record.append(RedactHeaders(list(p.redact_headers)))
     return forward, record
 
 
-def memory_budget(args: argparse.Namespace) -> Budget:
+def memory_budget(opts: Options) -> Budget:
     """The memory budget of ``--memory-limit`` (or the cgroup's or default limit) with the
-    explicit sizes; UsageError (exit 2) saying what does not fit. Derived once per run."""
-    cached = getattr(args, "_budget", None)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    if args.command == "offline":
-        transport = "none"
-    elif args.engine == "afpacket":
-        transport = "afpacket"
-    else:
-        transport = args.transport
+    explicit sizes; UsageError (exit 2) saying what does not fit."""
+    p = opts.pipe
+    transport = "none" if opts.capture is None else opts.capture.budget_transport
     try:
-        found = budget.for_host(args.memory_limit, transport,
-                                buffer_mib=getattr(args, "buffer_mib", None),
-                                max_flows=args.max_flows, max_buffer=args.max_buffer,
-                                max_flow_buffer=args.max_flow_buffer)
+        return budget.for_host(p.memory_limit, transport,
+                               buffer_mib=opts.capture.buffer_mib if opts.capture else None,
+                               max_flows=p.max_flows, max_buffer=p.max_buffer,
+                               max_flow_buffer=p.max_flow_buffer)
     except budget.BudgetError as e:
         raise UsageError(str(e)) from None
-    args._budget = found
-    return found
 
 
 def _log_budget(mem: Budget) -> None:
@@ -110,49 +106,44 @@ def _log_budget(mem: Budget) -> None:
                     "assumes the default; pass --memory-limit")
 
 
-def mirror_config(args: argparse.Namespace, writer: BinaryIO | None) -> MirrorConfig:
-    """The MirrorConfig the shared pipeline options describe (raises UsageError). The target
-    must resolve, and its source ports be ones this process may bind."""
-    if args.target:
+def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
+    """The MirrorConfig the pipeline options describe, within ``mem`` (default: derived
+    here); UsageError if they cannot work. The target must resolve, and its source ports be
+    ones this process may bind."""
+    p = opts.pipe
+    if p.target:
         try:
-            a.resolve_target(args.target)
+            a.resolve_target(p.target)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        why = a.privileged_source_ports(args.forward_source_ports)
+        why = a.privileged_source_ports(p.forward_source_ports)
         if why:
             raise UsageError(why)
-    mem = memory_budget(args)
+    mem = mem or memory_budget(opts)
     try:
         reassembly = ReassemblyConfig(
-            idle_timeout=args.idle_timeout, hole_timeout=args.hole_timeout,
+            idle_timeout=p.idle_timeout, hole_timeout=p.hole_timeout,
             max_flows=mem.max_flows,
             max_flow_buffer=mem.reassembly_flow, max_total_buffer=mem.reassembly_total,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    forward, record = _hooks(args)
-    ports = args.port
-    lo, hi = args.forward_source_ports
-    hidden = [p for p in ports if lo <= p <= hi] if args.command == "run" else []
+    forward, record = _hooks(p)
+    lo, hi = p.forward_source_ports
+    hidden = [port for port in p.ports if lo <= port <= hi] if opts.capture else []
     if hidden:
         raise UsageError(f"--port {hidden[0]} is inside --forward-source-ports {lo}-{hi}, "
                          "whose packets capture skips; choose another source port range")
     return MirrorConfig(
-        observed_port=ports[0], extra_ports=frozenset(ports[1:]), target_addr=args.target or "",
-        writer=writer, forward_hook=forward, record_hook=record,
-        record_format=args.record_format, reassembly=reassembly,
-        track_responses=needs_responses(args), record_in_background=args.command == "run",
-        forward=ForwardConfig(source_ports=args.forward_source_ports,
+        observed_port=p.ports[0], extra_ports=frozenset(p.ports[1:]),
+        target_addr=p.target or "", forward_hook=forward, record_hook=record,
+        record_format=p.record_format, reassembly=reassembly,
+        track_responses=p.needs_responses, record_in_background=opts.capture is not None,
+        forward=ForwardConfig(source_ports=p.forward_source_ports,
                               max_flow_buffer=mem.forward_flow,
                               max_total_buffer=mem.forward_total),
         budget=mem,
     )
-
-
-def needs_responses(args: argparse.Namespace) -> bool:
-    """Does anything consume service→client bytes? Only a both-directions recording and user
-    hooks (which may look at them); the built-in hooks see requests only."""
-    return bool(args.both_directions or args.hook)
 
 
 def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
@@ -165,32 +156,33 @@ def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
         raise UsageError(str(e)) from None
 
 
-def _check_live_filter(args: argparse.Namespace) -> None:
+def _check_live_filter(opts: Options) -> None:
     """UsageError if ``--filter`` cannot work on the engine: a link-layer term on tc/xdp
     (they match IP/TCP only), or, for afpacket, no packet left once combined with the
     agent's own capture expression (said about the user's expression)."""
-    if not args.filter:
+    p, c = opts.pipe, opts.live
+    if not p.filter:
         return
-    if args.engine != "afpacket":
-        why = a.ip_only_filter(args.filter)
+    if c.engine != "afpacket":
+        why = a.ip_only_filter(p.filter)
         if why:
             raise UsageError(why)
         return
     from agent.capture.afpacket import capture_expression
 
-    _compile_filter(args.filter, SegmentMatcher)
-    full = capture_expression(args.port, args.filter, args.forward_source_ports)
+    _compile_filter(p.filter, SegmentMatcher)
+    full = capture_expression(list(p.ports), p.filter, p.forward_source_ports)
     try:
         BpfFilter(full)
     except FilterError as e:
-        raise UsageError(a.filter_message(args.filter, full, e)) from None
+        raise UsageError(a.filter_message(p.filter, full, e)) from None
 
 
-def _offline(args: argparse.Namespace) -> int:
-    matcher = _compile_filter(args.filter, FrameMatcher)
-    config = mirror_config(args, None)
+def _offline(opts: Options) -> int:
+    matcher = _compile_filter(opts.pipe.filter, FrameMatcher)
+    config = mirror_config(opts)
     try:  # every file's header, before any output is made or any file read
-        source = PcapFileSource(args.files, matcher)
+        source = PcapFileSource(list(opts.files), matcher)
     except SourceError as e:
         raise UsageError(str(e)) from None
 
@@ -198,90 +190,98 @@ def _offline(args: argparse.Namespace) -> int:
         _log_budget(config.budget)
         return source
 
-    return run_pipeline(args, config, make_source, interrupted_status=130)
+    return run_pipeline(opts, config, make_source, interrupted_status=130)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(opts: Options) -> int:
     from agent.capture.attach import resolve_ifaces
     from agent.capture.ebpf import check_environment
 
-    _check_live_filter(args)
+    p, c = opts.pipe, opts.live
+    _check_live_filter(opts)
     # A given --buffer-mib is checked against the host first (its range, then the budget);
     # a derived one comes from the budget and is checked as "the default".
-    given = args.buffer_mib is not None
-    mem = None if given else memory_budget(args)
-    mib = args.buffer_mib if mem is None else mem.buffer_mib
-    if args.engine != "afpacket":  # names CAP_IPC_LOCK with the others if it is missing too
-        a.preflight_ebpf(mib, args.transport, not given)
-    check_environment(ebpf=args.engine != "afpacket", buffer_mib=mib,
-                      transport=args.transport, default=not given)
-    mem = memory_budget(args)
-    ifaces = resolve_ifaces(args.iface)
-    _warn_if_target_captured(args, ifaces)
-    overlap = a.ephemeral_overlap(args.forward_source_ports)
+    given = c.buffer_mib is not None
+    mib = c.buffer_mib if given else memory_budget(opts).buffer_mib
+    if c.engine != "afpacket":  # names CAP_IPC_LOCK with the others if it is missing too
+        a.preflight_ebpf(mib, c.transport, not given)
+    check_environment(ebpf=c.engine != "afpacket", buffer_mib=mib,
+                      transport=c.transport, default=not given)
+    mem = memory_budget(opts)
+    ifaces = resolve_ifaces(c.iface)
+    _warn_if_target_captured(p, ifaces)
+    overlap = a.ephemeral_overlap(p.forward_source_ports)
     if overlap:
         log.warning(overlap)
-    if args.engine == "afpacket":
+    make_source = _live_source(opts, mem, ifaces)
+    return run_pipeline(opts, mirror_config(opts, mem), make_source, interrupted_status=0)
 
-        def make_source() -> PacketSource:
+
+def _live_source(opts: Options, mem: Budget, ifaces: list[str]) -> Callable[[], PacketSource]:
+    """What makes the capture source of ``run`` (called once the outputs are open)."""
+    p, c = opts.pipe, opts.live
+    seg_filter = _compile_filter(p.filter, SegmentMatcher) if c.engine != "afpacket" else None
+
+    def make_source() -> PacketSource:
+        src: PacketSource
+        if c.engine == "afpacket":
             from agent.capture.afpacket import AfPacketSource
 
-            src: PacketSource = AfPacketSource(ifaces, args.port, args.filter,
-                                               rcvbuf_mib=mem.buffer_mib * 8,
-                                               own_ports=args.forward_source_ports)
-            _log_budget(mem)
-            log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
-                     target=args.target or None, record=args.record)
-            return src
-    else:
-        seg_filter = _compile_filter(args.filter, SegmentMatcher)
-
-        def make_source() -> PacketSource:
+            src = AfPacketSource(ifaces, list(p.ports), p.filter,
+                                 rcvbuf_mib=mem.buffer_mib * 8,
+                                 own_ports=p.forward_source_ports)
+            more = {}
+        else:
             from agent.capture.ebpf import EbpfSource
 
-            src = EbpfSource(
-                ifaces, args.port, args.engine, mem.buffer_mib,
-                segment_filter=seg_filter, transport=args.transport,
-                requests_only=not needs_responses(args), decoder=args.decoder,
-                own_ports=args.forward_source_ports, tc_mode=args.tc_attach,
+            src = ebpf = EbpfSource(
+                ifaces, list(p.ports), c.engine, mem.buffer_mib,
+                segment_filter=seg_filter, transport=c.transport,
+                requests_only=not p.needs_responses, decoder=c.decoder,
+                own_ports=p.forward_source_ports, tc_mode=c.tc_attach,
                 backlog_bytes=mem.drain_backlog)
-            _log_budget(mem)
-            log.info("capture live", ifaces=ifaces, ports=args.port, engine=args.engine,
-                     transport=args.transport, decoder=src.decoder, buffer_mib=src.buffer_mib,
-                     target=args.target or None, record=args.record)
-            return src
+            more = {"transport": c.transport, "decoder": ebpf.decoder,
+                    "buffer_mib": ebpf.buffer_mib}
+        _log_budget(mem)
+        log.info("capture live", ifaces=ifaces, ports=list(p.ports), engine=c.engine, **more,
+                 target=p.target or None, record=p.record)
+        return src
 
-    return run_pipeline(args, mirror_config(args, None), make_source, interrupted_status=0)
+    return make_source
 
 
-def _warn_if_target_captured(args: argparse.Namespace, ifaces: list[str]) -> None:
+def _warn_if_target_captured(p: PipelineOptions, ifaces: list[str]) -> None:
     """Say so when the shadow is on an observed port behind a captured interface: its traffic
     is then seen too, and only the reserved source ports keep the mirror from feeding itself."""
     from agent.capture.attach import captured_route
 
-    if not args.target:
+    if not p.target:
         return
-    host, port = parse_target(args.target)
-    iface = captured_route(host, ifaces) if port in args.port else None
+    host, port = parse_target(p.target)
+    iface = captured_route(host, ifaces) if port in p.ports else None
     if iface is not None:
-        lo, hi = args.forward_source_ports
+        lo, hi = p.forward_source_ports
         log.warning("the target is on a captured interface and an observed port; its "
                     "connections are not mirrored again because the agent connects from "
                     f"source ports {lo}-{hi} (--forward-source-ports), which capture skips",
-                    target=args.target, iface=iface)
+                    target=p.target, iface=iface)
+
+
+def _config(opts: Options) -> int:
+    """``mirror-agent config``: the effective configuration, as TOML with each value's origin."""
+    sys.stdout.write("\n".join(toml_lines(opts.effective().items())) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        fmt = None if args.log_format == "auto" else args.log_format == "json"
-        configure_logging(args.log_level, fmt)
-        if args.command == "offline":
-            return _offline(args)
-        if args.command == "run":
-            return _run(args)
-        return inspect_recording(args.path, args.format)
+        opts = parse_options(argv)
+        fmt = None if opts.log_format == "auto" else opts.log_format == "json"
+        configure_logging(opts.log_level, fmt)
+        command = {"offline": _offline, "run": _run, "config": _config}.get(opts.command)
+        if command is not None:
+            return command(opts)
+        return inspect_recording(Path(opts.path), opts.format)
     except BrokenPipeError:  # only ever stdout's: any other output's is contained
         return stdout_closed()
     except (UsageError, SourceError, OutputError, RecordError) as e:

@@ -30,6 +30,7 @@ __all__ = [
     "inject_header",
     "input_path",
     "ip_only_filter",
+    "listen_address",
     "normalize_argv",
     "output_path",
     "port_range",
@@ -182,6 +183,22 @@ def target(text: str) -> str:
     """``--target``: a well-formed ``HOST:PORT`` (resolved at start, :func:`resolve_target`)."""
     with _value_errors():
         parse_target(text)
+    return text
+
+
+def listen_address(text: str) -> str:
+    """``--listen``: ``HOST:PORT`` or ``[v6]:PORT`` with a literal address (the control API
+    must not depend on name resolution); port 0 is not allowed (nobody could find it)."""
+    import ipaddress
+
+    with _value_errors():
+        host, _port = parse_target(text)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"--listen {text!r}: give an IP address (127.0.0.1:9464, "
+                                 "0.0.0.0:9464, [::1]:9464), not a name") from None
     return text
 
 

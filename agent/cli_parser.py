@@ -1,6 +1,7 @@
-"""The command line's parser: every option of ``offline``, ``run`` and ``inspect``, with
-the help text and examples; values are checked as they are parsed (:mod:`agent.cli_args`),
-a bad one is :class:`UsageError` (exit 2, one line naming the flag)."""
+"""The command line's parser: every option of ``offline``, ``run``, ``serve``, ``config``,
+``probe`` and ``inspect``, with the help text and examples; the schema of the config file and
+the environment too (:mod:`agent.cli_options`). Values are checked as they are parsed
+(:mod:`agent.cli_args`); a bad one is :class:`UsageError` (exit 2, one line naming the flag)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from agent import __doc__ as _pkg_doc
 from agent import cli_args as a
 from agent.config import FORWARD_SOURCE_PORTS
 from agent.outputs import EXIT_HELP
+from agent.reassembly import HOLE_TIMEOUT
 from agent.sinks.record import FORMATS
 
 __all__ = ["UsageError", "build_parser"]
@@ -48,6 +50,28 @@ examples:
 """ + EXIT_HELP
 
 
+SERVE_EXAMPLES = """\
+examples:
+  # take capture paths by HTTP and forward their client->service bytes to a shadow
+  mirror-agent serve --listen 127.0.0.1:9464 --pcap-dir /srv/captures --port 8080 \\
+      --target 127.0.0.1:18080
+  curl -X POST -d '{"path": "/srv/captures/a.pcap"}' http://127.0.0.1:9464/pcap
+""" + EXIT_HELP
+
+CONFIG_EXAMPLES = """\
+examples:
+  # what a run with this file and environment would use, and where each value comes from
+  MIRROR_AGENT_TARGET=10.0.0.5:8080 mirror-agent config --config /etc/mirror-agent.toml
+"""
+
+PROBE_EXAMPLES = """\
+examples:
+  # liveness probe of an agent whose config file has listen and listen-token-file
+  mirror-agent probe --config /etc/mirror-agent/config.toml /healthz
+  mirror-agent probe --listen 127.0.0.1:9464 /readyz
+"""
+
+
 class UsageError(Exception):
     """Bad flag, file or config: exit 2 with this one line."""
 
@@ -67,7 +91,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=a.ports, required=True, metavar="PORT[,PORT...]",
+    _add_config_option(p)
+    p.add_argument("--port", type=a.ports, metavar="PORT[,PORT...]",
                    help="observed service port(s); decides each chunk's direction")
     p.add_argument("--target", type=a.target, metavar="HOST:PORT",
                    help="shadow to forward client->service bytes to (one connection per "
@@ -102,7 +127,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="mirror only this fraction of connections (0..1)")
     p.add_argument("--idle-timeout", type=a.positive_seconds, default=600.0, metavar="SECONDS",
                    help="flush connections idle this long (default: 600)")
-    p.add_argument("--hole-timeout", type=a.seconds, default=2.0, metavar="SECONDS",
+    p.add_argument("--hole-timeout", type=a.seconds, default=HOLE_TIMEOUT, metavar="SECONDS",
                    help="skip a hole (as a gap) once later data waited this long; TCP fills "
                         "real ones sooner (default: 2; 0: only at the limits)")
     p.add_argument("--memory-limit", type=a.size, default=None, metavar="SIZE",
@@ -126,24 +151,17 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "at least 0.1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
-                        help="auto: JSON lines unless stderr is a terminal")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=a.input_path, metavar="FILE",
+                   help="TOML file of options: every long flag is a key without -- "
+                        "(port = [8080], memory-limit = \"512MiB\"); MIRROR_AGENT_<KEY> "
+                        "variables override it, flags override both")
 
-    off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
-                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE")
-    _add_pipeline_options(off)
 
-    run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
-                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--iface", required=True, type=a.ifaces, metavar="IFACE[,IFACE...]|any",
-                     help="interfaces to capture on ('any': every non-loopback one that is up)")
+def _add_capture_options(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--iface", type=a.ifaces, metavar="IFACE[,IFACE...]|any",
+                     help="interfaces to capture on ('any': every non-loopback one that is "
+                          "up); required")
     run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
                      help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
                           "only; afpacket: raw socket with a classic BPF filter, no eBPF needed")
@@ -165,7 +183,50 @@ def build_parser() -> argparse.ArgumentParser:
                           "this times the CPU count; afpacket: the socket's receive buffer, "
                           "x8, default 64 MiB; a small --memory-limit lowers the default). It "
                           "is drained every 20 ms, or sooner once a quarter full")
+
+
+def _add_listen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", type=a.listen_address, metavar="HOST:PORT",
+                   help="serve the control API here: GET /metrics /healthz /readyz /status "
+                        "/ports, PUT /ports, POST /pcap (loopback unless a token file is "
+                        "given)")
+    p.add_argument("--listen-token-file", type=a.input_path, metavar="FILE",
+                   help="every control request must carry 'Authorization: Bearer <the "
+                        "file's first line>'; required for a non-loopback --listen")
+
+
+def _add_control_options(p: argparse.ArgumentParser) -> None:
+    _add_listen_options(p)
+    p.add_argument("--pcap-dir", type=a.input_path, metavar="DIR",
+                   help="POST /pcap replays capture files from this directory (and below) "
+                        "only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
+                        help="auto: JSON lines unless stderr is a terminal")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
+                         epilog=EXAMPLES, formatter_class=raw)
+    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE")
+    _add_pipeline_options(off)
+
+    run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
+                         epilog=RUN_EXAMPLES, formatter_class=raw)
+    _add_capture_options(run)
     _add_pipeline_options(run)
+
+    conf = sub.add_parser("config", help="print the effective configuration of 'run' (flags "
+                          "over MIRROR_AGENT_* over --config FILE over defaults) as TOML",
+                          epilog=CONFIG_EXAMPLES, formatter_class=raw)
+    _add_capture_options(conf)
+    _add_pipeline_options(conf)
 
     ins = sub.add_parser("inspect", help="print a native recording")
     ins.add_argument("path", type=a.input_path)

@@ -15,7 +15,6 @@ interrupted one.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import structlog
 from agent.capture import PacketSource
 from agent.config import MirrorConfig
 from agent.mirror import Cancelled, TrafficMirror
+from agent.options import Options
 from agent.outputs import EXIT_DEGRADED, RunOutputs
 
 __all__ = ["run_pipeline"]
@@ -33,9 +33,9 @@ __all__ = ["run_pipeline"]
 log = structlog.get_logger("agent.cli")
 
 
-def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
+def run_pipeline(opts: Options, config: MirrorConfig,
                  make_source: Callable[[], PacketSource], interrupted_status: int) -> int:
-    """Open the outputs of ``args``, build the mirror of ``config`` and run it over the
+    """Open the outputs of ``opts``, build the mirror of ``config`` and run it over the
     source ``make_source`` makes.
 
     Returns ``interrupted_status`` after a signal, else 0, or 3 if the run was degraded.
@@ -44,8 +44,8 @@ def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
     source exists, the summary (and ``--stats-json``) comes out on every way out, before an
     error goes up.
     """
-    outputs = RunOutputs(args.record, args.stats_json, args.overwrite,
-                         inputs=getattr(args, "files", None) or ())
+    p = opts.pipe
+    outputs = RunOutputs(p.record, p.stats_json, p.overwrite, inputs=opts.files)
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)
@@ -54,7 +54,7 @@ def run_pipeline(args: argparse.Namespace, config: MirrorConfig,
         outputs.finish(None, failed=True)
         raise
     try:
-        status = _run_until_stopped(mirror, source, args.stats_interval, interrupted_status)
+        status = _run_until_stopped(mirror, source, p.stats_interval, interrupted_status)
     except BaseException:
         outputs.finish(mirror.stats(), failed=True)
         raise

@@ -33,7 +33,7 @@ from agent.model import (
 )
 from agent.streambuf import Ready, StreamBuffer
 
-__all__ = ["Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
+__all__ = ["HOLE_TIMEOUT", "Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
 
 _MASK = 0xFFFFFFFF
 
@@ -43,6 +43,11 @@ Classifier = Callable[[int, int], Direction]
 
 def _unknown(_src_port: int, _dst_port: int) -> Direction:
     return Direction.UNKNOWN
+
+
+#: Seconds a hole may hold later data back before it is skipped as a gap: TCP fills a real
+#: one within its retransmission timeout (~0.2-1 s); a live source's ring overflow never fills.
+HOLE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +66,7 @@ class ReassemblyConfig:
     """Seconds a connection may be tracked before it is ended and restarted (0: no limit)."""
     tombstone_ttl: float = 120.0
     """Seconds a closed 4-tuple keeps dropping late segments (unless a new SYN reopens it)."""
-    hole_timeout: float = 0.0
+    hole_timeout: float = HOLE_TIMEOUT
     """Seconds a hole may hold later data, or the FIN, back without progress before it is
     skipped as a gap (0: only the limits and the flow's end skip holes). A live source cannot
     say where a ring overflow left a hole, and TCP fills real ones within its retransmission

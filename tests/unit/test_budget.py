@@ -8,7 +8,7 @@ import pytest
 
 from agent import budget
 from agent.budget import MIB, BudgetError, derive, host_limit, parse_size
-from agent.cli import build_parser, main, memory_budget, mirror_config
+from agent.cli import main, memory_budget, mirror_config, parse_options
 from agent.config import MirrorConfig
 
 GIB = 1 << 30
@@ -102,8 +102,8 @@ def test_library_and_cli_defaults_agree(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(budget, "_mem_total", lambda: 64 * GIB)
     budget.default.cache_clear()
     try:
-        args = build_parser().parse_args(["run", "--iface", "lo", "--port", "8080"])
-        cli = mirror_config(args, None)
+        args = parse_options(["run", "--iface", "lo", "--port", "8080"])
+        cli = mirror_config(args)
         lib = MirrorConfig(observed_port=8080)
         assert cli.budget == lib.budget == budget.default()
         for f in ("max_flows", "max_flow_buffer", "max_total_buffer"):
@@ -118,10 +118,10 @@ def test_cgroup_limit_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import agent.capture.privileges as privileges
 
     monkeypatch.setattr(privileges, "cgroup_memory_limit", lambda: 512 * MIB)
-    args = build_parser().parse_args(["offline", "x.pcap", "--port", "80"])
+    args = parse_options(["offline", "x.pcap", "--port", "80"])
     b = memory_budget(args)
     assert (b.limit, b.origin) == (448 * MIB, "cgroup")
-    args = build_parser().parse_args(["offline", "x.pcap", "--port", "80",
+    args = parse_options(["offline", "x.pcap", "--port", "80",
                                       "--memory-limit", "256MiB"])
     assert (memory_budget(args).limit, memory_budget(args).origin) == (
         256 * MIB, "--memory-limit")

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from agent.capture import privileges
 from agent.capture.privileges import CAPS, Host, check_capabilities
-from agent.cli import build_parser, main
+from agent.cli import main, parse_options
 from agent.cli_args import ephemeral_overlap, ip_only_filter
 from agent.hooks import HookError, HookFunc, HookPipeline
 from agent.lograte import RateLimitedLog
@@ -426,8 +426,8 @@ def test_empty_and_directory_paths_exit_2(argv: list[str], needle: str,
 
 
 def test_duplicate_interfaces_are_dropped_in_order() -> None:
-    args = build_parser().parse_args(["run", "--iface", "lo, eth0,lo,eth0", "--port", "80"])
-    assert args.iface == "lo,eth0"
+    args = parse_options(["run", "--iface", "lo, eth0,lo,eth0", "--port", "80"])
+    assert args.live.iface == "lo,eth0"
 
 
 # ------------------------------------------------------------------ 21: CAP_IPC_LOCK

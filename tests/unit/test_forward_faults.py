@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 import agent.sinks.forward as forward_mod
 from agent.capture.channel import ChannelSource
-from agent.cli import UsageError, build_parser, main, mirror_config
+from agent.cli import UsageError, main, mirror_config, parse_options
 from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
 from agent.metrics import key, total
 from agent.mirror import TrafficMirror
@@ -170,19 +170,19 @@ def test_negative_forward_timeouts_are_rejected(name: str) -> None:
 
 
 def test_cli_source_ports_reach_forward_config() -> None:
-    parse = build_parser().parse_args
+    parse = parse_options
     args = parse(["offline", "x.pcap", "--port", "8080"])
-    assert args.forward_source_ports == FORWARD_SOURCE_PORTS
+    assert args.pipe.forward_source_ports == FORWARD_SOURCE_PORTS
     args = parse(["offline", "x.pcap", "--port", "8080", "--forward-source-ports", "62000-62010"])
-    assert mirror_config(args, None).forward.source_ports == (62000, 62010)
+    assert mirror_config(args).forward.source_ports == (62000, 62010)
 
 
 def test_cli_bad_source_ports_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["offline", "x.pcap", "--port", "80", "--forward-source-ports", "9-3"]) == 2
     assert "above the last" in capsys.readouterr().err
-    args = build_parser().parse_args(["run", "--iface", "lo", "--port", "62000"])
+    args = parse_options(["run", "--iface", "lo", "--port", "62000"])
     with pytest.raises(UsageError, match="--port 62000 is inside --forward-source-ports"):
-        mirror_config(args, None)  # capture would skip the service's own packets
+        mirror_config(args)  # capture would skip the service's own packets
 
 
 # ------------------------------------------------------------------ which reason

@@ -151,7 +151,7 @@ def test_a_fin_hole_filled_in_time_is_not_a_gap() -> None:
 
 def test_a_bare_fin_hole_without_timeout_waits_for_the_flow_end() -> None:
     c = Conversation()
-    r = Reassembler(ReassemblyConfig(), classify)
+    r = Reassembler(ReassemblyConfig(hole_timeout=0), classify)
     out = r.process([*c.handshake(), c.seg(True, 0, b"ab"), c.seg(True, 4, flags=FIN | ACK)])
     r.advance(c.ts + 100, out)
     assert kinds(out) == ["chunk to_observed ab"]

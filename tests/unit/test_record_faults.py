@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 import agent.mirror
 from agent.capture.channel import ChannelSource
-from agent.cli import build_parser, mirror_config
+from agent.cli import mirror_config, parse_options
 from agent.cli_run import run_pipeline
 from agent.config import MirrorConfig
 from agent.metrics import key
@@ -307,7 +307,7 @@ def test_cli_one_path_for_two_outputs_is_a_usage_error(tmp_path: Path) -> None:
 def test_a_failed_start_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None:
     (tmp_path / "rec.bin").write_bytes(b"precious")  # so the run makes rec.1.bin
     stats = tmp_path / "stats.json"
-    args = build_parser().parse_args(["offline", str(DEMO), "--port", "8080", "--record",
+    args = parse_options(["offline", str(DEMO), "--port", "8080", "--record",
                                       str(tmp_path / "rec.bin"), "--stats-json", str(stats)])
 
     def no_source() -> ChannelSource:
@@ -315,7 +315,7 @@ def test_a_failed_start_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None
 
     fds = set(os.listdir("/proc/self/fd"))
     with pytest.raises(RuntimeError, match="no capture today"):
-        run_pipeline(args, mirror_config(args, None), no_source, interrupted_status=130)
+        run_pipeline(args, mirror_config(args), no_source, interrupted_status=130)
     assert set(os.listdir("/proc/self/fd")) <= fds
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.bin"]
     assert (tmp_path / "rec.bin").read_bytes() == b"precious"

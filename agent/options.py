@@ -1,0 +1,139 @@
+"""The validated options of one command: what the command line, the ``MIRROR_AGENT_*``
+environment and the ``--config`` file said, merged and checked once
+(:func:`agent.cli_options.parse_options`), then handed to the stages.
+
+Nothing past the command line sees an ``argparse.Namespace``: the stages get these frozen
+objects (or the library configs made from them: :class:`~agent.config.MirrorConfig`). The
+defaults here are the library's (:data:`~agent.reassembly.HOLE_TIMEOUT`,
+:data:`~agent.config.FORWARD_SOURCE_PORTS`), so the CLI and the library agree.
+
+Checks that need only the values live here (:class:`OptionError`, exit 2); checks that need
+the host (a target that resolves, capabilities, interfaces) happen at start in :mod:`agent.cli`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import FORWARD_SOURCE_PORTS
+from agent.reassembly import HOLE_TIMEOUT
+
+__all__ = [
+    "CaptureOptions",
+    "ControlOptions",
+    "OptionError",
+    "Options",
+    "PipelineOptions",
+]
+
+
+class OptionError(ValueError):
+    """An option's value, alone or with another, cannot work: exit 2 with this one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """What ``offline``, ``run`` and ``serve`` share: ports, sinks, hooks, limits."""
+
+    ports: tuple[int, ...]
+    target: str | None = None
+    forward_source_ports: tuple[int, int] = FORWARD_SOURCE_PORTS
+    record: str | None = None
+    overwrite: bool = False
+    record_format: str = "native"
+    both_directions: bool = False
+    filter: str | None = None
+    hooks: tuple[str, ...] = ()
+    inject_header: tuple[str, str] | None = None
+    redact_headers: tuple[str, ...] = ()
+    sample: float | None = None
+    idle_timeout: float = 600.0
+    hole_timeout: float = HOLE_TIMEOUT
+    memory_limit: int | None = None
+    max_flows: int | None = None
+    max_flow_buffer: int | None = None
+    max_buffer: int | None = None
+    stats_json: str | None = None
+    stats_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            raise OptionError("no observed port: give --port (or 'port' in the config file, "
+                              "or MIRROR_AGENT_PORT)")
+
+    @property
+    def needs_responses(self) -> bool:
+        """Does anything consume service→client bytes? Only a both-directions recording and
+        user hooks (which may look at them); the built-in hooks see requests only."""
+        return self.both_directions or bool(self.hooks)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureOptions:
+    """Live capture (``run``): where and how."""
+
+    iface: str
+    engine: str = "tc"
+    tc_attach: str = "auto"
+    transport: str = "perf"
+    decoder: str = "auto"
+    buffer_mib: int | None = None
+
+    @property
+    def budget_transport(self) -> str:
+        """The transport the memory budget sizes: afpacket's socket buffer or the eBPF ring."""
+        return "afpacket" if self.engine == "afpacket" else self.transport
+
+
+@dataclass(frozen=True, slots=True)
+class ControlOptions:
+    """The control server (``--listen``) and its ``/pcap`` ingest."""
+
+    listen: str | None = None
+    listen_token_file: Path | None = None
+    pcap_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Everything one command was told, checked. ``origins`` says where each key's value came
+    from (``flag``, ``env MIRROR_AGENT_X``, ``config FILE``); a key not in it is a default."""
+
+    command: str
+    log_level: str = "info"
+    log_format: str = "auto"
+    config_file: Path | None = None
+    pipeline: PipelineOptions | None = None
+    capture: CaptureOptions | None = None
+    control: ControlOptions = field(default_factory=ControlOptions)
+    files: tuple[Path, ...] = ()
+    """``offline``: the capture files."""
+    path: str = ""
+    """``inspect``: the recording; ``probe``: the URL path to ask."""
+    format: str = "text"
+    """``inspect``: text or jsonl."""
+    values: dict[str, Any] = field(default_factory=dict)
+    """Every key's effective value, by key (the flag's name without ``--``)."""
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pipe(self) -> PipelineOptions:
+        """The pipeline options (``offline``, ``run``, ``serve``); a programming error if
+        the command has none."""
+        if self.pipeline is None:
+            raise TypeError(f"{self.command!r} has no pipeline options")
+        return self.pipeline
+
+    @property
+    def live(self) -> CaptureOptions:
+        """The capture options (``run``)."""
+        if self.capture is None:
+            raise TypeError(f"{self.command!r} has no capture options")
+        return self.capture
+
+    def effective(self) -> dict[str, tuple[Any, str]]:
+        """Each key → (value, origin), ``default`` for a key nobody set: what ``mirror-agent
+        config`` prints and ``/status`` shows."""
+        return {k: (v, self.origins.get(k, "default")) for k, v in sorted(self.values.items())}
