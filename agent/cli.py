@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -32,6 +32,7 @@ from agent import cli_args as a
 from agent.budget import UNREAD_CGROUP, Budget
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
+from agent.cli_control import probe
 from agent.cli_inspect import inspect_recording
 from agent.cli_options import parse_options, toml_lines
 from agent.cli_parser import UsageError, build_parser
@@ -53,6 +54,9 @@ from agent.options import Options, PipelineOptions
 from agent.outputs import OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
 from agent.sinks.record import RecordError
+
+if TYPE_CHECKING:
+    from agent.cli_control import Control
 
 __all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config",
            "parse_options"]
@@ -214,7 +218,42 @@ def _run(opts: Options) -> int:
     if overlap:
         log.warning(overlap)
     make_source = _live_source(opts, mem, ifaces)
-    return run_pipeline(opts, mirror_config(opts, mem), make_source, interrupted_status=0)
+    config = mirror_config(opts, mem)
+    control = _control(opts)
+    return run_pipeline(opts, config, make_source, interrupted_status=0, control=control)
+
+
+def _control(opts: Options) -> Control | None:
+    """The control server ``--listen`` asks for (bound now: a bad address is exit 2)."""
+    c = opts.control
+    if c.listen is None:
+        for flag, value in (("--pcap-dir", c.pcap_dir),
+                            ("--listen-token-file", c.listen_token_file)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --listen (the control API it belongs to)")
+        return None
+    from agent.cli_control import Control
+
+    return Control(opts)
+
+
+def _serve(opts: Options) -> int:
+    """``serve``: the pipeline over the capture files ``POST /pcap`` names, until a signal."""
+    if opts.control.listen is None:
+        raise UsageError("serve needs --listen: the address POST /pcap is taken on")
+    matcher = _compile_filter(opts.pipe.filter, FrameMatcher)
+    if matcher is not None:
+        raise UsageError("serve does not take --filter yet: filter the capture files first")
+    config = mirror_config(opts)
+    control = _control(opts)
+
+    def no_source() -> None:
+        _log_budget(config.budget)
+        log.info("serving", listen=opts.control.listen, pcap_dir=str(opts.control.pcap_dir),
+                 ports=list(opts.pipe.ports), target=opts.pipe.target or None,
+                 record=opts.pipe.record)
+
+    return run_pipeline(opts, config, no_source, interrupted_status=0, control=control)
 
 
 def _live_source(opts: Options, mem: Budget, ifaces: list[str]) -> Callable[[], PacketSource]:
@@ -278,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(argv)
         fmt = None if opts.log_format == "auto" else opts.log_format == "json"
         configure_logging(opts.log_level, fmt)
-        command = {"offline": _offline, "run": _run, "config": _config}.get(opts.command)
+        command = {"offline": _offline, "run": _run, "serve": _serve, "config": _config,
+                   "probe": probe}.get(opts.command)
         if command is not None:
             return command(opts)
         return inspect_recording(Path(opts.path), opts.format)

@@ -221,12 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=RUN_EXAMPLES, formatter_class=raw)
     _add_capture_options(run)
     _add_pipeline_options(run)
+    _add_control_options(run)
+
+    serve = sub.add_parser("serve", help="no capture: replay the capture files POST /pcap "
+                           "names through the pipeline (no privileges needed)",
+                           epilog=SERVE_EXAMPLES, formatter_class=raw)
+    _add_pipeline_options(serve)
+    _add_control_options(serve)
 
     conf = sub.add_parser("config", help="print the effective configuration of 'run' (flags "
                           "over MIRROR_AGENT_* over --config FILE over defaults) as TOML",
                           epilog=CONFIG_EXAMPLES, formatter_class=raw)
     _add_capture_options(conf)
     _add_pipeline_options(conf)
+    _add_control_options(conf)
+
+    probe = sub.add_parser("probe", help="ask a running agent's control API (for liveness "
+                           "and readiness probes): exit 0 on 200, else 1",
+                           epilog=PROBE_EXAMPLES, formatter_class=raw)
+    probe.add_argument("path", metavar="PATH", help="what to ask: /healthz, /readyz, ...")
+    _add_config_option(probe)
+    _add_listen_options(probe)
 
     ins = sub.add_parser("inspect", help="print a native recording")
     ins.add_argument("path", type=a.input_path)

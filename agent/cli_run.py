@@ -19,6 +19,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -26,6 +27,9 @@ from agent.capture import PacketSource
 from agent.config import MirrorConfig
 from agent.mirror import Cancelled, TrafficMirror
 from agent.options import Options
+
+if TYPE_CHECKING:
+    from agent.cli_control import Control
 from agent.outputs import EXIT_DEGRADED, RunOutputs
 
 __all__ = ["run_pipeline"]
@@ -34,7 +38,8 @@ log = structlog.get_logger("agent.cli")
 
 
 def run_pipeline(opts: Options, config: MirrorConfig,
-                 make_source: Callable[[], PacketSource], interrupted_status: int) -> int:
+                 make_source: Callable[[], PacketSource | None], interrupted_status: int,
+                 control: Control | None = None) -> int:
     """Open the outputs of ``opts``, build the mirror of ``config`` and run it over the
     source ``make_source`` makes.
 
@@ -42,28 +47,40 @@ def run_pipeline(opts: Options, config: MirrorConfig,
     Output paths are checked (:class:`~agent.outputs.OutputError`, exit 2) before the source
     is made; if that fails, the files are closed and removed and the error goes up. Once the
     source exists, the summary (and ``--stats-json``) comes out on every way out, before an
-    error goes up.
+    error goes up. With ``control`` (``--listen``), the control API serves from the moment the
+    mirror exists until the run ends, and ``make_source`` may return None (``serve``: the
+    pcap ingest is the only source).
     """
     p = opts.pipe
     outputs = RunOutputs(p.record, p.stats_json, p.overwrite, inputs=opts.files)
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)
-        source = make_source()
+        if control is not None:
+            control.start(mirror)
+        made = make_source()
+        source = control.source(made) if control is not None else made
+        assert source is not None, "only a run with a control API has no source of its own"
     except BaseException:
+        if control is not None:
+            control.close()
         outputs.finish(None, failed=True)
         raise
     try:
-        status = _run_until_stopped(mirror, source, p.stats_interval, interrupted_status)
+        status = _run_until_stopped(mirror, source, p.stats_interval, interrupted_status,
+                                    control)
     except BaseException:
         outputs.finish(mirror.stats(), failed=True)
         raise
+    finally:
+        if control is not None:
+            control.close()
     degraded = outputs.finish(mirror.stats())
     return EXIT_DEGRADED if degraded and status == 0 else status
 
 
 def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interval: float,
-                       interrupted_status: int) -> int:
+                       interrupted_status: int, control: Control | None) -> int:
     """``mirror.run`` with SIGINT/SIGTERM as cancellation; 0, or ``interrupted_status`` once
     a signal came (see the module docstring)."""
     cancel = threading.Event()
@@ -72,6 +89,8 @@ def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interv
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopped_by.append(signal.Signals(signum).name)
         cancel.set()
+        if control is not None:
+            control.stopping()
         if not mirror.config.target_addr:
             return
         if len(stopped_by) == 1:

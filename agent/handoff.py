@@ -8,6 +8,7 @@ boundary             producer → consumer         policy                 budget
 ring drain           ``ring-drain`` → mirror     :attr:`Policy.PAUSE`   ``drain_backlog``
 record writer        mirror → ``record-writer``  :attr:`Policy.DROP`    ``record_queue``
 forward hand-over    mirror → ``forward`` loop   :attr:`Policy.DROP`    ``forward_total``
+pcap ingest          ``pcap-reader`` → mirror    :attr:`Policy.PAUSE`   ``PcapIngest(budget=)``
 ===================  ==========================  =====================  =========================
 
 Budgets: the fields of :class:`agent.budget.Budget`, all from one ``--memory-limit``.

@@ -176,6 +176,18 @@ _by_reason("decode_frames_skipped_total", "Frames the decoder skipped, by reason
            values=("truncated", "not_ip", "bad_ip_header", "not_tcp", "ip_fragment",
                    "bad_tcp_header"))
 
+# ---------------------------------------------------------------- capture files (POST /pcap)
+
+_counter("source_pcap_jobs_done_total", "Capture files submitted to the control server and "
+         "read to their end", "source", "pcap_jobs_done")
+_counter("source_pcap_jobs_failed_total", "Submitted capture files that could not be read "
+         "whole (cut short, damaged, or the agent stopped first); should be 0", "source",
+         "pcap_jobs_failed")
+_counter("source_pcap_jobs_rejected_total", "Capture file submissions refused because the "
+         "queue was full (HTTP 429); should be 0", "source", "pcap_jobs_rejected")
+_gauge("source_pcap_jobs_queued", "Submitted capture files waiting to be read; healthy: "
+       "near 0, not stuck at the queue's limit", "source", "pcap_jobs_queued")
+
 # ---------------------------------------------------------------- reassembly
 
 _counter("reassembly_segments_total", "TCP segments fed to the reassembler", "reassembly",
@@ -273,7 +285,7 @@ _gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from th
 # ---------------------------------------------------------------- hand-offs (agent/handoff.py)
 
 #: The thread boundaries (agent.handoff.Handoff names).
-HANDOFFS = ("ring_drain", "record_writer", "forward")
+HANDOFFS = ("ring_drain", "record_writer", "forward", "pcap_ingest")
 
 
 def _per_handoff(name: str, kind: Literal["counter", "gauge"], help_: str, stat: str) -> None:

@@ -108,12 +108,15 @@ class TrafficMirror:
 
     def __init__(self, config: MirrorConfig) -> None:
         self.config = config
-        ports = config.ports
-        if not ports:
+        #: The observed ports: a new connection's direction is decided by them when it opens
+        #: (:meth:`set_ports` replaces the set; connections already open keep theirs).
+        self.ports: frozenset[int] = config.ports
+        if not self.ports:
             log.warning("observed_port is 0: every direction is unknown and all traffic is "
                         "dropped by the default hooks; set the service port")
 
         def classify(src_port: int, dst_port: int) -> Direction:
+            ports = self.ports
             if dst_port in ports:
                 return Direction.TO_OBSERVED
             if src_port in ports:
@@ -142,6 +145,11 @@ class TrafficMirror:
         self._limit_log = RateLimitedLog(log)  # one line per reason per 10 s, not per flow
         #: The one registry of this mirror's metrics, collected from the stages on demand.
         self.metrics = metrics.new_registry(self.stage_stats)
+
+    def set_ports(self, ports: frozenset[int]) -> None:
+        """Observe ``ports`` from now on (any thread: one reference is replaced). Connections
+        already open keep the direction they were given."""
+        self.ports = frozenset(ports)
 
     # ---------------------------------------------------------------- running
 

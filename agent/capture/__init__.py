@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 from agent.model import Segment
 
-__all__ = ["LiveSource", "PacketSource", "SourceError"]
+__all__ = ["LiveSource", "PacketSource", "PortSteerable", "SourceError"]
 
 
 class SourceError(Exception):
@@ -44,4 +44,24 @@ class LiveSource(PacketSource, Protocol):
     def drain(self) -> list[Segment]:
         """Everything still buffered (rings, held-back segments), in order; stops the
         source's own reading."""
+        ...
+
+
+@runtime_checkable
+class PortSteerable(Protocol):
+    """A live capture whose observed ports change while it runs (``PUT /ports``): the kernel
+    filter is updated in place, nothing reloads, and nothing is lost on the ports that stay."""
+
+    @property
+    def ifaces(self) -> list[str]:
+        """The names of the interfaces captured now."""
+        ...
+
+    @property
+    def ports(self) -> list[int]:
+        """The observed ports, sorted."""
+        ...
+
+    def set_ports(self, ports: list[int]) -> None:
+        """Observe exactly ``ports`` (non-empty) from now on."""
         ...

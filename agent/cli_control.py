@@ -1,0 +1,257 @@
+"""The command line's face of the control API (:mod:`agent.control`): :class:`Control`, the
+server of one ``run`` or ``serve`` with the running agent behind it, and ``mirror-agent
+probe`` (a liveness or readiness probe that needs no curl in the image and reads the token
+from the same config file as the agent).
+
+Order in a run: :class:`Control` is made (and its address bound) before anything starts, so
+a bad ``--listen`` is exit 2; :meth:`Control.start` serves once the mirror exists (``/readyz``
+503 "starting" while capture attaches); :meth:`Control.source` wraps the capture (the pcap
+ingest merged in, the mirror's heartbeat) and makes the agent ready; a signal makes it
+``stopping``; :meth:`Control.close` stops serving after the run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from agent.capture import LiveSource, PacketSource, PortSteerable
+from agent.cli_parser import UsageError
+from agent.config import parse_target
+from agent.control import (
+    AgentStatus,
+    Api,
+    Beating,
+    ControlServer,
+    MergedSource,
+    PcapIngest,
+    State,
+    parse_listen,
+)
+from agent.control import read_token as read_token_file
+from agent.heartbeat import Heartbeat
+from agent.metrics import snapshot
+from agent.mirror import TrafficMirror
+from agent.options import ControlOptions, Options
+from agent.summary import degradation
+
+__all__ = ["Control", "RunningAgent", "local_url", "probe"]
+
+#: Bytes of segments the pcap reader may hold ahead of the mirror: a few batches (a batch
+#: is at most a few MiB), enough to keep the mirror busy, small next to the budget's slack.
+INGEST_BUDGET = 8 << 20
+#: Seconds the mirror loop may go without asking for a batch before /healthz fails: a live
+#: source yields at least every ~20 ms, the ingest every 50 ms, so 10 s is a stuck loop.
+MIRROR_SILENCE = 10.0
+
+
+class RunningAgent:
+    """What the control API asks of a running ``run`` or ``serve``
+    (:class:`agent.control.Agent`). Read from the server's threads: every answer is a read
+    of fields the pipeline writes atomically."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self._state: State = "starting"
+        self.mirror: TrafficMirror | None = None
+        self.source: PacketSource | None = None
+        self.beats: list[Heartbeat] = []
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        self._state = value
+
+    @property
+    def metrics(self) -> CollectorRegistry:
+        assert self.mirror is not None, "the server starts once the mirror exists"
+        return self.mirror.metrics
+
+    def heartbeats(self) -> Sequence[Heartbeat]:
+        return self.beats
+
+    def status(self) -> AgentStatus:
+        mirror = self.mirror
+        assert mirror is not None
+        cfg = mirror.config
+        degraded = degradation(snapshot(mirror.metrics))
+        return {
+            "config": {k: v for k, (v, _origin) in self.opts.effective().items()},
+            "interfaces": self._interfaces(),
+            "hooks": {"forward": _names(cfg.forward_hook), "record": _names(cfg.record_hook)},
+            "flows_open": mirror.reassembler.flow_count,
+            "sinks": {sink: next((d for d in degraded if sink in d), None)
+                      for sink in ("forward", "record")},
+        }
+
+    def _interfaces(self) -> list[str]:
+        src = self.source
+        if isinstance(src, PortSteerable):
+            return src.ifaces
+        return []
+
+    def ports(self) -> list[int]:
+        assert self.mirror is not None
+        return sorted(self.mirror.ports)
+
+    def set_ports(self, ports: list[int]) -> None:
+        """The mirror classifies the new ports first, then the capture takes them: a segment
+        of a new port is never seen before its port is known."""
+        mirror, src = self.mirror, self.source
+        assert mirror is not None
+        if src is not None and not isinstance(src, PortSteerable):
+            raise ValueError("this capture cannot change its ports while running")
+        lo, hi = mirror.config.forward.source_ports
+        inside = [p for p in ports if lo <= p <= hi]
+        if inside and src is not None:
+            raise ValueError(f"port {inside[0]} is inside the forward source ports {lo}-{hi}, "
+                             "whose packets capture skips")
+        old = mirror.ports
+        mirror.set_ports(old | set(ports))
+        if src is not None:
+            src.set_ports(ports)
+        mirror.set_ports(frozenset(ports))
+
+
+def _names(hooks: object) -> list[str]:
+    items = hooks if isinstance(hooks, list | tuple) else [] if hooks is None else [hooks]
+    return [getattr(h, "__name__", type(h).__name__) for h in items]
+
+
+class Control:
+    """The control server of one run (see the module doc). UsageError (exit 2) for a bad
+    ``--listen``, ``--listen-token-file`` or ``--pcap-dir``, or an address in use."""
+
+    def __init__(self, opts: Options) -> None:
+        c = opts.control
+        if c.listen is None:
+            raise UsageError("--listen is needed for the control API")
+        self.agent = RunningAgent(opts)
+        self.ingest: PcapIngest | None = None
+        try:
+            host, port = parse_listen(c.listen)
+            token = read_token_file(str(c.listen_token_file)) if c.listen_token_file else None
+            api_ingest = PcapIngest(budget=INGEST_BUDGET) if c.pcap_dir else None
+            self.ingest = api_ingest
+            api = Api(self.agent, token=token, ingest=api_ingest, pcap_dir=c.pcap_dir)
+            self.server = ControlServer(api, host, port)
+        except ValueError as e:
+            self._close_ingest()
+            raise UsageError(_flag_message(str(e), c)) from None
+        except OSError as e:
+            self._close_ingest()
+            raise UsageError(f"--listen {c.listen}: cannot listen there "
+                             f"({e.strerror or e})") from None
+
+    def start(self, mirror: TrafficMirror) -> None:
+        """Serve, answering for ``mirror`` (not ready yet)."""
+        self.agent.mirror = mirror
+        self.server.start()
+
+    def source(self, live: PacketSource | None) -> PacketSource:
+        """The source the mirror runs over: ``live`` with the pcap ingest merged in (or the
+        ingest alone for ``serve``), beating the mirror's heartbeat. The agent is ready."""
+        self.agent.source = live
+        src: LiveSource
+        if live is None:
+            assert self.ingest is not None, "serve has an ingest"
+            src = self.ingest
+        elif self.ingest is not None:
+            assert isinstance(live, LiveSource)
+            src = MergedSource(live, self.ingest)
+        elif isinstance(live, LiveSource):
+            src = live
+        else:
+            return live
+        beat = Heartbeat("mirror", MIRROR_SILENCE)
+        self.agent.beats = [beat, *([self.ingest.heartbeat] if self.ingest else [])]
+        self.agent.state = "ready"
+        return Beating(src, beat)
+
+    def stopping(self) -> None:
+        """Shutting down: not ready (safe from a signal handler)."""
+        self.agent.state = "stopping"
+
+    def close(self) -> None:
+        """Stop serving; close the ingest if the run never took it over."""
+        self.agent.state = "stopping"
+        self.server.stop()
+        self._close_ingest()
+
+    def _close_ingest(self) -> None:
+        if self.ingest is not None:
+            self.ingest.close()
+
+
+def _flag_message(message: str, c: ControlOptions) -> str:
+    """Prefix the flag a control start-up error is about."""
+    if "token" in message:
+        return f"--listen-token-file {c.listen_token_file}: {message}" \
+            if "file" not in message else message
+    if "pcap directory" in message:
+        return f"--pcap-dir: {message}"
+    return f"--listen {c.listen}: {message}"
+
+#: Seconds a probe waits for the answer; kubelet's own timeoutSeconds should be larger.
+PROBE_TIMEOUT = 3.0
+
+
+def local_url(listen: str, path: str) -> str:
+    """The URL of ``path`` on the listener ``listen`` as seen from this host: a wildcard
+    address (0.0.0.0, ::) is asked on loopback."""
+    host, port = parse_target(listen)
+    if host == "localhost":
+        host = "127.0.0.1"
+    addr = ipaddress.ip_address(host)
+    if addr.is_unspecified:
+        addr = ipaddress.ip_address("::1" if addr.version == 6 else "127.0.0.1")
+    shown = f"[{addr}]" if addr.version == 6 else str(addr)
+    return f"http://{shown}:{port}/{path.lstrip('/')}"
+
+
+def probe(opts: Options) -> int:
+    """``mirror-agent probe PATH``: 0 when the agent answers 200, else 1 with one line
+    saying what it answered (or why it could not be asked)."""
+    control: ControlOptions = opts.control
+    if not control.listen:
+        raise UsageError("probe needs --listen (or 'listen' in the --config file): the "
+                         "address the agent serves its control API on")
+    url = local_url(control.listen, opts.path)
+    request = urllib.request.Request(url)
+    if control.listen_token_file is not None:
+        try:
+            token = read_token_file(str(control.listen_token_file))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as answer:
+            sys.stdout.write(answer.read().decode(errors="replace").rstrip() + "\n")
+            return 0
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        sys.stderr.write(f"mirror-agent: probe {url}: {e.code} {_reason(body)}\n")
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        sys.stderr.write(f"mirror-agent: probe {url}: not answered ({why})\n")
+    return 1
+
+
+def _reason(body: str) -> str:
+    """The ``reason`` (or ``error``) of a JSON error body, else the body's first line."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip().splitlines()[0] if body.strip() else ""
+    if isinstance(data, dict):
+        return str(data.get("reason") or data.get("error") or data)
+    return body.strip()

@@ -1,0 +1,188 @@
+"""The control API as the command line runs it: ``serve`` (capture files by ``POST /pcap``),
+``run --listen`` (readiness around attach, ports changed while traffic flows, metrics and
+status of a live capture) and ``probe``. Real processes, real sockets, the real BPF program
+in a namespace of the test's own."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.lab.netns import LiveAgent, NetNS, run_clients, start_python_server
+from tests.unit.shadow import Shadow
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "agent" / "data" / "demo.pcap"
+AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ask(url: str, method: str = "GET", body: str | None = None,
+        ns: NetNS | None = None) -> tuple[int, dict[str, object] | str]:
+    """curl ``url`` (inside ``ns`` if given): (status, JSON body or text)."""
+    cmd = ["curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, url]
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "--data", body]
+    if ns is not None:
+        cmd = ns.cmd(*cmd)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+    text, _, code = out.rpartition("\n")
+    try:
+        return int(code), json.loads(text)
+    except ValueError:
+        return int(code or 0), text
+
+
+def wait_for(url: str, status: int, ns: NetNS | None = None, timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code, body = ask(url, ns=ns)
+        if code == status:
+            return body
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} never answered {status}")
+
+
+def offline_truth(shadow: Shadow) -> list[bytes]:
+    res = subprocess.run([*AGENT, "offline", str(DEMO), "--port", "8080", "--target",
+                          shadow.addr], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return sorted(shadow.received)
+
+
+def test_serve_replays_posted_captures_like_offline(tmp_path: Path) -> None:
+    truth = offline_truth(Shadow())
+    shadow = Shadow()
+    pcaps = tmp_path / "pcaps"
+    pcaps.mkdir()
+    (pcaps / "demo.pcap").write_bytes(DEMO.read_bytes())
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*AGENT, "serve", "--listen", f"127.0.0.1:{port}", "--pcap-dir",
+                             str(pcaps), "--port", "8080", "--target", shadow.addr],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(f"{base}/readyz", 200) == {"ready": True, "status": "ready"}
+        for _ in range(2):  # the same file twice: two jobs, each like one offline run
+            code, job = ask(f"{base}/pcap", "POST", json.dumps({"path": str(pcaps / "demo.pcap")}))
+            assert code == 202 and isinstance(job, dict)
+            deadline = time.monotonic() + 30
+            while (state := ask(f"{base}/pcap/{job['id']}")[1]) and isinstance(state, dict) \
+                    and state["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert isinstance(state, dict) and state["state"] == "done", state
+            assert state["segments"] == 474
+        code, answer = ask(f"{base}/pcap", "POST", json.dumps({"path": "/etc/passwd"}))
+        assert code == 403, answer
+        probe = subprocess.run([*AGENT, "probe", "--listen", f"127.0.0.1:{port}", "/healthz"],
+                               capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 0 and '"ok"' in probe.stdout, probe.stderr
+        code, metrics = ask(f"{base}/metrics")
+        assert code == 200 and "mirror_agent_source_pcap_jobs_done_total 2.0" in str(metrics)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert sorted(shadow.received) == sorted(truth * 2)
+    assert "mirror-agent summary" in err
+
+
+def test_not_ready_while_stopping_and_probe_says_why(tmp_path: Path) -> None:
+    stuck = Shadow(read=False, rcvbuf=4096)  # takes a few KB, then never reads
+    pcaps = tmp_path / "pcaps"
+    pcaps.mkdir()
+    (pcaps / "demo.pcap").write_bytes(DEMO.read_bytes())
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*AGENT, "serve", "--listen", f"127.0.0.1:{port}", "--pcap-dir",
+                             str(pcaps), "--port", "8080", "--target", stuck.addr],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"{base}/readyz", 200)
+        code, _ = ask(f"{base}/pcap", "POST", json.dumps({"path": str(pcaps / "demo.pcap")}))
+        assert code == 202
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)  # the forward sink now waits up to 5 s
+        assert wait_for(f"{base}/readyz", 503, timeout=4) == {"ready": False,
+                                                              "status": "stopping"}
+        probe = subprocess.run([*AGENT, "probe", "--listen", f"127.0.0.1:{port}", "/readyz"],
+                               capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 1 and "503" in probe.stderr and "stopping" in probe.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    dead = subprocess.run([*AGENT, "probe", "--listen", f"127.0.0.1:{port}", "/healthz"],
+                          capture_output=True, text=True, timeout=30)
+    assert dead.returncode == 1 and "not answered" in dead.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--port", "80", "--pcap-dir", "/tmp", "--listen", "0.0.0.0:9464"],
+    ["serve", "--port", "80", "--pcap-dir", "/nonexistent", "--listen", "127.0.0.1:9464"],
+    ["serve", "--port", "80", "--listen", "127.0.0.1:9464"],
+    ["serve", "--port", "80", "--pcap-dir", "/tmp"],
+    ["run", "--iface", "lo", "--port", "80", "--pcap-dir", "/tmp"],
+    ["run", "--iface", "lo", "--port", "80", "--listen", "myhost:9464"],
+    ["probe", "/healthz"],
+])
+def test_control_misuse_exits_2_with_one_line(argv: list[str]) -> None:
+    res = subprocess.run([*AGENT, *argv], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
+        tmp_path: Path) -> None:
+    shadow_log = tmp_path / "shadow.log"
+    with NetNS() as ns:
+        start_python_server(ns, 9000)
+        start_python_server(ns, 9001)
+        start_python_server(ns, 19000, log=shadow_log)
+        base = "http://127.0.0.1:19464"
+        first: list[int] = []
+        proc = ns.popen(*AGENT, "run", "--iface", "lo", "--port", "9000", "--listen",
+                        "127.0.0.1:19464", "--target", "127.0.0.1:19000",
+                        stderr=(tmp_path / "agent.err").open("w"), stdout=subprocess.DEVNULL)
+        agent = LiveAgent.__new__(LiveAgent)  # adopt it: LiveAgent's stop and signal
+        agent.proc, agent.err, agent._wrapped = proc, tmp_path / "agent.err", False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            code, _ = ask(f"{base}/readyz", ns=ns)
+            if code:
+                first.append(code)
+            if code == 200:
+                break
+            time.sleep(0.05)
+        assert first[0] == 503 and first[-1] == 200, first  # not ready while bcc compiles
+        assert ask(f"{base}/status", ns=ns)[1]["interfaces"] == ["lo"]  # type: ignore[index]
+        # A client on 9000 all along; 9001 is added while it runs.
+        busy = ns.popen(sys.executable, str(ROOT / "agent" / "lab" / "http_client.py"),
+                        "127.0.0.1", "9000", "4", "300", "500", stdout=subprocess.PIPE)
+        time.sleep(0.5)
+        code, body = ask(f"{base}/ports", "PUT", '{"ports": [9000, 9001]}', ns=ns)
+        assert (code, body) == (200, {"ports": [9000, 9001]})
+        out, _ = busy.communicate(timeout=120)
+        assert int(out) == 1200
+        assert run_clients(ns, "127.0.0.1", 9001, 2, 10) == 20
+        code, body = ask(f"{base}/ports", "PUT", '{"ports": [9001]}', ns=ns)
+        assert (code, body) == (200, {"ports": [9001]})
+        assert run_clients(ns, "127.0.0.1", 9000, 2, 10) == 20  # no longer observed
+        assert ask(f"{base}/ports", "PUT", '{"ports": [62000]}', ns=ns)[0] == 409
+        code, metrics = ask(f"{base}/metrics", ns=ns)
+        assert code == 200 and "mirror_agent_kernel_packets_skipped_total" in str(metrics)
+        agent.stop(settle=1.0)
+    lines = shadow_log.read_text().splitlines()
+    assert len(lines) == 1220, (len(lines), agent.err.read_text()[-2000:])
