@@ -56,6 +56,7 @@ from agent.reassembly import ReassemblyConfig
 from agent.sinks.record import RecordError
 
 if TYPE_CHECKING:
+    from agent.capture.links import IfaceSpec
     from agent.cli_control import Control
 
 __all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config",
@@ -212,7 +213,12 @@ def _run(opts: Options) -> int:
     check_environment(ebpf=c.engine != "afpacket", buffer_mib=mib,
                       transport=c.transport, default=not given)
     mem = memory_budget(opts)
-    ifaces = resolve_ifaces(c.iface)
+    spec = _iface_spec(c.iface)
+    # Fixed names must exist now (afpacket resolves 'any' now too); a followed spec (a
+    # pattern or 'any' on tc/xdp) may match nothing yet.
+    ifaces: IfaceSpec | list[str] = spec
+    if c.engine == "afpacket" or not spec.follows:
+        ifaces = resolve_ifaces(c.iface)
     _warn_if_target_captured(p, ifaces)
     overlap = a.ephemeral_overlap(p.forward_source_ports)
     if overlap:
@@ -256,7 +262,17 @@ def _serve(opts: Options) -> int:
     return run_pipeline(opts, config, no_source, interrupted_status=0, control=control)
 
 
-def _live_source(opts: Options, mem: Budget, ifaces: list[str]) -> Callable[[], PacketSource]:
+def _iface_spec(text: str) -> IfaceSpec:
+    from agent.capture.links import IfaceSpec
+
+    try:
+        return IfaceSpec.parse(text)
+    except SourceError as e:
+        raise UsageError(str(e)) from None
+
+
+def _live_source(opts: Options, mem: Budget,
+                 ifaces: IfaceSpec | list[str]) -> Callable[[], PacketSource]:
     """What makes the capture source of ``run`` (called once the outputs are open)."""
     p, c = opts.pipe, opts.live
     seg_filter = _compile_filter(p.filter, SegmentMatcher) if c.engine != "afpacket" else None
@@ -266,10 +282,11 @@ def _live_source(opts: Options, mem: Budget, ifaces: list[str]) -> Callable[[], 
         if c.engine == "afpacket":
             from agent.capture.afpacket import AfPacketSource
 
+            assert isinstance(ifaces, list), "afpacket takes the names resolved at start"
             src = AfPacketSource(ifaces, list(p.ports), p.filter,
                                  rcvbuf_mib=mem.buffer_mib * 8,
                                  own_ports=p.forward_source_ports)
-            more = {}
+            more: dict[str, object] = {"ifaces": ifaces}
         else:
             from agent.capture.ebpf import EbpfSource
 
@@ -280,16 +297,17 @@ def _live_source(opts: Options, mem: Budget, ifaces: list[str]) -> Callable[[], 
                 own_ports=p.forward_source_ports, tc_mode=c.tc_attach,
                 backlog_bytes=mem.drain_backlog)
             more = {"transport": c.transport, "decoder": ebpf.decoder,
-                    "buffer_mib": ebpf.buffer_mib}
+                    "buffer_mib": ebpf.buffer_mib, "follows": ebpf.spec.follows,
+                    "ifaces": ebpf.ifaces}
         _log_budget(mem)
-        log.info("capture live", ifaces=ifaces, ports=list(p.ports), engine=c.engine, **more,
+        log.info("capture live", iface=c.iface, ports=list(p.ports), engine=c.engine, **more,
                  target=p.target or None, record=p.record)
         return src
 
     return make_source
 
 
-def _warn_if_target_captured(p: PipelineOptions, ifaces: list[str]) -> None:
+def _warn_if_target_captured(p: PipelineOptions, ifaces: IfaceSpec | list[str]) -> None:
     """Say so when the shadow is on an observed port behind a captured interface: its traffic
     is then seen too, and only the reserved source ports keep the mirror from feeding itself."""
     from agent.capture.attach import captured_route

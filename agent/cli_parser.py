@@ -159,9 +159,11 @@ def _add_config_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_capture_options(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--iface", type=a.ifaces, metavar="IFACE[,IFACE...]|any",
-                     help="interfaces to capture on ('any': every non-loopback one that is "
-                          "up); required")
+    run.add_argument("--iface", type=a.ifaces, metavar="IFACE|PATTERN|any[,...]",
+                     help="interfaces to capture on: names, fnmatch patterns ('veth*') and "
+                          "'any' (every non-loopback one that is up); with a pattern or 'any' "
+                          "the agent follows interfaces as they come and go (tc, xdp); "
+                          "required")
     run.add_argument("--engine", choices=["tc", "xdp", "afpacket"], default="tc",
                      help="tc: eBPF on clsact ingress+egress (default); xdp: eBPF, ingress "
                           "only; afpacket: raw socket with a classic BPF filter, no eBPF needed")

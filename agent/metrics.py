@@ -153,6 +153,23 @@ _counter("drain_discarded_bytes_total", "Payload bytes drained from the rings bu
 _counter("drain_pauses_total", "Times reading the rings paused because the mirror was "
          "behind (the rings held the rest); 0 when it keeps up", "source", "drain_pauses")
 
+# ---------------------------------------------------------------- interfaces (eBPF source)
+
+_gauge("source_interfaces_attached", "Interfaces the program is attached to now",
+       "source", "ifaces_attached")
+_counter("source_interface_attaches_total", "Interfaces attached (at start, and as ones "
+         "matching an --iface pattern or 'any' appeared)", "source", "iface_attaches")
+_counter("source_interface_detaches_total", "Interfaces detached while running (deleted, "
+         "moved to another namespace, or renamed out of --iface)", "source", "iface_detaches")
+_counter("source_interface_attach_failures_total", "New interfaces the program could not be "
+         "attached to (most often gone again at once); each is logged", "source",
+         "iface_attach_failures")
+_counter("source_link_resyncs_total", "Times netlink link events were lost (socket "
+         "overflow) and every interface was read again; should be 0", "source",
+         "link_resyncs")
+_counter("source_link_errors_total", "Errors while following interfaces (each is logged); "
+         "should be 0", "source", "link_errors")
+
 # ---------------------------------------------------------------- source and decoding
 
 _counter("source_frames_total", "Frames (or segments) the source read", "source", "frames")

@@ -17,6 +17,8 @@
 #ifndef MAX_PORTS
 #define MAX_PORTS 64
 #endif
+#define MAX_IFACES 4096      /* classified interfaces: pods' veths and uplinks */
+#define MAX_LOCAL_ADDRS 1024 /* the host's own addresses */
 /* 4 pieces of 32 KiB cover the largest GSO/GRO packet (64 KiB) with room to spare; bytes of
  * a larger (BIG TCP) packet past 128 KiB are reported as lost, so user space sees a gap. */
 #define MAX_PIECES 4
@@ -35,6 +37,13 @@ struct scratch {
 };
 
 BPF_HASH(ports, u16, u8, MAX_PORTS);           /* observed ports, host order; updatable live */
+/* Followed interface specs (agent/capture/follow.py): ifindex -> MIRROR_SIDE_*, and the
+ * host's own addresses (16 bytes, IPv4 as ::ffff:a.b.c.d), both kept from netlink events. */
+BPF_HASH(iface_side, u32, u8, MAX_IFACES);
+struct addr_key {
+	__u8 b[16];
+};
+BPF_HASH(local_addrs, struct addr_key, u8, MAX_LOCAL_ADDRS);
 #ifdef MIRROR_RINGBUF
 /* One ring shared by all CPUs (kernel >= 5.8); size in pages, a power of two. */
 BPF_RINGBUF_OUTPUT(events, MIRROR_RINGBUF_PAGES);
@@ -96,10 +105,41 @@ static __always_inline int own_port(__u16 port)
 	return port >= MIRROR_OWN_PORT_LO && port <= MIRROR_OWN_PORT_HI;
 }
 
+/* One capture per connection when an interface spec is followed: a connection routed
+ * through the host (uplink in, pod's veth out) is kept only on the interface next to its
+ * service. Kept: the service address is the host's own (on any interface), or the
+ * interface is a POD side and the service lies beyond it (to the service on egress, from it
+ * on ingress). Interfaces without a side (fixed names) keep everything. */
+static __always_inline int here(const struct parsed *p, __u32 ifindex, __u8 hook,
+				int to_service)
+{
+	struct addr_key k = {};
+	const __u8 *svc = to_service ? p->daddr : p->saddr;
+	__u8 *side = iface_side.lookup(&ifindex);
+	int i;
+
+	if (!side)
+		return 1;
+	if (p->family == 4) {
+		k.b[10] = 0xff;
+		k.b[11] = 0xff;
+#pragma unroll
+		for (i = 0; i < 4; i++)
+			k.b[12 + i] = svc[i];
+	} else {
+#pragma unroll
+		for (i = 0; i < 16; i++)
+			k.b[i] = svc[i];
+	}
+	if (local_addrs.lookup(&k))
+		return 1;
+	return *side == MIRROR_SIDE_POD && to_service == (hook == MIRROR_HOOK_TC_EGRESS);
+}
+
 /* Does user space need this packet? 0 if so (p and *to_service filled in), else the drop
  * reason, the counter it is counted under: each packet is counted in one reason at most. */
-static __always_inline int keep(void *ctx, __u32 len, int is_xdp, struct parsed *p,
-				int *to_service)
+static __always_inline int keep(void *ctx, __u32 len, __u32 ifindex, __u8 hook, int is_xdp,
+				struct parsed *p, int *to_service)
 {
 	int zero = 0, reason;
 	struct hdr_buf *h = hdr_map.lookup(&zero);
@@ -125,6 +165,8 @@ static __always_inline int keep(void *ctx, __u32 len, int is_xdp, struct parsed 
 	/* A pure ACK tells user space nothing it needs: skip it here, where it is cheapest. */
 	if (p->payload_len == 0 && !(p->flags & 0x07))
 		return MC_PURE_ACK;
+	if (!here(p, ifindex, hook, *to_service))
+		return MC_ELSEWHERE;
 	return 0;
 }
 
@@ -136,7 +178,7 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 	int i, reason, to_service = 0;
 
 	count(MC_PACKETS, 1);
-	reason = keep(ctx, len, is_xdp, &p, &to_service);
+	reason = keep(ctx, len, ifindex, hook, is_xdp, &p, &to_service);
 	if (reason) {
 		count(reason, 1);
 		return;

@@ -39,6 +39,13 @@ _Static_assert(__builtin_offsetof(struct mirror_event, saddr) == 16, "mirror_eve
 _Static_assert(__builtin_offsetof(struct mirror_event, seq) == 52, "mirror_event.seq");
 _Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_event.lost");
 
+/* Interface sides (the iface_side map, followed specs only; absent: every packet is kept).
+ * HOST: an interface with an address of its own (uplink, bridge, lo): only connections whose
+ * service address is the host's own. POD: no address of its own (a pod's host-side veth, a
+ * bridge port): also connections whose service lies beyond it (in the pod). */
+#define MIRROR_SIDE_HOST 1
+#define MIRROR_SIDE_POD 2
+
 /* Per-CPU counters, in index order of the "counters" array: X(NAME, "help"). User space
  * names each mirror_agent kernel counter NAME in lower case and shows the help. Every packet
  * the program sees is counted in PACKETS and then in at most one drop reason (NOT_IP ...
@@ -58,7 +65,8 @@ _Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_even
 	X(LOST_BYTES,    "payload bytes not handed over (ring full, copy failed); should be 0") \
 	X(ELIDED,        "service->client packets whose payload nobody consumes: not copied") \
 	X(ELIDED_BYTES,  "payload bytes of those packets") \
-	X(OWN_FORWARD,   "packets skipped: a port in the forward source range (shadow traffic)")
+	X(OWN_FORWARD,   "packets skipped: a port in the forward source range (shadow traffic)") \
+	X(ELSEWHERE,     "packets skipped: their service is captured on another interface (one capture per connection)")
 
 enum mirror_counter {
 #define MIRROR_COUNTER_ENUM(name, help) MC_##name,

@@ -14,9 +14,10 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from agent.capture import SourceError
+from agent.capture.links import IfaceSpec, resolve_ifaces
 from agent.decode import LINKTYPE_ETHERNET, Decoder
 from agent.filter import BpfFilter, FilterError
 from agent.model import Segment
@@ -71,15 +72,22 @@ def capture_expression(ports: list[int], user_filter: str | None = None,
 class AfPacketSource:
     """Captures ``ports`` on ``ifaces`` with one AF_PACKET socket; a live packet source.
 
+    ``ifaces``: names, or a spec resolved once here (:func:`~agent.capture.links.
+    resolve_ifaces`: fixed names and ``any``; a pattern is a SourceError). Interfaces that
+    appear later are not followed.
+
     On ``lo`` every packet is seen leaving and arriving; only the arriving copy is kept.
     Raises :class:`SourceError` (a usage problem, exit 2) if the filter does not compile or
     the socket cannot be opened.
     """
 
-    def __init__(self, ifaces: list[str], ports: list[int], user_filter: str | None = None,
+    def __init__(self, ifaces: IfaceSpec | str | Sequence[str], ports: list[int],
+                 user_filter: str | None = None,
                  rcvbuf_mib: int = 64, poll_ms: int = 10,
                  own_ports: tuple[int, int] | None = None) -> None:
-        self.ifaces = ifaces
+        if isinstance(ifaces, IfaceSpec | str):
+            ifaces = resolve_ifaces(ifaces)
+        self.ifaces = list(ifaces)
         self.ports = ports
         try:
             self._bpf = BpfFilter(capture_expression(ports, user_filter, own_ports),
@@ -88,7 +96,7 @@ class AfPacketSource:
             raise SourceError(str(e)) from None
         self._poll_ms = poll_ms
         self._decoder = Decoder(LINKTYPE_ETHERNET)
-        self._want = set(ifaces)
+        self._want = set(self.ifaces)
         self._buf = bytearray(_FRAME_BUF)
         self._frames = 0
         self._truncated = 0

@@ -40,6 +40,7 @@ from agent.capture.bpfsys import (
     link_create,
     prog_name_by_id,
 )
+from agent.capture.links import captured_route, resolve_ifaces
 
 __all__ = ["TC_MODES", "Attachment", "ClsactAttachment", "TcxAttachment", "XdpAttachment",
            "attach_tc", "captured_route", "resolve_ifaces", "xdp_prog_id"]
@@ -56,45 +57,24 @@ _FILTER_NAME = re.compile(r"mirror_agent(-[0-9a-f]+)?$")
 _HANDLE = 0x4D41
 
 
-def resolve_ifaces(spec: str) -> list[str]:
-    """``lo``, ``eth0,eth1`` or ``any`` (every non-loopback interface that is up)."""
-    with IPRoute() as ipr:
-        links = {link.get_attr("IFLA_IFNAME"): link for link in ipr.get_links()}
-    if spec == "any":
-        names = [n for n, link in links.items() if n != "lo" and link["flags"] & 1]
-        if not names:
-            raise SourceError("--iface any: no non-loopback interface is up")
-        return sorted(names)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise SourceError("--iface: no interface named (e.g. --iface eth0, or 'any')")
-    for n in names:
-        if n not in links:
-            raise SourceError(f"interface {n!r} not found (have: {', '.join(sorted(links))})")
-    return names
-
-
-def captured_route(host: str, ifaces: list[str]) -> str | None:
-    """The captured interface that traffic to ``host`` leaves by (``lo`` for a local
-    address), or None: not captured, or ``host`` does not resolve or route."""
-    try:
-        addr = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
-        with IPRoute() as ipr:
-            route = ipr.route("get", dst=addr)[0]
-            oif = route.get_attr("RTA_OIF")
-            name = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME")
-    except (OSError, NetlinkError, IndexError):
-        return None
-    return str(name) if name in ifaces else None
-
-
 class Attachment:
-    """Something attached to one interface; ``detach`` is idempotent."""
+    """Something attached to one interface; ``detach`` and ``forget`` are idempotent."""
 
     ifname: str
+    ifindex: int
+
+    @property
+    def how(self) -> str:
+        """How it is attached: ``tcx``, ``clsact``, ``xdp-native`` or ``xdp-generic``."""
+        raise NotImplementedError
 
     def detach(self) -> None:
         raise NotImplementedError
+
+    def forget(self) -> None:
+        """The interface is gone (the kernel removed what was on it): release our side
+        (descriptors) without asking the kernel for anything."""
+        self.detach()
 
 
 def _hooks(ifname: str, ingress_fd: int, egress_fd: int | None) -> list[tuple[int, int]]:
@@ -107,13 +87,14 @@ def _hooks(ifname: str, ingress_fd: int, egress_fd: int | None) -> list[tuple[in
 
 
 def attach_tc(ifname: str, ingress_fd: int, egress_fd: int | None,
-              mode: str = "auto") -> Attachment:
-    """Attach the TC programs to ``ifname``: TCX links (``tcx``), clsact filters
-    (``clsact``), or TCX where the kernel has it, else clsact (``auto``)."""
+              mode: str = "auto", ifindex: int = 0) -> Attachment:
+    """Attach the TC programs to ``ifname`` (at ``ifindex``; 0: look the name up): TCX
+    links (``tcx``), clsact filters (``clsact``), or TCX where the kernel has it, else
+    clsact (``auto``)."""
     if mode not in TC_MODES:
         raise SourceError(f"unknown TC attach mode {mode!r}")
     if mode != "clsact":
-        tcx = TcxAttachment(ifname, _hooks(ifname, ingress_fd, egress_fd))
+        tcx = TcxAttachment(ifname, _hooks(ifname, ingress_fd, egress_fd), ifindex=ifindex)
         try:
             tcx.attach()
             return tcx
@@ -123,7 +104,7 @@ def attach_tc(ifname: str, ingress_fd: int, egress_fd: int | None,
             if mode == "tcx" or e.errno != errno.EINVAL:
                 raise SourceError(f"cannot attach TCX to {ifname}: {e.strerror}") from None
             log.info("no TCX in this kernel; using clsact filters", iface=ifname)
-    clsact = ClsactAttachment(ifname, _hooks(ifname, ingress_fd, egress_fd))
+    clsact = ClsactAttachment(ifname, _hooks(ifname, ingress_fd, egress_fd), ifindex=ifindex)
     try:
         clsact.attach()
     except BaseException:
@@ -139,12 +120,17 @@ class TcxAttachment(Attachment):
     ifname: str
     hooks: list[tuple[int, int]]
     links: dict[int, int] = field(default_factory=dict)  # parent → link fd
+    ifindex: int = 0
+
+    @property
+    def how(self) -> str:
+        return "tcx"
 
     def attach(self) -> None:
-        idx = _ifindex(self.ifname)
+        self.ifindex = self.ifindex or _ifindex(self.ifname)
         for parent, fd in self.hooks:
             kind = BPF_TCX_INGRESS if parent == _INGRESS else BPF_TCX_EGRESS
-            self.links[parent] = link_create(fd, idx, kind, BPF_F_BEFORE)
+            self.links[parent] = link_create(fd, self.ifindex, kind, BPF_F_BEFORE)
         log.info("attached", iface=self.ifname, engine="tc", mode="tcx",
                  hooks=[_HOOK_NAMES[p] for p in self.links])
 
@@ -168,10 +154,14 @@ class ClsactAttachment(Attachment):
     placed: dict[int, int] = field(default_factory=dict)  # parent → priority
     ifindex: int = 0
 
+    @property
+    def how(self) -> str:
+        return "clsact"
+
     def attach(self) -> None:
         try:
             with IPRoute() as ipr:
-                self.ifindex = _ifindex(self.ifname, ipr)
+                self.ifindex = self.ifindex or _ifindex(self.ifname, ipr)
                 self._ensure_clsact(ipr)
                 for parent, fd in self.hooks:
                     _remove_stale(ipr, self.ifindex, parent)
@@ -225,6 +215,14 @@ class ClsactAttachment(Attachment):
                     ipr.tc("del", "clsact", index=self.ifindex)
             self.created_qdisc = False
         log.info("detached", iface=self.ifname, engine="tc", mode="clsact")
+
+    def forget(self) -> None:
+        """The qdisc and its filters went with the interface; its index may already be
+        another interface's, so nothing is deleted by it."""
+        if self.placed or self.created_qdisc:
+            self.placed.clear()
+            self.created_qdisc = False
+            log.info("interface gone", iface=self.ifname, engine="tc", mode="clsact")
 
 
 class _Presence:
@@ -316,10 +314,15 @@ class XdpAttachment(Attachment):
     fd: int
     link: int = -1
     mode: str = ""
+    ifindex: int = 0
+
+    @property
+    def how(self) -> str:
+        return f"xdp-{self.mode}"
 
     def attach(self) -> None:
         with IPRoute() as ipr:
-            idx = _ifindex(self.ifname, ipr)
+            idx = self.ifindex = self.ifindex or _ifindex(self.ifname, ipr)
             present = xdp_prog_id(ipr, idx)
         if present:
             # The name needs CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID); the id is always known.

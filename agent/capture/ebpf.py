@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,9 @@ from agent.capture import SourceError, privileges
 from agent.capture.bpfsys import BpfError
 from agent.capture.drain import RingDrain
 from agent.capture.events import EventDecoder
+from agent.capture.follow import AttachedIface, Follower
 from agent.capture.layout import BPF_DIR
+from agent.capture.links import IfaceSpec
 from agent.capture.native import NativeDecoder, NativeUnavailable
 from agent.capture.perfbuf import PerfReader, possible_cpus
 from agent.capture.program import Build, MirrorProgram
@@ -122,6 +124,11 @@ def check_environment(ebpf: bool = True, modules: Path = Path("/lib/modules"), *
 class EbpfSource:
     """Captures ``ports`` on ``ifaces`` with TC (default) or XDP; a live packet source.
 
+    ``ifaces``: an :class:`~agent.capture.links.IfaceSpec`, or its text or a list of its
+    entries (names, fnmatch patterns, ``any``). Fixed names must exist (SourceError); a
+    pattern or ``any`` is followed as interfaces come and go, with one capture per
+    connection (``follow.py``); :meth:`interfaces` says what is attached now.
+
     ``requests_only``: service→client payload is not copied in the kernel (only those
     packets' SYN/FIN/RST come through, without payload); for mirrors that do not track
     responses (``MirrorConfig.track_responses=False``). ``own_ports``: packets with a port in
@@ -136,7 +143,8 @@ class EbpfSource:
     :func:`agent.budget.default` when not given, as the command line derives them.
     """
 
-    def __init__(self, ifaces: list[str], ports: list[int], engine: str = "tc",
+    def __init__(self, ifaces: IfaceSpec | str | Sequence[str], ports: list[int],
+                 engine: str = "tc",
                  buffer_mib: int | None = None,
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
@@ -147,7 +155,7 @@ class EbpfSource:
                                      ("decoder", decoder, DECODERS)):
             if value not in allowed:
                 raise SourceError(f"unknown {what} {value!r}")
-        self.ifaces = ifaces
+        self.spec = ifaces if isinstance(ifaces, IfaceSpec) else IfaceSpec.parse(ifaces)
         self.engine = engine
         self.transport = transport
         if buffer_mib is None or backlog_bytes is None:  # the default memory budget's
@@ -172,12 +180,18 @@ class EbpfSource:
             self._geometry.wakeup))
         try:
             self._prog.set_ports(ports)
-            self._prog.attach(ifaces, tc_mode)
-            self._ring = self._open_ring()
+            self._follower = Follower(self.spec, self._prog, tc_mode)
         except BaseException:
             self._prog.close()
             raise
+        try:
+            self._ring = self._open_ring()
+        except BaseException:
+            self._follower.close()
+            self._prog.close()
+            raise
         self._drain = RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL, backlog_bytes)
+        self._follower.start()
 
     def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
                       ) -> EventDecoder | NativeDecoder:
@@ -216,6 +230,19 @@ class EbpfSource:
     def decoder(self) -> str:
         """``native`` or ``python``: the decoder in use."""
         return "native" if isinstance(self._decoder, NativeDecoder) else "python"
+
+    @property
+    def ifaces(self) -> list[str]:
+        """The names of the interfaces attached now."""
+        return [i.name for i in self._follower.interfaces()]
+
+    def interfaces(self) -> list[AttachedIface]:
+        """The interfaces attached now: name, ifindex, how, side (for ``/status``)."""
+        return self._follower.interfaces()
+
+    def tracked(self) -> dict[str, int]:
+        """What the interface follower holds (:meth:`Follower.tracked`): for leak checks."""
+        return self._follower.tracked()
 
     @property
     def ports(self) -> list[int]:
@@ -264,7 +291,8 @@ class EbpfSource:
                "drain_gap_max_ms": round(self._drain.gap_max * 1000),
                "drain_pauses": self._drain.pauses,
                "drain_discarded_bytes": self._discarded, "ringbuf_discarded": d.discarded,
-               "records_malformed": d.malformed, "coalesce_no_slot": d.no_slot}
+               "records_malformed": d.malformed, "coalesce_no_slot": d.no_slot,
+               **self._follower.stats()}
         try:
             out.update({f"kernel_{k}": v for k, v in self._prog.counters().items()})
         except BpfError as e:  # keep the rest; say (once) why these are missing
@@ -281,7 +309,7 @@ class EbpfSource:
         self._discarded += sum(len(seg.payload) for seg in self._drain.stop())
         self._final_stats["drain_discarded_bytes"] = self._discarded
         self._closed = True
-        self._prog.detach()
+        self._follower.close()
         self._ring.close()
         self._decoder.close()
         self._prog.close()

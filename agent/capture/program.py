@@ -14,7 +14,11 @@ from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError, BpfMap
 from agent.capture.layout import BPF_DIR, COUNTERS
 from agent.capture.loader import LoadedProgram, LoadError, load
 
-__all__ = ["Build", "MirrorProgram"]
+__all__ = ["SIDE_HOST", "SIDE_POD", "Build", "MirrorProgram"]
+
+#: ``MIRROR_SIDE_*`` of ``bpf/mirror_event.h``: an interface with an address of its own, or
+#: without (a pod's host-side veth).
+SIDE_HOST, SIDE_POD = 1, 2
 
 log = structlog.get_logger("agent.program")
 
@@ -51,7 +55,8 @@ class MirrorProgram:
     """``bpf/mirror.bpf.c`` loaded for ``build``; raises SourceError if it cannot be.
 
     ``events`` is the map the rings are installed in (perf event array) or are (ring
-    buffer). :meth:`close` detaches and releases everything; it is idempotent.
+    buffer). :meth:`attach` hands out attachments, which the caller owns and detaches
+    (``follow.py``); :meth:`close` releases the program and maps and is idempotent.
     """
 
     def __init__(self, build: Build) -> None:
@@ -59,14 +64,14 @@ class MirrorProgram:
         try:
             self._loaded: LoadedProgram = load(BPF_DIR / "mirror.bpf.c", build.cflags(),
                                                build.functions(),
-                                               ["ports", "counters", "events"])
+                                               ["ports", "counters", "events", "iface_side",
+                                                "local_addrs"])
         except LoadError as e:
             hint = (" (the BPF ring buffer needs kernel 5.8+; try --transport perf)"
                     if build.ringbuf_pages else "")
             raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}{hint}") from None
         self.events: BpfMap = self._loaded.maps["events"]
         self.ports: frozenset[int] = frozenset()
-        self._attached: list[Attachment] = []
 
     def set_ports(self, ports: list[int]) -> None:
         """Observe exactly ``ports`` from now on (the program reads the map per packet)."""
@@ -78,18 +83,31 @@ class MirrorProgram:
             table.delete(p.to_bytes(2, "little"))
         self.ports = new
 
-    def attach(self, ifaces: list[str], tc_mode: str) -> None:
-        """Attach to every interface in ``ifaces`` (what was attached stays on failure, for
-        :meth:`close` to remove)."""
+    def attach(self, ifindex: int, name: str, tc_mode: str = "auto") -> Attachment:
+        """Attach to one interface; raises SourceError (or OSError: it vanished meanwhile)."""
         fn = self._loaded.functions
-        for name in ifaces:
-            if self.build.engine == "tc":
-                self._attached.append(attach_tc(name, fn["mirror_tc_ingress"],
-                                                fn["mirror_tc_egress"], tc_mode))
-            else:
-                x = XdpAttachment(name, fn["mirror_xdp"])
-                x.attach()
-                self._attached.append(x)
+        if self.build.engine == "tc":
+            return attach_tc(name, fn["mirror_tc_ingress"], fn["mirror_tc_egress"], tc_mode,
+                             ifindex)
+        x = XdpAttachment(name, fn["mirror_xdp"], ifindex=ifindex)
+        x.attach()
+        return x
+
+    def set_side(self, ifindex: int, side: int | None) -> None:
+        """Which side of the host an interface is (``SIDE_HOST``/``SIDE_POD``), or None:
+        not classified, every packet kept (``bpf/mirror.bpf.c``: ``here``)."""
+        key = ifindex.to_bytes(4, "little")
+        if side is None:
+            self._loaded.maps["iface_side"].delete(key)
+        else:
+            self._loaded.maps["iface_side"].update(key, bytes([side]))
+
+    def set_local(self, addr: bytes, local: bool) -> None:
+        """Add or remove one of the host's own addresses (a :func:`links.map_key`)."""
+        if local:
+            self._loaded.maps["local_addrs"].update(addr, b"\x01")
+        else:
+            self._loaded.maps["local_addrs"].delete(addr)
 
     def counters(self) -> dict[str, int]:
         """The program's per-CPU counters, summed over CPUs, named as in the header."""
@@ -104,15 +122,6 @@ class MirrorProgram:
                             for c in range(0, len(raw), 8))
         return out
 
-    def detach(self) -> None:
-        """Remove every attachment (each is tried, whatever the others do)."""
-        for a in reversed(self._attached):
-            try:
-                a.detach()
-            except Exception as e:  # keep going: every attachment must be tried
-                log.error("detach failed", iface=a.ifname, error=str(e))
-        self._attached.clear()
-
     def close(self) -> None:
-        self.detach()
+        """Release the program and maps (attachments are their owner's to detach first)."""
         self._loaded.close()

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics
+from agent.capture import follow
 from agent.capture.afpacket import AfPacketSource
 from agent.capture.channel import ChannelSource
 from agent.capture.ebpf import EbpfSource
@@ -50,7 +51,8 @@ def _ebpf_stats() -> dict[str, int]:
         _closed=False, _decoder=decoder, _geometry=SimpleNamespace(capacity=1),
         _ring=SimpleNamespace(peak_bytes=1), _drain=SimpleNamespace(gap_max=0.5, pauses=1),
         _prog=SimpleNamespace(counters=lambda: {name: 1 for name, _ in COUNTERS}),
-        _counter_error=False, _discarded=1)
+        _counter_error=False, _discarded=1,
+        _follower=SimpleNamespace(stats=lambda: dict.fromkeys(follow.STATS, 1)))
     return EbpfSource.stats(stub)
 
 
