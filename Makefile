@@ -2,13 +2,15 @@
 PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
-.PHONY: help setup demo test unit integration lint bench bench-offline bench-http bench-bulk \
-	bench-memory bench-idle bench-overload clean
+.PHONY: help setup demo test unit integration lint image test-image bench bench-offline \
+	bench-http bench-bulk bench-memory bench-idle bench-overload clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
 	@echo "make test   set up, then run every test (integration tests need root)"
 	@echo "make lint   ruff + mypy;  make bench   benchmarks (see bench/)"
+	@echo "make image  build the container image into build/image/ (root; no registry needed)"
+	@echo "make test-image  build it, then run it under Docker and containerd (root)"
 
 setup:
 	@scripts/setup.sh
@@ -17,7 +19,7 @@ demo: setup
 	@$(PY) -m agent.demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/image
 	$(PY) -m ruff check agent tests bench
 	$(PY) -m mypy
 
@@ -26,6 +28,14 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# The container image (deploy/Dockerfile), built with a private dockerd from a base made by
+# mmdebstrap: build/image/mirror-agent-VERSION.tar. See README, "Container image".
+image:
+	@scripts/build-image.sh
+
+test-image: setup image
+	$(PY) -m pytest -q tests/image
 
 lint: setup
 	$(PY) -m ruff check agent tests bench
