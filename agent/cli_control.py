@@ -6,7 +6,8 @@ from the same config file as the agent).
 Order in a run: :class:`Control` is made (and its address bound) before anything starts, so
 a bad ``--listen`` is exit 2; :meth:`Control.start` serves once the mirror exists (``/readyz``
 503 "starting" while capture attaches); :meth:`Control.source` wraps the capture (the pcap
-ingest merged in, the mirror's heartbeat) and makes the agent ready; a signal makes it
+ingest merged in, the mirror's heartbeat; ``/healthz`` also watches the source's own threads)
+and makes the agent ready; a signal makes it
 ``stopping``; :meth:`Control.close` stops serving after the run.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from agent.capture import LiveSource, PacketSource, PortSteerable
+from agent.capture import HasAttachments, LiveSource, PacketSource, PortSteerable
 from agent.cli_parser import UsageError
 from agent.config import parse_target
 from agent.control import (
@@ -80,13 +81,18 @@ class RunningAgent:
         return self.beats
 
     def status(self) -> AgentStatus:
-        mirror = self.mirror
+        mirror, src = self.mirror, self.source
         assert mirror is not None
         cfg = mirror.config
         degraded = degradation(snapshot(mirror.metrics))
+        attached: list[dict[str, str | int]] = (
+            src.attachments() if isinstance(src, HasAttachments) else [])
         return {
             "config": {k: v for k, (v, _origin) in self.opts.effective().items()},
-            "interfaces": self._interfaces(),
+            "interfaces": ([str(a["name"]) for a in attached]
+                           if isinstance(src, HasAttachments) else self._interfaces()),
+            "attachments": attached,
+            "tracked": src.tracked() if isinstance(src, HasAttachments) else {},
             "hooks": {"forward": _names(cfg.forward_hook), "record": _names(cfg.record_hook)},
             "flows_open": mirror.reassembler.flow_count,
             "sinks": {sink: next((d for d in degraded if sink in d), None)
@@ -159,7 +165,9 @@ class Control:
 
     def source(self, live: PacketSource | None) -> PacketSource:
         """The source the mirror runs over: ``live`` with the pcap ingest merged in (or the
-        ingest alone for ``serve``), beating the mirror's heartbeat. The agent is ready."""
+        ingest alone for ``serve``), beating the mirror's heartbeat. ``/healthz`` watches
+        that one and the sources' own threads' (ring drain, pcap reader). The agent is
+        ready."""
         self.agent.source = live
         src: LiveSource
         if live is None:
@@ -172,10 +180,11 @@ class Control:
             src = live
         else:
             return live
-        beat = Heartbeat("mirror", MIRROR_SILENCE)
-        self.agent.beats = [beat, *([self.ingest.heartbeat] if self.ingest else [])]
+        beating = Beating(src, Heartbeat("mirror", MIRROR_SILENCE))
+        inner = [self.ingest.heartbeat] if src is self.ingest else beating.heartbeats()
+        self.agent.beats = [beating.heartbeat, *inner]
         self.agent.state = "ready"
-        return Beating(src, beat)
+        return beating
 
     def stopping(self) -> None:
         """Shutting down: not ready (safe from a signal handler)."""

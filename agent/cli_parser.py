@@ -193,8 +193,9 @@ def _add_listen_options(p: argparse.ArgumentParser) -> None:
                         "/ports, PUT /ports, POST /pcap (loopback unless a token file is "
                         "given)")
     p.add_argument("--listen-token-file", type=a.input_path, metavar="FILE",
-                   help="every control request must carry 'Authorization: Bearer <the "
-                        "file's first line>'; required for a non-loopback --listen")
+                   help="every control request must carry 'Authorization: Bearer TOKEN', "
+                        "TOKEN the file's one word (read at start); required for a "
+                        "non-loopback --listen")
 
 
 def _add_control_options(p: argparse.ArgumentParser) -> None:

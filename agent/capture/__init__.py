@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
-__all__ = ["LiveSource", "PacketSource", "PortSteerable", "SourceError"]
+__all__ = ["HasAttachments", "HasHeartbeats", "LiveSource", "PacketSource", "PortSteerable",
+           "SourceError"]
 
 
 class SourceError(Exception):
@@ -64,4 +66,29 @@ class PortSteerable(Protocol):
 
     def set_ports(self, ports: list[int]) -> None:
         """Observe exactly ``ports`` (non-empty) from now on."""
+        ...
+
+
+@runtime_checkable
+class HasHeartbeats(Protocol):
+    """A source with threads of its own (the eBPF ring drain) that ``/healthz`` watches."""
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """Its threads' heartbeats (each started and stopped with its thread)."""
+        ...
+
+
+@runtime_checkable
+class HasAttachments(Protocol):
+    """A live capture that says where it is attached (for ``GET /status``)."""
+
+    def attachments(self) -> list[dict[str, str | int]]:
+        """One ``{"name", "ifindex", "how", "side"}`` per interface captured now, by name:
+        ``how`` is ``tcx``, ``clsact``, ``xdp-native``, ``xdp-generic`` or ``afpacket``;
+        ``side`` is ``host``, ``pod`` or ``all`` (every packet)."""
+        ...
+
+    def tracked(self) -> dict[str, int]:
+        """What it holds to follow interfaces (by kind → count; empty if it does not
+        follow): flat while interfaces come and go, or something leaks."""
         ...

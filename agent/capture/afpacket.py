@@ -13,6 +13,7 @@ import ctypes
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -79,6 +80,11 @@ class AfPacketSource:
     On ``lo`` every packet is seen leaving and arriving; only the arriving copy is kept.
     Raises :class:`SourceError` (a usage problem, exit 2) if the filter does not compile or
     the socket cannot be opened.
+
+    :class:`~agent.capture.PortSteerable`: :meth:`set_ports` (any thread) swaps the socket's
+    filter in one ``SO_ATTACH_FILTER``, which the kernel replaces atomically: a frame meets
+    the old filter or the new one, so nothing on a port that stays is lost. Frames of a
+    removed port already queued on the socket still come out; the mirror drops them.
     """
 
     def __init__(self, ifaces: IfaceSpec | str | Sequence[str], ports: list[int],
@@ -88,12 +94,14 @@ class AfPacketSource:
         if isinstance(ifaces, IfaceSpec | str):
             ifaces = resolve_ifaces(ifaces)
         self.ifaces = list(ifaces)
-        self.ports = ports
+        self._user_filter = user_filter
+        self._own_ports = own_ports
+        self._ports = sorted(ports)
         try:
-            self._bpf = BpfFilter(capture_expression(ports, user_filter, own_ports),
-                                  LINKTYPE_ETHERNET, _FRAME_BUF)
-        except FilterError as e:
+            self._bpf = self._compile(ports)
+        except ValueError as e:
             raise SourceError(str(e)) from None
+        self._lock = threading.Lock()  # set_ports against close
         self._poll_ms = poll_ms
         self._decoder = Decoder(LINKTYPE_ETHERNET)
         self._want = set(self.ifaces)
@@ -114,10 +122,7 @@ class AfPacketSource:
         except PermissionError:
             raise SourceError("AF_PACKET capture needs root or CAP_NET_RAW") from None
         try:
-            insns = self._bpf.instructions()
-            arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
-            prog = _SockFprog(len(insns), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
-            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))
+            _attach(sock, self._bpf)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf_mib << 20)
             except OSError:  # without CAP_NET_ADMIN: as much as rmem_max allows
@@ -131,6 +136,43 @@ class AfPacketSource:
             raise SourceError(f"cannot open AF_PACKET capture on {','.join(self.ifaces)}: "
                               f"{e.strerror or e}") from None
         return sock
+
+    def _compile(self, ports: list[int]) -> BpfFilter:
+        """The kernel filter for ``ports``; ValueError with libpcap's message."""
+        try:
+            return BpfFilter(capture_expression(ports, self._user_filter, self._own_ports),
+                             LINKTYPE_ETHERNET, _FRAME_BUF)
+        except FilterError as e:
+            raise ValueError(str(e)) from None
+
+    @property
+    def ports(self) -> list[int]:
+        """The observed ports, sorted."""
+        return list(self._ports)
+
+    def set_ports(self, ports: list[int]) -> None:
+        """Observe exactly ``ports`` (non-empty) from now on: the socket's filter is replaced
+        in place (see the class doc). ValueError if the filter does not compile or the
+        kernel refuses it; the old filter then stays."""
+        bpf = self._compile(ports)
+        with self._lock:
+            if self._closed:
+                raise ValueError("the capture is closed")
+            try:
+                _attach(self._sock, bpf)
+            except OSError as e:
+                raise ValueError(f"the kernel refused the new filter: {e.strerror or e}") \
+                    from None
+            self._bpf, self._ports = bpf, sorted(ports)
+
+    def attachments(self) -> list[dict[str, str | int]]:
+        """:class:`agent.capture.HasAttachments`: one socket over every interface."""
+        return [{"name": name, "ifindex": _ifindex(name), "how": "afpacket", "side": "all"}
+                for name in sorted(self.ifaces)]
+
+    def tracked(self) -> dict[str, int]:
+        """Nothing: the interfaces are fixed at start."""
+        return {}
 
     def batches(self) -> Iterator[list[Segment]]:
         """Everything the socket holds, every ``poll_ms`` at most; empty lists while idle."""
@@ -202,6 +244,23 @@ class AfPacketSource:
     def close(self) -> None:
         if self._closed:
             return
-        self._kernel_stats()
-        self._closed = True
-        self._sock.close()
+        with self._lock:
+            self._kernel_stats()
+            self._closed = True
+            self._sock.close()
+
+
+def _attach(sock: socket.socket, bpf: BpfFilter) -> None:
+    """Put ``bpf`` on ``sock`` (replacing any filter there, atomically)."""
+    insns = bpf.instructions()
+    arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
+    prog = _SockFprog(len(insns), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))
+
+
+def _ifindex(name: str) -> int:
+    """The index of interface ``name`` in this namespace (0 if it is gone)."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0

@@ -7,6 +7,11 @@ payload waits in user space up to ``budget`` bytes; past that the drain stops em
 rings until the mirror takes what is waiting, and the kernel's own drops (counted there,
 reported as gaps) take over. Pausing, not dropping, keeps the loss where it is counted exactly
 and marked in the stream.
+
+Health: the thread owns a :class:`~agent.heartbeat.Heartbeat` (``ring-drain``), started with
+the thread, beaten every turn (at least every ``interval``, paused or not) and stopped by
+:meth:`RingDrain.stop`; a thread that died of an error shows as ``ring-drain: thread is
+dead`` on ``/healthz``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.handoff import Handoff, HandoffStats, Policy
+from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
-__all__ = ["Ring", "RingDrain"]
+__all__ = ["DRAIN_SILENCE", "Ring", "RingDrain"]
+
+#: Seconds the drain may go without a turn before ``/healthz`` fails: it turns at least
+#: every ``interval`` (~20 ms), so this is a stuck thread, never a quiet one.
+DRAIN_SILENCE = 10.0
 
 
 class Ring(Protocol):
@@ -36,6 +46,7 @@ class RingDrain:
 
     Threads: the ``ring-drain`` thread is the hand-off's producer and writes
     :attr:`gap_max`; the mirror thread (:meth:`take`, :meth:`stop`) is its consumer.
+    :attr:`heartbeat` is read from any thread (see the module doc).
     """
 
     def __init__(self, ring: Ring, decoded: Callable[[], list[Segment]], interval: float,
@@ -55,6 +66,7 @@ class RingDrain:
         self._drained_at = 0.0  # mirror thread: start of the latest drain taken
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat("ring-drain", DRAIN_SILENCE, clock)
         #: Longest time between the starts of two drains, seconds: how long the kernel
         #: had to hold bytes at worst.
         self.gap_max = 0.0
@@ -73,8 +85,10 @@ class RingDrain:
         return self._handoff.stats()
 
     def start(self) -> None:
+        """Start the thread (and its heartbeat)."""
         self._thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
         self._thread.start()
+        self.heartbeat.start(self._thread)
 
     def take(self, timeout: float) -> tuple[list[Segment], float]:
         """What was drained since the last call (waiting up to ``timeout`` for something),
@@ -83,6 +97,7 @@ class RingDrain:
 
     def stop(self) -> list[Segment]:
         """Stop and join the thread; returns what it drained and nobody took yet."""
+        self.heartbeat.stop()
         if self._thread is not None:
             self._stop = True
             self._thread.join()
@@ -100,14 +115,17 @@ class RingDrain:
 
     def _run(self) -> None:
         last = self._clock()
+        beat = self.heartbeat.beat
         try:
             while not self._stop:
+                beat()
                 wait = last + self._interval - self._clock()
                 if wait > 0:
                     self._ring.wait(wait)
                 # Pause while over budget (looking at _stop every interval); the kernel
                 # keeps the bytes meanwhile, and counts what it cannot keep.
                 while not self._handoff.wait_for_room(self._interval):
+                    beat()
                     if self._stop or self._handoff.closed:
                         return
                 started = self._clock()

@@ -38,6 +38,7 @@ from agent.capture.program import Build, MirrorProgram
 from agent.capture.reorder import Reorderer
 from agent.capture.ringbuf import RingBufReader
 from agent.handoff import HandoffStats
+from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
 __all__ = ["BPF_DIR", "DECODERS", "TRANSPORTS", "EbpfSource", "check_environment",
@@ -226,6 +227,10 @@ class EbpfSource:
         """:class:`agent.handoff.HasHandoffs`: the ring drain's hand-off."""
         return self._drain.handoffs()
 
+    def heartbeats(self) -> list[Heartbeat]:
+        """:class:`agent.capture.HasHeartbeats`: the ring-drain thread's."""
+        return [self._drain.heartbeat]
+
     @property
     def decoder(self) -> str:
         """``native`` or ``python``: the decoder in use."""
@@ -239,6 +244,10 @@ class EbpfSource:
     def interfaces(self) -> list[AttachedIface]:
         """The interfaces attached now: name, ifindex, how, side (for ``/status``)."""
         return self._follower.interfaces()
+
+    def attachments(self) -> list[dict[str, str | int]]:
+        """:class:`agent.capture.HasAttachments`: :meth:`interfaces` as dicts."""
+        return [i.as_dict() for i in self._follower.interfaces()]
 
     def tracked(self) -> dict[str, int]:
         """What the interface follower holds (:meth:`Follower.tracked`): for leak checks."""

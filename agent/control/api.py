@@ -70,6 +70,12 @@ class AgentStatus(TypedDict):
     """The effective configuration (secrets left out)."""
     interfaces: list[str]
     """Interfaces the capture is attached to (empty for ``serve``)."""
+    attachments: list[dict[str, str | int]]
+    """Those interfaces in detail: ``{"name", "ifindex", "how", "side"}`` each
+    (:class:`agent.capture.HasAttachments`)."""
+    tracked: dict[str, int]
+    """What the capture holds to follow interfaces (links, sides, local addresses,
+    attachments; empty if it follows none): flat while pods come and go."""
     hooks: dict[str, list[str]]
     """Hook names by path: ``{"forward": [...], "record": [...]}``."""
     flows_open: int

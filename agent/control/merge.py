@@ -2,7 +2,8 @@
 that beats a heartbeat each time its consumer comes back for more.
 
 Both are :class:`~agent.capture.LiveSource` objects and pass on what the mirror asks of a
-source: ``stats``, ``drain`` and, where the parts have them, ``handoffs``.
+source: ``stats``, ``drain`` and, where the parts have them, ``handoffs`` and
+``heartbeats`` (:class:`~agent.capture.HasHeartbeats`: the parts' own threads).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from agent.capture import LiveSource
+from agent.capture import HasHeartbeats, LiveSource
 from agent.control.ingest import PcapIngest
 from agent.handoff import HandoffStats, HasHandoffs
 from agent.heartbeat import Heartbeat
@@ -58,6 +59,11 @@ class MergedSource:
         mine = self.live.handoffs() if isinstance(self.live, HasHandoffs) else []
         return mine + self.ingest.handoffs()
 
+    def heartbeats(self) -> list[Heartbeat]:
+        """The live source's threads' heartbeats, then the pcap reader's."""
+        mine = self.live.heartbeats() if isinstance(self.live, HasHeartbeats) else []
+        return [*mine, self.ingest.heartbeat]
+
 
 class Beating:
     """``source`` unchanged, with ``heartbeat`` started when reading begins, beaten at every
@@ -87,3 +93,7 @@ class Beating:
 
     def handoffs(self) -> list[HandoffStats]:
         return self.source.handoffs() if isinstance(self.source, HasHandoffs) else []
+
+    def heartbeats(self) -> list[Heartbeat]:
+        """The wrapped source's threads' heartbeats (not :attr:`heartbeat`, the consumer's)."""
+        return self.source.heartbeats() if isinstance(self.source, HasHeartbeats) else []

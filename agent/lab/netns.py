@@ -167,19 +167,26 @@ AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json", "run"]
 
 
 class LiveAgent:
-    """``mirror-agent run ARGS`` in a namespace; returns once it logged "capture live".
+    """``mirror-agent run ARGS`` in a namespace; returns once it logged "capture live"
+    (unless ``wait`` is False: then at once, for a caller watching it start).
 
     Its stderr (JSON log lines and the summary) goes to ``workdir/agent.err``.
     """
 
     def __init__(self, ns: NetNS, workdir: Path, *args: str, timeout: float = 60,
-                 wrap: tuple[str, ...] = ()) -> None:
+                 wrap: tuple[str, ...] = (), wait: bool = True) -> None:
         """``wrap``: a command the agent runs under (e.g. ``unshare -p -f`` for a PID
         namespace of its own); signals then go to its child, the agent."""
         self.err = workdir / "agent.err"
         self.proc = ns.popen(*wrap, *AGENT, *args, stderr=self.err.open("w"),
                              stdout=subprocess.DEVNULL)
         self._wrapped = bool(wrap)
+        if wait:
+            self.wait_live(timeout)
+
+    def wait_live(self, timeout: float = 60) -> None:
+        """Return once the agent logged "capture live"; RuntimeError (with its log) if it
+        exits first or ``timeout`` seconds pass."""
         deadline = time.monotonic() + timeout
         while "capture live" not in self.err.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.lab.control import ask, wait_for
 from agent.lab.netns import LiveAgent, NetNS, run_clients, start_python_server
 from tests.unit.shadow import Shadow
 
@@ -27,32 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ask(url: str, method: str = "GET", body: str | None = None,
-        ns: NetNS | None = None) -> tuple[int, dict[str, object] | str]:
-    """curl ``url`` (inside ``ns`` if given): (status, JSON body or text)."""
-    cmd = ["curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}", "-X", method, url]
-    if body is not None:
-        cmd += ["-H", "Content-Type: application/json", "--data", body]
-    if ns is not None:
-        cmd = ns.cmd(*cmd)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-    text, _, code = out.rpartition("\n")
-    try:
-        return int(code), json.loads(text)
-    except ValueError:
-        return int(code or 0), text
-
-
-def wait_for(url: str, status: int, ns: NetNS | None = None, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code, body = ask(url, ns=ns)
-        if code == status:
-            return body
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} never answered {status}")
 
 
 def offline_truth(shadow: Shadow) -> list[bytes]:
@@ -144,8 +119,13 @@ def test_control_misuse_exits_2_with_one_line(argv: list[str]) -> None:
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+@pytest.mark.parametrize("engine", ["tc", "afpacket"])
 def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
-        tmp_path: Path) -> None:
+        tmp_path: Path, engine: str) -> None:
+    """Ready once attached (eBPF: not while bcc compiles); healthy (mirror loop and ring
+    drain) while traffic flows; ports added and removed under a running client, with exact
+    request counts at the shadow, on the eBPF program's port map and on the AF_PACKET
+    socket's filter alike."""
     shadow_log = tmp_path / "shadow.log"
     with NetNS() as ns:
         start_python_server(ns, 9000)
@@ -153,11 +133,9 @@ def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
         start_python_server(ns, 19000, log=shadow_log)
         base = "http://127.0.0.1:19464"
         first: list[int] = []
-        proc = ns.popen(*AGENT, "run", "--iface", "lo", "--port", "9000", "--listen",
-                        "127.0.0.1:19464", "--target", "127.0.0.1:19000",
-                        stderr=(tmp_path / "agent.err").open("w"), stdout=subprocess.DEVNULL)
-        agent = LiveAgent.__new__(LiveAgent)  # adopt it: LiveAgent's stop and signal
-        agent.proc, agent.err, agent._wrapped = proc, tmp_path / "agent.err", False
+        agent = LiveAgent(ns, tmp_path, "--iface", "lo", "--port", "9000", "--engine", engine,
+                          "--listen", "127.0.0.1:19464", "--target", "127.0.0.1:19000",
+                          wait=False)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             code, _ = ask(f"{base}/readyz", ns=ns)
@@ -166,12 +144,18 @@ def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
             if code == 200:
                 break
             time.sleep(0.05)
-        assert first[0] == 503 and first[-1] == 200, first  # not ready while bcc compiles
-        assert ask(f"{base}/status", ns=ns)[1]["interfaces"] == ["lo"]  # type: ignore[index]
+        assert first[-1] == 200, first
+        if engine == "tc":
+            assert first[0] == 503, first  # not ready while bcc compiles
+        status = ask(f"{base}/status", ns=ns)[1]
+        assert isinstance(status, dict) and status["interfaces"] == ["lo"], status
+        assert [(a["name"], a["side"]) for a in status["attachments"]] == [  # type: ignore
+            ("lo", "all")]
         # A client on 9000 all along; 9001 is added while it runs.
         busy = ns.popen(sys.executable, str(ROOT / "agent" / "lab" / "http_client.py"),
                         "127.0.0.1", "9000", "4", "300", "500", stdout=subprocess.PIPE)
         time.sleep(0.5)
+        assert ask(f"{base}/healthz", ns=ns) == (200, {"status": "ok"})
         code, body = ask(f"{base}/ports", "PUT", '{"ports": [9000, 9001]}', ns=ns)
         assert (code, body) == (200, {"ports": [9000, 9001]})
         out, _ = busy.communicate(timeout=120)
@@ -179,10 +163,30 @@ def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
         assert run_clients(ns, "127.0.0.1", 9001, 2, 10) == 20
         code, body = ask(f"{base}/ports", "PUT", '{"ports": [9001]}', ns=ns)
         assert (code, body) == (200, {"ports": [9001]})
-        assert run_clients(ns, "127.0.0.1", 9000, 2, 10) == 20  # no longer observed
+        time.sleep(0.5)  # the last packets of 9001's connections are in
+        seen = _captured(base, ns, engine)
+        assert seen > 0
+        assert run_clients(ns, "127.0.0.1", 9000, 2, 10) == 20  # no longer observed...
+        time.sleep(0.5)
+        assert _captured(base, ns, engine) == seen  # ...not even by the kernel filter
         assert ask(f"{base}/ports", "PUT", '{"ports": [62000]}', ns=ns)[0] == 409
         code, metrics = ask(f"{base}/metrics", ns=ns)
-        assert code == 200 and "mirror_agent_kernel_packets_skipped_total" in str(metrics)
+        assert code == 200
+        if engine == "tc":
+            assert "mirror_agent_kernel_packets_skipped_total" in str(metrics)
+        assert ask(f"{base}/healthz", ns=ns) == (200, {"status": "ok"})
+        status = ask(f"{base}/status", ns=ns)[1]
+        assert isinstance(status, dict) and status["health"] == [], status
         agent.stop(settle=1.0)
     lines = shadow_log.read_text().splitlines()
     assert len(lines) == 1220, (len(lines), agent.err.read_text()[-2000:])
+
+
+def _captured(base: str, ns: NetNS, engine: str) -> float:
+    """What the kernel let through so far: ring records (eBPF) or socket frames."""
+    name = ("mirror_agent_ring_records_total" if engine == "tc"
+            else "mirror_agent_source_frames_total")
+    code, text = ask(f"{base}/metrics", ns=ns)
+    assert code == 200 and isinstance(text, str)
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))

@@ -55,6 +55,8 @@ class FakeAgent:
 
     def status(self) -> AgentStatus:
         return {"config": {"observed_port": 8080}, "interfaces": ["lo"],
+                "attachments": [{"name": "lo", "ifindex": 1, "how": "tcx", "side": "all"}],
+                "tracked": {},
                 "hooks": {"forward": ["default"], "record": ["default"]}, "flows_open": 3,
                 "sinks": {"forward": None, "record": "disk full"}}
 
