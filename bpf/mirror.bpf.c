@@ -163,7 +163,7 @@ static __always_inline int keep(void *ctx, __u32 len, __u32 ifindex, __u8 hook, 
 	if (own_port(sport) || own_port(dport))
 		return MC_OWN_FORWARD;
 	/* A pure ACK tells user space nothing it needs: skip it here, where it is cheapest. */
-	if (p->payload_len == 0 && !(p->flags & 0x07))
+	if (p->payload_len == 0 && !(p->flags & (MIRROR_TCP_FIN | MIRROR_TCP_SYN | MIRROR_TCP_RST)))
 		return MC_PURE_ACK;
 	if (!here(p, ifindex, hook, *to_service))
 		return MC_ELSEWHERE;
@@ -190,7 +190,7 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 	if (!to_service && p.payload_len) {
 		count(MC_ELIDED, 1);
 		count(MC_ELIDED_BYTES, p.payload_len);
-		if (!(p.flags & 0x07))
+		if (!(p.flags & (MIRROR_TCP_FIN | MIRROR_TCP_SYN | MIRROR_TCP_RST)))
 			return;
 		elided = 1;
 	}
@@ -230,6 +230,12 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 
 		s->ev.piece_off = off;
 		s->ev.lost = 0;
+		if (off) {
+			/* A later piece carries its own position (a SYN's number is one before its
+			 * first byte) and no SYN, so user space joins pieces like any segments. */
+			s->ev.seq = p.seq + off + ((p.flags & MIRROR_TCP_SYN) ? 1 : 0);
+			s->ev.tcp_flags = p.flags & ~MIRROR_TCP_SYN;
+		}
 		if (remaining > 0) {
 			/* n in [1, MIRROR_PIECE], computed so the verifier can see both bounds. */
 			n = (remaining > MIRROR_PIECE ? MIRROR_PIECE : remaining) - 1;

@@ -12,18 +12,23 @@
 /* Largest payload piece one perf sample carries; bigger (GSO/GRO) packets go in pieces. */
 #define MIRROR_PIECE 32768
 
+/* TCP flags in tcp_flags (the header's flags byte). */
+#define MIRROR_TCP_FIN 0x01
+#define MIRROR_TCP_SYN 0x02
+#define MIRROR_TCP_RST 0x04
+
 struct mirror_event {
 	__u64 ts_ns;       /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u32 ifindex;
 	__u8 hook;         /* MIRROR_HOOK_* */
 	__u8 family;       /* 4 or 6 */
-	__u8 tcp_flags;
+	__u8 tcp_flags;    /* SYN on a packet's first piece only */
 	__u8 elided;       /* 1: payload not copied on purpose (nobody consumes this direction) */
 	__u8 saddr[16];    /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
 	__u16 sport;       /* host byte order */
 	__u16 dport;
-	__u32 seq;         /* of the packet's first payload byte (SYN: the SYN's number) */
+	__u32 seq;         /* of this piece's first byte (a SYN packet's first: the SYN's) */
 	__u32 ack;
 	__u16 window;
 	__u16 piece_len;   /* payload bytes following this header */

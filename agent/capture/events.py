@@ -179,9 +179,6 @@ class EventDecoder:
         self.events += 1
         if fam == 4:
             saddr, daddr = saddr[:4], daddr[:4]
-        if poff:  # a later piece of a big packet: its own position, no SYN
-            seq = (seq + poff + (1 if flags & SYN else 0)) & _MASK
-            flags &= ~SYN
         if poff + plen + lost < paylen and not elided:
             flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
         start = off + EVENT_SIZE

@@ -284,10 +284,6 @@ static void one_event(struct md_decoder *d, const uint8_t *p, uint32_t size, str
 	d->nevents++;
 	st->events++;
 	p += sizeof(e);
-	if (e.piece_off) { /* a later piece of a big packet: its own position, no SYN */
-		seq += e.piece_off + ((flags & TCP_SYN) ? 1 : 0);
-		flags &= ~TCP_SYN;
-	}
 	if ((uint64_t)e.piece_off + plen + e.lost < e.payload_len && !e.elided)
 		flags &= ~(TCP_FIN | TCP_RST); /* FIN/RST belong after the packet's last byte */
 

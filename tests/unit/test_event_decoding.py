@@ -91,9 +91,9 @@ def test_pieces_of_a_big_packet_take_their_own_position(kind: str) -> None:
     c, s = CLIENT, SERVICE
     recs: list[bytes | int] = [
         event(c, s, 1000, data[:256], flags=ACK | FIN, paylen=768),
-        event(c, s, 1000, data[256:512], flags=ACK | FIN, poff=256, paylen=768),
-        event(c, s, 1000, data[512:], flags=ACK | FIN, poff=512, paylen=768),
-    ]
+        event(c, s, 1256, data[256:512], flags=ACK | FIN, poff=256, paylen=768),
+        event(c, s, 1512, data[512:], flags=ACK | FIN, poff=512, paylen=768),
+    ]  # each piece with its own sequence number, as the kernel sends them
     segs, _ = decode(kind, recs)
     # FIN belongs after the last piece only; the first two pieces join.
     assert [(x.seq, x.payload, x.flags & FIN) for x in segs] == [
