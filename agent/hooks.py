@@ -73,6 +73,9 @@ class HookFunc:
 class KeepAll:
     """Keeps every chunk unchanged (record both directions with this)."""
 
+    #: The directions kept: a :class:`HookPipeline` decides for this hook without a call.
+    keeps = frozenset(Direction)
+
     def handle(self, chunk: TrafficChunk) -> HookResult:
         return chunk.data, True
 
@@ -80,8 +83,14 @@ class KeepAll:
 class OnlyToObserved:
     """Keeps only client→service chunks: the default for both forwarding and recording."""
 
+    keeps = frozenset({Direction.TO_OBSERVED})
+
     def handle(self, chunk: TrafficChunk) -> HookResult:
         return chunk.data, chunk.direction is Direction.TO_OBSERVED
+
+
+#: Built-in hooks that only keep or drop a chunk by its direction (their ``keeps``).
+_DIRECTION_FILTERS = (KeepAll, OnlyToObserved)
 
 
 DEFAULT_FORWARD_HOOK: Hook = OnlyToObserved()
@@ -128,11 +137,21 @@ class HookPipeline:
     Every result is checked: one that is not ``(bytes, bool)`` raises :class:`HookError`
     before it reaches a sink."""
 
-    __slots__ = ("_aware", "hooks")
+    __slots__ = ("_aware", "_called", "_keeps", "hooks")
 
     def __init__(self, hooks: Sequence[Hook]) -> None:
-        self.hooks = list(hooks)
+        self.hooks = list(hooks)  # fixed from here on: what runs is worked out below
         self._aware = any(isinstance(h, FlowAwareHook) for h in self.hooks)
+        # The leading built-in direction filters decide without a call: the directions all
+        # of them keep; the hooks after them are called.
+        self._keeps = frozenset(Direction)
+        first = 0
+        for hook in self.hooks:  # exactly these classes: a subclass may handle() otherwise
+            if not isinstance(hook, _DIRECTION_FILTERS) or type(hook) not in _DIRECTION_FILTERS:
+                break
+            self._keeps &= hook.keeps
+            first += 1
+        self._called = list(enumerate(self.hooks))[first:]
 
     @property
     def flow_aware(self) -> bool:
@@ -140,8 +159,10 @@ class HookPipeline:
         return self._aware
 
     def handle(self, chunk: TrafficChunk) -> HookResult:
+        if chunk.direction not in self._keeps:
+            return b"", False
         data = chunk.data
-        for i, hook in enumerate(self.hooks):
+        for i, hook in self._called:
             if i:
                 chunk = chunk.with_data(data)
             data, keep = _checked(hook, hook.handle(chunk))

@@ -2,9 +2,11 @@
 
 The flow table: connections keyed by their 4-tuple, opened by a SYN or their first data,
 closed by RST, by the second FIN reached in sequence, by the idle sweep or by a limit. Each
-direction's bytes are ordered by a :class:`~agent.streambuf.StreamBuffer`; the table decides
-when a hole is given up on (``hole_timeout``, memory limits, the connection's end) and turns
-what the buffers release into :class:`~agent.model.TrafficChunk` objects.
+direction's bytes are ordered by a :class:`~agent.streambuf.StreamBuffer`; the data path of
+:mod:`agent.flows` (the Reassembler's base) decides when a hole is given up on
+(``hole_timeout``, memory limits, the connection's end) and turns what the buffers release
+into :class:`~agent.model.TrafficChunk` objects. In-order data, the common case, takes a fast
+path in the Reassembler's feeding loop itself.
 
 Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts``) or from
 :meth:`Reassembler.advance`. Every byte that is not delivered is counted in
@@ -14,30 +16,28 @@ Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
+from agent.flows import Flow, FlowData, Half, Output, ReassemblyStats
 from agent.model import (
     ACK,
     FIN,
     RST,
     SYN,
     Direction,
-    DirectionEnd,
     FlowEnd,
     FlowKey,
     Segment,
-    TrafficChunk,
     flow_key,
     format_addr,
 )
-from agent.streambuf import Ready, StreamBuffer
 
 __all__ = ["HOLE_TIMEOUT", "Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
 
 _MASK = 0xFFFFFFFF
 
-Output = list[TrafficChunk | DirectionEnd | FlowEnd]
 Classifier = Callable[[int, int], Direction]
 
 
@@ -83,79 +83,16 @@ class ReassemblyConfig:
             raise ValueError("hole_timeout must be >= 0")
 
 
-@dataclass(slots=True)
-class ReassemblyStats:
-    """Counters; plain ints so the hot path only adds. Every byte not delivered is in one."""
-
-    segments: int = 0
-    chunks: int = 0
-    bytes_delivered: int = 0
-    flows_opened: int = 0
-    gap_bytes: int = 0
-    """Bytes given up on (holes skipped, lost by the source, missing at a connection's end)."""
-    retransmitted_bytes: int = 0
-    conflict_bytes: int = 0
-    """Bytes of a later copy that differed from the first copy (which wins)."""
-    keepalives: int = 0
-    zero_window_probes: int = 0
-    late_segments: int = 0
-    """Data segments of a connection already closed (after RST or FIN), or with bytes past
-    their direction's FIN, dropped."""
-    late_bytes: int = 0
-    limit_skips: int = 0
-    hole_timeouts: int = 0
-    """Holes skipped because later data (or the FIN) waited longer than ``hole_timeout``."""
-    untracked_segments: int = 0
-    """Segments of an untracked direction (responses nobody consumes): SYN/FIN/RST only."""
-    flows_closed: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, int]:
-        out = {k: v for k, v in asdict(self).items() if k != "flows_closed"}
-        out.update({f"flows_closed_{k}": v for k, v in sorted(self.flows_closed.items())})
-        return out
-
-
-class _Half(StreamBuffer):
-    """One direction of one connection: its stream and what the table knows about it."""
-
-    __slots__ = ("chunk_dir", "done", "flow", "from_addr", "isn", "peer", "since", "to_addr",
-                 "untracked")
-
-    def __init__(self, flow: _Flow, from_addr: str, to_addr: str, direction: Direction,
-                 stats: ReassemblyStats) -> None:
-        super().__init__(stats)
-        self.flow = flow
-        self.from_addr = from_addr
-        self.to_addr = to_addr
-        self.chunk_dir = direction
-        self.isn: int | None = None
-        self.done = False  # FIN reached in sequence, DirectionEnd sent
-        self.since = 0.0  # when the current hole started holding data (or the FIN) back
-        self.untracked = False  # payload ignored; only SYN/FIN/RST are followed
-        self.peer: _Half = self
-
-
-class _Flow:
-    __slots__ = ("a", "b", "created", "flow_id", "key", "last_seen")
-
-    def __init__(self, flow_id: int, key: FlowKey, ts: float) -> None:
-        self.flow_id = flow_id
-        self.key = key
-        self.created = ts
-        self.last_seen = ts
-        self.a: _Half
-        self.b: _Half
-
-
-class Reassembler:
+class Reassembler(FlowData):
     """Reassembles every TCP connection seen in a stream of segments.
 
     Feed segments in capture order with :meth:`feed`; chunks, :class:`DirectionEnd` (a
     direction reached its FIN in sequence, or gave up on the bytes before it) and
     :class:`FlowEnd` notices are appended to the output list you pass. In-order data is
-    delivered at once. Call :meth:`flush` at end of input. ``classify(src_port, dst_port)``
-    sets each chunk's direction. Directions in ``untracked`` are followed for their
-    SYN/FIN/RST only: their payload is ignored (and may be absent, elided by the source).
+    delivered at once. :meth:`feed_batch` feeds many and merges the chunks they make. Call
+    :meth:`flush` at end of input. ``classify(src_port, dst_port)`` sets each chunk's
+    direction. Directions in ``untracked`` are followed for their SYN/FIN/RST only: their
+    payload is ignored (and may be absent, elided by the source).
     """
 
     def __init__(
@@ -165,22 +102,16 @@ class Reassembler:
         anonymize: Callable[[bytes], bytes] | None = None,
         untracked: frozenset[Direction] = frozenset(),
     ) -> None:
-        self.config = config or ReassemblyConfig()
-        self.stats = ReassemblyStats()
+        super().__init__(config or ReassemblyConfig())
         self._classify = classify
         self._anonymize = anonymize
         self._untracked = untracked
-        self._halves: dict[tuple[bytes, int, bytes, int], _Half] = {}
-        self._flows: dict[int, _Flow] = {}
+        self._halves: dict[tuple[bytes, int, bytes, int], Half] = {}
+        self._flows: dict[int, Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
-        self._buffering: set[_Half] = set()  # halves with a hole: StreamBuffer.waiting
-        self._total_pending = 0
-        self._ready: Ready = []
         self._next_id = 1
         self._sweep_every = self.config.idle_timeout / 2
-        self._next_hole_check = 0.0
-        self._next_sweep: float | None = None
-        self._now = 0.0
+        self._next_sweep = -math.inf  # the first segment (or advance) starts the clock
 
     # ----------------------------------------------------------------- public API
 
@@ -193,62 +124,82 @@ class Reassembler:
         return self._total_pending
 
     def process(self, segments: Iterable[Segment]) -> Output:
-        """Feed many segments; return everything they produced."""
+        """Feed many segments; return everything they produced (chunks not merged)."""
         out: Output = []
-        for seg in segments:
-            self.feed(seg, out)
+        self._feed(segments, out)
         return out
 
     def feed(self, seg: Segment, out: Output) -> None:
         """Account for one segment; append resulting chunks / flow ends to ``out``."""
+        self._feed((seg,), out)
+
+    def feed_batch(self, segments: Iterable[Segment], out: Output) -> None:
+        """Feed many segments; the chunks they make come out merged (see
+        :mod:`agent.flows`): consecutive ones of a flow and direction with no gap between
+        them are one chunk, as :func:`agent.mirror.coalesce` would make them."""
+        with self.merging():
+            self._feed(segments, out)
+
+    def _feed(self, segments: Iterable[Segment], out: Output) -> None:
+        """Each segment in turn: in-order data on the fast path here, anything else (and
+        time passing) by the methods it calls."""
         stats = self.stats
-        stats.segments += 1
-        ts = seg.ts
-        if self._next_sweep is None:
-            self._next_sweep = ts + self._sweep_every
-        elif ts >= self._next_sweep:
-            self.advance(ts, out)
-        if ts > self._now:
-            self._now = ts
-        if self._buffering and ts >= self._next_hole_check and self.config.hole_timeout:
-            self._expire_holes(ts, out)
-        half = self._halves.get((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port))
+        find = self._halves.get
+        for seg in segments:
+            stats.segments += 1
+            ts = seg.ts
+            if ts >= self._next_sweep or (self._buffering and ts >= self._next_hole_check
+                                          and self.config.hole_timeout):
+                self.advance(ts, out)
+            elif ts > self._now:
+                self._now = ts
+            half = find((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port))
+            flags = seg.flags
+            if half is None or flags & SYN:
+                half = self._find(half, seg, out)
+                if half is None:
+                    continue
+            half.flow.last_seen = ts
+            if seg.window == 0:
+                half.peer.blocked = True
+            elif half.peer.blocked:
+                half.peer.blocked = False
+            payload = seg.payload
+            nxt = half.nxt
+            if (payload and nxt is not None and not flags & (SYN | FIN | RST)
+                    and seg.seq == nxt & _MASK
+                    and not (half.untracked or half.pending or half.probe or half.blocked
+                             or seg.lost or half.fin is not None or half.gap)):
+                # Fast path: the next bytes, in order; nothing held, skipped or ending.
+                half.nxt = nxt + len(payload)
+                half.last = (nxt, payload)
+                o = half.flow.open
+                if o is not None and o.half is half:  # merged into the flow's latest chunk
+                    stats.bytes_delivered += len(payload)
+                    o.parts.append(payload)
+                    o.chunk.seen_at = ts
+                else:
+                    self._emit(half, payload, 0, ts, out)
+            else:
+                self._segment(half, seg, ts, out)
+
+    def _segment(self, half: Half, seg: Segment, ts: float, out: Output) -> None:
+        """:meth:`feed` for every segment but in-order data: RST, SYN, FIN, data out of
+        order or of an untracked direction; ends what it completes."""
         flags = seg.flags
-        if half is None:
-            half = self._open(seg, out)
-            if half is None:
-                return
-        elif flags & SYN and half.isn != seg.seq and not self._is_own_syn(half, seg):
-            # A new connection on a 4-tuple we still track: the old one is over.
-            self._end(half.flow, "reused", out)
-            half = self._open(seg, out)
-            if half is None:
-                return
-        flow = half.flow
-        flow.last_seen = ts
-        if seg.window == 0:
-            half.peer.blocked = True
-        elif half.peer.blocked:
-            half.peer.blocked = False
         if flags & RST:
-            self._end(flow, "rst", out)
-            self._tombstones[flow.key] = ts
+            self._end(half.flow, "rst", out)
+            self._tombstones[half.flow.key] = ts
             return
         if half.untracked:
-            stats.untracked_segments += 1
-            if flags & SYN:
-                half.isn = seg.seq
-            if flags & FIN:
-                half.fin = half.nxt = 0  # this half is done; nothing in it is awaited
-            elif half.nxt is None:
-                half.nxt = seg.seq  # started: a later SYN is a new connection's
+            self._follow(half, seg)
         else:
-            self._track(half, seg, ts, out)
-        if half.fin is not None and half.nxt is not None and half.nxt >= half.fin:
+            self._track(half, flags, seg.seq, seg.payload, seg.lost, ts, out)
+        if half.complete:
             if not half.done:
                 self._direction_end(half, out)
             if self._finished(half.peer, out):
-                self._end(flow, "fin", out)
+                self._end(half.flow, "fin", out)
 
     def advance(self, now: float, out: Output) -> None:
         """Let time pass: skip timed-out holes, end idle flows (and over-age ones), expire
@@ -257,7 +208,7 @@ class Reassembler:
             self._now = now
         if self._buffering and self.config.hole_timeout:
             self._expire_holes(now, out)
-        if self._next_sweep is not None and now < self._next_sweep:
+        if now < self._next_sweep:
             return
         self._next_sweep = now + self._sweep_every
         cfg = self.config
@@ -278,108 +229,29 @@ class Reassembler:
             self._end(flow, "flush", out)
         self._tombstones.clear()
 
-    # ----------------------------------------------------------------- data
-
-    def _track(self, half: _Half, seg: Segment, ts: float, out: Output) -> None:
-        """The data path of :meth:`feed` for a tracked half (not RST)."""
-        flags = seg.flags
-        payload = seg.payload
-        nxt = half.nxt
-        if nxt is None:
-            if flags & SYN:
-                half.isn = seg.seq
-                nxt = half.nxt = seg.seq + 1
-            else:
-                nxt = half.nxt = seg.seq  # started mid-stream: begin at the first byte seen
-        pos = half.unwrap(seg.seq + 1 if flags & SYN else seg.seq)
-        if pos == nxt and payload and not (half.pending or half.probe or half.blocked
-                                           or seg.lost or half.fin is not None):
-            # Fast path: the next bytes, in order, nothing held, no FIN known.
-            half.nxt = pos + len(payload)
-            half.last = (pos, payload)
-            gap = half.gap
-            if gap:
-                half.gap = 0
-            self._emit(half, payload, gap, ts, out)
-        elif payload or seg.lost:
-            self._add(half, pos, payload, seg.lost, ts, out)
-        if flags & FIN and half.fin is None:
-            held = half.held
-            half.set_fin(pos + len(payload) + seg.lost)
-            self._total_pending += half.held - held
-            self._wait(half, False)  # the bytes before the FIN, if missing, are a hole
-
-    def _add(self, half: _Half, pos: int, payload: bytes, lost: int, ts: float,
-             out: Output) -> None:
-        """Hand data to ``half``'s buffer; emit what it releases; apply the memory limits."""
-        nxt, held = half.nxt, half.held
-        ready = self._ready
-        half.add(pos, payload, lost, ready)
-        self._total_pending += half.held - held
-        if ready:
-            self._deliver(half, ready, ts, out)
-        self._wait(half, half.nxt != nxt)
-        cfg = self.config
-        while half.pending and half.held > cfg.max_flow_buffer:
-            self.stats.limit_skips += 1
-            self._skip(half, ts, out)
-        while self._buffering and self._total_pending > cfg.max_total_buffer:
-            self.stats.limit_skips += 1
-            biggest = max(self._buffering, key=lambda h: h.held)
-            self._skip(biggest, ts, out)
-            if biggest.flow is not half.flow:  # feed() closes this one once it is done
-                self._close_if_finished(biggest.flow, out)
-
-    def _wait(self, half: _Half, moved: bool) -> None:
-        """Keep :attr:`_buffering` and the hole clock: a hole starts when a half begins to
-        wait, and again whenever its next byte moved."""
-        if half.waiting:
-            if moved or half not in self._buffering:
-                half.since = self._now
-                self._buffering.add(half)
-        else:
-            self._buffering.discard(half)
-
-    def _skip(self, half: _Half, ts: float, out: Output) -> None:
-        """Give up on ``half``'s first hole (a gap); that may complete the direction."""
-        nxt, held = half.nxt, half.held
-        ready = self._ready
-        half.skip_hole(ready)
-        self._total_pending += half.held - held
-        if ready:
-            self._deliver(half, ready, ts, out)
-        self._wait(half, half.nxt != nxt)
-        self._finished(half, out)
-
-    def _expire_holes(self, now: float, out: Output) -> None:
-        timeout = self.config.hole_timeout
-        self._next_hole_check = now + timeout / 4
-        for half in [h for h in self._buffering if now - h.since >= timeout]:
-            if half in self._buffering:  # not ended with its flow earlier in this loop
-                self.stats.hole_timeouts += 1
-                self._skip(half, now, out)
-                self._close_if_finished(half.flow, out)
-
-    def _deliver(self, half: _Half, ready: Ready, ts: float, out: Output) -> None:
-        for gap, data in ready:
-            self._emit(half, data, gap, ts, out)
-        ready.clear()
-
-    def _emit(self, half: _Half, data: bytes, gap: int, ts: float, out: Output) -> None:
-        stats = self.stats
-        if gap:
-            stats.gap_bytes += gap
-        stats.chunks += 1
-        stats.bytes_delivered += len(data)
-        out.append(
-            TrafficChunk(
-                data, half.from_addr, half.to_addr, half.chunk_dir, ts, half.flow.flow_id, gap
-            )
-        )
-
     # ----------------------------------------------------------------- flows
 
-    def _is_own_syn(self, half: _Half, seg: Segment) -> bool:
+    def _find(self, half: Half | None, seg: Segment, out: Output) -> Half | None:
+        """The half of a segment of no known flow (a new flow, or None if it opens none),
+        or of a SYN (a new connection on a 4-tuple still tracked ends the old one)."""
+        if half is None:
+            return self._open(seg, out)
+        if half.isn != seg.seq and not self._is_own_syn(half, seg):
+            self._end(half.flow, "reused", out)
+            return self._open(seg, out)
+        return half
+
+    def _follow(self, half: Half, seg: Segment) -> None:
+        """An untracked half: only its SYN and FIN matter (and where it started)."""
+        self.stats.untracked_segments += 1
+        if seg.flags & SYN:
+            half.isn = seg.seq
+        if seg.flags & FIN:
+            half.fin = half.nxt = 0  # this half is done; nothing in it is awaited
+        elif half.nxt is None:
+            half.nxt = seg.seq  # started: a later SYN is a new connection's
+
+    def _is_own_syn(self, half: Half, seg: Segment) -> bool:
         """A SYN for a half that started from data: its own late or retransmitted SYN?"""
         if half.isn is not None or half.nxt is None:
             return half.nxt is None
@@ -390,7 +262,7 @@ class Reassembler:
             return True
         return False
 
-    def _open(self, seg: Segment, out: Output) -> _Half | None:
+    def _open(self, seg: Segment, out: Output) -> Half | None:
         flags = seg.flags
         key = flow_key(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)
         if not flags & SYN:
@@ -407,14 +279,14 @@ class Reassembler:
         self._tombstones.pop(key, None)
         if len(self._flows) >= self.config.max_flows:
             self._evict(out)
-        flow = _Flow(self._next_id, key, seg.ts)
+        flow = Flow(self._next_id, key, seg.ts)
         self._next_id += 1
         anon = self._anonymize
         src = format_addr(seg.src_ip, seg.src_port, anon)
         dst = format_addr(seg.dst_ip, seg.dst_port, anon)
         stats = self.stats
-        a = _Half(flow, src, dst, self._classify(seg.src_port, seg.dst_port), stats)
-        b = _Half(flow, dst, src, self._classify(seg.dst_port, seg.src_port), stats)
+        a = Half(flow, src, dst, self._classify(seg.src_port, seg.dst_port), stats)
+        b = Half(flow, dst, src, self._classify(seg.dst_port, seg.src_port), stats)
         a.peer, b.peer = b, a
         a.untracked = a.chunk_dir in self._untracked
         b.untracked = b.chunk_dir in self._untracked
@@ -425,28 +297,9 @@ class Reassembler:
         stats.flows_opened += 1
         return a
 
-    def _finished(self, half: _Half, out: Output) -> bool:
-        """Has ``half`` reached its FIN in sequence? (Announced once with DirectionEnd.)"""
-        if not half.complete:
-            return False
-        if not half.done:
-            self._direction_end(half, out)
-        return True
-
-    def _close_if_finished(self, flow: _Flow, out: Output) -> None:
-        """End ``flow`` by ``fin`` once both directions are complete (a hole skipped outside
-        :meth:`feed`, by time or by another flow's limit, may complete the second one)."""
-        if self._finished(flow.a, out) and self._finished(flow.b, out):
-            self._end(flow, "fin", out)
-
-    @staticmethod
-    def _direction_end(half: _Half, out: Output) -> None:
-        half.done = True
-        out.append(DirectionEnd(half.flow.flow_id, half.chunk_dir, half.from_addr))
-
     def _evict(self, out: Output) -> None:
         """Make room: end the least recently active of the few oldest flows."""
-        oldest: _Flow | None = None
+        oldest: Flow | None = None
         for i, flow in enumerate(self._flows.values()):
             if oldest is None or flow.last_seen < oldest.last_seen:
                 oldest = flow
@@ -455,19 +308,8 @@ class Reassembler:
         if oldest is not None:
             self._end(oldest, "evicted", out)
 
-    def _end(self, flow: _Flow, reason: str, out: Output) -> None:
-        trailing = 0
-        ready = self._ready
-        for half in (flow.a, flow.b):
-            if half.pending:
-                held = half.held
-                half.release_all(ready)
-                self._total_pending += half.held - held
-                self._deliver(half, ready, self._now, out)
-                self._finished(half, out)  # releasing the last hole may complete it
-            half.probe = None  # never confirmed: not data
-            self._buffering.discard(half)
-            trailing += half.trailing()  # with no chunk left to carry it
+    def _end(self, flow: Flow, reason: str, out: Output) -> None:
+        trailing = self._release(flow, out)
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
         del self._flows[flow.flow_id]

@@ -35,6 +35,10 @@ class Piece(NamedTuple):
     data: bytes | None
 
 
+#: ``pending`` while nothing is held: no list for each stream that never needed one.
+_NOTHING: tuple[Piece, ...] = ()
+
+
 class StreamCounters(Protocol):
     """The counters a buffer adds to (:class:`~agent.reassembly.ReassemblyStats` has them)."""
 
@@ -64,7 +68,8 @@ class StreamBuffer:
         self.nxt: int | None = None
         self.fin: int | None = None  # position of the FIN, once seen (the first one wins)
         self.gap = 0  # bytes skipped, to report with the next bytes released
-        self.pending: list[Piece] = []  # sorted, non-overlapping, all past nxt
+        # Held pieces: sorted, non-overlapping, all past nxt (a list once there are any).
+        self.pending: list[Piece] | tuple[Piece, ...] = _NOTHING
         self.held = 0  # bytes of data in pending (lost pieces hold none)
         self.last: tuple[int, bytes] | None = None  # last piece released, for conflict checks
         self.blocked = False  # the receiver advertised a zero window
@@ -106,7 +111,9 @@ class StreamBuffer:
         if self.fin is not None:
             return
         self.fin = pos
-        pending = self.pending
+        if not self.pending or self.pending[-1].end <= pos:
+            return
+        pending = self._pieces()
         dropped = 0
         while pending and pending[-1].end > pos:
             s, e, data = pending.pop()
@@ -179,7 +186,7 @@ class StreamBuffer:
                     self._drain(ready)
             return
         self._insert(pos, payload, lost)
-        if pending[0].start <= nxt:
+        if self.pending[0].start <= nxt:
             self._drain(ready)
 
     def skip_hole(self, ready: Ready) -> None:
@@ -205,6 +212,15 @@ class StreamBuffer:
         self.probe = None
 
     # ------------------------------------------------------------------ inside
+
+    def _pieces(self) -> list[Piece]:
+        """``pending`` as a list to change (made when the first piece comes)."""
+        pending = self.pending
+        if isinstance(pending, list):
+            return pending
+        made: list[Piece] = []
+        self.pending = made
+        return made
 
     def _settle_probe(self, pos: int, ready: Ready) -> None:
         """A segment follows a held probe byte: at nxt+1 the receiver took it, else drop it."""
@@ -236,7 +252,7 @@ class StreamBuffer:
 
     def _insert(self, pos: int, payload: bytes, lost: int) -> None:
         """Add [pos, pos+len+lost) to the pending list; bytes already held win (first copy)."""
-        pending = self.pending
+        pending = self._pieces()
         end = pos + len(payload)
         pieces: list[Piece] = []
         i = bisect.bisect_left(pending, pos, key=_start)
@@ -266,7 +282,7 @@ class StreamBuffer:
 
     def _drain(self, ready: Ready) -> None:
         """Release pending pieces that now start at or before ``nxt``, joined where adjacent."""
-        pending = self.pending
+        pending = self._pieces()
         nxt = self.nxt
         assert nxt is not None
         parts: list[bytes] = []
@@ -291,6 +307,8 @@ class StreamBuffer:
                 self.last = (max(s, nxt), piece)
             nxt = e
         del pending[:k]
+        if not pending:
+            self.pending = _NOTHING  # the list goes with the last piece
         self.nxt = nxt
         self.held -= released
         if parts:

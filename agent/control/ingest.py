@@ -37,7 +37,8 @@ from typing import Any, Literal, NamedTuple
 import structlog
 
 from agent.capture import SourceError
-from agent.capture.pcapfile import PcapFileSource, _check_header
+from agent.capture.capfile import check_header
+from agent.capture.pcapfile import PcapFileSource
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.heartbeat import Heartbeat
 from agent.model import Segment
@@ -64,7 +65,7 @@ class IngestClosed(Exception):
 def check_capture(path: Path) -> None:
     """Raise :class:`SourceError` (one line) unless ``path`` starts like a whole pcap (either
     byte order, micro- or nanosecond) or pcapng file."""
-    _check_header(path)
+    check_header(path)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 
 from agent.capture.channel import ChannelSource
 from agent.config import MirrorConfig
-from agent.hooks import HookFunc, KeepAll
+from agent.hooks import HookFunc, HookPipeline, KeepAll, OnlyToObserved
 from agent.metrics import key
 from agent.mirror import Cancelled, TrafficMirror, coalesce
 from agent.model import Direction, FlowEnd, Segment, TrafficChunk
@@ -277,6 +277,35 @@ def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
     st = m.stats()
     assert st[FORWARD_FLOWS_DROPPED_FLOW_BUFFER] == 1
     assert st[FORWARD_DROPPED_BYTES] + st.get(FORWARD_FORWARDED_BYTES, 0) == 6_000_000
+
+
+def test_built_in_direction_filters_decide_as_their_calls_would() -> None:
+    """KeepAll and OnlyToObserved at the head of a pipeline are not called; the result is
+    what calling every hook gives. A subclass (which may handle() otherwise) is called."""
+    calls: list[Direction] = []
+
+    class Counting(KeepAll):
+        def handle(self, chunk: TrafficChunk) -> tuple[bytes, bool]:
+            calls.append(chunk.direction)
+            return chunk.data + b"!", True
+
+    for hooks in ([], [KeepAll()], [OnlyToObserved()], [KeepAll(), OnlyToObserved()],
+                  [Counting()], [OnlyToObserved(), Counting()], [Counting(), OnlyToObserved()],
+                  [OnlyToObserved(), Counting(), KeepAll()]):
+        for d in Direction:
+            chunk = TrafficChunk(b"x", "a", "b", d, 0.0, 1)
+            want: tuple[bytes, bool] = (b"x", True)
+            for h in hooks:
+                want = h.handle(chunk.with_data(want[0]))
+                if not want[1]:
+                    want = (b"", False)
+                    break
+            calls.clear()
+            assert HookPipeline(hooks).handle(chunk) == want, (hooks, d)
+            called = [h for h in hooks if isinstance(h, Counting)]
+            filtered = isinstance(hooks[0], OnlyToObserved) if hooks else False
+            assert len(calls) == (0 if filtered and d is not Direction.TO_OBSERVED
+                                  else len(called)), (hooks, d)
 
 
 def test_coalesce_keeps_direction_interleaving() -> None:

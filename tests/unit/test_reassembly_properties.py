@@ -8,6 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.mirror import coalesce
 from agent.model import ACK, FIN, RST, SYN, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler, ReassemblyConfig
 from tests.unit.segments import Conversation, split
@@ -193,6 +194,7 @@ def test_with_a_hole_timeout_every_connection_ends_by_its_fins(
 
 
 _CLIENT_IP, _SERVER_IP = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])
+JunkSegment = tuple[int, bool, int, int, int, int, float, bool, bool]
 _junk_segment = st.tuples(
     st.integers(0, 2),  # which of three connections
     st.booleans(),  # from the client
@@ -206,32 +208,49 @@ _junk_segment = st.tuples(
 )
 
 
+def _junk(segments: list[JunkSegment], rng: random.Random) -> list[tuple[Segment, bool]]:
+    """The segments the strategy describes (three connections), each with "let time pass
+    after it"."""
+    isn = [rng.randrange(2**32) for _ in range(3)]
+    ts = 1_700_000_000.0
+    out = []
+    for conn, from_client, flags, off, size, lost, dt, zero, wait in segments:
+        port = 40000 + conn
+        src, dst = ((_CLIENT_IP, port), (_SERVER_IP, 8080))
+        if not from_client:
+            src, dst = dst, src
+        seq = (isn[conn] + (0 if from_client else 7777) + off) & 0xFFFFFFFF
+        ts += dt
+        out.append((Segment(src[0], src[1], dst[0], dst[1], seq, 0, flags, rng.randbytes(size),
+                            ts, 0 if zero else 65535, lost), wait))
+    return out
+
+
+_limits = {
+    "hole_timeout": st.sampled_from([0.0, 0.001, 0.01]),
+    "max_flow_buffer": st.sampled_from([50, 4 << 20]),
+    "max_total_buffer": st.sampled_from([80, 256 << 20]),
+    "max_flows": st.sampled_from([1, 100]),
+    "idle_timeout": st.sampled_from([0.05, 600.0]),
+}
+
+
 @settings(max_examples=300, deadline=None)
-@given(
-    segments=st.lists(_junk_segment, max_size=120),
-    seed=st.integers(0, 2**32 - 1),
-    hole_timeout=st.sampled_from([0.0, 0.001, 0.01]),
-    max_flow_buffer=st.sampled_from([50, 4 << 20]),
-    max_total_buffer=st.sampled_from([80, 256 << 20]),
-    max_flows=st.sampled_from([1, 100]),
-    idle_timeout=st.sampled_from([0.05, 600.0]),
-)
+@given(segments=st.lists(_junk_segment, max_size=120), seed=st.integers(0, 2**32 - 1),
+       **_limits)
 def test_any_segments_keep_the_order_of_chunks_and_ends(
-    segments: list[tuple[int, bool, int, int, int, int, float, bool, bool]], seed: int,
-    hole_timeout: float, max_flow_buffer: int, max_total_buffer: int, max_flows: int,
-    idle_timeout: float,
+    segments: list[JunkSegment], seed: int, hole_timeout: float, max_flow_buffer: int,
+    max_total_buffer: int, max_flows: int, idle_timeout: float,
 ) -> None:
     """Whatever arrives (junk flags, numbers, limits, time): the notice order holds, a call
     that completes a flow's second direction also ends the flow, and every byte given up on
     is reported once."""
     rng = random.Random(seed)
-    isn = [rng.randrange(2**32) for _ in range(3)]
     r = Reassembler(ReassemblyConfig(
         hole_timeout=hole_timeout, max_flow_buffer=max_flow_buffer, max_flows=max_flows,
         max_total_buffer=max_total_buffer, idle_timeout=idle_timeout))
     out: Output = []
     ended: dict[int, int] = {}  # flow id -> directions ended
-    ts = 1_700_000_000.0
 
     def call(step: Output) -> None:
         closing = set()
@@ -243,21 +262,13 @@ def test_any_segments_keep_the_order_of_chunks_and_ends(
         assert closing <= {o.flow_id for o in step if isinstance(o, FlowEnd)}, step
         out.extend(step)
 
-    for conn, from_client, flags, off, size, lost, dt, zero, wait in segments:
-        port = 40000 + conn
-        src, dst = ((_CLIENT_IP, port), (_SERVER_IP, 8080))
-        if not from_client:
-            src, dst = dst, src
-        seq = (isn[conn] + (0 if from_client else 7777) + off) & 0xFFFFFFFF
-        ts += dt
+    for seg, wait in _junk(segments, rng):
         step: Output = []
-        r.feed(Segment(src[0], src[1], dst[0], dst[1], seq, 0, flags, rng.randbytes(size), ts,
-                       0 if zero else 65535, lost), step)
+        r.feed(seg, step)
         call(step)
         if wait:
-            ts += 0.01
             step = []
-            r.advance(ts, step)
+            r.advance(seg.ts + 0.01, step)
             call(step)
     step = []
     r.flush(step)
@@ -268,3 +279,44 @@ def test_any_segments_keep_the_order_of_chunks_and_ends(
     trailing = sum(o.trailing_gap for o in out if isinstance(o, FlowEnd))
     assert r.stats.gap_bytes == sum(c.gap_bytes for c in chunks) + trailing
     assert r.stats.bytes_delivered == sum(len(c.data) for c in chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments=st.lists(_junk_segment, max_size=120), seed=st.integers(0, 2**32 - 1),
+       batch=st.sampled_from([1, 3, 16, 200]), **_limits)
+def test_a_batch_merges_its_chunks_as_coalesce_does(
+    segments: list[JunkSegment], seed: int, batch: int, hole_timeout: float,
+    max_flow_buffer: int, max_total_buffer: int, max_flows: int, idle_timeout: float,
+) -> None:
+    """feed_batch() is feed() for each segment, then coalesce(): the same chunks (merged
+    the same way), ends and counters, whatever arrives."""
+    cfg = ReassemblyConfig(hole_timeout=hole_timeout, max_flow_buffer=max_flow_buffer,
+                           max_flows=max_flows, max_total_buffer=max_total_buffer,
+                           idle_timeout=idle_timeout)
+    merged, single = Reassembler(cfg), Reassembler(cfg)
+    got: Output = []
+    want: Output = []
+    fed = _junk(segments, random.Random(seed))
+    for i in range(0, len(fed), batch):
+        part = fed[i : i + batch]
+        merged.feed_batch([seg for seg, _ in part], got)
+        step: Output = []
+        for seg, _ in part:
+            single.feed(seg, step)
+        want += coalesce(step)
+        if part[-1][1]:
+            for r, out in ((merged, got), (single, want)):
+                r.advance(part[-1][0].ts + 0.01, out)
+    merged.flush(got)
+    single.flush(want)
+    assert [_fields(o) for o in got] == [_fields(o) for o in want]
+    assert merged.stats.chunks == sum(isinstance(o, TrafficChunk) for o in got)
+    merged.stats.chunks = single.stats.chunks
+    assert merged.stats == single.stats
+
+
+def _fields(o: TrafficChunk | DirectionEnd | FlowEnd) -> tuple[object, ...]:
+    if isinstance(o, TrafficChunk):
+        return ("chunk", o.flow_id, o.from_addr, o.to_addr, o.direction, o.seen_at,
+                o.gap_bytes, o.data)
+    return (type(o).__name__, *vars(o).values()) if hasattr(o, "__dict__") else (repr(o),)

@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import threading
+import zlib
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from agent.sinks.record import (
     NativeWriter,
     RecordError,
 )
+from agent.sinks.record.format import BODY, CHUNK, END, FILE_HEADER, FRAME, MAGIC, VERSION
 
 
 def chunk(i: int) -> TrafficChunk:
@@ -40,6 +43,33 @@ def test_roundtrip() -> None:
                 r.data) == ("chunk", i, c.direction, c.seen_at, c.gap_bytes, c.from_addr,
                             c.to_addr, c.data)
     assert (recs[5].kind, recs[5].data, recs[5].gap_bytes) == ("end", b"rst", 4)
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+def test_records_are_the_format_byte_for_byte(tmp_path: Path, to_file: bool) -> None:
+    """Small data copied into its record or large data as a piece of its own, to a file
+    (writev) or a file-like (write): the bytes are the format's, record after record."""
+    sizes = [0, 1, 300, 1023, 1024, 1025, 70_000, 5]
+    chunks = [TrafficChunk(bytes([n % 251]) * n, "192.0.2.1:1000", "[2001:db8::1]:80",
+                           Direction.TO_OBSERVED, 1700000000.25 + n, n, n // 7) for n in sizes]
+    want = [FILE_HEADER.pack(MAGIC, VERSION, 0, 0)]
+    for c in chunks:
+        fa, ta = c.from_addr.encode(), c.to_addr.encode()
+        body = BODY.pack(CHUNK, 1, len(fa), len(ta), 0, c.flow_id, c.seen_at, c.gap_bytes)
+        body += fa + ta + c.data
+        want.append(FRAME.pack(len(body), zlib.crc32(body)) + body)
+    body = BODY.pack(END, 0, 0, 0, 0, 9, 0.0, 11) + b"fin"
+    want.append(FRAME.pack(len(body), zlib.crc32(body)) + body)
+    path = tmp_path / "r.bin"
+    with path.open("wb") if to_file else io.BytesIO() as out:
+        w = NativeWriter(out)
+        for c in chunks:
+            w.write(c, c.data)
+        w.flow_end(FlowEnd(9, "fin", 11))
+        w.flush()
+        got = path.read_bytes() if to_file else out.getvalue()  # type: ignore[attr-defined]
+    assert got == b"".join(want)
+    assert w.stats() == {"records": len(sizes), "recorded_bytes": sum(sizes)}
 
 
 def test_truncated_last_record_is_reported() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Sequence
 from typing import BinaryIO
 
 import structlog
@@ -59,15 +58,20 @@ class Output:
         self.error: OSError | None = None
         self.records = self.data_bytes = self.failed_records = self.failed_bytes = 0
 
-    def add(self, pieces: Sequence[bytes], data_len: int) -> None:
-        """One record, in pieces; ``data_len`` < 0 for records that are not chunks."""
+    def add(self, head: bytes, data: bytes, data_len: int) -> None:
+        """One record: ``head``, then ``data`` as it is (not copied; may be empty).
+        ``data_len`` is the chunk's data length counted, < 0 for records that are not
+        chunks."""
         if self.error is not None:
             self._lose(data_len)
             return
-        self._pieces.extend(pieces)
-        self._pending += sum(map(len, pieces))
+        pieces = self._pieces
+        pieces.append(head)
+        if data:
+            pieces.append(data)
+        self._pending += len(head) + len(data)
         self._ends.append((self._pending, data_len))
-        if self._fd is None or self._pending >= _FLUSH_AT or len(self._pieces) >= _IOV_MAX:
+        if self._fd is None or self._pending >= _FLUSH_AT or len(pieces) >= _IOV_MAX:
             self._commit()
 
     def flush(self) -> None:
@@ -108,8 +112,12 @@ class Output:
             return
         i = 0
         while i < len(pieces):
-            n = os.writev(self._fd, pieces[i : i + _IOV_MAX])
+            some = pieces[i : i + _IOV_MAX]
+            n = os.writev(self._fd, some)
             self._sent += n
+            if n == sum(map(len, some)):  # all of them: the common case
+                i += len(some)
+                continue
             while i < len(pieces) and n >= len(pieces[i]):
                 n -= len(pieces[i])
                 i += 1
@@ -118,6 +126,11 @@ class Output:
 
     def _settle(self, ends: list[tuple[int, int]], sent: int) -> None:
         """Count the records of one write: whole in the first ``sent`` bytes, or lost."""
+        if ends and ends[-1][0] <= sent:  # all whole: the common case
+            lens = [n for _, n in ends if n >= 0]
+            self.records += len(lens)
+            self.data_bytes += sum(lens)
+            return
         for end, data_len in ends:
             if end > sent:
                 self._lose(data_len)

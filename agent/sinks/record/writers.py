@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
 from agent.model import FlowEnd, TrafficChunk
@@ -40,14 +39,10 @@ class RecordWriter(Protocol):
 
 
 class _FileWriter:
-    """A record writer over an :class:`Output`; subclasses frame records as ``pieces``."""
+    """A record writer over an :class:`Output`."""
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = Output(out)
-
-    def write(self, chunk: TrafficChunk, data: bytes) -> None:
-        pieces = () if self._out.error is not None else self._chunk_pieces(chunk, data)
-        self._out.add(pieces, len(data))
 
     def flow_end(self, end: FlowEnd) -> None:
         pass
@@ -58,9 +53,6 @@ class _FileWriter:
     def stats(self) -> dict[str, int]:
         return self._out.stats()
 
-    def _chunk_pieces(self, chunk: TrafficChunk, data: bytes) -> Sequence[bytes]:
-        raise NotImplementedError
-
 
 class NativeWriter(_FileWriter):
     """Writes the native format to a binary file-like object (the header on first use)."""
@@ -69,36 +61,51 @@ class NativeWriter(_FileWriter):
         super().__init__(out)
         self._started = False
 
-    def _pieces(self, kind: int, direction: int, flow_id: int, seen_at: float, gap: int,
-                from_addr: str, to_addr: str, data: bytes) -> list[bytes]:
-        pieces = []
-        if not self._started:
-            pieces.append(FILE_HEADER.pack(MAGIC, VERSION, 0, 0))
-            self._started = True
-        fa = from_addr.encode()
-        ta = to_addr.encode()
-        head = BODY.pack(kind, direction, len(fa), len(ta), 0, flow_id, seen_at, gap) + fa + ta
-        # The data goes as it is (no copy into one body); the CRC runs over both parts.
-        pieces.append(FRAME.pack(len(head) + len(data), zlib.crc32(data, zlib.crc32(head)))
-                      + head)
-        pieces.append(data)
-        return pieces
-
-    def _chunk_pieces(self, chunk: TrafficChunk, data: bytes) -> Sequence[bytes]:
-        return self._pieces(CHUNK, DIRS[chunk.direction], chunk.flow_id, chunk.seen_at,
-                            chunk.gap_bytes, chunk.from_addr, chunk.to_addr, data)
+    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        fa = chunk.from_addr.encode()
+        ta = chunk.to_addr.encode()
+        head = BODY.pack(CHUNK, DIRS[chunk.direction], len(fa), len(ta), 0, chunk.flow_id,
+                         chunk.seen_at, chunk.gap_bytes) + fa + ta
+        self._record(head, data, len(data))
 
     def flow_end(self, end: FlowEnd) -> None:
-        if self._out.error is None:
-            self._out.add(self._pieces(END, 0, end.flow_id, 0.0, end.trailing_gap, "", "",
-                                       end.reason.encode()), -1)
+        head = BODY.pack(END, 0, 0, 0, 0, end.flow_id, 0.0, end.trailing_gap)
+        self._record(head, end.reason.encode(), -1)
+
+    def _record(self, head: bytes, data: bytes, data_len: int) -> None:
+        """One record: its frame (the length and CRC of ``head`` and ``data`` together),
+        ``head``, ``data``; after the file header on first use. Data of
+        :data:`_COPY_BELOW` bytes or more goes as it is, a piece of its own (one copy less,
+        one CRC call more); smaller data is copied into the record."""
+        out = self._out
+        if out.error is not None:
+            out.add(b"", b"", data_len)  # counted as lost
+            return
+        if len(data) < _COPY_BELOW:
+            body = head + data
+            record = FRAME.pack(len(body), zlib.crc32(body)) + body
+            data = b""
+        else:
+            record = FRAME.pack(len(head) + len(data), zlib.crc32(data, zlib.crc32(head))) + head
+        if not self._started:
+            self._started = True
+            record = FILE_HEADER.pack(MAGIC, VERSION, 0, 0) + record
+        out.add(record, data, data_len)
+
+
+#: Record data shorter than this is copied into its record: cheaper than a second CRC call
+#: and a piece of its own in the ``writev``.
+_COPY_BELOW = 1024
 
 
 class JsonLinesWriter(_FileWriter):
     """One JSON object per chunk, one per line; flow ends are not written."""
 
-    def _chunk_pieces(self, chunk: TrafficChunk, data: bytes) -> Sequence[bytes]:
-        return (json.dumps(chunk_json(chunk, data), separators=(",", ":")).encode() + b"\n",)
+    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        out = self._out
+        line = b"" if out.error is not None else json.dumps(
+            chunk_json(chunk, data), separators=(",", ":")).encode() + b"\n"
+        out.add(line, b"", len(data))
 
 
 def make_writer(out: BinaryIO, fmt: str) -> NativeWriter | JsonLinesWriter:

@@ -1,0 +1,295 @@
+"""One connection inside the reassembler: its two halves, and what happens to a segment's
+bytes once the flow table (:mod:`agent.reassembly`) has found its flow.
+
+:class:`Half` is one direction: a :class:`~agent.streambuf.StreamBuffer` with its addresses,
+chunk direction and end state. :class:`FlowData`, the base of
+:class:`~agent.reassembly.Reassembler`, moves a segment's bytes through its half into
+:class:`~agent.model.TrafficChunk` objects, keeps the memory limits and the hole clocks, and
+says when a direction is complete. Ending a flow (and keeping the table) is the
+Reassembler's.
+
+Merged output: inside :meth:`FlowData.merging`, a chunk that follows its flow's latest chunk
+in the same direction with no gap is appended to it instead of coming out on its own (the
+bytes are joined when the block ends), so a batch of small in-order segments makes one chunk
+per run, with no second pass over the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.model import FIN, SYN, Direction, DirectionEnd, FlowEnd, FlowKey, TrafficChunk
+from agent.streambuf import Ready, StreamBuffer
+
+if TYPE_CHECKING:
+    from agent.reassembly import ReassemblyConfig
+
+__all__ = ["Flow", "FlowData", "Half", "OpenChunk", "Output", "ReassemblyStats"]
+
+Output = list[TrafficChunk | DirectionEnd | FlowEnd]
+
+
+@dataclass(slots=True)
+class ReassemblyStats:
+    """Counters; plain ints so the hot path only adds. Every byte not delivered is in one."""
+
+    segments: int = 0
+    chunks: int = 0
+    bytes_delivered: int = 0
+    flows_opened: int = 0
+    gap_bytes: int = 0
+    """Bytes given up on (holes skipped, lost by the source, missing at a connection's end)."""
+    retransmitted_bytes: int = 0
+    conflict_bytes: int = 0
+    """Bytes of a later copy that differed from the first copy (which wins)."""
+    keepalives: int = 0
+    zero_window_probes: int = 0
+    late_segments: int = 0
+    """Data segments of a connection already closed (after RST or FIN), or with bytes past
+    their direction's FIN, dropped."""
+    late_bytes: int = 0
+    limit_skips: int = 0
+    hole_timeouts: int = 0
+    """Holes skipped because later data (or the FIN) waited longer than ``hole_timeout``."""
+    untracked_segments: int = 0
+    """Segments of an untracked direction (responses nobody consumes): SYN/FIN/RST only."""
+    flows_closed: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {k: v for k, v in asdict(self).items() if k != "flows_closed"}
+        out.update({f"flows_closed_{k}": v for k, v in sorted(self.flows_closed.items())})
+        return out
+
+
+class Half(StreamBuffer):
+    """One direction of one connection: its stream and what the table knows about it."""
+
+    __slots__ = ("chunk_dir", "done", "flow", "from_addr", "isn", "peer", "since", "to_addr",
+                 "untracked")
+
+    def __init__(self, flow: Flow, from_addr: str, to_addr: str, direction: Direction,
+                 stats: ReassemblyStats) -> None:
+        super().__init__(stats)
+        self.flow = flow
+        self.from_addr = from_addr
+        self.to_addr = to_addr
+        self.chunk_dir = direction
+        self.isn: int | None = None
+        self.done = False  # FIN reached in sequence, DirectionEnd sent
+        self.since = 0.0  # when the current hole started holding data (or the FIN) back
+        self.untracked = False  # payload ignored; only SYN/FIN/RST are followed
+        self.peer: Half = self
+
+
+class Flow:
+    """One connection: its halves ``a`` (the direction that opened it) and ``b``."""
+
+    __slots__ = ("a", "b", "created", "flow_id", "key", "last_seen", "open")
+
+    def __init__(self, flow_id: int, key: FlowKey, ts: float) -> None:
+        self.flow_id = flow_id
+        self.key = key
+        self.created = ts
+        self.last_seen = ts
+        self.a: Half
+        self.b: Half
+        self.open: OpenChunk | None = None  # while merging: its latest item, if a chunk
+
+
+class OpenChunk:
+    """While merging: a flow's latest chunk (nothing of the flow came after it), its half,
+    and its data so far, in pieces joined when merging ends."""
+
+    __slots__ = ("chunk", "flow", "half", "parts")
+
+    def __init__(self, chunk: TrafficChunk, half: Half) -> None:
+        self.chunk = chunk
+        self.half = half
+        self.flow = half.flow
+        self.parts = [chunk.data]
+
+
+class FlowData:
+    """The data path of every flow (see the module docstring); the flow table subclasses it
+    and provides :meth:`_end`."""
+
+    def __init__(self, config: ReassemblyConfig) -> None:
+        self.config = config
+        self.stats = ReassemblyStats()
+        # Halves with a hole (StreamBuffer.waiting), in the order they began to wait: a set
+        # that iterates the same way every run, so ties (the biggest hole) break the same way.
+        self._buffering: dict[Half, None] = {}
+        self._total_pending = 0
+        self._ready: Ready = []
+        self._next_hole_check = 0.0
+        self._now = 0.0
+        self._merged: list[OpenChunk] | None = None  # inside merging(): every chunk made
+
+    def _end(self, flow: Flow, reason: str, out: Output) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def merging(self) -> Iterator[None]:
+        """Merge chunks output inside the block (see the module docstring); their bytes are
+        joined when it ends."""
+        merged: list[OpenChunk] = []
+        self._merged = merged
+        try:
+            yield
+        finally:
+            self._merged = None
+            for o in merged:
+                o.flow.open = None
+                if len(o.parts) > 1:
+                    o.chunk.data = b"".join(o.parts)
+
+    # ----------------------------------------------------------------- data
+
+    def _track(self, half: Half, flags: int, seq: int, payload: bytes, lost: int, ts: float,
+               out: Output) -> None:
+        """The data path of a segment of a tracked half (not RST)."""
+        nxt = half.nxt
+        if nxt is None:
+            if flags & SYN:
+                half.isn = seq
+                nxt = half.nxt = seq + 1
+            else:
+                nxt = half.nxt = seq  # started mid-stream: begin at the first byte seen
+        pos = half.unwrap(seq + 1 if flags & SYN else seq)
+        if pos == nxt and payload and not (half.pending or half.probe or half.blocked
+                                           or lost or half.fin is not None):
+            # In order, nothing held, no FIN known: the next bytes.
+            half.nxt = pos + len(payload)
+            half.last = (pos, payload)
+            gap = half.gap
+            if gap:
+                half.gap = 0
+            self._emit(half, payload, gap, ts, out)
+        elif payload or lost:
+            self._add(half, pos, payload, lost, ts, out)
+        if flags & FIN and half.fin is None:
+            held = half.held
+            half.set_fin(pos + len(payload) + lost)
+            self._total_pending += half.held - held
+            self._wait(half, False)  # the bytes before the FIN, if missing, are a hole
+
+    def _add(self, half: Half, pos: int, payload: bytes, lost: int, ts: float,
+             out: Output) -> None:
+        """Hand data to ``half``'s buffer; emit what it releases; apply the memory limits."""
+        nxt, held = half.nxt, half.held
+        ready = self._ready
+        half.add(pos, payload, lost, ready)
+        self._total_pending += half.held - held
+        if ready:
+            self._deliver(half, ready, ts, out)
+        self._wait(half, half.nxt != nxt)
+        cfg = self.config
+        while half.pending and half.held > cfg.max_flow_buffer:
+            self.stats.limit_skips += 1
+            self._skip(half, ts, out)
+        while self._buffering and self._total_pending > cfg.max_total_buffer:
+            self.stats.limit_skips += 1
+            biggest = max(self._buffering, key=lambda h: h.held)
+            self._skip(biggest, ts, out)
+            if biggest.flow is not half.flow:  # feed() closes this one once it is done
+                self._close_if_finished(biggest.flow, out)
+
+    def _wait(self, half: Half, moved: bool) -> None:
+        """Keep :attr:`_buffering` and the hole clock: a hole starts when a half begins to
+        wait, and again whenever its next byte moved."""
+        if half.waiting:
+            if moved or half not in self._buffering:
+                half.since = self._now
+                self._buffering[half] = None
+        else:
+            self._buffering.pop(half, None)
+
+    def _skip(self, half: Half, ts: float, out: Output) -> None:
+        """Give up on ``half``'s first hole (a gap); that may complete the direction."""
+        nxt, held = half.nxt, half.held
+        ready = self._ready
+        half.skip_hole(ready)
+        self._total_pending += half.held - held
+        if ready:
+            self._deliver(half, ready, ts, out)
+        self._wait(half, half.nxt != nxt)
+        self._finished(half, out)
+
+    def _expire_holes(self, now: float, out: Output) -> None:
+        timeout = self.config.hole_timeout
+        self._next_hole_check = now + timeout / 4
+        for half in [h for h in self._buffering if now - h.since >= timeout]:
+            if half in self._buffering:  # not ended with its flow earlier in this loop
+                self.stats.hole_timeouts += 1
+                self._skip(half, now, out)
+                self._close_if_finished(half.flow, out)
+
+    def _deliver(self, half: Half, ready: Ready, ts: float, out: Output) -> None:
+        for gap, data in ready:
+            self._emit(half, data, gap, ts, out)
+        ready.clear()
+
+    def _emit(self, half: Half, data: bytes, gap: int, ts: float, out: Output) -> None:
+        stats = self.stats
+        stats.bytes_delivered += len(data)
+        flow = half.flow
+        merged = self._merged
+        if merged is not None:
+            o = flow.open
+            if o is not None and o.half is half and not gap:
+                o.parts.append(data)
+                o.chunk.seen_at = ts
+                return
+        if gap:
+            stats.gap_bytes += gap
+        stats.chunks += 1
+        chunk = TrafficChunk(data, half.from_addr, half.to_addr, half.chunk_dir, ts,
+                             flow.flow_id, gap)
+        out.append(chunk)
+        if merged is not None:
+            flow.open = o = OpenChunk(chunk, half)
+            merged.append(o)
+
+    # ----------------------------------------------------------------- ends
+
+    def _finished(self, half: Half, out: Output) -> bool:
+        """Has ``half`` reached its FIN in sequence? (Announced once with DirectionEnd.)"""
+        if not half.complete:
+            return False
+        if not half.done:
+            self._direction_end(half, out)
+        return True
+
+    def _close_if_finished(self, flow: Flow, out: Output) -> None:
+        """End ``flow`` by ``fin`` once both directions are complete (a hole skipped outside
+        ``feed``, by time or by another flow's limit, may complete the second one)."""
+        if self._finished(flow.a, out) and self._finished(flow.b, out):
+            self._end(flow, "fin", out)
+
+    @staticmethod
+    def _direction_end(half: Half, out: Output) -> None:
+        half.done = True
+        flow = half.flow
+        flow.open = None  # nothing merges across it
+        out.append(DirectionEnd(flow.flow_id, half.chunk_dir, half.from_addr))
+
+    def _release(self, flow: Flow, out: Output) -> int:
+        """Deliver what ``flow`` holds past its holes (its end is near); the bytes then
+        known missing at its end (both halves)."""
+        trailing = 0
+        ready = self._ready
+        for half in (flow.a, flow.b):
+            if half.pending:
+                held = half.held
+                half.release_all(ready)
+                self._total_pending += half.held - held
+                self._deliver(half, ready, self._now, out)
+                self._finished(half, out)  # releasing the last hole may complete it
+            half.probe = None  # never confirmed: not data
+            self._buffering.pop(half, None)
+            trailing += half.trailing()  # with no chunk left to carry it
+        flow.open = None
+        return trailing
