@@ -32,7 +32,6 @@ from agent import cli_args as a
 from agent.budget import UNREAD_CGROUP, Budget
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
-from agent.cli_control import probe
 from agent.cli_inspect import inspect_recording
 from agent.cli_options import parse_options, toml_lines
 from agent.cli_parser import UsageError, build_parser
@@ -324,6 +323,12 @@ def _warn_if_target_captured(p: PipelineOptions, ifaces: IfaceSpec | list[str]) 
                     target=p.target, iface=iface)
 
 
+def _probe(opts: Options) -> int:
+    from agent.cli_control import probe  # the control server's imports: not for offline
+
+    return probe(opts)
+
+
 def _config(opts: Options) -> int:
     """``mirror-agent config``: the effective configuration, as TOML with each value's origin."""
     sys.stdout.write("\n".join(toml_lines(opts.effective().items())) + "\n")
@@ -336,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt = None if opts.log_format == "auto" else opts.log_format == "json"
         configure_logging(opts.log_level, fmt)
         command = {"offline": _offline, "run": _run, "serve": _serve, "config": _config,
-                   "probe": probe}.get(opts.command)
+                   "probe": _probe}.get(opts.command)
         if command is not None:
             return command(opts)
         return inspect_recording(Path(opts.path), opts.format)
