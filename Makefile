@@ -3,7 +3,7 @@ PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
 .PHONY: help setup demo test unit integration lint image test-image bench bench-offline \
-	bench-http bench-bulk bench-memory bench-idle bench-overload clean
+	bench-http bench-bulk bench-memory bench-idle bench-overload bench-replay clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
@@ -46,6 +46,9 @@ bench: bench-offline bench-http bench-bulk bench-memory bench-idle bench-overloa
 
 bench-offline: setup
 	$(PY) bench/offline_replay.py
+
+bench-replay: setup
+	$(PY) bench/replay_rate.py
 
 bench-http: setup
 	$(PY) bench/http_overhead.py

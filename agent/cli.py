@@ -1,7 +1,8 @@
 """The ``mirror-agent`` command line: options (:mod:`agent.cli_options`: flags, environment
 and ``--config`` file into one :class:`~agent.options.Options`), and the ``offline``, ``run``
 and ``config`` commands
-(running the pipeline: :mod:`agent.cli_run`; ``inspect``: :mod:`agent.cli_inspect`).
+(running the pipeline: :mod:`agent.cli_run`; ``inspect``: :mod:`agent.cli_inspect`;
+``replay``: :mod:`agent.cli_replay`).
 
 Exit status: 0 success; 1 runtime failure (the summary, then the cause on one line); 2 bad
 usage (a bad value names its flag), unreadable input (every capture file's header is checked
@@ -329,6 +330,13 @@ def _probe(opts: Options) -> int:
     return probe(opts)
 
 
+def _replay(opts: Options) -> int:
+    """``mirror-agent replay``: :mod:`agent.cli_replay`."""
+    from agent.cli_replay import replay
+
+    return replay(opts)
+
+
 def _config(opts: Options) -> int:
     """``mirror-agent config``: the effective configuration, as TOML with each value's origin."""
     sys.stdout.write("\n".join(toml_lines(opts.effective().items())) + "\n")
@@ -341,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt = None if opts.log_format == "auto" else opts.log_format == "json"
         configure_logging(opts.log_level, fmt)
         command = {"offline": _offline, "run": _run, "serve": _serve, "config": _config,
-                   "probe": _probe}.get(opts.command)
+                   "probe": _probe, "replay": _replay}.get(opts.command)
         if command is not None:
             return command(opts)
         return inspect_recording(Path(opts.path), opts.format)

@@ -34,6 +34,7 @@ from agent.options import (
     OptionError,
     Options,
     PipelineOptions,
+    ReplayOptions,
 )
 
 __all__ = ["ENV_PREFIX", "parse_options"]
@@ -179,8 +180,8 @@ def parse_options(argv: Sequence[str] | None = None,
 
 def _shown(key: str, value: Any) -> Any:
     """``value`` as the key would be written in the file (ranges and headers as text)."""
-    if key == "forward-source-ports":
-        return f"{value[0]}-{value[1]}"
+    if key in ("forward-source-ports", "source-ports"):
+        return "any" if value is None else f"{value[0]}-{value[1]}"
     if key == "inject-header" and value is not None:
         return f"{value[0]}: {value[1]}"
     if isinstance(value, Path):
@@ -227,6 +228,21 @@ def _control(v: Mapping[str, Any]) -> ControlOptions:
                           pcap_dir=Path(pcap_dir) if pcap_dir else None)
 
 
+def _replay(v: Mapping[str, Any]) -> ReplayOptions:
+    from agent.replay.diff import DEFAULT_IGNORED
+
+    ignore = v.get("ignore_headers")
+    return ReplayOptions(
+        sources=tuple(v["sources"]), target=_required(v, "target", "target"),
+        baseline=v["baseline"], ports=tuple(dict.fromkeys(v["port"] or ())),
+        connections=v["connections"], speed=v["speed"], max_wait=v["max_wait"],
+        loop=v["loop"], duration=v["duration"], timeout=v["timeout"],
+        pipeline=v["pipeline"],
+        ignore_headers=tuple(DEFAULT_IGNORED if ignore is None else ignore),
+        report_json=v["report_json"], overwrite=v["overwrite"],
+        source_ports=v["source_ports"])
+
+
 def _build(command: str, v: dict[str, Any], path: Path | None, shown: dict[str, Any],
            origins: dict[str, str]) -> Options:
     common: dict[str, Any] = dict(command=command, log_level=v["log_level"],
@@ -236,6 +252,8 @@ def _build(command: str, v: dict[str, Any], path: Path | None, shown: dict[str, 
         return Options(**common, path=str(v["path"]), format=v["format"])
     if command == "probe":
         return Options(**common, path=v["path"], control=_control(v))
+    if command == "replay":
+        return Options(**common, replay=_replay(v))
     if command == "serve" and not v.get("pcap_dir"):
         raise OptionError("serve needs --pcap-dir: the directory POST /pcap may read from")
     capture = _capture(v) if command in ("run", "config") else None

@@ -1,7 +1,8 @@
 """The command line's parser: every option of ``offline``, ``run``, ``serve``, ``config``,
-``probe`` and ``inspect``, with the help text and examples; the schema of the config file and
-the environment too (:mod:`agent.cli_options`). Values are checked as they are parsed
-(:mod:`agent.cli_args`); a bad one is :class:`UsageError` (exit 2, one line naming the flag)."""
+``probe``, ``replay`` and ``inspect``, with the help text and examples; the schema of the
+config file and the environment too (:mod:`agent.cli_options`). Values are checked as they are
+parsed (:mod:`agent.cli_args`); a bad one is :class:`UsageError` (exit 2, one line naming the
+flag)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,58 @@ examples:
   mirror-agent probe --config /etc/mirror-agent/config.toml /healthz
   mirror-agent probe --listen 127.0.0.1:9464 /readyz
 """
+
+
+REPLAY_EXAMPLES = """\
+examples:
+  # replay a recording against a release candidate at the recorded pace
+  mirror-agent replay rec.bin --target rc.internal:8080
+  # as fast as possible over 200 connections, rotated files in order, a JSON report
+  mirror-agent replay rec.bin rec.1.bin --target 127.0.0.1:8080 --speed max \\
+      --connections 200 --report-json report.json
+  # twice the recorded pace, idle gaps cut to 1 s, looping for ten minutes
+  mirror-agent replay rec.jsonl --target 127.0.0.1:8080 --speed 2 --max-wait 1 --loop \\
+      --duration 600
+  # a capture of port 80; compare the candidate with today's build, Diffy-style
+  mirror-agent replay cap.pcap --port 80 --target rc:80 --baseline prod-copy:80 \\
+      --ignore-headers=Date,X-Request-Id,X-Trace
+exit status: 0 done (differences in the responses are the report, not a failure); 2 bad
+usage or a source that cannot be read at all; 1 failed; 3 degraded: a source was damaged
+(the report names the file and position; the rest replayed) or connections to the target
+failed (counted by reason); 130 interrupted (the report is printed).
+"""
+
+
+def _speed(text: str) -> float:
+    """``--speed``: ``max`` or a positive factor on the recorded pacing."""
+    if text.strip().lower() == "max":
+        return float("inf")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'max'") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a factor above 0 (2: twice as "
+                                         "fast), or 'max'")
+    return value
+
+
+def _source_ports(text: str) -> tuple[int, int] | None:
+    """``--source-ports``: ``LO-HI`` or ``any``."""
+    return None if text.strip().lower() == "any" else a.port_range(text)
+
+
+def _ignore_headers(text: str) -> list[str]:
+    """``--ignore-headers=NAMES``: header names, comma-separated; empty ignores none."""
+    from agent.http_hooks import check_header_name
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        try:
+            check_header_name(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 class UsageError(Exception):
@@ -205,6 +258,56 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
                         "only")
 
 
+def _add_replay(rep: argparse.ArgumentParser) -> None:
+    from agent.replay.diff import DEFAULT_IGNORED
+
+    rep.add_argument("sources", nargs="+", type=a.input_path, metavar="SOURCE",
+                     help="native or JSON-lines recordings (rotated files in order) or "
+                          "pcap/pcapng captures (with --port)")
+    _add_config_option(rep)
+    rep.add_argument("--target", type=a.target, metavar="HOST:PORT",
+                     help="where to replay to (the candidate); required")
+    rep.add_argument("--baseline", type=a.target, metavar="HOST:PORT",
+                     help="also replay to this build of today, and report only differences "
+                          "between target and baseline that the baseline does not show "
+                          "against production too (noise)")
+    rep.add_argument("--port", type=a.ports, metavar="PORT[,PORT...]",
+                     help="the service port(s) of capture files: tells requests from "
+                          "responses")
+    rep.add_argument("--connections", type=a.at_least_one, default=64, metavar="N",
+                     help="recorded connections replayed at once (default: 64)")
+    rep.add_argument("--speed", type=_speed, default=1.0, metavar="FACTOR|max",
+                     help="recorded pacing times FACTOR (2: twice as fast), or max: no "
+                          "waiting (default: 1)")
+    rep.add_argument("--max-wait", type=a.positive_seconds, metavar="SECONDS",
+                     help="cut every idle gap of the recording to at most this long")
+    rep.add_argument("--loop", action="store_true",
+                     help="start over when every connection has started; stop with "
+                          "--duration or a signal")
+    rep.add_argument("--duration", type=a.positive_seconds, metavar="SECONDS",
+                     help="stop after this long (running connections are closed)")
+    rep.add_argument("--timeout", type=a.positive_seconds, default=10.0, metavar="SECONDS",
+                     help="connect timeout, and how long the target may stay silent while "
+                          "answers are due (default: 10)")
+    rep.add_argument("--pipeline", action="store_true",
+                     help="send each connection's requests without waiting for the answers "
+                          "(HTTP pipelining); default: wait where the recorded client waited")
+    rep.add_argument("--ignore-headers", type=_ignore_headers, metavar="NAMES",
+                     help="response headers the diff ignores, comma-separated, replacing "
+                          f"the default ({','.join(DEFAULT_IGNORED)}); empty: none")
+    rep.add_argument("--report-json", type=a.output_path, metavar="PATH",
+                     help="also write the report as JSON ('-' = stdout)")
+    rep.add_argument("--overwrite", action="store_true",
+                     help="truncate an existing --report-json file (default: write "
+                          "NAME.1.EXT, ... instead)")
+    rep.add_argument("--source-ports", type=_source_ports, default=FORWARD_SOURCE_PORTS,
+                     metavar="LO-HI|any",
+                     help="local ports to connect from; capture skips them, so a mirror "
+                          "agent on this host does not mirror the replay (default: "
+                          f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}; any: the "
+                          "kernel's choice, for many short connections)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("path", metavar="PATH", help="what to ask: /healthz, /readyz, ...")
     _add_config_option(probe)
     _add_listen_options(probe)
+
+    _add_replay(sub.add_parser(
+        "replay", help="replay recordings or captures to a target: one connection per "
+        "recorded connection, recorded pacing, response status, latency and diff",
+        epilog=REPLAY_EXAMPLES, formatter_class=raw))
 
     ins = sub.add_parser("inspect", help="print a native recording")
     ins.add_argument("path", type=a.input_path)

@@ -26,6 +26,7 @@ __all__ = [
     "OptionError",
     "Options",
     "PipelineOptions",
+    "ReplayOptions",
 ]
 
 
@@ -97,6 +98,37 @@ class ControlOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    """``replay``: what to replay, where to, how fast, and what to compare."""
+
+    sources: tuple[Path, ...]
+    target: str
+    baseline: str | None = None
+    ports: tuple[int, ...] = ()
+    """The service's ports, for capture files (they tell requests from responses)."""
+    connections: int = 64
+    speed: float = 1.0
+    """Factor on the recorded pacing; ``inf`` for ``--speed max``."""
+    max_wait: float | None = None
+    loop: bool = False
+    duration: float | None = None
+    timeout: float = 10.0
+    pipeline: bool = False
+    ignore_headers: tuple[str, ...] = ()
+    report_json: str | None = None
+    overwrite: bool = False
+    source_ports: tuple[int, int] | None = FORWARD_SOURCE_PORTS
+    """Local ports connections are made from; None: any (the kernel's choice)."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise OptionError("replay needs at least one SOURCE")
+        if self.baseline is not None and self.baseline == self.target:
+            raise OptionError("--baseline is the same address as --target: give the build "
+                              "of today as --baseline and the candidate as --target")
+
+
+@dataclass(frozen=True, slots=True)
 class Options:
     """Everything one command was told, checked. ``origins`` says where each key's value came
     from (``flag``, ``env MIRROR_AGENT_X``, ``config FILE``); a key not in it is a default."""
@@ -108,6 +140,7 @@ class Options:
     pipeline: PipelineOptions | None = None
     capture: CaptureOptions | None = None
     control: ControlOptions = field(default_factory=ControlOptions)
+    replay: ReplayOptions | None = None
     files: tuple[Path, ...] = ()
     """``offline``: the capture files."""
     path: str = ""

@@ -1,0 +1,120 @@
+"""``mirror-agent replay`` on the command line: options, exit status, the report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.cli_options import parse_options
+from agent.replay.diff import DEFAULT_IGNORED
+from tests.unit.replay_util import http_items, write_native
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        status = 500 if self.path.startswith("/fail") else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server() -> Iterator[str]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_options(tmp_path: Path) -> None:
+    opts = parse_options(["replay", "a.bin", "b.bin", "--target", "h:1", "--speed", "max",
+                          "--connections", "8", "--ignore-headers=X-A,X-B",
+                          "--source-ports", "any"], environ={})
+    r = opts.replay
+    assert r is not None
+    assert (r.sources, r.speed, r.connections) == ((Path("a.bin"), Path("b.bin")),
+                                                   float("inf"), 8)
+    assert (r.ignore_headers, r.source_ports, r.pipeline) == (("X-A", "X-B"), None, False)
+    conf = tmp_path / "c.toml"
+    conf.write_text('target = "h:2"\nspeed = 2.5\nconnections = 3\n')
+    r = parse_options(["replay", "a.bin", "--config", str(conf)], environ={}).replay
+    assert r is not None and (r.target, r.speed, r.connections) == ("h:2", 2.5, 3)
+    assert r.ignore_headers == DEFAULT_IGNORED and r.source_ports == (61000, 65535)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--speed", "0"], "argument --speed: '0' must be a factor above 0"),
+    (["--speed", "fast"], "argument --speed: 'fast' is not a number or 'max'"),
+    (["--connections", "0"], "argument --connections: 0 must be at least 1"),
+    (["--target", "http://x:1"], "without a scheme"),
+    (["--ignore-headers=Bad Name"], "argument --ignore-headers"),
+])
+def test_bad_flags_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(1, 1))
+    assert main(["replay", str(rec), "--target", "127.0.0.1:1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_target_or_source_exit_2(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(1, 1))
+    assert main(["replay", str(rec)]) == 2
+    assert "--target is required" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "nope.bin"), "--target", "127.0.0.1:1"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_replay_reports_and_exits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(4, 10, paths=("/a", "/fail")))
+    report = tmp_path / "report.json"
+    with http_server() as target:
+        status = main(["--log-level", "warning", "replay", str(rec), "--target", target,
+                       "--speed", "max", "--report-json", str(report),
+                       "--source-ports", "any"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "40 requests on 4 recorded connection(s)" in out
+    assert "GET /fail: 20/20  status 200 -> 500 x20" in out
+    rep = json.loads(report.read_text())
+    assert rep["target"]["status"] == {"200": 20, "500": 20}
+    assert rep["diff"]["paths"][0]["path"] == "GET /fail"
+
+
+def test_damaged_source_and_refusing_target_exit_3(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(2, 3))
+    rec.write_bytes(rec.read_bytes()[:-7])
+    with http_server() as target:
+        assert main(["--log-level", "error", "replay", str(rec), "--target", target,
+                     "--speed", "max"]) == 3
+    assert "source problem" in capsys.readouterr().out
+    rec2 = tmp_path / "ok.bin"
+    write_native(rec2, http_items(3, 1))
+    assert main(["--log-level", "error", "replay", str(rec2), "--target", "127.0.0.1:1",
+                 "--speed", "max", "--report-json", "-"]) == 3
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["target"]["connections"]["failed"] == {"refused": 3}
+    assert "0 ok, 3 failed (refused 3)" in cap.err
