@@ -32,16 +32,19 @@ The derivation (``L`` = the limit; numbers for L = 896 MiB, a 1 GiB cgroup, on 2
                   (ringbuf: 2 x the one ring; afpacket: the socket's receive buffer)
     flow table  = max_flows x 1,640 B (~1.6 KiB per tracked flow); max_flows =
                   min(100,000, L/8 / 1,640 B) = 71,610                             = 112 MiB
-    pool        = L - base - kernel - flow table                                  = 685 MiB
+    defrag      = IP fragments waiting for the rest of their datagram: Linux's own
+                  bound (ipfrag_high_thresh, 4 MiB), at most L/64, at least 128 KiB
+                  (one whole 64 KiB datagram and its bookkeeping): min(4, 14)      =   4 MiB
+    pool        = L - base - kernel - flow table - defrag                         = 681 MiB
     slack       = pool / 3: Python objects around the counted payload bytes
-                  (~200 B per segment or chunk) and allocator fragmentation       = 228 MiB
+                  (~200 B per segment or chunk) and allocator fragmentation       = 227 MiB
                   (a quarter was measured too little: 526 MiB peak RSS against a
                   512 MiB limit in bench/overload_memory.py; a third gives ~500)
-    buffers     = pool - slack, in four equal shares                              = 457 MiB
-      drain_backlog     payload drained from the rings, not yet taken (pause)     = 114 MiB
-      reassembly_total  out-of-order bytes across all flows (--max-buffer)        = 114 MiB
-      record_queue      record data waiting for the disk (drop)                   = 114 MiB
-      forward_total     bytes handed to the forward sink, not yet taken (drop)    = 114 MiB
+    buffers     = pool - slack, in four equal shares                              = 454 MiB
+      drain_backlog     payload drained from the rings, not yet taken (pause)   = 113.5 MiB
+      reassembly_total  out-of-order bytes across all flows (--max-buffer)      = 113.5 MiB
+      record_queue      record data waiting for the disk (drop)                 = 113.5 MiB
+      forward_total     bytes handed to the forward sink, not yet taken (drop)  = 113.5 MiB
     reassembly_flow = min(4 MiB, reassembly_total/16)                             =   4 MiB
     forward_flow    = min(8 MiB, forward_total/8)                                 =   8 MiB
 
@@ -88,6 +91,10 @@ FLOW_BYTES = 1640
 MAX_FLOWS = 100_000
 #: The smallest share a derived buffer may get.
 MIN_SHARE = 4 * MIB
+#: IP defragmentation (agent.decode.defrag): Linux's ipfrag_high_thresh, at most L/64, at
+#: least one whole datagram (64 KiB) with its bookkeeping.
+DEFRAG_BYTES = 4 * MIB
+DEFRAG_MIN = 128 << 10
 #: Per-flow caps when memory allows them.
 REASSEMBLY_FLOW = 4 * MIB
 FORWARD_FLOW = 8 * MIB
@@ -95,7 +102,7 @@ FORWARD_FLOW = 8 * MIB
 AFPACKET_MIB = 8
 TRANSPORTS = ("perf", "ringbuf", "afpacket", "none")
 #: The budgets, as logged and as ``mirror_agent_budget_bytes{buffer=...}``.
-BUFFERS = ("limit", "base", "kernel_rings", "flow_table", "slack", "drain_backlog",
+BUFFERS = ("limit", "base", "kernel_rings", "flow_table", "defrag", "slack", "drain_backlog",
            "reassembly_total", "reassembly_flow", "record_queue", "forward_total",
            "forward_flow")
 
@@ -123,6 +130,8 @@ class Budget:
     record_queue: int
     forward_total: int
     forward_flow: int
+    defrag: int = DEFRAG_BYTES
+    """IP fragments held for reassembly (``DecodeConfig.defrag_bytes``)."""
 
     def as_dict(self) -> dict[str, int]:
         """``{buffer: bytes}`` for :data:`BUFFERS`, plus ``max_flows``."""
@@ -220,8 +229,9 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
     flows = max_flows if max_flows is not None else max(
         1, min(MAX_FLOWS, limit // 8 // FLOW_BYTES))
     table = flows * FLOW_BYTES
+    defrag = max(DEFRAG_MIN, min(DEFRAG_BYTES, limit // 64))
 
-    pool = limit - base - rings - table
+    pool = limit - base - rings - table - defrag
     slack = max(0, pool) // SLACK_DIVISOR
     buffers = max(0, pool) - slack
     fixed = f"base {format_size(base)}"
@@ -231,6 +241,7 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
             fixed += f" (--buffer-mib {buffer_mib})"
     fixed += f" + flow table {format_size(table)} ({flows:,} flows"
     fixed += ", --max-flows)" if max_flows is not None else ")"
+    fixed += f" + defragmentation {format_size(defrag)}"
     need = 4 * MIN_SHARE
     if buffers < need:
         raise BudgetError(
@@ -256,7 +267,7 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
         reassembly_flow=max_flow_buffer if max_flow_buffer is not None else min(
             REASSEMBLY_FLOW, reassembly // 16),
         record_queue=share, forward_total=share,
-        forward_flow=min(FORWARD_FLOW, share // 8))
+        forward_flow=min(FORWARD_FLOW, share // 8), defrag=defrag)
 
 
 def _mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:

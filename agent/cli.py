@@ -38,6 +38,7 @@ from agent.cli_options import parse_options, toml_lines
 from agent.cli_parser import UsageError, build_parser
 from agent.cli_run import run_pipeline
 from agent.config import ForwardConfig, MirrorConfig, parse_target
+from agent.decode import DecodeConfig
 from agent.filter import BpfFilter, FilterError, FrameMatcher, SegmentMatcher
 from agent.hooks import (
     Hook,
@@ -66,7 +67,11 @@ log = structlog.get_logger("agent.cli")
 T = TypeVar("T")
 
 def _hooks(p: PipelineOptions) -> tuple[list[Hook], list[Hook]]:
-    """(forward hooks, record hooks) from the options, in the order they run."""
+    """(forward hooks, record hooks) from the options, in the order they run: connection
+    sampling, the direction filter, request selection (each path its own hook), the user's
+    hooks, then the forward path's rewrite and header injection and the record path's
+    redaction. UsageError for a hook that does not load, or a rewrite with nothing to
+    forward to."""
     forward: list[Hook] = []
     record: list[Hook] = []
     if p.sample is not None:
@@ -75,12 +80,19 @@ def _hooks(p: PipelineOptions) -> tuple[list[Hook], list[Hook]]:
         record.append(sampler)
     forward.append(OnlyToObserved())
     record.append(KeepAll() if p.both_directions else OnlyToObserved())
+    select_forward, select_record = p.select.select_hooks()
+    forward += select_forward
+    record += select_record
     try:
         user = [load_hook(spec) for spec in p.hooks]
     except HookLoadError as e:
         raise UsageError(str(e)) from None
     forward += user
     record += user
+    if p.select.rewrites and not p.target:
+        raise UsageError("--rewrite-path/--rewrite-host need --target: they rewrite "
+                         "forwarded requests only")
+    forward += p.select.rewrite_hooks()
     if p.inject_header:
         forward.append(InjectHeader(*p.inject_header))
     if p.redact_headers:
@@ -187,7 +199,8 @@ def _offline(opts: Options) -> int:
     matcher = _compile_filter(opts.pipe.filter, FrameMatcher)
     config = mirror_config(opts)
     try:  # every file's header, before any output is made or any file read
-        source = PcapFileSource(list(opts.files), matcher)
+        source = PcapFileSource(list(opts.files), matcher,
+                                DecodeConfig(defrag_bytes=config.budget.defrag))
     except SourceError as e:
         raise UsageError(str(e)) from None
 

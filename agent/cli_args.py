@@ -39,6 +39,7 @@ __all__ = [
     "preflight_ebpf",
     "privileged_source_ports",
     "resolve_target",
+    "rotation",
     "seconds",
     "size",
     "stats_interval",
@@ -142,6 +143,16 @@ def size(text: str) -> int:
 
     with _value_errors():
         return parse_size(text)
+
+
+def rotation(text: str) -> str:
+    """``--record-rotate``: SIZE, DURATION or SIZE,DURATION
+    (:func:`agent.sinks.record.parse_rotation`); the text, checked."""
+    from agent.sinks.record.files import parse_rotation
+
+    with _value_errors():
+        parse_rotation(text)
+    return text.strip()
 
 
 def at_least_one(text: str) -> int:

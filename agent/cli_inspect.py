@@ -1,9 +1,12 @@
 """``mirror-agent inspect``: print a native recording, and say what is wrong with it.
 
-Exit status 0 for a clean recording; 3 (degraded) when it was read but is damaged (corrupt
-records skipped, a truncated or unreadable tail, addresses that are not UTF-8), with one line
-per problem on stderr. A file that is not a recording raises :class:`RecordError`; a closed
-stdout, :class:`~agent.outputs.OutputError` (both exit 2).
+The file may be compressed (gzip or zstd, told by its magic bytes, whatever its name): each
+file of a rotated recording is read alone. Exit status 0 for a clean recording; 3 (degraded)
+when it was read but is damaged (corrupt records skipped, a truncated or unreadable tail, a
+compressed stream cut short or corrupt, addresses that are not UTF-8), with one line per
+problem on stderr. A file that is not a native recording raises :class:`RecordError` (a
+pcapng or JSON-lines recording says what to read it with); a closed stdout,
+:class:`~agent.outputs.OutputError` (both exit 2).
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.model import TrafficChunk
 from agent.outputs import EXIT_DEGRADED, OutputError
-from agent.sinks.record import NativeReader, RecordedChunk, RecordError, chunk_json
+from agent.sinks.record import NativeReader, RecordedChunk, RecordError, chunk_json, decoded
+
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 
 __all__ = ["inspect_recording"]
 
@@ -28,18 +34,37 @@ def inspect_recording(path: Path, fmt: str = "text") -> int:
     except OSError as e:
         raise RecordError(f"cannot read {path}: {e.strerror}") from None
     with f:
+        src, dec = decoded(f)
+        head = _peek(src)
         try:
-            reader = NativeReader(f)
+            reader = NativeReader(src)
         except RecordError as e:
-            raise RecordError(f"{path}: {e}") from None
+            raise RecordError(f"{path}: {_not_native(head, e)}") from None
         count = 0
         for rec in reader:
             count += 1
             sys.stdout.write(_jsonl(rec) if fmt == "jsonl" else _text(rec))
         problems = reader.problems()
+        if dec is not None and dec.problem:
+            problems.append(dec.problem)
     for problem in problems:
         sys.stderr.write(f"mirror-agent: warning: {path}: {problem}; {count} records read\n")
     return EXIT_DEGRADED if problems else 0
+
+
+def _peek(src: BinaryIO) -> bytes:
+    """The first bytes of ``src``, not consumed (a buffered reader's peek)."""
+    peek = getattr(src, "peek", None)
+    return bytes(peek(4)[:4]) if peek is not None else b""
+
+
+def _not_native(head: bytes, error: RecordError) -> str:
+    """Why the file is not read: the reader's ``error``, or the format it is in instead."""
+    if head == PCAPNG_MAGIC:
+        return "a pcapng recording (--record-format pcapng): read it with tshark or Wireshark"
+    if head[:1] == b"{":
+        return "a JSON-lines recording (--record-format jsonl): one JSON object per line"
+    return str(error)
 
 
 def _jsonl(rec: RecordedChunk) -> str:

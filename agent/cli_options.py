@@ -28,6 +28,7 @@ from typing import Any
 
 from agent import cli_args as a
 from agent.cli_parser import UsageError, build_parser
+from agent.cli_select import select_options
 from agent.options import (
     CaptureOptions,
     ControlOptions,
@@ -83,7 +84,9 @@ def _checked(action: argparse.Action, raw: object) -> Any:
             raise ValueError(f"{raw!r} is not on or off (true/false)")
         return raw if action.const is True or action.const is None else not raw
     if isinstance(action, argparse._AppendAction):
-        items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s.strip()]
+        whole = getattr(action, "whole_values", False)  # a regex: its commas are its own
+        items = (raw if isinstance(raw, list) else [raw] if whole
+                 else [s for s in str(raw).split(",") if s.strip()])
         return [_one(action, item) for item in items]
     if action.nargs == "?" and raw is True:
         raw = action.const
@@ -205,9 +208,12 @@ def _pipeline(v: Mapping[str, Any]) -> PipelineOptions:
         ports=tuple(dict.fromkeys(_required(v, "port", "port"))), target=v["target"],
         forward_source_ports=v["forward_source_ports"], record=v["record"],
         overwrite=v["overwrite"], record_format=v["record_format"],
+        record_rotate=v["record_rotate"], record_max_total=v["record_max_total"],
+        record_compress=v["record_compress"],
         both_directions=v["both_directions"], filter=v["filter"],
         hooks=tuple(v["hook"] or ()), inject_header=v["inject_header"],
         redact_headers=tuple(redact), sample=v["sample"],
+        select=select_options(v),
         idle_timeout=v["idle_timeout"], hole_timeout=v["hole_timeout"],
         memory_limit=v["memory_limit"], max_flows=v["max_flows"],
         max_flow_buffer=v["max_flow_buffer"], max_buffer=v["max_buffer"],

@@ -13,10 +13,11 @@ from typing import NoReturn
 
 from agent import __doc__ as _pkg_doc
 from agent import cli_args as a
+from agent.cli_select import add_selection_options
 from agent.config import FORWARD_SOURCE_PORTS
 from agent.outputs import EXIT_HELP
 from agent.reassembly import HOLE_TIMEOUT
-from agent.sinks.record import FORMATS
+from agent.sinks.record import COMPRESSIONS, FORMATS
 
 __all__ = ["UsageError", "build_parser"]
 
@@ -163,7 +164,21 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="truncate an existing --record/--stats-json file (default: keep it "
                         "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
     p.add_argument("--record-format", choices=FORMATS, default="native",
-                   help="recording format (default: native)")
+                   help="recording format (default: native); pcapng: the connections as "
+                        "synthesised packets (a handshake each, MSS-sized segments, gaps "
+                        "left as gaps) for Wireshark and tshark")
+    p.add_argument("--record-rotate", type=a.rotation, metavar="SIZE|DURATION|SIZE,DURATION",
+                   help="start a new recording file past SIZE (256MiB) and/or at the end of "
+                        "each DURATION of the clock (90s, 15m, 1h, 1d); a record is never "
+                        "split, every file is readable alone; files are named by the --record "
+                        "path (strftime patterns such as %%Y%%m%%d-%%H expanded), then "
+                        "STEM.1.SUFFIX, STEM.2.SUFFIX, ... never an existing file")
+    p.add_argument("--record-max-total", type=a.size, metavar="SIZE",
+                   help="with --record-rotate: delete this run's oldest recording files to "
+                        "keep them all within SIZE")
+    p.add_argument("--record-compress", choices=COMPRESSIONS,
+                   help="compress the recording (adds .gz or .zst to the name; inspect reads "
+                        "it as is): gzip (level 1) or zstd")
     p.add_argument("--both-directions", action="store_true",
                    help="record service->client bytes too (default: client->service only)")
     p.add_argument("--filter", metavar="EXPR", help="tcpdump expression packets must match")
@@ -178,6 +193,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "Cookie, or the names given as --redact-headers=NAME[,NAME...]")
     p.add_argument("--sample", type=a.fraction, metavar="FRACTION",
                    help="mirror only this fraction of connections (0..1)")
+    add_selection_options(p)  # --allow-*/--deny-*, --rate-limit, --rewrite-*, ...
     p.add_argument("--idle-timeout", type=a.positive_seconds, default=600.0, metavar="SECONDS",
                    help="flush connections idle this long (default: 600)")
     p.add_argument("--hole-timeout", type=a.seconds, default=HOLE_TIMEOUT, metavar="SECONDS",

@@ -52,7 +52,8 @@ def run_pipeline(opts: Options, config: MirrorConfig,
     pcap ingest is the only source).
     """
     p = opts.pipe
-    outputs = RunOutputs(p.record, p.stats_json, p.overwrite, inputs=opts.files)
+    outputs = RunOutputs(p.record, p.stats_json, p.overwrite, inputs=opts.files,
+                         record_files=p.record_files)
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)

@@ -7,13 +7,16 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent import budget as _budget
 from agent.budget import Budget
 from agent.hooks import Hook
 from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
+
+if TYPE_CHECKING:
+    from agent.sinks.record import RecordFiles
 
 __all__ = [
     "FORWARD_SOURCE_PORTS",
@@ -145,7 +148,8 @@ class MirrorConfig:
       ``extra_ports`` adds more observed ports.
     * ``target_addr``: ``host:port`` of the shadow; empty means record only (forward hooks
       are then not called).
-    * ``writer``: a binary file-like object recordings go to, in ``record_format``;
+    * ``writer``: a binary file-like object recordings go to, in ``record_format``, or the
+      :class:`~agent.sinks.record.RecordFiles` of a rotated or compressed recording;
       ``write_func`` wins over it. With neither, nothing is written but record hooks run.
     * ``forward_hook`` / ``record_hook``: one hook or a list run in order; ``None`` picks the
       default (only client→service chunks).
@@ -164,7 +168,7 @@ class MirrorConfig:
 
     observed_port: int = 0
     target_addr: str = ""
-    writer: BinaryIO | None = None
+    writer: BinaryIO | RecordFiles | None = None
     write_func: WriteFunc | None = None
     forward_hook: Hook | Sequence[Hook] | None = None
     record_hook: Hook | Sequence[Hook] | None = None

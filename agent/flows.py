@@ -31,6 +31,9 @@ __all__ = ["Flow", "FlowData", "Half", "OpenChunk", "Output", "ReassemblyStats"]
 
 Output = list[TrafficChunk | DirectionEnd | FlowEnd]
 
+_MASK = 0xFFFFFFFF
+_HALF = 0x80000000
+
 
 @dataclass(slots=True)
 class ReassemblyStats:
@@ -56,6 +59,22 @@ class ReassemblyStats:
     """Holes skipped because later data (or the FIN) waited longer than ``hole_timeout``."""
     untracked_segments: int = 0
     """Segments of an untracked direction (responses nobody consumes): SYN/FIN/RST only."""
+    rst_ignored_in_window: int = 0
+    """RSTs not at the receiver's next expected byte but within its window: it answers
+    with a challenge ACK and the connection goes on (RFC 5961 §3.2)."""
+    rst_ignored_out_of_window: int = 0
+    """RSTs outside the receiver's window: dropped, the connection goes on."""
+    rst_unchecked: int = 0
+    """RSTs that ended a flow without a sequence check: the mirror had not followed the
+    sender's sequence numbers (a refused SYN's answer, a side never seen or untracked)."""
+    rst_payload_bytes: int = 0
+    """Bytes carried on RSTs: never delivered (the receiving stack discards them)."""
+    syn_data_bytes: int = 0
+    """Bytes carried on a SYN (TCP Fast Open) that the receiver acknowledged: delivered."""
+    syn_data_refused_bytes: int = 0
+    """Bytes carried on a SYN that the receiver did not acknowledge (Fast Open refused, or
+    no answer before the flow ended): not delivered from the SYN; a refused client sends
+    them again after the handshake, and they are delivered from there."""
     flows_closed: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -67,8 +86,8 @@ class ReassemblyStats:
 class Half(StreamBuffer):
     """One direction of one connection: its stream and what the table knows about it."""
 
-    __slots__ = ("chunk_dir", "done", "flow", "from_addr", "isn", "peer", "since", "to_addr",
-                 "untracked")
+    __slots__ = ("chunk_dir", "done", "flow", "from_addr", "isn", "peer", "since", "syn_data",
+                 "to_addr", "untracked")
 
     def __init__(self, flow: Flow, from_addr: str, to_addr: str, direction: Direction,
                  stats: ReassemblyStats) -> None:
@@ -82,6 +101,9 @@ class Half(StreamBuffer):
         self.since = 0.0  # when the current hole started holding data (or the FIN) back
         self.untracked = False  # payload ignored; only SYN/FIN/RST are followed
         self.peer: Half = self
+        # Payload, lost bytes and FIN of this half's SYN, held (``nxt`` None) until its
+        # receiver's answer says what it took (FlowData._syn_settle).
+        self.syn_data: tuple[bytes, int, bool] | None = None
 
 
 class Flow:
@@ -152,13 +174,12 @@ class FlowData:
                out: Output) -> None:
         """The data path of a segment of a tracked half (not RST)."""
         nxt = half.nxt
-        if nxt is None:
-            if flags & SYN:
-                half.isn = seq
-                nxt = half.nxt = seq + 1
-            else:
-                nxt = half.nxt = seq  # started mid-stream: begin at the first byte seen
-        pos = half.unwrap(seq + 1 if flags & SYN else seq)
+        if nxt is None or flags & SYN:
+            if not self._start(half, flags, seq, payload, lost, ts, out):
+                return
+            nxt = half.nxt
+            assert nxt is not None
+        pos = half.unwrap(seq)
         if pos == nxt and payload and not (half.pending or half.probe or half.blocked
                                            or lost or half.fin is not None):
             # In order, nothing held, no FIN known: the next bytes.
@@ -171,10 +192,73 @@ class FlowData:
         elif payload or lost:
             self._add(half, pos, payload, lost, ts, out)
         if flags & FIN and half.fin is None:
-            held = half.held
-            half.set_fin(pos + len(payload) + lost)
-            self._total_pending += half.held - held
-            self._wait(half, False)  # the bytes before the FIN, if missing, are a hole
+            self._fin(half, pos + len(payload) + lost)
+
+    def _start(self, half: Half, flags: int, seq: int, payload: bytes, lost: int, ts: float,
+               out: Output) -> bool:
+        """A SYN, or a segment of a half not started: start the stream, hold a SYN's data,
+        or settle held SYN data by where the half's stream went on. False: the segment has
+        nothing more for the stream (a SYN, a bare ACK while SYN data waits)."""
+        if flags & SYN:
+            if half.nxt is not None or half.syn_data is not None:
+                # The SYN again: its receiver takes nothing from it (RFC 5961 §4).
+                self.stats.retransmitted_bytes += len(payload)
+                return False
+            half.isn = seq
+            if payload or lost:
+                half.syn_data = (payload, lost, bool(flags & FIN))
+                self._total_pending += len(payload)  # held: in buffered_bytes until settled
+            else:
+                half.nxt = seq + 1
+                if flags & FIN:
+                    self._fin(half, seq + 1)
+            return False
+        syn_data = half.syn_data
+        if syn_data is None:
+            half.nxt = seq  # started mid-stream: begin at the first byte seen
+        elif payload or lost or flags & FIN:
+            # No answer seen to the SYN: the sender went on from the end of what was taken.
+            assert half.isn is not None
+            taken = (seq - half.isn - 1) & _MASK
+            self._syn_settle(half, 0 if taken >= _HALF else taken, ts, out)
+        else:
+            return False  # a bare ACK: its number may be past data that was refused
+        return True
+
+    def _syn_answered(self, half: Half, ack: int, ts: float, out: Output) -> None:
+        """The receiver's SYN-ACK acknowledged ``ack``: settle ``half``'s held SYN data, unless
+        ``ack`` is not one its sender accepts (then the sender's next segment settles it)."""
+        assert half.syn_data is not None and half.isn is not None
+        payload, lost, fin = half.syn_data
+        taken = (ack - half.isn - 1) & _MASK
+        if taken <= len(payload) + lost + fin:
+            self._syn_settle(half, taken, ts, out)
+            self._finished(half, out)
+
+    def _syn_settle(self, half: Half, taken: int, ts: float, out: Output) -> None:
+        """Start ``half`` after its SYN; deliver the first ``taken`` sequence numbers of the
+        SYN's data (and its FIN, if taken too): what the receiving stack delivered. The rest
+        is counted as refused: a refused sender sends it again after the handshake."""
+        assert half.syn_data is not None and half.isn is not None
+        payload, lost, fin = half.syn_data
+        half.syn_data = None
+        self._total_pending -= len(payload)
+        start = half.nxt = half.isn + 1
+        size = len(payload) + lost
+        took = min(taken, size)
+        self.stats.syn_data_bytes += min(took, len(payload))
+        self.stats.syn_data_refused_bytes += max(0, len(payload) - took)
+        fin_taken = fin and taken > size
+        if took or fin_taken:
+            self._track(half, FIN if fin_taken else 0, start, payload[:took],
+                        max(0, took - len(payload)), ts, out)
+
+    def _fin(self, half: Half, pos: int) -> None:
+        """``half``'s FIN is at ``pos``; the bytes before it, if missing, are a hole."""
+        held = half.held
+        half.set_fin(pos)
+        self._total_pending += half.held - held
+        self._wait(half, False)
 
     def _add(self, half: Half, pos: int, payload: bytes, lost: int, ts: float,
              out: Output) -> None:
@@ -247,7 +331,7 @@ class FlowData:
             stats.gap_bytes += gap
         stats.chunks += 1
         chunk = TrafficChunk(data, half.from_addr, half.to_addr, half.chunk_dir, ts,
-                             flow.flow_id, gap)
+                             flow.flow_id, gap, tunnel=flow.key[4])
         out.append(chunk)
         if merged is not None:
             flow.open = o = OpenChunk(chunk, half)
@@ -282,6 +366,11 @@ class FlowData:
         trailing = 0
         ready = self._ready
         for half in (flow.a, flow.b):
+            if half.syn_data is not None:  # never answered: the receiver took none of it
+                size = len(half.syn_data[0])
+                self.stats.syn_data_refused_bytes += size
+                self._total_pending -= size
+                half.syn_data = None
             if half.pending:
                 held = half.held
                 half.release_all(ready)

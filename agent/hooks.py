@@ -11,14 +11,18 @@ Hooks that hold bytes across chunks (see :mod:`agent.http_hooks`) also implement
 ``flow_end(chunk) -> bytes``: called once per direction when the connection ends, with the last
 chunk of that direction as a template, returning whatever they still hold.
 
-Hooks run on the single mirror thread, so they need no locking.
+Hooks run inside the mirror's step (:class:`agent.mirror_step.MirrorStep`), on the single
+mirror thread, so they need no locking. They see every chunk, those of connections on no
+observed port (direction ``unknown``) too; but such a chunk never reaches a sink, whatever
+they return (what they pass on is counted as unobserved).
 """
 
 from __future__ import annotations
 
 import importlib
 import zlib
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from agent.model import Direction, TrafficChunk
@@ -33,8 +37,10 @@ __all__ = [
     "HookPipeline",
     "KeepAll",
     "OnlyToObserved",
+    "ReportsStats",
     "SampleFlows",
     "hook_name",
+    "hook_stats",
     "load_hook",
 ]
 
@@ -226,3 +232,32 @@ def load_hook(spec: str) -> Hook:
     if callable(obj):
         return HookFunc(obj)
     raise HookLoadError(f"hook {spec!r}: {attr} is neither a hook nor a function")
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """A hook with counters of its own for the ``mirror`` stage of the metrics registry: every
+    key it reports must be declared in :mod:`agent.metrics`."""
+
+    def mirror_stats(self) -> Mapping[str, int]: ...
+
+
+def hook_stats(*hooks: object) -> dict[str, int]:
+    """The counters of every hook among ``hooks`` (hooks, lists of hooks, pipelines, None)
+    that reports some (:class:`ReportsStats`), summed by key; a hook found twice counts
+    once."""
+    out: Counter[str] = Counter()
+    seen: set[int] = set()
+    stack: list[object] = list(hooks)
+    while stack:
+        hook = stack.pop()
+        if hook is None or id(hook) in seen:
+            continue
+        seen.add(id(hook))
+        if isinstance(hook, Sequence) and not isinstance(hook, str | bytes):
+            stack.extend(hook)
+        elif isinstance(hook, ReportsStats):
+            out.update(hook.mirror_stats())
+        elif isinstance(hook, HookPipeline):
+            stack.extend(hook.hooks)
+    return dict(out)

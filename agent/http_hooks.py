@@ -1,11 +1,15 @@
-"""Built-in HTTP/1.x request hooks: inject a header, redact headers.
+"""Built-in HTTP/1.x request hooks: inject a header, redact headers; and the request framing
+they (and :mod:`agent.http_select`) sit on.
 
-Both sit on :class:`HttpRequestEditor`, which frames the client→service byte stream into
-requests (header block, then a body sized by ``Content-Length`` or chunked encoding), holds a
-header block split across chunks until it is complete (up to ``max_head`` bytes), and lets a
-subclass rewrite each complete header block. Other directions pass through untouched. Streams
-that are not HTTP/1.x, upgrades (``CONNECT``, ``Upgrade:``) and oversize header blocks pass
-through unchanged; after a gap it resynchronises on the next chunk that starts a request.
+:class:`HttpRequestEditor` frames the client→service byte stream into requests (header block,
+then a body sized by ``Content-Length`` or chunked encoding), holds a header block split across
+chunks until it is complete (up to ``max_head`` bytes), and hands each complete header block
+to :meth:`~HttpRequestEditor.request`: what it returns is sent instead, or ``None`` drops the
+request whole (its body, chunks and trailers too). Other directions pass through untouched.
+Streams that are not HTTP/1.x, upgrades (``CONNECT``, ``Upgrade:``) and oversize header
+blocks pass through unchanged (a subclass may drop them instead:
+:meth:`~HttpRequestEditor.pass_unframed`); after a gap it resynchronises on the next chunk
+that starts a request.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Iterable
 
 from agent.model import Direction, TrafficChunk
 
-__all__ = ["HttpRequestEditor", "InjectHeader", "RedactHeaders", "check_header",
-           "check_header_name"]
+__all__ = ["BAD_BODY", "NOT_HTTP", "OVERSIZE", "HttpRequestEditor", "InjectHeader",
+           "RedactHeaders", "check_header", "check_header_name"]
 
 _REQUEST_START = re.compile(rb"[A-Z]{3,12} ")
 _REQUEST_LINE = re.compile(rb"[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
@@ -33,30 +37,63 @@ FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "con
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _PASS, _RESYNC = range(7)
 
+#: Why framing was lost (:meth:`HttpRequestEditor.pass_unframed`): bytes that do not start
+#: an HTTP/1.x request where one should start; a header block over ``max_head``; a body
+#: length that is not one (``Content-Length`` or a chunk-size line; inside the request).
+NOT_HTTP, OVERSIZE, BAD_BODY = "not_http", "oversize", "bad_body"
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
 
 class _Stream:
     """Framing state of one client→service stream."""
 
-    __slots__ = ("buf", "mode", "remaining")
+    __slots__ = ("buf", "keep", "mode", "remaining", "requests")
 
     def __init__(self) -> None:
         self.mode = _HEAD
         self.buf = bytearray()  # held header block, chunk-size or trailer line
         self.remaining = 0  # body or chunk bytes (+CRLF) still to pass
+        self.keep = True  # the current request's bytes pass on (False: dropped)
+        self.requests = 0  # header blocks framed so far
 
 
 class HttpRequestEditor:
-    """Frames HTTP/1.x requests and hands each complete header block to :meth:`edit_head`."""
+    """Frames HTTP/1.x requests and hands each complete header block to :meth:`request`.
+
+    Counters: ``heads_edited`` (header blocks framed), ``passthrough_streams`` (streams whose
+    framing was lost), ``dropped_bytes`` (bytes of dropped requests not passed on)."""
 
     def __init__(self, max_head: int = 64 * 1024) -> None:
         self.max_head = max_head
         self._streams: dict[tuple[int, str], _Stream] = {}
         self.heads_edited = 0
         self.passthrough_streams = 0
+        self.dropped_bytes = 0
 
     def edit_head(self, head: bytes) -> bytes:
         """Rewrite one complete header block (request line through the blank line)."""
         return head
+
+    def request(self, head: bytes, chunk: TrafficChunk) -> bytes | None:
+        """What to send for one complete header block (request line through the blank
+        line), ``chunk`` being the one that completed it: by default :meth:`edit_head`'s
+        result. ``None`` drops the request whole: the header block, its body (chunked: every
+        chunk and the trailers) and, for ``CONNECT`` or an ``Upgrade``, the rest of the
+        stream; the stream's later requests are framed and judged as usual."""
+        return self.edit_head(head)
+
+    def pass_unframed(self, why: str, started: bool) -> bool:
+        """Whether the rest of a stream whose framing is lost passes on (True, the default)
+        or is dropped. ``why``: :data:`NOT_HTTP`, :data:`OVERSIZE` or :data:`BAD_BODY`
+        (inside the current request); ``started``: a request was framed on this stream
+        before. Once a request was dropped, the rest of it is dropped whatever this says."""
+        return True
+
+    def held_at_end(self, held: bytes) -> bytes:
+        """What to send of an incomplete header block still held when the connection ends:
+        by default the bytes as they are. Also told of one a gap cut (what it returns then
+        is counted in ``dropped_bytes``: it cannot be sent before the gap)."""
+        return held
 
     def handle(self, chunk: TrafficChunk) -> tuple[bytes, bool]:
         if chunk.direction is not Direction.TO_OBSERVED:
@@ -65,45 +102,56 @@ class HttpRequestEditor:
         st = self._streams.get(key)
         if st is None:
             st = self._streams[key] = _Stream()
-        data = chunk.data
         if chunk.gap_bytes and st.mode != _PASS:
+            if st.mode == _HEAD and st.buf:  # a header block cut by the gap: it cannot go
+                lost = self.held_at_end(bytes(st.buf))  # before the gap
+                self.dropped_bytes += len(lost)
             st.mode, st.buf = _RESYNC, bytearray()
         out = bytearray()
-        self._feed(st, memoryview(data), out)
+        self._feed(st, memoryview(chunk.data), out, chunk)
         return bytes(out), True
 
     def flow_end(self, chunk: TrafficChunk) -> bytes:
-        """Release a header block still held when the connection ends (sent as it is)."""
+        """Release a header block still held when the connection ends
+        (:meth:`held_at_end`)."""
         st = self._streams.pop((chunk.flow_id, chunk.from_addr), None)
         if st is None or st.mode != _HEAD:
             return b""
-        return bytes(st.buf)
+        return self.held_at_end(bytes(st.buf))
 
-    def _feed(self, st: _Stream, data: memoryview, out: bytearray) -> None:
+    def _emit(self, st: _Stream, out: bytearray, piece: bytes | bytearray | memoryview) -> None:
+        """``piece`` of the current request: passed on, or counted as dropped."""
+        if st.keep:
+            out += piece
+        else:
+            self.dropped_bytes += len(piece)
+
+    def _feed(self, st: _Stream, data: memoryview, out: bytearray, chunk: TrafficChunk) -> None:
         i, n = 0, len(data)
         while i < n:
             mode = st.mode
             if mode == _PASS:
-                out += data[i:]
+                self._emit(st, out, data[i:])
                 return
-            if mode == _RESYNC:
+            if mode == _RESYNC:  # the rest of the request the gap cut shares its fate
                 if not _REQUEST_LINE.match(bytes(data[i : i + 8200])):
-                    out += data[i:]
+                    self._emit(st, out, data[i:])
                     return
                 st.mode = _HEAD
             elif mode in (_BODY, _CHUNK_DATA):
                 take = min(st.remaining, n - i)
-                out += data[i : i + take]
+                self._emit(st, out, data[i : i + take])
                 i += take
                 st.remaining -= take
                 if not st.remaining:
                     st.mode = _HEAD if mode == _BODY else _CHUNK_SIZE
             elif mode == _HEAD:
-                i = self._head(st, data, i, out)
+                i = self._head(st, data, i, out, chunk)
             else:  # chunk-size line or trailer section
                 i = self._line(st, data, i, out)
 
-    def _head(self, st: _Stream, data: memoryview, i: int, out: bytearray) -> int:
+    def _head(self, st: _Stream, data: memoryview, i: int, out: bytearray,
+              chunk: TrafficChunk) -> int:
         buf = st.buf
         before = len(buf)
         start = bytes(data[i : i + 13])
@@ -111,65 +159,75 @@ class HttpRequestEditor:
         if not before and not _REQUEST_START.match(start) and (
             len(start) >= 13 or not start.isupper()
         ):
-            self._give_up(st, out)
+            self._lose(st, out, NOT_HTTP)
             return i
         buf += data[i:]
         end = buf.find(b"\r\n\r\n", max(0, before - 3))
         if end < 0:
             if len(buf) > self.max_head:
-                self._give_up(st, out)
+                self._lose(st, out, OVERSIZE)
             return len(data)
         head = bytes(buf[: end + 4])
         consumed = end + 4 - before
         st.buf = bytearray()
-        out += self._frame(st, head)
+        self._frame(st, head, out, chunk)
         return i + consumed
 
-    def _give_up(self, st: _Stream, out: bytearray) -> None:
-        """Not HTTP/1.x (or a runaway header block): pass the rest of the stream through."""
-        out += st.buf
+    def _lose(self, st: _Stream, out: bytearray, why: str) -> None:
+        """Framing is lost (``why``): the held bytes and the rest of the stream pass on
+        unframed, unless the current request was dropped or :meth:`pass_unframed` says no."""
+        st.keep = st.keep and self.pass_unframed(why, st.requests > 0)
+        self._emit(st, out, st.buf)
         st.buf = bytearray()
         st.mode = _PASS
         self.passthrough_streams += 1
 
-    def _frame(self, st: _Stream, head: bytes) -> bytes:
-        """Edit ``head`` and set up framing for the body that follows it."""
+    def _frame(self, st: _Stream, head: bytes, out: bytearray, chunk: TrafficChunk) -> None:
+        """Judge and edit ``head``, and set up framing for the body that follows it."""
         if not _REQUEST_LINE.match(head):
-            st.mode = _PASS
-            self.passthrough_streams += 1
-            return head
-        edited = self.edit_head(head)
+            st.buf = bytearray(head)
+            self._lose(st, out, NOT_HTTP)
+            return
+        edited = self.request(head, chunk)
         self.heads_edited += 1
+        st.requests += 1
+        st.keep = edited is not None
+        if edited is None:
+            self.dropped_bytes += len(head)
+        else:
+            out += edited
         method = head[: head.index(b" ")]
         length, chunked, upgrade = _body_framing(head)
-        if method == b"CONNECT" or upgrade:
-            st.mode = _PASS
+        if length < 0 and not chunked:
+            self._lose(st, out, BAD_BODY)
+        elif method == b"CONNECT" or upgrade:
+            st.mode = _PASS  # a tunnel: the rest of the stream shares the request's fate
         elif chunked:
             st.mode = _CHUNK_SIZE
         elif length:
             st.mode, st.remaining = _BODY, length
         else:
             st.mode = _HEAD
-        return edited
 
     def _line(self, st: _Stream, data: memoryview, i: int, out: bytearray) -> int:
         """Pass one chunk-size or trailer line through, acting on it once complete."""
         nl = bytes(data[i:]).find(b"\n")
         if nl < 0:
             st.buf += data[i:]
-            out += data[i:]
+            self._emit(st, out, data[i:])
             if len(st.buf) > self.max_head:
-                st.mode = _PASS
+                st.buf = bytearray()  # passed on already
+                self._lose(st, out, BAD_BODY)
             return len(data)
         line = bytes(st.buf) + bytes(data[i : i + nl + 1])
-        out += data[i : i + nl + 1]
+        self._emit(st, out, data[i : i + nl + 1])
         st.buf = bytearray()
         if st.mode == _CHUNK_SIZE:
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                st.mode = _PASS
+            token = line.split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(token):
+                self._lose(st, out, BAD_BODY)
                 return i + nl + 1
+            size = int(token, 16)
             if size:
                 st.mode, st.remaining = _CHUNK_DATA, size + 2  # data plus its CRLF
             else:
@@ -180,7 +238,8 @@ class HttpRequestEditor:
 
 
 def _body_framing(head: bytes) -> tuple[int, bool, bool]:
-    """(Content-Length, chunked?, upgrade?) from a request header block."""
+    """(Content-Length, chunked?, upgrade?) from a request header block; the length is -1
+    if it is not a decimal number."""
     length, chunked, upgrade = 0, False, False
     for line in head.split(b"\r\n")[1:]:
         name, sep, value = line.partition(b":")
@@ -188,10 +247,8 @@ def _body_framing(head: bytes) -> tuple[int, bool, bool]:
             continue
         name = name.strip().lower()
         if name == b"content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                length = 0
+            text = value.strip()
+            length = int(text) if text.isdigit() and text.isascii() else -1
         elif name == b"transfer-encoding":
             chunked = value.strip().lower().endswith(b"chunked")
         elif name == b"upgrade":

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from agent.budget import BUFFERS as BUDGET_BUFFERS
 from agent.capture.layout import COUNTERS
+from agent.http_select import REASONS as SELECT_REASONS
 
 __all__ = ["FAMILIES", "Family", "StageCollector", "StageStats", "family", "key", "lookup",
            "new_registry", "render", "snapshot", "split_key", "total", "undeclared"]
@@ -188,10 +189,48 @@ _counter("decode_frames_decoded_total", "Frames decoded into TCP segments", "sou
          "decoded", "decode_decoded")
 _by_reason("decode_frames_skipped_total", "Frames the decoder skipped, by reason "
            "(linktype_<n>: an unsupported link type); not_ip/not_tcp are expected, "
-           "truncated and bad_* should be 0", "source",
+           "truncated, bad_*, too_deep (nested past the layer bound) and "
+           "fragment_headers_missing (a datagram given up before its headers were whole) "
+           "should be 0", "source",
            prefixes=("skipped_", "decode_skipped_"), open_=True,
-           values=("truncated", "not_ip", "bad_ip_header", "not_tcp", "ip_fragment",
-                   "bad_tcp_header"))
+           values=("truncated", "not_ip", "bad_ip_header", "not_tcp", "bad_tcp_header",
+                   "too_deep", "bad_udp_header", "bad_vxlan_header", "bad_geneve_header",
+                   "bad_gre_header", "bad_erspan_header", "bad_pppoe_header",
+                   "bad_ppp_header", "bad_chdlc_header", "bad_fragment",
+                   "fragment_headers_missing"))
+_by_reason("decode_encapsulated_segments_total", "Segments decoded from inside an "
+           "encapsulation, by kind (one inside two counts for both); informational: 0 "
+           "without tunnels (the label is the encapsulation)", "source",
+           prefixes=("encap_", "decode_encap_"),
+           values=("vxlan", "geneve", "gre", "erspan", "pppoe", "ppp", "chdlc", "ip4in4",
+                   "ip6in4", "ip4in6", "ip6in6"))
+_counter("decode_fragments_total", "IP fragments held for reassembly (healthy: each "
+         "becomes part of a reassembled datagram)", "source", "defrag_fragments",
+         "decode_defrag_fragments")
+_counter("decode_datagrams_reassembled_total", "IP datagrams reassembled whole from their "
+         "fragments", "source", "defrag_reassembled", "decode_defrag_reassembled")
+_by_reason("decode_datagrams_incomplete_total", "Fragmented IP datagrams given up, by "
+           "reason: timeout, memory (the defragmentation budget was full), end_of_input; "
+           "should be 0 (with their first fragment, the missing bytes are a gap on the "
+           "flow)", "source", prefixes=("defrag_incomplete_", "decode_defrag_incomplete_"),
+           values=("timeout", "memory", "end_of_input"))
+_by_reason("decode_fragment_discarded_bytes_total", "Bytes of held fragments not "
+           "delivered, by reason: no_first_fragment (no TCP header: no flow can be named), "
+           "after_hole (after a missing piece: inside the gap reported on the flow); should "
+           "be 0", "source",
+           prefixes=("defrag_discarded_bytes_", "decode_defrag_discarded_bytes_"),
+           values=("no_first_fragment", "after_hole"))
+_counter("decode_fragment_overlap_bytes_total", "Fragment bytes received more than once "
+         "(overlapping or repeated fragments); the first copy wins; healthy: 0",
+         "source", "defrag_overlap_bytes", "decode_defrag_overlap_bytes")
+_counter("decode_fragment_conflict_bytes_total", "Overlapping fragment bytes that differed "
+         "from the first copy (which wins), or a datagram length two last fragments "
+         "disagree on; should be 0", "source", "defrag_conflict_bytes",
+         "decode_defrag_conflict_bytes")
+_DEFRAG_HELD = _gauge("decode_fragment_held_bytes", "Bytes the defragmenter holds now "
+                      "(fragments and their bookkeeping); healthy: near 0, always under the "
+                      "defrag share of the memory budget", "source", "defrag_held_bytes")
+_exact[("source", "decode_defrag_held_bytes")] = (_DEFRAG_HELD, "")
 
 # ---------------------------------------------------------------- capture files (POST /pcap)
 
@@ -240,6 +279,23 @@ _counter("reassembly_hole_timeouts_total", "Holes skipped because later data wai
 _counter("reassembly_untracked_segments_total", "Segments of an untracked direction "
          "(responses nobody consumes): only SYN/FIN/RST are used", "reassembly",
          "untracked_segments")
+_by_reason("reassembly_rst_ignored_total", "RSTs ignored because their sequence number was "
+           "not the receiver's next expected one (RFC 5961 3.2), by reason: in_window (the "
+           "receiver answers with a challenge ACK), out_of_window (dropped); the connection "
+           "goes on. Should be 0: spoofed resets, or a capture that missed the bytes before a "
+           "real one", "reassembly", {"rst_ignored_in_window": "in_window",
+                                      "rst_ignored_out_of_window": "out_of_window"})
+_counter("reassembly_rst_unchecked_total", "RSTs that closed a connection without a sequence "
+         "check because the mirror had not followed the sender's side (a refused SYN's "
+         "answer, a side not captured or untracked)", "reassembly", "rst_unchecked")
+_counter("reassembly_rst_payload_bytes_total", "Bytes carried on RST segments, not delivered "
+         "(the receiving stack discards them)", "reassembly", "rst_payload_bytes")
+_counter("reassembly_syn_data_bytes_total", "Bytes carried on a SYN (TCP Fast Open) that the "
+         "receiver acknowledged, delivered", "reassembly", "syn_data_bytes")
+_counter("reassembly_syn_data_refused_bytes_total", "Bytes carried on a SYN that the receiver "
+         "did not acknowledge (Fast Open refused, or no answer seen), not delivered from the "
+         "SYN: a refused client sends them again after the handshake, delivered from there",
+         "reassembly", "syn_data_refused_bytes")
 
 # ---------------------------------------------------------------- mirror (hooks)
 
@@ -247,8 +303,41 @@ _counter("mirror_chunks_total", "Chunks handed to the hooks", "mirror", "chunks"
 _by_reason("mirror_hook_dropped_bytes_total", "Bytes a hook chose not to pass on, by hook",
            "mirror", {"forward_hook_dropped_bytes": "forward",
                       "record_hook_dropped_bytes": "record"}, label="hook")
+_by_reason("mirror_unobserved_bytes_total", "Bytes of connections on no observed port "
+           "(direction unknown) that a hook passed on: never forwarded or recorded, by hook",
+           "mirror", {"forward_unobserved_bytes": "forward",
+                      "record_unobserved_bytes": "record"}, label="hook")
 _counter("mirror_forward_late_bytes_total", "Bytes not forwarded because the client had "
          "already finished; should be 0", "mirror", "mirror_forward_late_bytes")
+
+# ---------------------------------------------------------------- mirror (selection, rewrite)
+
+_HOOK_PATHS = ("forward", "record")
+_by_reason("mirror_selection_requests_total", "HTTP/1.x requests the selection hooks judged "
+           "(--allow-*, --deny-*, --sample-by-header, --rate-limit), by hook", "mirror",
+           {f"select_{p}_requests": p for p in _HOOK_PATHS}, label="hook")
+for _path in _HOOK_PATHS:
+    _by_reason(f"mirror_{_path}_requests_unselected_total", f"Requests the {_path} path's "
+               "selection dropped whole (body included), by reason: method, path, header, "
+               "sample, sample_missing (no header to sample by), rate_limit are the rules at "
+               "work; incomplete (a header block cut by the connection's end) and unframed "
+               "(framing lost between requests: the rest of the connection dropped) should "
+               "be 0", "mirror", prefixes=(f"select_{_path}_unselected_",),
+               values=SELECT_REASONS)
+_by_reason("mirror_unselected_bytes_total", "Bytes of requests the selection dropped (not "
+           "passed on), by hook", "mirror",
+           {f"select_{p}_dropped_bytes": p for p in _HOOK_PATHS}, label="hook")
+_by_reason("mirror_selection_passthrough_streams_total", "Connections the selection passed on "
+           "unjudged, by hook: not HTTP/1.x from their first byte, or a selected request with "
+           "a bad body length (the rest goes as the service saw it)", "mirror",
+           {f"select_{p}_passthrough_streams": p for p in _HOOK_PATHS}, label="hook")
+_counter("mirror_rewritten_paths_total", "Forwarded requests whose target --rewrite-path "
+         "changed", "mirror", "rewrite_paths")
+_counter("mirror_rewritten_hosts_total", "Forwarded requests whose Host --rewrite-host set",
+         "mirror", "rewrite_hosts")
+_counter("mirror_rewrites_invalid_total", "Path rewrites not applied because the result was "
+         "no valid request-target (empty, a space or control character); should be 0",
+         "mirror", "rewrite_invalid")
 
 # ---------------------------------------------------------------- forward sink
 
@@ -288,6 +377,11 @@ _by_reason("record_records_lost_total", "Records not in the recording, by reason
 _by_reason("record_lost_bytes_total", "Payload bytes of those records; should be 0",
            "record", {"record_failed_bytes": "write_failed",
                       "record_dropped_bytes": "queue_full"})
+_counter("record_files_rotated_total", "Recording files started after the first "
+         "(--record-rotate: past the size, or a new time slot)", "record",
+         "record_files_rotated")
+_counter("record_files_deleted_total", "Recording files of this run deleted, oldest first, "
+         "to stay within --record-max-total", "record", "record_files_deleted")
 
 # ---------------------------------------------------------------- memory budget (agent/budget.py)
 

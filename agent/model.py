@@ -38,19 +38,33 @@ PSH = 0x08
 ACK = 0x10
 
 #: A direction-free connection key: the lower (ip, port) endpoint first, so both directions
-#: of a connection map to the same key. IP addresses are packed bytes (4 or 16 long).
-FlowKey = tuple[bytes, int, bytes, int]
+#: of a connection map to the same key. IP addresses are packed bytes (4 or 16 long); the
+#: last item is the tunnel identity (``Segment.tunnel``, "" outside tunnels).
+FlowKey = tuple[bytes, int, bytes, int, str]
 
 
-def flow_key(src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int) -> FlowKey:
-    """Return the direction-free key of a 4-tuple (lowest address/port pair first)."""
+def flow_key(src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+             tunnel: str = "") -> FlowKey:
+    """Return the direction-free key of a 4-tuple (lowest address/port pair first) in the
+    tunnel ``tunnel``."""
     if (src_ip, src_port) <= (dst_ip, dst_port):
-        return (src_ip, src_port, dst_ip, dst_port)
-    return (dst_ip, dst_port, src_ip, src_port)
+        return (src_ip, src_port, dst_ip, dst_port, tunnel)
+    return (dst_ip, dst_port, src_ip, src_port, tunnel)
+
+
+#: The first 12 bytes of an IPv4-mapped IPv6 address (``::ffff:0:0/96``, RFC 4291 §2.5.5.2).
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def format_ip(ip: bytes) -> str:
-    """Packed 4- or 16-byte address → text (``192.0.2.1``, ``2001:db8::1``)."""
+    """Packed 4- or 16-byte address → text (``192.0.2.1``, ``2001:db8::1``).
+
+    IPv6 follows RFC 5952, including its §5: an IPv4-mapped address keeps its IPv4 part
+    dotted (``::ffff:192.0.2.1``, as ``inet_ntop`` and tshark write it, not
+    ``::ffff:c000:201``), whatever the Python version. Other IPv6 addresses are plain hex.
+    """
+    if len(ip) == 16 and ip[:12] == _V4_MAPPED:
+        return "::ffff:" + ".".join(map(str, ip[12:]))
     return str(ipaddress.ip_address(ip))
 
 
@@ -68,7 +82,10 @@ class Segment:
     ``seq`` is the raw 32-bit sequence number of the first payload byte's position (for a SYN,
     the SYN's own number). ``lost`` counts payload bytes known to exist right after ``payload``
     that the source could not deliver (for example a piece the kernel failed to copy): the
-    reassembler reports them as a gap at once instead of waiting for them.
+    reassembler reports them as a gap at once instead of waiting for them. ``tunnel`` is
+    the identity of the tunnels the segment came through (``vxlan:42``, outermost first,
+    joined with ``/``; see :mod:`agent.decode.tunnels`), "" outside tunnels: part of the
+    flow's key, so the same addresses in two tenants' networks are two flows.
     """
 
     __slots__ = (
@@ -82,6 +99,7 @@ class Segment:
         "src_ip",
         "src_port",
         "ts",
+        "tunnel",
         "window",
     )
 
@@ -98,6 +116,7 @@ class Segment:
         ts: float,
         window: int = 65535,
         lost: int = 0,
+        tunnel: str = "",
     ) -> None:
         self.src_ip = src_ip
         self.src_port = src_port
@@ -110,6 +129,7 @@ class Segment:
         self.ts = ts
         self.window = window
         self.lost = lost
+        self.tunnel = tunnel
 
     def __repr__(self) -> str:
         return (
@@ -145,11 +165,13 @@ class TrafficChunk:
     flow_id: int
     gap_bytes: int = 0
     type: str = "tcp"
+    tunnel: str = ""
+    """The flow's tunnel identity (``Segment.tunnel``); "" outside tunnels."""
 
     def with_data(self, data: bytes) -> TrafficChunk:
         """A copy with other bytes (what a hook hands to the next stage)."""
         return TrafficChunk(data, self.from_addr, self.to_addr, self.direction, self.seen_at,
-                            self.flow_id, self.gap_bytes, self.type)
+                            self.flow_id, self.gap_bytes, self.type, self.tunnel)
 
 
 @dataclass(slots=True)

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.cli_select import SelectOptions
 from agent.config import FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
+from agent.sinks.record import RecordPolicy, check_compression, parse_rotation
 
 __all__ = [
     "CaptureOptions",
@@ -44,12 +46,18 @@ class PipelineOptions:
     record: str | None = None
     overwrite: bool = False
     record_format: str = "native"
+    record_rotate: str | None = None
+    """``--record-rotate``: SIZE, DURATION or SIZE,DURATION (checked text)."""
+    record_max_total: int | None = None
+    record_compress: str | None = None
     both_directions: bool = False
     filter: str | None = None
     hooks: tuple[str, ...] = ()
     inject_header: tuple[str, str] | None = None
     redact_headers: tuple[str, ...] = ()
     sample: float | None = None
+    select: SelectOptions = field(default_factory=SelectOptions)
+    """``--allow-*``, ``--deny-*``, ``--sample-by-header``, ``--rate-limit``, ``--rewrite-*``."""
     idle_timeout: float = 600.0
     hole_timeout: float = HOLE_TIMEOUT
     memory_limit: int | None = None
@@ -63,6 +71,41 @@ class PipelineOptions:
         if not self.ports:
             raise OptionError("no observed port: give --port (or 'port' in the config file, "
                               "or MIRROR_AGENT_PORT)")
+        self._check_record_files()
+
+    def _check_record_files(self) -> None:
+        """The recording's rotation, total size and compression make sense together."""
+        given = [f"--record-{k}" for k, v in (("rotate", self.record_rotate),
+                                               ("max-total", self.record_max_total),
+                                               ("compress", self.record_compress)) if v]
+        if given and self.record is None:
+            raise OptionError(f"{given[0]} needs --record")
+        if self.record_compress is not None:
+            try:
+                check_compression(self.record_compress)
+            except ValueError as e:
+                raise OptionError(str(e)) from None
+        if self.record_rotate is not None and self.record == "-":
+            raise OptionError("--record-rotate needs a file path: --record - is stdout")
+        try:
+            rot = parse_rotation(self.record_rotate) if self.record_rotate else None
+        except ValueError as e:
+            raise OptionError(f"--record-rotate: {e}") from None
+        if self.record_max_total is not None:
+            if rot is None:
+                raise OptionError("--record-max-total needs --record-rotate (it deletes the "
+                                  "oldest rotated files)")
+            if rot.max_bytes is not None and self.record_max_total < rot.max_bytes:
+                raise OptionError(f"--record-max-total {self.record_max_total} is less than "
+                                  f"the --record-rotate size {rot.max_bytes}")
+
+    @property
+    def record_files(self) -> RecordPolicy | None:
+        """How the recording is split, trimmed and compressed; None: one plain file."""
+        if self.record_rotate is None and self.record_compress is None:
+            return None
+        rotation = parse_rotation(self.record_rotate) if self.record_rotate else None
+        return RecordPolicy(rotation, self.record_max_total, self.record_compress)
 
     @property
     def needs_responses(self) -> bool:

@@ -12,9 +12,15 @@ the caller's streams too, written in place through a copy of that descriptor, wh
 are (a regular file after ``>``, a pipe, a terminal); a closed one is an error. A character
 device or a FIFO is written in place. An existing regular file, empty or not, is
 never written: every run creates its files (empty) at start, so an empty file may be another
-run's that just started. The output goes to the next free ``STEM.N.SUFFIX`` (N = 1, 2, ...)
-instead, created with ``O_EXCL`` so two runs never share a file, and a warning names it.
-``overwrite`` truncates instead.
+run's that just started. The output goes to the next free ``STEM.N.SUFFIX`` (N = 1, 2, ...;
+before a compression suffix: ``rec.1.bin.gz``) instead, created with ``O_EXCL`` so two runs
+never share a file, and a warning names it. ``overwrite`` truncates instead.
+
+The recording's path is a strftime pattern (expanded when a file opens); given a
+:class:`~agent.sinks.record.RecordPolicy` (``--record-rotate``, ``--record-max-total``,
+``--record-compress``) the recording is a :class:`~agent.sinks.record.RecordFiles` whose
+first file is opened here (and the compression's suffix added to the name); rotation needs a
+regular file, not a stream, a FIFO or a device (:class:`OutputError`).
 
 A run that fails before it starts closes and removes the files it created; a run that fails
 later removes a recording it created and never wrote.
@@ -35,6 +41,7 @@ from typing import BinaryIO
 
 import structlog
 
+from agent.sinks.record.files import RecordFiles, RecordPolicy, create_numbered
 from agent.summary import degradation, format_summary
 
 __all__ = ["EXIT_DEGRADED", "EXIT_HELP", "EXIT_PIPE_CLOSED", "OutputError", "RunOutputs",
@@ -54,7 +61,6 @@ Existing output files are never written to: NAME.1.EXT, NAME.2.EXT, ... are used
 (-, /dev/stdout, /dev/stderr) are written in place.
 """
 
-_MAX_NUMBER = 10_000
 _STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
 _FD_PATH = re.compile(r"/(?:dev/fd|proc/(self|thread-self|\d+)/fd)/(\d+)")
 _FLAG = {"recording": "--record", "stats file": "--stats-json"}
@@ -99,32 +105,24 @@ def open_output(path: Path, what: str, overwrite: bool = False) -> BinaryIO:
     return _open_output(path, what, overwrite)[0]
 
 
-def _open_output(path: Path, what: str, overwrite: bool) -> tuple[BinaryIO, bool]:
-    """:func:`open_output`, and whether it created the file."""
+def _open_output(path: Path, what: str, overwrite: bool) -> tuple[BinaryIO, bool, int]:
+    """:func:`open_output`, whether it created the file, and its N in ``STEM.N.SUFFIX`` (0:
+    ``path`` itself)."""
     check_output_path(path, what)
     try:
         mode = _mode(path, what)
         if mode and not stat.S_ISREG(mode):  # a character device or a FIFO
-            return open(path, "ab"), False
+            return open(path, "ab"), False, 0
         with contextlib.suppress(FileExistsError):  # if someone else just made it: renamed
-            return open(path, "wb", opener=_exclusive), True
+            return open(path, "wb", opener=_exclusive), True, 0
         if overwrite:
-            return open(path, "wb"), False
-        f = _open_numbered(path)
+            return open(path, "wb"), False, 0
+        f, n = create_numbered(path, 1)
     except OSError as e:
         raise OutputError(f"cannot write {what} {path}: {e.strerror}") from None
     log.warning(f"{what} exists; writing a new file instead (--overwrite replaces it)",
                 path=str(path), new=f.name)
-    return f, True
-
-
-def _open_numbered(path: Path) -> BinaryIO:
-    """The first ``STEM.N.SUFFIX`` that does not exist yet, created exclusively."""
-    for n in range(1, _MAX_NUMBER):
-        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
-        with contextlib.suppress(FileExistsError):
-            return open(candidate, "wb", opener=_exclusive)
-    raise FileExistsError(0, f"{path.stem}.1{path.suffix} to .{_MAX_NUMBER - 1} all exist")
+    return f, True, n
 
 
 def _exclusive(path: str, flags: int) -> int:
@@ -227,11 +225,19 @@ class RunOutputs:
     """The recording and the stats file of one run, opened (or reserved) at start.
 
     ``record`` is None without ``--record``; ``-`` (like ``stats_json``) is stdout. No output
-    may be one of ``inputs`` (the files the run reads).
+    may be one of ``inputs`` (the files the run reads). ``record_files``: how the recording
+    is rotated, trimmed and compressed; then :attr:`record` is a
+    :class:`~agent.sinks.record.RecordFiles` (its first file open), else the file itself.
     """
 
     def __init__(self, record: str | None, stats_json: str | None, overwrite: bool,
-                 inputs: Sequence[Path] = ()) -> None:
+                 inputs: Sequence[Path] = (), record_files: RecordPolicy | None = None) -> None:
+        files = None
+        if record is not None:
+            files = RecordFiles(record, record_files or RecordPolicy())
+            if stream_fd(record) is None:  # a path: a strftime pattern, with the suffix
+                record = files.name_at(files.clock())
+            _check_rotatable(record, record_files)
         # Every path first, so that a bad one leaves no file behind.
         named = [(text, what) for text, what in ((record, "recording"),
                                                   (stats_json, "stats file")) if text is not None]
@@ -247,26 +253,32 @@ class RunOutputs:
             raise OutputError(f"--record and --stats-json name the same file ({where}); "
                               "give each its own")
         self._created: set[str] = set()
-        self.record: BinaryIO | None = None
+        self.record: BinaryIO | RecordFiles | None = None
+        self._first: BinaryIO | None = None  # the recording's first file
         self._stats: BinaryIO | None = None
         self._stats_on_stdout = stats_json is not None and _on_stdout(stats_json)
         try:
             if record is not None:
-                self.record = self._open(record, "recording", overwrite)
+                self._first, number = self._open(record, "recording", overwrite)
+                self.record = self._first
+                if files is not None and record_files is not None:
+                    files.adopt(self._first, record, number)
+                    self.record = files
             if stats_json is not None:
-                self._stats = self._open(stats_json, "stats file", overwrite)
+                self._stats = self._open(stats_json, "stats file", overwrite)[0]
         except BaseException:
             self.finish(None, failed=True)
             raise
 
-    def _open(self, text: str, what: str, overwrite: bool) -> BinaryIO:
+    def _open(self, text: str, what: str, overwrite: bool) -> tuple[BinaryIO, int]:
+        """The output ``text`` names, opened, and its N (``STEM.N.SUFFIX``; 0: the name)."""
         fd = stream_fd(text)
         if fd is not None:
-            return _open_stream(fd, text)
-        f, created = _open_output(Path(text), what, overwrite)
+            return _open_stream(fd, text), 0
+        f, created, number = _open_output(Path(text), what, overwrite)
         if created:
             self._created.add(f.name)
-        return f
+        return f, number
 
     def finish(self, stats: Mapping[str, float] | None, failed: bool = False) -> list[str]:
         """Close the recording (not stdout; its writer counted any error; a background
@@ -275,7 +287,9 @@ class RunOutputs:
         summary on stderr, the stats file and, unless the run ``failed``, a "degraded" line
         if it was. Returns why it was degraded (see :func:`agent.summary.degradation`; empty
         if it was not)."""
-        self._close(self.record, remove_if_empty=failed or stats is None)
+        if isinstance(self.record, RecordFiles):
+            self.record.close()  # the file open now (the first, or the last rotated one)
+        self._close(self._first, remove_if_empty=failed or stats is None)
         if stats is None:
             self._close(self._stats, remove_if_empty=True)
             return []
@@ -307,6 +321,21 @@ class RunOutputs:
                 if os.stat(name).st_size == 0:
                     os.unlink(name)
                     self._created.discard(name)
+
+
+def _check_rotatable(record: str, policy: RecordPolicy | None) -> None:
+    """OutputError unless the recording can be rotated (if asked): a path, not a stream,
+    a FIFO or a device."""
+    if policy is None or policy.rotation is None:
+        return
+    fd = stream_fd(record)
+    if fd is not None:
+        raise OutputError(f"--record-rotate needs a file path: --record {record} is "
+                          f"{_fd_name(fd)}")
+    mode = _mode(Path(record), "recording")
+    if mode and not stat.S_ISREG(mode):
+        raise OutputError(f"--record-rotate needs a regular file: {record} is a FIFO or a "
+                          "device")
 
 
 def stdout_closed() -> int:

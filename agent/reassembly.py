@@ -8,6 +8,27 @@ direction's bytes are ordered by a :class:`~agent.streambuf.StreamBuffer`; the d
 into :class:`~agent.model.TrafficChunk` objects. In-order data, the common case, takes a fast
 path in the Reassembler's feeding loop itself.
 
+Resets and SYN data follow what the receiving stack delivers (Linux; each counted):
+
+- A RST ends its flow only if its receiver takes it: RFC 5961 §3.2, at the receiver's
+  RCV.NXT, i.e. the next byte the mirror expects from the RST's sender (also where the
+  receiver may be though the capture is not: the end of held data, the FIN's number and the
+  one after, see :meth:`~agent.streambuf.StreamBuffer.reset_verdict`). Any other RST is
+  counted (``rst_ignored_in_window``: answered with a challenge ACK;
+  ``rst_ignored_out_of_window``: dropped) and ignored, window field too: the connection
+  goes on. A RST whose sender's sequence numbers the mirror never followed (the answer to
+  a refused SYN, a pickup mid-stream, a side not captured or untracked) cannot be checked
+  and is taken (``rst_unchecked``). A RST never opens, reuses or feeds a flow, even with SYN.
+- Data on a RST is never delivered (``rst_payload_bytes``): Linux checks the RST first and
+  resets, or drops the segment, without queueing its data.
+- Data on a SYN (TCP Fast Open) is held until the receiver's SYN-ACK acknowledges part of
+  it: the acknowledged part is delivered (``syn_data_bytes``), the rest is not
+  (``syn_data_refused_bytes``): a refused client sends it again after the handshake, where
+  it is delivered once. An ACK number the sender would reject settles nothing; then the
+  sender's next segment with data or FIN settles it by where it starts (at the SYN data's
+  start: refused). A flow that ends before either delivers none of it. A SYN again (same
+  ISN) adds nothing: its receiver takes nothing from it.
+
 Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts``) or from
 :meth:`Reassembler.advance`. Every byte that is not delivered is counted in
 :class:`ReassemblyStats` or reported as ``gap_bytes`` on the next chunk (or as the
@@ -106,7 +127,7 @@ class Reassembler(FlowData):
         self._classify = classify
         self._anonymize = anonymize
         self._untracked = untracked
-        self._halves: dict[tuple[bytes, int, bytes, int], Half] = {}
+        self._halves: dict[FlowKey, Half] = {}  # (src, sport, dst, dport, tunnel)
         self._flows: dict[int, Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
         self._next_id = 1
@@ -153,7 +174,7 @@ class Reassembler(FlowData):
                 self.advance(ts, out)
             elif ts > self._now:
                 self._now = ts
-            half = find((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port))
+            half = find((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel))
             flags = seg.flags
             if half is None or flags & SYN:
                 half = self._find(half, seg, out)
@@ -161,8 +182,9 @@ class Reassembler(FlowData):
                     continue
             half.flow.last_seen = ts
             if seg.window == 0:
-                half.peer.blocked = True
-            elif half.peer.blocked:
+                if not flags & RST:  # a RST's window means nothing (and it may be ignored)
+                    half.peer.blocked = True
+            elif half.peer.blocked and not flags & RST:
                 half.peer.blocked = False
             payload = seg.payload
             nxt = half.nxt
@@ -188,9 +210,10 @@ class Reassembler(FlowData):
         order or of an untracked direction; ends what it completes."""
         flags = seg.flags
         if flags & RST:
-            self._end(half.flow, "rst", out)
-            self._tombstones[half.flow.key] = ts
+            self._reset(half, seg, ts, out)
             return
+        if flags & SYN and flags & ACK and half.peer.syn_data is not None:
+            self._syn_answered(half.peer, seg.ack, ts, out)
         if half.untracked:
             self._follow(half, seg)
         else:
@@ -200,6 +223,24 @@ class Reassembler(FlowData):
                 self._direction_end(half, out)
             if self._finished(half.peer, out):
                 self._end(half.flow, "fin", out)
+
+    def _reset(self, half: Half, seg: Segment, ts: float, out: Output) -> None:
+        """A RST from ``half``'s sender: the flow ends if its receiver would take it (see the
+        module docstring), else it is counted and ignored. Its payload is never delivered."""
+        stats = self.stats
+        stats.rst_payload_bytes += len(seg.payload) + seg.lost
+        if half.untracked or half.nxt is None:
+            stats.rst_unchecked += 1  # the sender's sequence numbers were never followed
+        else:
+            verdict = half.reset_verdict(seg.seq)
+            if verdict == "in_window":
+                stats.rst_ignored_in_window += 1
+                return
+            if verdict == "out_of_window":
+                stats.rst_ignored_out_of_window += 1
+                return
+        self._end(half.flow, "rst", out)
+        self._tombstones[half.flow.key] = ts
 
     def advance(self, now: float, out: Output) -> None:
         """Let time pass: skip timed-out holes, end idle flows (and over-age ones), expire
@@ -233,7 +274,12 @@ class Reassembler(FlowData):
 
     def _find(self, half: Half | None, seg: Segment, out: Output) -> Half | None:
         """The half of a segment of no known flow (a new flow, or None if it opens none),
-        or of a SYN (a new connection on a 4-tuple still tracked ends the old one)."""
+        or of a SYN (a new connection on a 4-tuple still tracked ends the old one). A RST
+        opens nothing and ends nothing here, even with SYN set (RST is checked first)."""
+        if seg.flags & RST:
+            if half is None:  # of no connection tracked (or one closed): nothing to end
+                self.stats.rst_payload_bytes += len(seg.payload) + seg.lost
+            return half
         if half is None:
             return self._open(seg, out)
         if half.isn != seg.seq and not self._is_own_syn(half, seg):
@@ -252,9 +298,12 @@ class Reassembler(FlowData):
             half.nxt = seg.seq  # started: a later SYN is a new connection's
 
     def _is_own_syn(self, half: Half, seg: Segment) -> bool:
-        """A SYN for a half that started from data: its own late or retransmitted SYN?"""
-        if half.isn is not None or half.nxt is None:
-            return half.nxt is None
+        """A SYN with another ISN than ``half``'s: its own late SYN (the half started from
+        data, or has not started), or a new connection's?"""
+        if half.isn is not None:
+            return False  # its SYN is known: this one is another connection's
+        if half.nxt is None:
+            return True
         # Started mid-stream; a SYN right below the first byte is this connection's.
         delta = ((half.nxt - seg.seq - 1) & _MASK)
         if delta < (1 << 24):
@@ -264,7 +313,7 @@ class Reassembler(FlowData):
 
     def _open(self, seg: Segment, out: Output) -> Half | None:
         flags = seg.flags
-        key = flow_key(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)
+        key = flow_key(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel)
         if not flags & SYN:
             if key in self._tombstones:
                 if seg.payload:
@@ -292,8 +341,8 @@ class Reassembler(FlowData):
         b.untracked = b.chunk_dir in self._untracked
         flow.a, flow.b = a, b
         self._flows[flow.flow_id] = flow
-        self._halves[(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port)] = a
-        self._halves[(seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port)] = b
+        self._halves[(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel)] = a
+        self._halves[(seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port, seg.tunnel)] = b
         stats.flows_opened += 1
         return a
 
@@ -313,9 +362,9 @@ class Reassembler(FlowData):
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
         del self._flows[flow.flow_id]
-        k = flow.key  # (ip, port, ip, port): one direction's 4-tuple as it stands
+        k = flow.key  # (ip, port, ip, port, tunnel): one direction's as it stands
         self._halves.pop(k, None)
-        self._halves.pop((k[2], k[3], k[0], k[1]), None)
+        self._halves.pop((k[2], k[3], k[0], k[1], k[4]), None)
         if reason == "fin":
             self._tombstones[k] = self._now
         out.append(FlowEnd(flow.flow_id, reason, trailing))

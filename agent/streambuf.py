@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import bisect
 from operator import itemgetter
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
-__all__ = ["Piece", "Ready", "StreamBuffer", "StreamCounters"]
+__all__ = ["MAX_WINDOW", "Piece", "Ready", "ResetVerdict", "StreamBuffer", "StreamCounters"]
 
 _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
+
+#: The largest receive window TCP can advertise (65535 << 14, RFC 7323 §2.3), rounded up. The
+#: mirror does not see window scaling: no receiver's window is larger.
+MAX_WINDOW = 1 << 30
+
+ResetVerdict = Literal["accept", "in_window", "out_of_window"]
 _start = itemgetter(0)
 
 Ready = list[tuple[int, bytes]]
@@ -103,6 +109,27 @@ class StreamBuffer:
         if fin is not None and nxt is not None and nxt < fin:
             missing += fin - nxt
         return missing
+
+    def reset_verdict(self, seq: int) -> ResetVerdict:
+        """What the receiver of this stream does with a RST its sender sent at 32-bit ``seq``
+        (RFC 5961 §3.2), as far as the stream knows; needs ``nxt``.
+
+        ``accept`` if ``seq`` is where the receiver's RCV.NXT can be: the next byte expected,
+        the end of a held piece (the receiver may have bytes the capture missed; Linux also
+        takes the highest SACKed byte), just past a held zero-window probe, or, once a FIN is
+        known, the FIN's number or the one after it (Linux takes RCV.NXT - 1 after a FIN).
+        Otherwise the receiver ignores it: ``in_window`` if ahead of the next byte by less than
+        :data:`MAX_WINDOW` (it answers with a challenge ACK), else ``out_of_window`` (dropped).
+        """
+        nxt = self.nxt
+        assert nxt is not None
+        pos = self.unwrap(seq)
+        fin, probe = self.fin, self.probe
+        if (pos == nxt or (fin is not None and fin <= pos <= fin + 1)
+                or (probe is not None and pos == probe[0] + 1)
+                or any(p.end == pos for p in self.pending)):
+            return "accept"
+        return "in_window" if 0 < pos - nxt < MAX_WINDOW else "out_of_window"
 
     # ------------------------------------------------------------------ input
 

@@ -213,6 +213,8 @@ class AfPacketSource:
                 seg = decode(bytes(view[:n]), now)
             if seg is not None:
                 out.append(seg)
+            if self._decoder.ready:  # IP datagrams given up (timeout, memory)
+                out += self._decoder.take_ready()
         return out
 
     def drain(self) -> list[Segment]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.capture import SourceError
 
 __all__ = ["MAX_CAPLEN", "PCAP_HEADER", "BadFrame", "CutShort", "Frame", "bad_record",
-           "check_header", "frames", "mapped", "read_frames"]
+           "check_header", "frames", "mapped", "pcap_linktype", "read_frames"]
 
 _PCAP_MAGICS = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
@@ -117,8 +117,15 @@ def _global_header(path: Path, data: mmap.mmap) -> tuple[str, str, float]:
     return "pcapng", endian, 0.0
 
 
+def pcap_linktype(data: mmap.mmap, endian: str) -> int:
+    """The link type of a pcap file's header: the field's low 16 bits; the high bits say
+    whether frames end with a frame check sequence (and how long), which the decoder never
+    reads (the IP length bounds every payload)."""
+    return int(struct.unpack_from(endian + "I", data, 20)[0]) & 0xFFFF
+
+
 def _pcap(path: Path, data: mmap.mmap, endian: str, unit: float) -> Iterator[Frame]:
-    linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
+    linktype = pcap_linktype(data, endian)
     rec = struct.Struct(endian + "IIII")
     pos, n = PCAP_HEADER, len(data)
     unpack = rec.unpack_from

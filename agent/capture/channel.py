@@ -62,6 +62,8 @@ class ChannelSource:
                     seg = self._decoder.decode(frame, ts)
                     if seg is not None:
                         batch.append(seg)
+                    if self._decoder.ready:  # IP datagrams given up (timeout, memory)
+                        batch += self._decoder.take_ready()
                 if len(batch) >= 256:
                     break
                 try:

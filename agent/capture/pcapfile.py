@@ -12,6 +12,12 @@ pcap record with an absurd captured length, a pcapng block length that is invali
 the end, a truncated last record) the file is cut short there: a warning names the file, the
 frame number and the byte offset, the rest of that file is skipped, and ``cut_short_files``
 counts it.
+
+Frames go through one :class:`~agent.decode.Decoder` per link type, all sharing one
+:class:`~agent.decode.Defragmenter` (one memory bound, ``DecodeConfig.defrag_bytes``). The
+segments of IP datagrams given up (memory, timeout) come in the batch of the frame that made
+room or, for timeouts, that of the first frame past the deadline (checked at least once a
+batch); at the end of the last file every datagram still waiting is given up.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from agent.capture.capfile import (
     check_header,
     frames,
     mapped,
+    pcap_linktype,
     read_frames,
 )
 from agent.decode import (
@@ -41,8 +48,10 @@ from agent.decode import (
     ETH_IPV4_TCP_MIN,
     LINKTYPE_ETHERNET,
     SUPPORTED_LINKTYPES,
+    DecodeConfig,
     Decoder,
     DecodeStats,
+    Defragmenter,
 )
 from agent.model import Segment
 
@@ -65,10 +74,12 @@ class PcapFileSource:
 
     ``frame_filter`` (for example a compiled tcpdump expression) sees each raw frame first;
     frames it rejects are counted as ``filtered``. Damaged files: see the module docstring;
-    each is logged (a warning with the file, frame number and byte offset).
+    each is logged (a warning with the file, frame number and byte offset). ``config``:
+    the tunnel ports, layer bound and defragmentation limits (the defaults without it).
     """
 
-    def __init__(self, paths: list[Path], frame_filter: FrameFilter | None = None) -> None:
+    def __init__(self, paths: list[Path], frame_filter: FrameFilter | None = None,
+                 config: DecodeConfig | None = None) -> None:
         if not paths:
             raise SourceError("no capture files given")
         for p in paths:
@@ -76,6 +87,9 @@ class PcapFileSource:
         self.paths = paths
         self._filter = frame_filter
         self.decode_stats = DecodeStats()
+        self._config = config or DecodeConfig()
+        self._defrag = Defragmenter(self._config.defrag_bytes, self._config.defrag_timeout,
+                                    self.decode_stats.defrag)
         self._frames = 0
         self._filtered = 0
         self._cut_short_files = 0
@@ -98,6 +112,13 @@ class PcapFileSource:
                         yield from self._frame_batches(path, found)
             except SourceError as e:  # changed since the check at start
                 self._cut_short(path, str(e), frames_read=0)
+        if not self._closed and self._defrag.pending:
+            rest: list[Segment] = []
+            for dec in self._decoders.values():
+                dec.finish()
+                rest += dec.take_ready()
+            if rest:
+                yield rest
 
     def _frame_batches(self, path: Path, found: Iterator[Frame]) -> Iterator[list[Segment]]:
         """Segments of one file's frames, each through the filter and a decoder."""
@@ -118,11 +139,10 @@ class PcapFileSource:
             if keep is not None and not keep(linktype, frame):
                 self._filtered += 1
                 continue
-            seg = self._decode(linktype, frame, ts, orig)
-            if seg is not None:
-                batch.append(seg)
+            if self._decode_into(linktype, frame, ts, orig, batch):
                 size += len(frame)
                 if len(batch) >= _BATCH or size >= _BATCH_BYTES:
+                    self._expire(ts, batch)
                     yield batch
                     batch, size = [], 0
         if batch:
@@ -132,14 +152,14 @@ class PcapFileSource:
                       unit: float) -> Iterator[list[Segment]]:
         """Segments of a pcap file read without a filter: the common frame (see
         :func:`~agent.decode.fast_frame`) is decoded right from the map in the reading loop,
-        any other one by :meth:`_decode`. Frames and segments are counted once per batch."""
-        linktype = struct.unpack_from(endian + "I", data, 20)[0] & 0x0FFFFFFF
+        any other one by :meth:`_decode_into`. Frames and segments are counted once per batch."""
+        linktype = pcap_linktype(data, endian)
         ethernet = linktype == LINKTYPE_ETHERNET
         unpack_rec = struct.Struct(endian + "IIII").unpack_from
         unpack_head = ETH_IPV4_TCP.unpack_from
         pos, n = PCAP_HEADER, len(data)
         batch: list[Segment] = []
-        fast = other = 0  # frames decoded here, frames handed to _decode (not yet counted)
+        fast = other = 0  # frames decoded here, frames handed to _decode_into (not yet counted)
         read = 0  # frames of this file counted
         full = pos + _BATCH_BYTES  # where the batch is full, whatever its length
         while pos + 16 <= n:
@@ -161,12 +181,14 @@ class PcapFileSource:
                                   data[at + start : at + end], sec + frac * unit, window)
             if seg is None:
                 other += 1
-                seg = self._decode(linktype, data[at:pos], sec + frac * unit, orig)
-                if seg is None:
+                if not self._decode_into(linktype, data[at:pos], sec + frac * unit, orig,
+                                         batch):
                     continue
-            batch.append(seg)
+            else:
+                batch.append(seg)
             if len(batch) < _BATCH and pos < full:
                 continue
+            self._expire(sec + frac * unit, batch)
             full = pos + _BATCH_BYTES
             read += fast + other
             self._frames += fast + other
@@ -191,15 +213,34 @@ class PcapFileSource:
         self._cut_short(path, bad_record(incl, left), frames_read=read, frame=read + 1,
                         offset=pos)
 
-    def _decode(self, linktype: int, frame: bytes, ts: float, orig: int) -> Segment | None:
-        """A frame through its link type's decoder (None, counted, if it has none)."""
+    def _decode_into(self, linktype: int, frame: bytes, ts: float, orig: int,
+                     batch: list[Segment]) -> bool:
+        """A frame through its link type's decoder (counted if it has none): its segment,
+        after those of datagrams it made the defragmenter give up, onto ``batch``. True if
+        any was added."""
         dec = self._decoders.get(linktype)
         if dec is None:
             if linktype not in SUPPORTED_LINKTYPES:
                 self.decode_stats.skip(f"linktype_{linktype}")
-                return None
-            dec = self._decoders[linktype] = Decoder(linktype, self.decode_stats)
-        return dec.decode(frame, ts, orig)
+                return False
+            dec = self._decoders[linktype] = Decoder(linktype, self.decode_stats,
+                                                     self._config, self._defrag)
+        seg = dec.decode(frame, ts, orig)
+        if dec.ready:
+            batch += dec.take_ready()
+        elif seg is None:
+            return False
+        if seg is not None:
+            batch.append(seg)
+        return True
+
+    def _expire(self, now: float, batch: list[Segment]) -> None:
+        """Once a batch: give up datagrams past the defragmentation timeout (the fast path
+        does not look)."""
+        if now >= self._defrag.deadline:
+            dec = next(iter(self._decoders.values()))
+            dec.expire(now)
+            batch += dec.take_ready()
 
     def _cut_short(self, path: Path, reason: str, **where: int) -> None:
         self._cut_short_files += 1

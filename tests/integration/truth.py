@@ -54,7 +54,8 @@ def jsonl_streams(path: Path) -> tuple[Streams, int]:
     gaps = 0
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        assert set(rec) == {"flow", "from", "to", "direction", "seen_at", "data", "gap_bytes"}
+        assert set(rec) - {"tunnel"} == {"flow", "from", "to", "direction", "seen_at", "data",
+                                         "gap_bytes"}
         out[(rec["from"], rec["to"])] += base64.b64decode(rec["data"])
         gaps += rec["gap_bytes"]
     return {k: bytes(v) for k, v in out.items() if v}, gaps

@@ -24,16 +24,17 @@ class Conversation:
 
     def seg(
         self, from_client: bool, offset: int, payload: bytes = b"", flags: int = ACK | PSH,
-        window: int = 65535, lost: int = 0, ts: float | None = None,
+        window: int = 65535, lost: int = 0, ts: float | None = None, ack: int = 0,
     ) -> Segment:
-        """A segment whose payload starts ``offset`` bytes into its direction's stream."""
+        """A segment whose payload starts ``offset`` bytes into its direction's stream;
+        ``ack``: its raw acknowledgment number."""
         src, dst = (self.client, self.server) if from_client else (self.server, self.client)
         isn = self.client_isn if from_client else self.server_isn
         seq = (isn + 1 + offset) & 0xFFFFFFFF
         if flags & SYN:
             seq = isn & 0xFFFFFFFF
         self.ts += 0.001
-        return Segment(src[0], src[1], dst[0], dst[1], seq, 0, flags, payload,
+        return Segment(src[0], src[1], dst[0], dst[1], seq, ack, flags, payload,
                        self.ts if ts is None else ts, window, lost)
 
     def handshake(self) -> list[Segment]:

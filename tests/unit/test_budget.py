@@ -15,7 +15,7 @@ GIB = 1 << 30
 
 
 def parts(b: budget.Budget) -> int:
-    return (b.base + b.kernel_rings + b.flow_table + b.slack + b.drain_backlog
+    return (b.base + b.kernel_rings + b.flow_table + b.defrag + b.slack + b.drain_backlog
             + b.reassembly_total + b.record_queue + b.forward_total)
 
 
@@ -30,7 +30,7 @@ def test_default_1gib_cgroup_on_2_cpus() -> None:
     assert b.buffer_mib == 16 and b.kernel_rings == 2 * (16 * MIB + 4096)
     assert b.base == 67 * MIB
     assert b.max_flows == 896 * MIB // 8 // 1640
-    pool = 896 * MIB - b.base - b.kernel_rings - b.flow_table
+    pool = 896 * MIB - b.base - b.kernel_rings - b.flow_table - b.defrag
     share = (pool - pool // 3) // 4  # a third of the pool is slack
     assert abs(b.drain_backlog - share) <= 4
     assert b.drain_backlog == b.reassembly_total == b.record_queue == b.forward_total

@@ -56,18 +56,24 @@ def _pcap(path: Path, frames: list[bytes], linktype: int = LINKTYPE_ETHERNET,
 
 def _fields(s: Segment) -> tuple[object, ...]:
     return (s.src_ip, s.src_port, s.dst_ip, s.dst_port, s.seq, s.ack, s.flags, s.payload, s.ts,
-            s.window, s.lost)
+            s.window, s.lost, s.tunnel)
 
 
 def _reference(path: Path) -> tuple[list[tuple[object, ...]], dict[str, int]]:
+    """Each frame through a decoder; the segments of datagrams it gave up first, then the
+    frame's own; at the end, those of the datagrams still waiting."""
     stats = DecodeStats()
     decoders: dict[int, Decoder] = {}
     segs = []
     for linktype, ts, frame, orig in read_frames(path):
         dec = decoders.setdefault(linktype, Decoder(linktype, stats))
         seg = dec.decode(frame, ts, orig)
+        segs += [_fields(s) for s in dec.take_ready()]
         if seg is not None:
             segs.append(_fields(seg))
+    for dec in decoders.values():
+        dec.finish()
+        segs += [_fields(s) for s in dec.take_ready()]
     return segs, stats.as_dict()
 
 

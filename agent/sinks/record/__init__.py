@@ -19,17 +19,26 @@ only that recording: one error line names the file, the file is closed, and ever
 record is counted as lost (``record_failed_*``) instead of written. The one exception is a
 broken pipe on stdout (its reader went away): that is raised, for a quiet exit.
 
+A recording may be split into files by size and/or time, trimmed to a total size, and
+compressed (gzip, zstd): see :mod:`.files` and :mod:`.codec`. ``pcapng`` writes the
+connections as synthesised packets for Wireshark (:mod:`.pcapng`).
+
 The pieces: :mod:`.format` (the format's constants, JSON lines objects), :mod:`.output` (a
-file with exact accounting), :mod:`.writers` (the writers), :mod:`.background` (a writer on
-its own thread, for live capture) and :mod:`.reader`.
+file, or rotated files, with exact accounting), :mod:`.files` (names, rotation, total size),
+:mod:`.codec` (compression, and reading a compressed file back), :mod:`.writers` (the
+writers), :mod:`.pcapng`, :mod:`.background` (a writer on its own thread, for live capture)
+and :mod:`.reader`.
 """
 
 from agent.sinks.record.background import BackgroundWriter
+from agent.sinks.record.codec import COMPRESSIONS, check_compression, decoded
+from agent.sinks.record.files import RecordFiles, RecordPolicy, Rotation, parse_rotation
 from agent.sinks.record.format import FORMATS, MAGIC, VERSION, RecordError, chunk_json
 from agent.sinks.record.reader import NativeReader, RecordedChunk
 from agent.sinks.record.writers import JsonLinesWriter, NativeWriter, RecordWriter, make_writer
 
 __all__ = [
+    "COMPRESSIONS",
     "FORMATS",
     "MAGIC",
     "VERSION",
@@ -38,8 +47,14 @@ __all__ = [
     "NativeReader",
     "NativeWriter",
     "RecordError",
+    "RecordFiles",
+    "RecordPolicy",
     "RecordWriter",
     "RecordedChunk",
+    "Rotation",
+    "check_compression",
     "chunk_json",
+    "decoded",
     "make_writer",
+    "parse_rotation",
 ]

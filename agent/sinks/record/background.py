@@ -25,9 +25,13 @@ class BackgroundWriter:
     are dropped and counted (``dropped_records``/``dropped_bytes``), never the reader
     blocked, and the recording stays honest: the flow's next record carries the dropped bytes
     in its ``gap_bytes`` (or its end record in its trailing gap).
-    :meth:`flush` waits until everything queued is written and flushed; the writer also
-    flushes whenever its queue runs empty. An error the inner writer raises (not a contained
-    file error; a broken stdout, say) is raised by the next call on the capture thread.
+    :meth:`flush` waits until everything queued is written and flushed. Whenever its queue
+    runs empty the writer thread calls the inner writer's ``tick()`` (or, without one, its
+    ``flush()``), and again after the seconds it returns if nothing comes before: that is
+    how a compressed recording is written at least once a second and a file closed when its
+    time slot ends (:meth:`agent.sinks.record.output.Output.tick`). An error the inner
+    writer raises (not a contained file error; a broken stdout, say) is raised by the next
+    call on the capture thread.
 
     The thread starts with the first record. :meth:`close` writes and flushes everything
     queued, stops the thread and waits for it, so the file can be closed after it; a later
@@ -131,13 +135,31 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         handoff = self._handoff
-        while batch := handoff.take_all():  # empty once closed and drained
+        wait: float | None = None
+        while True:
+            batch = handoff.take_all(wait)
+            if not batch and handoff.closed:  # closed and drained
+                break
             for kind, item, data in batch:
                 self._apply(kind, item, data)
                 handoff.release(len(data))  # written: no longer held
-            if not len(handoff):
-                self._apply(_FLUSH, None, b"")
+            if not len(handoff):  # the queue ran empty (or a tick came due)
+                wait = self._tick()
         self._apply(_FLUSH, None, b"")
+
+    def _tick(self) -> float | None:
+        """The queue ran empty: the inner writer's :meth:`tick` if it has one (it writes what
+        is due and says when to call again), else its flush. Seconds to wait at most."""
+        tick = getattr(self._inner, "tick", None)
+        if tick is None:
+            self._apply(_FLUSH, None, b"")
+            return None
+        try:
+            wait: float | None = tick()
+        except BaseException as e:  # handed to the capture thread
+            self._error = e
+            return None
+        return None if wait is None else max(wait, 0.01)
 
     def _apply(self, kind: int, item: object, data: bytes) -> None:
         """One queued item (a chunk, a flow end or a flush; then set ``item`` if an event)."""

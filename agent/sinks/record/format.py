@@ -19,7 +19,7 @@ BODY = struct.Struct("<BBHHHQdQ")
 DIRS = {Direction.UNKNOWN: 0, Direction.TO_OBSERVED: 1, Direction.FROM_OBSERVED: 2}
 DIR_OF = {v: k for k, v in DIRS.items()}
 CHUNK, END = 1, 2
-FORMATS = ("native", "jsonl")
+FORMATS = ("native", "jsonl", "pcapng")
 
 
 class RecordError(Exception):
@@ -28,8 +28,10 @@ class RecordError(Exception):
 
 def chunk_json(chunk: TrafficChunk, data: bytes) -> dict[str, object]:
     """The JSON-lines object of one chunk: exactly flow, from, to, direction, seen_at, data,
-    gap_bytes."""
-    return {
+    gap_bytes, and ``tunnel`` (the tunnel identity, e.g. ``vxlan:42``) for a flow that came
+    through a tunnel. The native format has no room for it (version 1 readers take every
+    byte after the addresses as data): there the flow id alone keeps tunnels apart."""
+    obj: dict[str, object] = {
         "flow": chunk.flow_id,
         "from": chunk.from_addr,
         "to": chunk.to_addr,
@@ -38,3 +40,6 @@ def chunk_json(chunk: TrafficChunk, data: bytes) -> dict[str, object]:
         "data": base64.b64encode(data).decode("ascii"),
         "gap_bytes": chunk.gap_bytes,
     }
+    if chunk.tunnel:
+        obj["tunnel"] = chunk.tunnel
+    return obj

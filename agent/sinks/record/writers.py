@@ -1,4 +1,5 @@
-"""Record writers: the native format and JSON lines, over an :class:`~.output.Output`."""
+"""Record writers: the native format and JSON lines (pcapng: :mod:`.pcapng`), over an
+:class:`~.output.Output`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import zlib
 from typing import BinaryIO, Protocol
 
 from agent.model import FlowEnd, TrafficChunk
+from agent.sinks.record.files import RecordFiles
 from agent.sinks.record.format import (
     BODY,
     CHUNK,
@@ -19,7 +21,7 @@ from agent.sinks.record.format import (
     VERSION,
     chunk_json,
 )
-from agent.sinks.record.output import Output
+from agent.sinks.record.output import FileWriter
 
 __all__ = ["JsonLinesWriter", "NativeWriter", "RecordWriter", "make_writer"]
 
@@ -38,28 +40,11 @@ class RecordWriter(Protocol):
         ...
 
 
-class _FileWriter:
-    """A record writer over an :class:`Output`."""
+class NativeWriter(FileWriter):
+    """Writes the native format to a binary file-like object, or to the files of a rotated
+    or compressed recording (each file starts with the header, with its first record)."""
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = Output(out)
-
-    def flow_end(self, end: FlowEnd) -> None:
-        pass
-
-    def flush(self) -> None:
-        self._out.flush()
-
-    def stats(self) -> dict[str, int]:
-        return self._out.stats()
-
-
-class NativeWriter(_FileWriter):
-    """Writes the native format to a binary file-like object (the header on first use)."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        super().__init__(out)
-        self._started = False
+    preamble = FILE_HEADER.pack(MAGIC, VERSION, 0, 0)
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         fa = chunk.from_addr.encode()
@@ -74,22 +59,21 @@ class NativeWriter(_FileWriter):
 
     def _record(self, head: bytes, data: bytes, data_len: int) -> None:
         """One record: its frame (the length and CRC of ``head`` and ``data`` together),
-        ``head``, ``data``; after the file header on first use. Data of
+        ``head``, ``data`` (after the file header in a new file). Data of
         :data:`_COPY_BELOW` bytes or more goes as it is, a piece of its own (one copy less,
         one CRC call more); smaller data is copied into the record."""
         out = self._out
         if out.error is not None:
             out.add(b"", b"", data_len)  # counted as lost
             return
+        if out.rotating:
+            out.begin(FRAME.size + len(head) + len(data))
         if len(data) < _COPY_BELOW:
             body = head + data
             record = FRAME.pack(len(body), zlib.crc32(body)) + body
             data = b""
         else:
             record = FRAME.pack(len(head) + len(data), zlib.crc32(data, zlib.crc32(head))) + head
-        if not self._started:
-            self._started = True
-            record = FILE_HEADER.pack(MAGIC, VERSION, 0, 0) + record
         out.add(record, data, data_len)
 
 
@@ -98,19 +82,27 @@ class NativeWriter(_FileWriter):
 _COPY_BELOW = 1024
 
 
-class JsonLinesWriter(_FileWriter):
+class JsonLinesWriter(FileWriter):
     """One JSON object per chunk, one per line; flow ends are not written."""
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         out = self._out
         line = b"" if out.error is not None else json.dumps(
             chunk_json(chunk, data), separators=(",", ":")).encode() + b"\n"
+        if line and out.rotating:
+            out.begin(len(line))
         out.add(line, b"", len(data))
 
 
-def make_writer(out: BinaryIO, fmt: str) -> NativeWriter | JsonLinesWriter:
+def make_writer(out: BinaryIO | RecordFiles, fmt: str) -> FileWriter:
+    """The writer of format ``fmt`` (one of :data:`FORMATS`) to ``out``: one file, or the
+    files of a rotated or compressed recording."""
     if fmt == "native":
         return NativeWriter(out)
     if fmt == "jsonl":
         return JsonLinesWriter(out)
+    if fmt == "pcapng":
+        from agent.sinks.record.pcapng import PcapngWriter
+
+        return PcapngWriter(out)
     raise ValueError(f"unknown record format {fmt!r} (expected one of {', '.join(FORMATS)})")

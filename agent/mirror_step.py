@@ -1,0 +1,337 @@
+"""The mirror's sans-I/O step: segments in, commands out.
+
+:class:`MirrorStep` owns the reassembler, the forward and record hook pipelines and each
+flow's bookkeeping. It has no threads, sockets, files, logs or clock (time comes from the
+segments or :meth:`MirrorStep.advance`): what it decides comes out as the commands below, in
+the order a driver (:class:`agent.mirror.TrafficMirror`) must execute them against the
+forward sink and the record writer.
+
+The rules it keeps:
+
+* every chunk goes through the record hooks, and (when forwarding) the forward hooks on a copy
+  of it, so a forward hook never changes what the record hooks see;
+* a chunk of a connection on no observed port (direction ``unknown``) never becomes a command,
+  whatever the hooks: what a hook passed on is counted (``<path>_unobserved_bytes``);
+* once the client finished (its :class:`~agent.model.DirectionEnd`), the shadow connection
+  ends; bytes for it after that are counted (``mirror_forward_late_bytes``), never sent;
+* at a flow's end, flow-aware hooks give back what they hold (their tails go out like chunks),
+  and a flow with records gets its end record.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from agent.config import MirrorConfig
+from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
+from agent.model import Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
+from agent.reassembly import Output, Reassembler
+
+__all__ = ["Command", "Commands", "EndForward", "FlowCut", "Forward", "MirrorStep", "Record",
+           "RecordFlowEnd", "coalesce"]
+
+_UNKNOWN = Direction.UNKNOWN
+_TO_OBSERVED = Direction.TO_OBSERVED
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(slots=True)
+class Forward:
+    """Send ``data`` on the shadow connection of ``flow_id`` (its first bytes open one).
+    ``gap`` bytes are missing right before ``data``: the shadow connection restarts, since
+    the target would otherwise see a corrupted stream. ``data`` is never empty."""
+
+    flow_id: int
+    data: bytes
+    gap: int = 0
+
+
+@dataclass(slots=True)
+class EndForward:
+    """End the shadow connection of ``flow_id`` once its bytes are written: its client
+    finished, or the flow ended. Only for a flow with a :class:`Forward`, once; no
+    :class:`Forward` of this flow follows."""
+
+    flow_id: int
+
+
+@dataclass(slots=True)
+class Record:
+    """Write one record: ``data`` (what the record hooks made of the chunk, never empty) with
+    ``chunk``'s flow, addresses, direction, time and gap."""
+
+    chunk: TrafficChunk
+    data: bytes
+
+
+@dataclass(slots=True)
+class RecordFlowEnd:
+    """Write the end of a flow that has records (written or dropped by the writer). No
+    :class:`Record` of this flow follows."""
+
+    end: FlowEnd
+
+
+@dataclass(slots=True)
+class FlowCut:
+    """A limit ended the flow early (``end.reason`` is ``evicted`` or ``lifetime``): tell the
+    operator. Nothing else to do; its other commands came before."""
+
+    end: FlowEnd
+
+
+Command = Forward | EndForward | Record | RecordFlowEnd | FlowCut
+Commands = list[Command]
+_CUT_BY_LIMIT = frozenset({"evicted", "lifetime"})
+
+
+def _pipeline(hook: Hook | Sequence[Hook] | None, default: Hook) -> HookPipeline:
+    if hook is None:
+        return HookPipeline([default])
+    if isinstance(hook, Sequence):
+        return HookPipeline(hook)
+    return HookPipeline([hook])
+
+
+# ---------------------------------------------------------------- the step
+
+
+class MirrorStep:
+    """Turns segments into commands (see the module docstring for the rules).
+
+    Forwarding is on when ``config.target_addr`` is set, recording when ``config.writer`` or
+    ``config.write_func`` is; the record hooks run either way. Each method appends its
+    commands to ``out`` (a new list if None) and returns it: when a hook raises, the commands
+    made before it are in ``out``, for the driver to execute before the error goes up.
+    Single-threaded, except :meth:`set_ports`.
+    """
+
+    def __init__(self, config: MirrorConfig) -> None:
+        #: The observed ports: a new connection's direction is decided by them when it opens.
+        self.ports: frozenset[int] = config.ports
+        self.forwarding = bool(config.target_addr)
+        self.recording = config.writer is not None or config.write_func is not None
+        untracked = frozenset() if config.track_responses else {Direction.FROM_OBSERVED}
+        self.reassembler = Reassembler(config.reassembly, self._classify, config.anonymize,
+                                       frozenset(untracked))
+        self._fhook = _pipeline(config.forward_hook, DEFAULT_FORWARD_HOOK)
+        self._rhook = _pipeline(config.record_hook, DEFAULT_RECORD_HOOK)
+        self._aware = self._fhook.flow_aware or self._rhook.flow_aware
+        #: Flow-aware hooks only: each open flow's latest chunk per sender (their template).
+        self._last: dict[int, dict[str, TrafficChunk]] = {}
+        #: Flows whose client finished before the flow ended → the address it sent from.
+        self._forward_done: dict[int, str] = {}
+        self._shadowed: set[int] = set()  # flows with a Forward and no EndForward yet
+        # Gap bytes of chunks the forward hooks passed nothing of: the flow's next Forward
+        # carries them, so the shadow connection restarts instead of joining two halves.
+        self._owed_gap: dict[int, int] = {}
+        self._recorded: set[int] = set()  # open flows with a Record
+        #: ``chunks``, ``<path>_hook_dropped_bytes``, ``<path>_unobserved_bytes``,
+        #: ``mirror_forward_late_bytes``: the ``mirror`` stage's stats.
+        self.counters: Counter[str] = Counter()
+
+    def set_ports(self, ports: Iterable[int]) -> None:
+        """Observe ``ports`` from now on (any thread: one reference is replaced). Connections
+        already open keep the direction they were given."""
+        self.ports = frozenset(ports)
+
+    def _classify(self, src_port: int, dst_port: int) -> Direction:
+        ports = self.ports
+        if dst_port in ports:
+            return Direction.TO_OBSERVED
+        if src_port in ports:
+            return Direction.FROM_OBSERVED
+        return Direction.UNKNOWN
+
+    # ---------------------------------------------------------------- input
+
+    def feed(self, segments: Sequence[Segment], out: Commands | None = None) -> Commands:
+        """The commands a batch of segments (in capture order) makes."""
+        out = [] if out is None else out
+        items: Output = []
+        self.reassembler.feed_batch(segments, items)  # chunks merged: see coalesce()
+        self._dispatch(items, out)
+        return out
+
+    def advance(self, now: float, out: Commands | None = None) -> Commands:
+        """The commands time passing to ``now`` makes (timed-out holes, idle flows)."""
+        out = [] if out is None else out
+        items: Output = []
+        self.reassembler.advance(now, items)
+        self._dispatch(items, out)
+        return out
+
+    def flush(self, out: Commands | None = None) -> Commands:
+        """The commands ending every flow makes (end of input or shutdown)."""
+        out = [] if out is None else out
+        items: Output = []
+        self.reassembler.flush(items)
+        self._dispatch(items, out)
+        return out
+
+    # ---------------------------------------------------------------- per chunk
+
+    def _dispatch(self, items: Output, out: Commands) -> None:
+        fhook = self._fhook if self.forwarding else None
+        rhook = self._rhook
+        recording = self.recording
+        recorded = self._recorded
+        last = self._last if self._aware else None
+        counters = self.counters
+        chunks = 0
+        try:
+            for item in items:
+                if type(item) is not TrafficChunk:
+                    if isinstance(item, FlowEnd):
+                        self._end_flow(item, out)
+                    elif isinstance(item, DirectionEnd):
+                        self._end_direction(item, out)
+                    continue
+                assert isinstance(item, TrafficChunk)
+                chunk = item
+                chunks += 1
+                if last is not None:
+                    last.setdefault(chunk.flow_id, {})[chunk.from_addr] = chunk
+                if chunk.direction is _UNKNOWN:
+                    self._unobserved(chunk)
+                    continue
+                if fhook is not None:
+                    data, keep = fhook.handle(chunk.with_data(chunk.data))  # its own copy
+                    if not keep:
+                        counters["forward_hook_dropped_bytes"] += len(chunk.data)
+                    if keep and data:
+                        self._forward(chunk.flow_id, data, chunk.gap_bytes, out)
+                    elif chunk.gap_bytes:  # owed to the flow's next Forward
+                        owed = self._owed_gap
+                        owed[chunk.flow_id] = owed.get(chunk.flow_id, 0) + chunk.gap_bytes
+                data, keep = rhook.handle(chunk)
+                if not keep:
+                    counters["record_hook_dropped_bytes"] += len(chunk.data)
+                elif data and recording:
+                    out.append(Record(chunk, data))
+                    recorded.add(chunk.flow_id)
+        finally:
+            counters["chunks"] += chunks
+
+    def _unobserved(self, chunk: TrafficChunk) -> None:
+        """A chunk of no observed port: the hooks run as on any chunk, but what they pass
+        on goes nowhere, counted."""
+        n = len(chunk.data)
+        counters = self.counters
+        if self.forwarding:
+            data, keep = self._fhook.handle(chunk.with_data(chunk.data))
+            if not keep:
+                counters["forward_hook_dropped_bytes"] += n
+            elif data:
+                counters["forward_unobserved_bytes"] += n
+        data, keep = self._rhook.handle(chunk)
+        if not keep:
+            counters["record_hook_dropped_bytes"] += n
+        elif data and self.recording:
+            counters["record_unobserved_bytes"] += n
+
+    def _forward(self, flow_id: int, data: bytes, gap: int, out: Commands) -> None:
+        """Forward ``data``, unless the flow's client already finished (then count it)."""
+        if flow_id in self._forward_done:
+            self.counters["mirror_forward_late_bytes"] += len(data)
+        else:
+            if self._owed_gap:
+                gap += self._owed_gap.pop(flow_id, 0)
+            out.append(Forward(flow_id, data, gap))
+            self._shadowed.add(flow_id)
+
+    def _end_shadow(self, flow_id: int, out: Commands) -> None:
+        if flow_id in self._shadowed:
+            self._shadowed.discard(flow_id)
+            out.append(EndForward(flow_id))
+
+    # ---------------------------------------------------------------- ends
+
+    def _end_direction(self, end: DirectionEnd, out: Commands) -> None:
+        """The client finished (FIN reached, every byte before it delivered): end the shadow
+        connection now. The service's FIN may never be seen (XDP captures ingress only)."""
+        if not self.forwarding or end.direction is not _TO_OBSERVED:
+            return
+        last = self._last.get(end.flow_id, {}).get(end.from_addr) if self._aware else None
+        if last is not None:
+            tail = self._fhook.flow_end(last)
+            if tail:
+                self._forward(end.flow_id, tail, 0, out)
+        self._end_shadow(end.flow_id, out)
+        self._forward_done[end.flow_id] = end.from_addr
+
+    def _end_flow(self, end: FlowEnd, out: Commands) -> None:
+        """The flow is over: the hooks' tails, the end of its shadow connection (unless its
+        client's end already ended it), its end record, a limit's notice."""
+        flow_id = end.flow_id
+        last = self._last.pop(flow_id, None) if self._aware else None
+        for chunk in (last or {}).values():
+            self._tails(chunk, out)
+        self._forward_done.pop(flow_id, None)
+        self._owed_gap.pop(flow_id, None)
+        self._end_shadow(flow_id, out)
+        if flow_id in self._recorded:
+            self._recorded.discard(flow_id)
+            out.append(RecordFlowEnd(end))
+        if end.reason in _CUT_BY_LIMIT:
+            out.append(FlowCut(end))
+
+    def _tails(self, chunk: TrafficChunk, out: Commands) -> None:
+        """What the hooks still hold for ``chunk``'s direction, sent and recorded like its
+        chunks were (a direction whose client already finished: counted as late)."""
+        unobserved = chunk.direction is _UNKNOWN
+        counters = self.counters
+        if self.forwarding and chunk.from_addr != self._forward_done.get(chunk.flow_id):
+            tail = self._fhook.flow_end(chunk)
+            if tail and unobserved:
+                counters["forward_unobserved_bytes"] += len(tail)
+            elif tail:
+                self._forward(chunk.flow_id, tail, 0, out)
+        tail = self._rhook.flow_end(chunk)
+        if tail and self.recording:
+            if unobserved:
+                counters["record_unobserved_bytes"] += len(tail)
+            else:
+                out.append(Record(chunk.with_data(tail), tail))
+                self._recorded.add(chunk.flow_id)
+
+
+def coalesce(items: Output) -> Output:
+    """Merge consecutive chunks of one flow and direction (no gap between them) into one.
+
+    A chunk merges only into its flow's latest item, so the interleaving of the two
+    directions of a connection, and every flow's own order, are kept. The reassembler's
+    :meth:`~agent.reassembly.Reassembler.feed_batch` merges this way as it goes (no second
+    pass over the chunks); this is its definition, checked against it in the tests.
+    """
+    result: Output = []
+    latest: dict[int, int] = {}  # flow id → index in result of its latest item
+    parts: dict[int, list[bytes]] = {}  # index → data pieces of a merged chunk
+    for item in items:
+        if type(item) is not TrafficChunk:  # a flow or direction end: nothing merges across
+            latest.pop(item.flow_id, None)
+            result.append(item)
+            continue
+        assert isinstance(item, TrafficChunk)
+        idx = latest.get(item.flow_id)
+        if idx is not None and not item.gap_bytes:
+            prev = result[idx]
+            assert isinstance(prev, TrafficChunk)
+            if prev.from_addr == item.from_addr:
+                p = parts.get(idx)
+                if p is None:
+                    p = parts[idx] = [prev.data]
+                p.append(item.data)
+                prev.seen_at = item.seen_at
+                continue
+        latest[item.flow_id] = len(result)
+        result.append(item)
+    for idx, p in parts.items():
+        chunk = result[idx]
+        assert isinstance(chunk, TrafficChunk)
+        chunk.data = b"".join(p)
+    return result
