@@ -50,6 +50,10 @@ bench-offline: setup
 bench-replay: setup
 	$(PY) bench/replay_rate.py
 
+.PHONY: bench-nats
+bench-nats: setup
+	$(PY) bench/nats_publish.py
+
 bench-http: setup
 	$(PY) bench/http_overhead.py
 

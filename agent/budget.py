@@ -35,7 +35,13 @@ The derivation (``L`` = the limit; numbers for L = 896 MiB, a 1 GiB cgroup, on 2
     defrag      = IP fragments waiting for the rest of their datagram: Linux's own
                   bound (ipfrag_high_thresh, 4 MiB), at most L/64, at least 128 KiB
                   (one whole 64 KiB datagram and its bookkeeping): min(4, 14)      =   4 MiB
-    pool        = L - base - kernel - flow table - defrag                         = 681 MiB
+    flow pcaps  = only with --flow-pcap-dir (0 without): open files x (a 64 KiB
+                  write buffer + one 64 KiB packet, + 288 KiB of zlib state with
+                  --flow-pcap-gzip), the open files min(64, L/32 / that) but at least
+                  4; + 400 B per tracked flow (its file name, counters):
+                  64 x 128 KiB + 71,610 x 400 B (gzip: 64 x 416 KiB + ...)     = 35 MiB
+                                                              (gzip: 53 MiB)
+    pool        = L - base - kernel - flow table - defrag (- flow pcaps)           = 681 MiB
     slack       = pool / 3: Python objects around the counted payload bytes
                   (~200 B per segment or chunk) and allocator fragmentation       = 227 MiB
                   (a quarter was measured too little: 526 MiB peak RSS against a
@@ -69,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BUFFERS", "DEFAULT_LIMIT", "Budget", "BudgetError", "default", "derive",
-           "format_size", "host_limit", "parse_size"]
+           "flow_pcap_bytes", "format_size", "host_limit", "parse_size"]
 
 MIB = 1 << 20
 #: The limit without a flag or a cgroup limit (at most a quarter of MemTotal).
@@ -98,13 +104,21 @@ DEFRAG_MIN = 128 << 10
 #: Per-flow caps when memory allows them.
 REASSEMBLY_FLOW = 4 * MIB
 FORWARD_FLOW = 8 * MIB
+#: Per-flow pcap files (agent.sinks.flow_pcap): open files at most, each one's write buffer
+#: (plus one packet past it), a gzip member's zlib state (deflate: 128 KiB window + 128 KiB
+#: hash at memLevel 8, and its output), and per tracked flow its file name and counters.
+FLOW_PCAP_FILES = 64
+FLOW_PCAP_MIN_FILES = 4
+FLOW_PCAP_BUFFER = 64 << 10
+FLOW_PCAP_GZIP = 288 << 10
+FLOW_PCAP_STATE = 400
 #: AF_PACKET --buffer-mib default (the socket's receive buffer is 8 x this MiB).
 AFPACKET_MIB = 8
 TRANSPORTS = ("perf", "ringbuf", "afpacket", "none")
 #: The budgets, as logged and as ``mirror_agent_budget_bytes{buffer=...}``.
 BUFFERS = ("limit", "base", "kernel_rings", "flow_table", "defrag", "slack", "drain_backlog",
            "reassembly_total", "reassembly_flow", "record_queue", "forward_total",
-           "forward_flow")
+           "forward_flow", "flow_pcap")
 
 
 class BudgetError(ValueError):
@@ -132,6 +146,10 @@ class Budget:
     forward_flow: int
     defrag: int = DEFRAG_BYTES
     """IP fragments held for reassembly (``DecodeConfig.defrag_bytes``)."""
+    flow_pcap: int = 0
+    """Per-flow pcap files (``--flow-pcap-dir``): their buffers and per-flow state; 0 without."""
+    flow_pcap_files: int = 0
+    """Per-flow pcap files open at once (0 without ``--flow-pcap-dir``)."""
 
     def as_dict(self) -> dict[str, int]:
         """``{buffer: bytes}`` for :data:`BUFFERS`, plus ``max_flows``."""
@@ -200,11 +218,23 @@ def _ring_bytes(transport: str, mib: int, cpus: int, possible: int) -> int:
     return 0
 
 
+def flow_pcap_bytes(limit: int, flows: int, flow_pcap: str) -> tuple[int, int]:
+    """(bytes, open files) of per-flow pcap files (``flow_pcap``: "" none, "pcap", "gzip")
+    for ``limit`` and ``flows`` tracked flows (see the module doc)."""
+    if not flow_pcap:
+        return 0, 0
+    per_file = 2 * FLOW_PCAP_BUFFER + (FLOW_PCAP_GZIP if flow_pcap == "gzip" else 0)
+    files = max(FLOW_PCAP_MIN_FILES, min(FLOW_PCAP_FILES, limit // 32 // per_file))
+    return files * per_file + flows * FLOW_PCAP_STATE, files
+
+
 def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
            transport: str = "perf", origin: str = "--memory-limit",
            buffer_mib: int | None = None, max_flows: int | None = None,
-           max_buffer: int | None = None, max_flow_buffer: int | None = None) -> Budget:
-    """Every budget from ``limit`` (see the module doc); explicit values win but must fit."""
+           max_buffer: int | None = None, max_flow_buffer: int | None = None,
+           flow_pcap: str = "") -> Budget:
+    """Every budget from ``limit`` (see the module doc); explicit values win but must fit.
+    ``flow_pcap``: "pcap" or "gzip" with ``--flow-pcap-dir`` (its buffers are taken first)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}")
     possible = possible_cpus or cpus
@@ -231,7 +261,8 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
     table = flows * FLOW_BYTES
     defrag = max(DEFRAG_MIN, min(DEFRAG_BYTES, limit // 64))
 
-    pool = limit - base - rings - table - defrag
+    pcaps, pcap_files = flow_pcap_bytes(limit, flows, flow_pcap)
+    pool = limit - base - rings - table - defrag - pcaps
     slack = max(0, pool) // SLACK_DIVISOR
     buffers = max(0, pool) - slack
     fixed = f"base {format_size(base)}"
@@ -242,6 +273,8 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
     fixed += f" + flow table {format_size(table)} ({flows:,} flows"
     fixed += ", --max-flows)" if max_flows is not None else ")"
     fixed += f" + defragmentation {format_size(defrag)}"
+    if pcaps:
+        fixed += f" + flow pcap files {format_size(pcaps)}"
     need = 4 * MIN_SHARE
     if buffers < need:
         raise BudgetError(
@@ -267,7 +300,8 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
         reassembly_flow=max_flow_buffer if max_flow_buffer is not None else min(
             REASSEMBLY_FLOW, reassembly // 16),
         record_queue=share, forward_total=share,
-        forward_flow=min(FORWARD_FLOW, share // 8), defrag=defrag)
+        forward_flow=min(FORWARD_FLOW, share // 8), defrag=defrag, flow_pcap=pcaps,
+        flow_pcap_files=pcap_files)
 
 
 def _mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -278,7 +312,7 @@ def _mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:
 
 
 def for_host(memory_limit: int | None = None, transport: str = "perf",
-             **explicit: int | None) -> Budget:
+             flow_pcap: str = "", **explicit: int | None) -> Budget:
     """:func:`derive` for this host: ``memory_limit`` or the cgroup's or default limit."""
     from agent.capture.perfbuf import online_cpus, possible_cpus
     from agent.capture.privileges import cgroup_memory_limit, unseen_memory_cgroup
@@ -295,7 +329,7 @@ def for_host(memory_limit: int | None = None, transport: str = "perf",
     except OSError:
         cpus = possible = os.cpu_count() or 1
     return derive(limit, cpus=cpus, possible_cpus=possible, transport=transport,
-                  origin=origin, **explicit)
+                  origin=origin, flow_pcap=flow_pcap, **explicit)
 
 
 @functools.cache

@@ -30,6 +30,7 @@ import structlog
 
 from agent import budget
 from agent import cli_args as a
+from agent.anonymize import anonymizer
 from agent.budget import UNREAD_CGROUP, Budget
 from agent.capture import PacketSource, SourceError
 from agent.capture.pcapfile import PcapFileSource
@@ -54,9 +55,11 @@ from agent.logsetup import configure_logging
 from agent.options import Options, PipelineOptions
 from agent.outputs import OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
+from agent.sinks.flow_pcap import FlowPcapConfig
 from agent.sinks.record import RecordError
 
 if TYPE_CHECKING:
+    from agent.capture.decap import Decap
     from agent.capture.links import IfaceSpec
     from agent.cli_control import Control
 
@@ -109,7 +112,7 @@ def memory_budget(opts: Options) -> Budget:
         return budget.for_host(p.memory_limit, transport,
                                buffer_mib=opts.capture.buffer_mib if opts.capture else None,
                                max_flows=p.max_flows, max_buffer=p.max_buffer,
-                               max_flow_buffer=p.max_flow_buffer)
+                               max_flow_buffer=p.max_flow_buffer, flow_pcap=p.flow_pcap)
     except budget.BudgetError as e:
         raise UsageError(str(e)) from None
 
@@ -159,8 +162,21 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
         forward=ForwardConfig(source_ports=p.forward_source_ports,
                               max_flow_buffer=mem.forward_flow,
                               max_total_buffer=mem.forward_total),
-        budget=mem,
+        budget=mem, anonymize=anonymizer(p.anonymize), flow_pcap=_flow_pcap(p, mem),
     )
+
+
+def _flow_pcap(p: PipelineOptions, mem: Budget) -> FlowPcapConfig | None:
+    """``--flow-pcap-*`` within the budget's open files; UsageError for a bad directory."""
+    if p.flow_pcap_dir is None:
+        return None
+    cfg = FlowPcapConfig(Path(p.flow_pcap_dir), p.flow_pcap_snaplen, p.flow_pcap_gzip,
+                         max_open=max(1, mem.flow_pcap_files))
+    try:
+        cfg.check_directory()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
 
 
 def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
@@ -289,6 +305,7 @@ def _live_source(opts: Options, mem: Budget,
     """What makes the capture source of ``run`` (called once the outputs are open)."""
     p, c = opts.pipe, opts.live
     seg_filter = _compile_filter(p.filter, SegmentMatcher) if c.engine != "afpacket" else None
+    decap = _decap(c.decap)
 
     def make_source() -> PacketSource:
         src: PacketSource
@@ -298,7 +315,7 @@ def _live_source(opts: Options, mem: Budget,
             assert isinstance(ifaces, list), "afpacket takes the names resolved at start"
             src = AfPacketSource(ifaces, list(p.ports), p.filter,
                                  rcvbuf_mib=mem.buffer_mib * 8,
-                                 own_ports=p.forward_source_ports)
+                                 own_ports=p.forward_source_ports, decap=decap)
             more: dict[str, object] = {"ifaces": ifaces}
         else:
             from agent.capture.ebpf import EbpfSource
@@ -308,16 +325,23 @@ def _live_source(opts: Options, mem: Budget,
                 segment_filter=seg_filter, transport=c.transport,
                 requests_only=not p.needs_responses, decoder=c.decoder,
                 own_ports=p.forward_source_ports, tc_mode=c.tc_attach,
-                backlog_bytes=mem.drain_backlog)
+                backlog_bytes=mem.drain_backlog, decap=decap)
             more = {"transport": c.transport, "decoder": ebpf.decoder,
                     "buffer_mib": ebpf.buffer_mib, "follows": ebpf.spec.follows,
                     "ifaces": ebpf.ifaces}
         _log_budget(mem)
         log.info("capture live", iface=c.iface, ports=list(p.ports), engine=c.engine, **more,
-                 target=p.target or None, record=p.record)
+                 decap=c.decap, target=p.target or None, record=p.record)
         return src
 
     return make_source
+
+
+def _decap(text: str | None) -> Decap | None:
+    """``--decap``'s tunnels (the text was checked when parsed)."""
+    from agent.capture.decap import Decap
+
+    return Decap.parse(text) if text else None
 
 
 def _warn_if_target_captured(p: PipelineOptions, ifaces: IfaceSpec | list[str]) -> None:

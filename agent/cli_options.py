@@ -217,13 +217,17 @@ def _pipeline(v: Mapping[str, Any]) -> PipelineOptions:
         idle_timeout=v["idle_timeout"], hole_timeout=v["hole_timeout"],
         memory_limit=v["memory_limit"], max_flows=v["max_flows"],
         max_flow_buffer=v["max_flow_buffer"], max_buffer=v["max_buffer"],
-        stats_json=v["stats_json"], stats_interval=v["stats_interval"])
+        stats_json=v["stats_json"], stats_interval=v["stats_interval"],
+        flow_pcap_dir=str(v["flow_pcap_dir"]) if v["flow_pcap_dir"] else None,
+        flow_pcap_snaplen=v["flow_pcap_snaplen"], flow_pcap_gzip=v["flow_pcap_gzip"],
+        anonymize=v["anonymize"])
 
 
 def _capture(v: Mapping[str, Any]) -> CaptureOptions:
     return CaptureOptions(iface=_required(v, "iface", "iface"), engine=v["engine"],
                           tc_attach=v["tc_attach"], transport=v["transport"],
-                          decoder=v["decoder"], buffer_mib=v["buffer_mib"])
+                          decoder=v["decoder"], buffer_mib=v["buffer_mib"],
+                          decap=v["decap"])
 
 
 def _control(v: Mapping[str, Any]) -> ControlOptions:

@@ -108,6 +108,21 @@ def _speed(text: str) -> float:
     return value
 
 
+def _snaplen(text: str) -> int:
+    """``--flow-pcap-snaplen``: 0 (whole packets) or MIN_SNAPLEN..MAX_SNAPLEN bytes."""
+    from agent.sinks.flow_pcap import MAX_SNAPLEN, MIN_SNAPLEN
+
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value and not MIN_SNAPLEN <= value <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"{value} is not 0 (whole packets) or "
+                                         f"{MIN_SNAPLEN}-{MAX_SNAPLEN} (the IP and TCP "
+                                         "headers need 40-60)")
+    return value
+
+
 def _source_ports(text: str) -> tuple[int, int] | None:
     """``--source-ports``: ``LO-HI`` or ``any``."""
     return None if text.strip().lower() == "any" else a.port_range(text)
@@ -159,7 +174,8 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}, above Linux's "
                         "ephemeral ports)")
     p.add_argument("--record", type=a.output_path, metavar="PATH",
-                   help="write a recording here ('-' = stdout)")
+                   help="write a recording here ('-' = stdout; nats://HOST:PORT/SUBJECT: "
+                        "publish it to a NATS JetStream stream)")
     p.add_argument("--overwrite", action="store_true",
                    help="truncate an existing --record/--stats-json file (default: keep it "
                         "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
@@ -218,6 +234,26 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-interval", type=a.stats_interval, default=60.0, metavar="SECONDS",
                    help="log every counter this often while running (default: 60; 0: never; "
                         "at least 0.1)")
+    _add_flow_pcap_options(p)
+
+
+def _add_flow_pcap_options(p: argparse.ArgumentParser) -> None:
+    """Per-flow pcap files (agent/sinks/flow_pcap.py) and IP anonymisation (agent/anonymize.py).
+    Not --pcap-dir: that one is the directory POST /pcap may read from."""
+    p.add_argument("--flow-pcap-dir", type=a.input_path, metavar="DIR",
+                   help="save each connection's packets to a pcap file of its own in DIR "
+                        "(an existing directory), named TIME_CLIENTIP_CPORT_SERVERIP_SPORT"
+                        ".pcap, closed at the connection's end; packets are rebuilt from the "
+                        "captured segments (no IP/TCP options)")
+    p.add_argument("--flow-pcap-snaplen", type=_snaplen, default=0, metavar="BYTES",
+                   help="keep at most BYTES of each packet in --flow-pcap-dir files (60: "
+                        "headers only; default: 0, whole packets)")
+    p.add_argument("--flow-pcap-gzip", action="store_true",
+                   help="gzip the --flow-pcap-dir files (.pcap.gz)")
+    p.add_argument("--anonymize", choices=["none", "netblock"], default="none",
+                   help="netblock: keep only the /24 of IPv4 and the /64 of IPv6 addresses "
+                        "(the rest zeroed) in recordings, --flow-pcap-dir files and their "
+                        "names; forwarding is unaffected (default: none)")
 
 
 def _add_config_option(p: argparse.ArgumentParser) -> None:
@@ -254,6 +290,15 @@ def _add_capture_options(run: argparse.ArgumentParser) -> None:
                           "this times the CPU count; afpacket: the socket's receive buffer, "
                           "x8, default 64 MiB; a small --memory-limit lowers the default). It "
                           "is drained every 20 ms, or sooner once a quarter full")
+    from agent.capture.decap import decap_arg
+
+    run.add_argument("--decap", type=decap_arg, metavar="TUNNEL[,...]",
+                     help="also capture the TCP inside these tunnels, one level deep: "
+                          "vxlan[:PORT] (default 4789), geneve[:PORT] (6081), gre, erspan, "
+                          "ipip; the observed ports apply to the inner TCP and each flow keeps "
+                          "its tunnel's identity (VNI, GRE key, ERSPAN session). tc/xdp: in "
+                          "the kernel; afpacket: the filter passes the tunnels' packets and "
+                          "the ports are checked in user space")
 
 
 def _add_listen_options(p: argparse.ArgumentParser) -> None:
@@ -278,8 +323,9 @@ def _add_replay(rep: argparse.ArgumentParser) -> None:
     from agent.replay.diff import DEFAULT_IGNORED
 
     rep.add_argument("sources", nargs="+", type=a.input_path, metavar="SOURCE",
-                     help="native or JSON-lines recordings (rotated files in order) or "
-                          "pcap/pcapng captures (with --port)")
+                     help="native or JSON-lines recordings (rotated files in order), "
+                          "pcap/pcapng captures (with --port), or nats://HOST:PORT/SUBJECT "
+                          "(a NATS recording)")
     _add_config_option(rep)
     rep.add_argument("--target", type=a.target, metavar="HOST:PORT",
                      help="where to replay to (the candidate); required")

@@ -16,6 +16,8 @@ from agent.model import TrafficChunk
 from agent.reassembly import ReassemblyConfig
 
 if TYPE_CHECKING:
+    from agent.sinks.flow_pcap import FlowPcapConfig
+    from agent.sinks.nats.url import NatsTarget
     from agent.sinks.record import RecordFiles
 
 __all__ = [
@@ -149,8 +151,10 @@ class MirrorConfig:
     * ``target_addr``: ``host:port`` of the shadow; empty means record only (forward hooks
       are then not called).
     * ``writer``: a binary file-like object recordings go to, in ``record_format``, or the
-      :class:`~agent.sinks.record.RecordFiles` of a rotated or compressed recording;
-      ``write_func`` wins over it. With neither, nothing is written but record hooks run.
+      :class:`~agent.sinks.record.RecordFiles` of a rotated or compressed recording, or a
+      :class:`~agent.sinks.nats.NatsTarget` (native records published to a JetStream
+      stream, ``record_format`` aside); ``write_func`` wins over it. With neither, nothing
+      is written but record hooks run.
     * ``forward_hook`` / ``record_hook``: one hook or a list run in order; ``None`` picks the
       default (only client→service chunks).
     * ``dial``: connect factory for the shadow (default: TCP connect from a port of
@@ -168,7 +172,7 @@ class MirrorConfig:
 
     observed_port: int = 0
     target_addr: str = ""
-    writer: BinaryIO | RecordFiles | None = None
+    writer: BinaryIO | RecordFiles | NatsTarget | None = None
     write_func: WriteFunc | None = None
     forward_hook: Hook | Sequence[Hook] | None = None
     record_hook: Hook | Sequence[Hook] | None = None
@@ -179,6 +183,11 @@ class MirrorConfig:
     forward: ForwardConfig = field(default_factory=_default_forward)
     budget: Budget = field(default_factory=_budget.default)
     anonymize: Callable[[bytes], bytes] | None = None
+    """Rewrites every observed address before it leaves the process (chunks, so records and
+    hooks; flow pcap files): :mod:`agent.anonymize`. None: addresses as captured."""
+    flow_pcap: FlowPcapConfig | None = None
+    """Save each connection's packets to a pcap file of its own
+    (:mod:`agent.sinks.flow_pcap`); None: no such files."""
     track_responses: bool = True
     record_in_background: bool = False
     """Write ``writer`` on a thread of its own (bounded; excess dropped and counted), so a

@@ -7,6 +7,7 @@ boundary             producer → consumer         policy                 budget
 ===================  ==========================  =====================  =========================
 ring drain           ``ring-drain`` → mirror     :attr:`Policy.PAUSE`   ``drain_backlog``
 record writer        mirror → ``record-writer``  :attr:`Policy.DROP`    ``record_queue``
+record nats          mirror → ``record-nats``    DROP; PAUSE offline    ``record_queue``
 forward hand-over    mirror → ``forward`` loop   :attr:`Policy.DROP`    ``forward_total``
 pcap ingest          ``pcap-reader`` → mirror    :attr:`Policy.PAUSE`   ``PcapIngest(budget=)``
 ===================  ==========================  =====================  =========================

@@ -365,9 +365,10 @@ _sums[("forward", "flows_dropped")] = FORWARD_FLOWS_DROPPED
 
 # ---------------------------------------------------------------- record sink
 
-_counter("record_records_total", "Records written to the recording", "record", "records")
-_counter("record_written_bytes_total", "Payload bytes written to the recording", "record",
-         "recorded_bytes")
+_counter("record_records_total", "Records written to the recording (NATS: stored, "
+         "acknowledged by JetStream)", "record", "records")
+_counter("record_written_bytes_total", "Payload bytes written to the recording (NATS: "
+         "acknowledged)", "record", "recorded_bytes")
 _counter("record_errors_total", "Recordings that failed (a write error stops the "
          "recording); should be 0", "record", "record_errors")
 _by_reason("record_records_lost_total", "Records not in the recording, by reason: "
@@ -383,6 +384,63 @@ _counter("record_files_rotated_total", "Recording files started after the first 
 _counter("record_files_deleted_total", "Recording files of this run deleted, oldest first, "
          "to stay within --record-max-total", "record", "record_files_deleted")
 
+# ---------------------------------------------------------------- record sink: NATS JetStream
+
+#: Why a record is not in the NATS stream (agent/sinks/nats/publisher.py REASONS).
+NATS_REASONS = ("queue_full", "broker_down", "publish_failed", "unconfirmed", "shutdown")
+_NATS_WHY = ("by reason: queue_full (publishing could not keep up), broker_down (not "
+             "connected), publish_failed (JetStream refused it: no stream, limits), "
+             "unconfirmed (no acknowledgement before the connection was lost or the ack "
+             "timeout: it may be stored), shutdown (unacknowledged when the drain time ran "
+             "out); should be 0")
+NATS_DROPPED = _by_reason("record_nats_records_dropped_total",
+                          f"Records not in the NATS stream, {_NATS_WHY}", "record",
+                          prefixes=("nats_dropped_records_",), values=NATS_REASONS)
+_by_reason("record_nats_dropped_bytes_total", "Payload bytes of those records", "record",
+           prefixes=("nats_dropped_bytes_",), values=NATS_REASONS)
+_counter("record_nats_connects_total", "Connections made to the NATS server (the first, "
+         "and one per reconnect)", "record", "nats_connects")
+_counter("record_nats_connect_failures_total", "Connection attempts to the NATS server "
+         "that failed (retried with backoff, 0.1 s up to 5 s); should be 0", "record",
+         "nats_connect_failures")
+_counter("record_nats_disconnects_total", "Connections to the NATS server lost while "
+         "publishing; should be 0", "record", "nats_disconnects")
+_gauge("record_nats_connected", "Connected to the NATS server now: 1, or 0; should be 1",
+       "record", "nats_connected")
+_gauge("record_nats_inflight_messages", "Messages published and not acknowledged yet; "
+       "healthy well below the in-flight bound (1024)", "record", "nats_inflight")
+
+# ---------------------------------------------------------------- per-flow pcap files
+
+_counter("flowpcap_files_total", "Per-flow pcap files created (--flow-pcap-dir), one per "
+         "connection", "flowpcap", "files")
+_counter("flowpcap_files_completed_total", "Per-flow pcap files closed at their "
+         "connection's end", "flowpcap", "files_completed")
+_counter("flowpcap_files_reopened_total", "Per-flow pcap files opened again to append "
+         "after the open-file limit closed them; high: more concurrent connections than "
+         "open files", "flowpcap", "files_reopened")
+_counter("flowpcap_files_evicted_total", "Per-flow pcap files closed early because the "
+         "open-file limit was reached (the least recently written)", "flowpcap",
+         "files_evicted")
+_counter("flowpcap_files_failed_total", "Per-flow pcap files that could not be created or "
+         "written (that connection's later packets are not saved); should be 0",
+         "flowpcap", "files_failed")
+_counter("flowpcap_packets_total", "Packets saved to per-flow pcap files", "flowpcap",
+         "packets")
+_counter("flowpcap_packets_truncated_total", "Saved packets cut to --flow-pcap-snaplen",
+         "flowpcap", "packets_truncated")
+_counter("flowpcap_written_bytes_total", "Packet bytes saved to per-flow pcap files "
+         "(before compression)", "flowpcap", "written_bytes")
+_counter("flowpcap_packets_lost_total", "Packets of connections whose pcap file failed, "
+         "not saved; should be 0", "flowpcap", "packets_lost")
+_counter("flowpcap_packets_unattributed_total", "Packets of no tracked connection (after "
+         "its end, e.g. the last ACK of a close, or before any), not saved", "flowpcap",
+         "packets_unattributed")
+_gauge("flowpcap_open_files", "Per-flow pcap files open now; at most the budget's "
+       "flow_pcap_files", "flowpcap", "open_files")
+_gauge("flowpcap_open_files_peak", "The most per-flow pcap files open at once",
+       "flowpcap", "open_files_peak")
+
 # ---------------------------------------------------------------- memory budget (agent/budget.py)
 
 _BUDGET = _declare("budget_bytes", "gauge", "Bytes of the memory budget (--memory-limit) given "
@@ -396,7 +454,7 @@ _gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from th
 # ---------------------------------------------------------------- hand-offs (agent/handoff.py)
 
 #: The thread boundaries (agent.handoff.Handoff names).
-HANDOFFS = ("ring_drain", "record_writer", "forward", "pcap_ingest")
+HANDOFFS = ("ring_drain", "record_writer", "record_nats", "forward", "pcap_ingest")
 
 
 def _per_handoff(name: str, kind: Literal["counter", "gauge"], help_: str, stat: str) -> None:

@@ -33,15 +33,19 @@ from agent.mirror_step import (
     FlowCut,
     Forward,
     MirrorStep,
+    Packets,
+    PacketsEnd,
     Record,
     RecordFlowEnd,
     coalesce,
 )
 from agent.model import FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Reassembler
+from agent.sinks.nats import NatsRecorder, NatsTarget
 from agent.sinks.record import BackgroundWriter, RecordWriter, make_writer
 
 if TYPE_CHECKING:
+    from agent.sinks.flow_pcap import FlowPcapSaver
     from agent.sinks.forward import ForwardSink
 
 __all__ = ["Cancelled", "TrafficMirror", "coalesce"]
@@ -105,18 +109,31 @@ class TrafficMirror:
         if not self.step.ports:
             log.warning("observed_port is 0: every direction is unknown and all traffic is "
                         "dropped by the default hooks; set the service port")
-        self._writer: RecordWriter | _FuncWriter | BackgroundWriter | None = None
+        self._writer: RecordWriter | _FuncWriter | BackgroundWriter | NatsRecorder | None = None
         if config.write_func is not None:
             self._writer = _FuncWriter(config.write_func)
+        elif isinstance(config.writer, NatsTarget):  # --record nats://: a thread of its own
+            self._writer = NatsRecorder(config.writer, config.budget.record_queue,
+                                        live=config.record_in_background)
         elif config.writer is not None:
             self._writer = make_writer(config.writer, config.record_format)
             if config.record_in_background:
                 self._writer = BackgroundWriter(self._writer, config.budget.record_queue)
         self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
+        self._saver = self._flow_pcap()
         self._source: PacketSource | None = None
         self._limit_log = RateLimitedLog(log)  # one line per reason per 10 s, not per flow
         #: The one registry of this mirror's metrics, collected from the stages on demand.
         self.metrics = metrics.new_registry(self.stage_stats)
+
+    def _flow_pcap(self) -> FlowPcapSaver | None:
+        """The per-flow pcap saver ``config.flow_pcap`` asks for (the step taps for it)."""
+        if self.config.flow_pcap is None:
+            return None
+        from agent.sinks.flow_pcap import FlowPcapSaver
+
+        return FlowPcapSaver(self.config.flow_pcap, lambda: self.step.ports,
+                             self.config.anonymize)
 
     @property
     def reassembler(self) -> Reassembler:
@@ -229,6 +246,12 @@ class TrafficMirror:
             elif type(cmd) is RecordFlowEnd:
                 assert writer is not None
                 writer.flow_end(cmd.end)
+            elif type(cmd) is Packets:
+                assert self._saver is not None
+                self._saver.packets(cmd.segments, cmd.flow_ids)
+            elif type(cmd) is PacketsEnd:
+                assert self._saver is not None
+                self._saver.flow_end(cmd.flow_id)
             elif type(cmd) is FlowCut:
                 self._limit_log.info("flow ended by a limit", cmd.end.reason,
                                      flow_id=cmd.end.flow_id, reason=cmd.end.reason)
@@ -236,7 +259,8 @@ class TrafficMirror:
     def _finish(self, source: PacketSource, error: BaseException | None) -> None:
         """Close the source and the sinks; raise the first error if none is in flight."""
         errors: list[BaseException] = []
-        for close in (source.close, self._close_forward, self._flush_writer):
+        for close in (source.close, self._close_forward, self._flush_writer,
+                      self._close_saver):
             try:
                 close()
             except Exception as e:
@@ -254,10 +278,15 @@ class TrafficMirror:
         if self._forward is not None:
             self._forward.close()
 
+    def _close_saver(self) -> None:
+        if self._saver is not None:
+            self._saver.close()
+
     def _flush_writer(self) -> None:
-        """Flush the recording. A background writer is closed too (its thread stopped and
-        joined; the next run starts it again), so nothing touches the file after ``run``."""
-        if isinstance(self._writer, BackgroundWriter):
+        """Flush the recording. A background writer or NATS recorder is closed too (its
+        thread stopped and joined; the next run starts it again), so nothing touches the file
+        after ``run`` and the summary counts every record."""
+        if isinstance(self._writer, BackgroundWriter | NatsRecorder):
             self._writer.close()
         elif self._writer is not None:
             self._writer.flush()
@@ -283,6 +312,8 @@ class TrafficMirror:
             out["forward"] = dict(self._forward.stats)
         if self._writer is not None:  # what the writer wrote, dropped and failed to write
             out["record"] = dict(self._writer.stats())
+        if self._saver is not None:
+            out["flowpcap"] = self._saver.stats()
         return out
 
     def stats(self) -> dict[str, float]:

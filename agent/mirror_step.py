@@ -29,8 +29,8 @@ from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPip
 from agent.model import Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler
 
-__all__ = ["Command", "Commands", "EndForward", "FlowCut", "Forward", "MirrorStep", "Record",
-           "RecordFlowEnd", "coalesce"]
+__all__ = ["Command", "Commands", "EndForward", "FlowCut", "Forward", "MirrorStep", "Packets",
+           "PacketsEnd", "Record", "RecordFlowEnd", "coalesce"]
 
 _UNKNOWN = Direction.UNKNOWN
 _TO_OBSERVED = Direction.TO_OBSERVED
@@ -84,7 +84,23 @@ class FlowCut:
     end: FlowEnd
 
 
-Command = Forward | EndForward | Record | RecordFlowEnd | FlowCut
+@dataclass(slots=True)
+class Packets:
+    """The packet tap (``config.flow_pcap``): save a batch's segments, ``flow_ids[i]`` the
+    flow ``segments[i]`` went into (0: none). Comes before the batch's other commands."""
+
+    segments: Sequence[Segment]
+    flow_ids: list[int]
+
+
+@dataclass(slots=True)
+class PacketsEnd:
+    """The packet tap: the flow is over (after its last :class:`Packets`)."""
+
+    flow_id: int
+
+
+Command = Forward | EndForward | Record | RecordFlowEnd | FlowCut | Packets | PacketsEnd
 Commands = list[Command]
 _CUT_BY_LIMIT = frozenset({"evicted", "lifetime"})
 
@@ -115,6 +131,7 @@ class MirrorStep:
         self.ports: frozenset[int] = config.ports
         self.forwarding = bool(config.target_addr)
         self.recording = config.writer is not None or config.write_func is not None
+        self.tapping = config.flow_pcap is not None  # Packets and PacketsEnd wanted
         untracked = frozenset() if config.track_responses else {Direction.FROM_OBSERVED}
         self.reassembler = Reassembler(config.reassembly, self._classify, config.anonymize,
                                        frozenset(untracked))
@@ -153,7 +170,12 @@ class MirrorStep:
         """The commands a batch of segments (in capture order) makes."""
         out = [] if out is None else out
         items: Output = []
-        self.reassembler.feed_batch(segments, items)  # chunks merged: see coalesce()
+        if self.tapping:
+            ids: list[int] = []
+            self.reassembler.feed_tapped(segments, items, ids)
+            out.append(Packets(segments, ids))
+        else:
+            self.reassembler.feed_batch(segments, items)  # chunks merged: see coalesce()
         self._dispatch(items, out)
         return out
 
@@ -274,6 +296,8 @@ class MirrorStep:
         self._forward_done.pop(flow_id, None)
         self._owed_gap.pop(flow_id, None)
         self._end_shadow(flow_id, out)
+        if self.tapping:
+            out.append(PacketsEnd(flow_id))
         if flow_id in self._recorded:
             self._recorded.discard(flow_id)
             out.append(RecordFlowEnd(end))

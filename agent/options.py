@@ -20,6 +20,7 @@ from typing import Any
 from agent.cli_select import SelectOptions
 from agent.config import FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
+from agent.sinks.nats.url import is_nats_url, parse_nats_url
 from agent.sinks.record import RecordPolicy, check_compression, parse_rotation
 
 __all__ = [
@@ -66,12 +67,30 @@ class PipelineOptions:
     max_buffer: int | None = None
     stats_json: str | None = None
     stats_interval: float = 60.0
+    flow_pcap_dir: str | None = None
+    """``--flow-pcap-dir``: a pcap file per connection here (:mod:`agent.sinks.flow_pcap`)."""
+    flow_pcap_snaplen: int = 0
+    flow_pcap_gzip: bool = False
+    anonymize: str = "none"
+    """``--anonymize``: ``none`` or ``netblock`` (:mod:`agent.anonymize`)."""
 
     def __post_init__(self) -> None:
         if not self.ports:
             raise OptionError("no observed port: give --port (or 'port' in the config file, "
                               "or MIRROR_AGENT_PORT)")
         self._check_record_files()
+        if self.flow_pcap_dir is None:
+            for flag, given in (("--flow-pcap-snaplen", self.flow_pcap_snaplen),
+                                ("--flow-pcap-gzip", self.flow_pcap_gzip)):
+                if given:
+                    raise OptionError(f"{flag} needs --flow-pcap-dir")
+
+    @property
+    def flow_pcap(self) -> str:
+        """The budget's view of the per-flow pcap files: "" none, "pcap" or "gzip"."""
+        if self.flow_pcap_dir is None:
+            return ""
+        return "gzip" if self.flow_pcap_gzip else "pcap"
 
     def _check_record_files(self) -> None:
         """The recording's rotation, total size and compression make sense together."""
@@ -80,6 +99,8 @@ class PipelineOptions:
                                                ("compress", self.record_compress)) if v]
         if given and self.record is None:
             raise OptionError(f"{given[0]} needs --record")
+        if self.record is not None and is_nats_url(self.record):
+            self._check_nats_record(given)
         if self.record_compress is not None:
             try:
                 check_compression(self.record_compress)
@@ -98,6 +119,19 @@ class PipelineOptions:
             if rot.max_bytes is not None and self.record_max_total < rot.max_bytes:
                 raise OptionError(f"--record-max-total {self.record_max_total} is less than "
                                   f"the --record-rotate size {rot.max_bytes}")
+
+    def _check_nats_record(self, given: list[str]) -> None:
+        """``--record nats://...``: a well-formed URL, native records, no file options."""
+        try:
+            parse_nats_url(str(self.record))
+        except ValueError as e:
+            raise OptionError(f"--record {e}") from None
+        if given:
+            raise OptionError(f"{given[0]} needs a file: --record {self.record} publishes to "
+                              "a NATS stream")
+        if self.record_format != "native":
+            raise OptionError(f"--record-format {self.record_format}: a NATS recording is "
+                              "native records (one per message)")
 
     @property
     def record_files(self) -> RecordPolicy | None:
@@ -124,6 +158,8 @@ class CaptureOptions:
     transport: str = "perf"
     decoder: str = "auto"
     buffer_mib: int | None = None
+    decap: str | None = None
+    """``--decap``: the tunnels looked inside (:class:`agent.capture.decap.Decap`'s text)."""
 
     @property
     def budget_transport(self) -> str:

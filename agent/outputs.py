@@ -24,6 +24,12 @@ regular file, not a stream, a FIFO or a device (:class:`OutputError`).
 
 A run that fails before it starts closes and removes the files it created; a run that fails
 later removes a recording it created and never wrote.
+
+``--record nats://HOST[:PORT]/SUBJECT`` is no file: the URL is checked here (a bad one is an
+:class:`OutputError`) and :attr:`RunOutputs.record` is its
+:class:`~agent.sinks.nats.NatsTarget`, which the mirror publishes to
+(:class:`~agent.sinks.nats.NatsRecorder`; nothing is opened or left behind here). A broker
+that is down does not stop the run from starting: the recorder counts what it drops.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import BinaryIO
 
 import structlog
 
+from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
 from agent.sinks.record.files import RecordFiles, RecordPolicy, create_numbered
 from agent.summary import degradation, format_summary
 
@@ -232,6 +239,9 @@ class RunOutputs:
 
     def __init__(self, record: str | None, stats_json: str | None, overwrite: bool,
                  inputs: Sequence[Path] = (), record_files: RecordPolicy | None = None) -> None:
+        nats: NatsTarget | None = None
+        if record is not None and is_nats_url(record):
+            nats, record = _nats_record(record, record_files), None
         files = None
         if record is not None:
             files = RecordFiles(record, record_files or RecordPolicy())
@@ -253,7 +263,7 @@ class RunOutputs:
             raise OutputError(f"--record and --stats-json name the same file ({where}); "
                               "give each its own")
         self._created: set[str] = set()
-        self.record: BinaryIO | RecordFiles | None = None
+        self.record: BinaryIO | RecordFiles | NatsTarget | None = nats
         self._first: BinaryIO | None = None  # the recording's first file
         self._stats: BinaryIO | None = None
         self._stats_on_stdout = stats_json is not None and _on_stdout(stats_json)
@@ -321,6 +331,19 @@ class RunOutputs:
                 if os.stat(name).st_size == 0:
                     os.unlink(name)
                     self._created.discard(name)
+
+
+def _nats_record(url: str, policy: RecordPolicy | None) -> NatsTarget:
+    """The NATS target ``--record`` names; OutputError for a bad URL, or with rotation or
+    compression (a stream is no file)."""
+    try:
+        target = parse_nats_url(url)
+    except ValueError as e:
+        raise OutputError(f"--record {e}") from None
+    if policy is not None:
+        raise OutputError(f"--record-rotate, --record-max-total and --record-compress need a "
+                          f"file: --record {url} publishes to a NATS stream")
+    return target
 
 
 def _check_rotatable(record: str, policy: RecordPolicy | None) -> None:

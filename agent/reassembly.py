@@ -161,6 +161,21 @@ class Reassembler(FlowData):
         with self.merging():
             self._feed(segments, out)
 
+    def feed_tapped(self, segments: Iterable[Segment], out: Output,
+                    flow_ids: list[int]) -> None:
+        """:meth:`feed_batch`, and for each segment, the id of the flow it went into appended
+        to ``flow_ids`` (0: none; a late segment, a bare ACK or RST of no tracked flow), for a
+        per-flow packet tap. A segment that ends its flow belongs to it; a SYN that replaces
+        a flow, to the new one. Slower than :meth:`feed_batch` (one segment at a time)."""
+        find = self._halves.get
+        with self.merging():
+            for seg in segments:
+                key = (seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel)
+                before = find(key)
+                self._feed((seg,), out)
+                half = find(key) or before
+                flow_ids.append(half.flow.flow_id if half is not None else 0)
+
     def _feed(self, segments: Iterable[Segment], out: Output) -> None:
         """Each segment in turn: in-order data on the fast path here, anything else (and
         time passing) by the methods it calls."""

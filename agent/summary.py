@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agent.metrics import FAMILIES, FORWARD_FLOWS_DROPPED, PREFIX, key, split_key, total
+from agent.metrics import (
+    FAMILIES,
+    FORWARD_FLOWS_DROPPED,
+    NATS_DROPPED,
+    PREFIX,
+    key,
+    split_key,
+    total,
+)
 
 __all__ = ["degradation", "format_summary"]
 
@@ -26,7 +34,10 @@ _DEGRADED = (
     (key("mirror_agent_record_records_lost_total", reason="queue_full"),
      "recording dropped {} record(s): the disk could not keep up"),
     (FORWARD_FLOWS_DROPPED.name, "forward sink dropped {} flow(s)"),
+    (NATS_DROPPED.name, "NATS recording dropped {} record(s)"),
 )
+#: Labelled metrics among those: summed, and the phrase lists the reasons.
+_BY_REASON = (FORWARD_FLOWS_DROPPED.name, NATS_DROPPED.name)
 
 
 def _short(sample: str) -> tuple[str, str]:
@@ -69,11 +80,11 @@ def degradation(stats: Mapping[str, float]) -> list[str]:
     (the forward sink's with its reasons); empty if it is not."""
     out = []
     for sample, what in _DEGRADED:
-        n = total(stats, sample) if sample == FORWARD_FLOWS_DROPPED.name else stats.get(sample, 0)
+        n = total(stats, sample) if sample in _BY_REASON else stats.get(sample, 0)
         if not n:
             continue
         phrase = what.format(_number(n))
-        if sample == FORWARD_FLOWS_DROPPED.name:
+        if sample in _BY_REASON:
             reasons = sorted(((v, split_key(k)[1].get("reason", "")) for k, v in stats.items()
                               if k.startswith(sample + "{") and v), key=lambda r: -r[0])
             if reasons:

@@ -7,17 +7,17 @@ goes first) while ``iperf3 -c 127.0.0.1 -b RATE -t SECONDS`` sends:
 - ``tcpdump``: ``tcpdump -i lo -s 0 -w FILE 'tcp port 5201'`` (default options). Its loss is
   what the capture misses: ``mirror-agent offline`` reassembles the file and counts the gap
   bytes, and tcpdump's own "dropped by kernel" is reported too.
-- ``agent``: ``mirror-agent run --iface lo --port 5201 --record FILE --both-directions``
-  (TC, perf buffer, native record). Its loss is the gap bytes it reports: every byte missing
-  from its reassembled streams, whether the kernel could not submit it or it went missing
-  otherwise.
+- ``agent-perf``, ``agent-ringbuf`` (``--transports``): ``mirror-agent run --iface lo --port
+  5201 --record FILE --both-directions --transport T`` (TC, native record). Its loss is the
+  gap bytes it reports (every byte missing from its reassembled streams, whether the kernel
+  could not submit it or it went missing otherwise) plus records its writer had to drop.
 
 Both write to ``--dir`` (default /dev/shm, so the disk is not what is measured). Reported per
 rate: the achieved rate, bytes lost by each (median of rounds, and the worst round) and the
 highest rate each holds with zero loss in every round. Writes bench/out/bulk_rate.json.
 
 usage: python bench/bulk_rate.py [--rates 1,2,4,8,0] [--rounds 3] [--seconds 3]
-       [--agent-args '...']
+       [--transports perf,ringbuf] [--agent-args '...']
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.lab.netns import AGENT, LiveAgent, NetNS, Tcpdump, wait_port
+from agent.outputs import EXIT_DEGRADED
 from bench.stats import load, metric
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -75,7 +77,11 @@ def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
                       "--both-directions", "--stats-json", str(stats), "--overwrite", *extra)
     time.sleep(0.3)
     sent, gbit = iperf(ns, rate, seconds)
-    agent.stop()
+    time.sleep(0.5)  # the last events drain
+    agent.signal(signal.SIGTERM)
+    # 3: degraded (the recording dropped records): the loss this bench measures.
+    if agent.proc.wait(60) not in (0, EXIT_DEGRADED):
+        raise RuntimeError(f"agent exited {agent.proc.returncode}: {agent.err.read_text()}")
     s = load(stats)
     rec.unlink()
     # Every byte missing from the reassembled streams is a gap, whatever lost it (a full
@@ -90,6 +96,9 @@ def run_agent(ns: NetNS, work: Path, rate: float, seconds: int,
             "ring_peak_fill": metric(s, "mirror_agent_ring_peak_bytes") / max(
                 metric(s, "mirror_agent_ring_capacity_bytes"), 1),
             "drain_gap_max_ms": metric(s, "mirror_agent_drain_gap_max_seconds") * 1000,
+            "drain_pauses": metric(s, "mirror_agent_drain_pauses_total"),
+            "backlog_peak_mb": metric(s, "mirror_agent_handoff_peak_queued_bytes",
+                                      handoff="ring_drain") / 1e6,
             "recorded_bytes": metric(s, "mirror_agent_record_written_bytes_total")}
 
 
@@ -101,6 +110,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--dir", default="/dev/shm", help="where captures are written")
+    parser.add_argument("--transports", default="perf,ringbuf",
+                        help="the agent's transports to run, comma-separated")
     parser.add_argument("--agent-args", default="", help="extra mirror-agent run options")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -108,6 +119,7 @@ def main() -> int:
         return 2
     rates = [float(r) for r in args.rates.split(",")]
     extra = shlex.split(args.agent_args)
+    tools = ["tcpdump", *(f"agent-{t}" for t in args.transports.split(","))]
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="mirror-bulk-", dir=args.dir) as tmp, \
             NetNS("mirbulk") as ns:
@@ -117,14 +129,15 @@ def main() -> int:
         wait_port(ns, PORT)
         for rate in rates:
             label = f"{rate:g}" if rate else "unlimited"
-            per = results.setdefault(label, {"tcpdump": [], "agent": []})
+            per = results.setdefault(label, {tool: [] for tool in tools})
             for rnd in range(args.rounds):
-                order = ["tcpdump", "agent"] if rnd % 2 == 0 else ["agent", "tcpdump"]
+                order = tools[rnd % len(tools):] + tools[:rnd % len(tools)]  # who goes first
                 for tool in order:
                     r = (run_tcpdump(ns, work, rate, args.seconds) if tool == "tcpdump"
-                         else run_agent(ns, work, rate, args.seconds, extra))
+                         else run_agent(ns, work, rate, args.seconds,
+                                        ["--transport", tool.removeprefix("agent-"), *extra]))
                     per[tool].append(r)
-                    print(f"rate {label:>9s} round {rnd + 1} {tool:8s} " + " ".join(
+                    print(f"rate {label:>9s} round {rnd + 1} {tool:13s} " + " ".join(
                         f"{k}={v:.4g}" for k, v in r.items()), flush=True)
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for label, per in results.items():
@@ -142,7 +155,7 @@ def main() -> int:
                  f"{v['lost_bytes_max']:.0f} ({v['lost_fraction_max']:.2%})"
                  for t, v in per_tool.items()]
         print(f"  {label:>9s}: " + "; ".join(cells))
-    for tool in ("tcpdump", "agent"):
+    for tool in tools:
         held = [label for label, per_tool in summary.items()
                 if per_tool[tool]["lost_bytes_max"] == 0]
         print(f"zero loss in every round, {tool}: {', '.join(held) or 'none'}")

@@ -8,7 +8,10 @@ configuration:
 - ``tcpdump``: ``tcpdump -i lo -w FILE 'tcp port 8080'`` as people run it;
 - ``agent``: ``mirror-agent run --iface lo --port 8080 --target SHADOW --record FILE``
   (TC, perf buffer, native record). The shadow is ``agent/lab/count_shadow.py``, which only
-  counts request lines, so the run measures the agent and not a second web server.
+  counts request lines, so the run measures the agent and not a second web server;
+- ``agent_decap`` (not run unless named in ``--configs``): the same with ``--decap vxlan``
+  on the same plain traffic, i.e. what looking for tunnels costs; its ``vs_agent`` is its
+  requests/s over ``agent``'s in the same run.
 
 The configurations alternate round by round (rotated, so none always goes first). Reported
 per configuration: median requests/s and its ratio to ``none``, the capturing process's CPU
@@ -40,6 +43,8 @@ from bench.stats import load, metric
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = ("none", "tcpdump", "agent")
+#: Extra mirror-agent options per agent configuration.
+AGENT_CONFIGS = {"agent": [], "agent_decap": ["--decap", "vxlan"]}
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,14 +78,14 @@ def one_run(ns: NetNS, config: str, work: Path, args: argparse.Namespace) -> dic
     if config == "tcpdump":
         cap = Tcpdump(ns, "lo", work / "t.pcap", "tcp port 8080", options=())
         pid = cap.proc.pid
-    elif config == "agent":
+    elif config in AGENT_CONFIGS:
         shadow = ns.popen(sys.executable, str(LAB / "count_shadow.py"), "127.0.0.1", "18080",
                           str(count_file))
         wait_port(ns, 18080)
         agent = LiveAgent(ns, work, "--iface", "lo", "--port", "8080", "--target",
                           "127.0.0.1:18080", "--record", str(work / "rec.bin"),
                           "--stats-json", str(work / "stats.json"), "--overwrite",
-                          *shlex.split(args.agent_args))
+                          *AGENT_CONFIGS[config], *shlex.split(args.agent_args))
         pid = agent.proc.pid
     time.sleep(0.5)
     cpu0 = cpu_seconds(pid) if config != "none" else 0.0
@@ -122,9 +127,15 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, fl
         keys = sorted({k for r in rs for k in r})
         med = {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
         med["ratio"] = med["rps"] / base
-        if config == "agent":
+        if config in AGENT_CONFIGS:
             med["mirrored_fraction_min"] = min(r["mirrored_fraction"] for r in rs)
         table[config] = med
+    if "agent" in table and "agent_decap" in table:
+        table["agent_decap"]["vs_agent"] = table["agent_decap"]["rps"] / table["agent"]["rps"]
+        # Per round too (the two ran back to back): the median of those ratios.
+        table["agent_decap"]["vs_agent_rounds"] = statistics.median(
+            d["rps"] / a["rps"] for a, d in zip(runs["agent"], runs["agent_decap"],
+                                                 strict=True))
     return table
 
 

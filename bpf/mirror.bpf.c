@@ -1,7 +1,8 @@
 /* mirror-agent kernel side: keep only the observed ports' TCP packets that carry something
  * (payload, SYN, FIN, RST) and push their payload to user space through a perf buffer (or, with
- * MIRROR_RINGBUF, the BPF ring buffer).
- * Entry points only; parsing is in parse.h, the record in mirror_event.h.
+ * MIRROR_RINGBUF, the BPF ring buffer). With MIRROR_DECAP (--decap) the TCP packets inside
+ * tunnels too: the ports, the flow and the payload are the inner packet's.
+ * Entry points only; parsing is in parse.h (decap.h: tunnels), the record in mirror_event.h.
  * Never changes traffic and never ends another program's hook: TC returns "next" (TCX_NEXT ==
  * TC_ACT_UNSPEC == -1, so the programs and filters after it still run), XDP returns XDP_PASS,
  * whatever happens. */
@@ -10,6 +11,9 @@
 
 #include "mirror_event.h"
 #include "parse.h"
+#ifdef MIRROR_DECAP
+#include "decap.h"
+#endif
 
 #ifndef MAX_CPUS
 #define MAX_CPUS 128
@@ -136,24 +140,90 @@ static __always_inline int here(const struct parsed *p, __u32 ifindex, __u8 hook
 	return *side == MIRROR_SIDE_POD && to_service == (hook == MIRROR_HOOK_TC_EGRESS);
 }
 
+/* Copy up to HDR_COPY bytes of the frame from `off`, where `avail` (> 0) bytes remain;
+ * *have: how many. -1 if nothing could be copied. */
+static __always_inline int copy_hdr(void *ctx, struct hdr_buf *h, __u32 off, __u32 avail,
+				    int is_xdp, __u32 *have)
+{
+	__u32 n;
+
+	if (!avail)
+		return -1;
+	/* n in [1, HDR_COPY], computed so the verifier can see both bounds. */
+	n = (avail < HDR_COPY ? avail : HDR_COPY) - 1;
+	asm volatile("%0 &= 0xff" : "+r"(n));
+	n += 1;
+	if (load(ctx, off, h->b, n, is_xdp) < 0)
+		return -1;
+	*have = n;
+	return 0;
+}
+
+#ifdef MIRROR_DECAP
+/* The tunnel after the outer IP header l (decap.h), then the inner frame, copied from where
+ * it starts into h and parsed like any frame up to its TCP header; p's addresses, ports and
+ * payload are the inner packet's (payload_off from the start of the outer frame). */
+static __always_inline int parse_tunnel(void *ctx, struct hdr_buf *h, __u32 have, int is_xdp,
+					struct l3 *l, struct parsed *p)
+{
+	struct inner in = {};
+	__u32 off = 0;
+	int proto, reason;
+
+	reason = decap(h, have, l, &in, p);
+	if (reason)
+		return reason;
+	count(MC_DECAP, 1);
+	if (in.off >= l->end) /* a tunnel header with nothing after it */
+		return MC_BAD_TUNNEL;
+	__u32 inner_len = l->end - in.off; /* the inner frame ends with the tunnel */
+	if (copy_hdr(ctx, h, in.off, inner_len, is_xdp, &have) < 0)
+		return MC_TRUNCATED;
+	proto = in.type;
+	if (proto == ETH_P_TEB) {
+		proto = parse_eth(h, have, &off);
+		if (proto < 0)
+			return MC_TRUNCATED;
+	}
+	reason = parse_ip(h, have, inner_len, proto, off, l, p);
+	if (reason)
+		return reason;
+	reason = parse_tcp(h, have, l, p);
+	p->payload_off += in.off;
+	return reason;
+}
+#endif
+
+/* The frame's headers up to TCP (inside one tunnel with --decap): 0 with p filled, else the
+ * drop reason. */
+static __always_inline int parse(void *ctx, __u32 len, int is_xdp, struct parsed *p)
+{
+	int zero = 0, reason;
+	struct hdr_buf *h = hdr_map.lookup(&zero);
+	struct l3 l = {};
+	__u32 have;
+
+	if (!h || len < 14) /* the lookup cannot fail (one entry); the verifier wants the check */
+		return MC_TRUNCATED;
+	if (copy_hdr(ctx, h, 0, len, is_xdp, &have) < 0)
+		return MC_TRUNCATED;
+	reason = parse_l2_l3(h, have, len, &l, p);
+	if (reason)
+		return reason;
+#ifdef MIRROR_DECAP
+	if (l.proto != 6) /* TCP first: plain traffic pays one comparison for --decap */
+		return parse_tunnel(ctx, h, have, is_xdp, &l, p);
+#endif
+	return parse_tcp(h, have, &l, p);
+}
+
 /* Does user space need this packet? 0 if so (p and *to_service filled in), else the drop
  * reason, the counter it is counted under: each packet is counted in one reason at most. */
 static __always_inline int keep(void *ctx, __u32 len, __u32 ifindex, __u8 hook, int is_xdp,
 				struct parsed *p, int *to_service)
 {
-	int zero = 0, reason;
-	struct hdr_buf *h = hdr_map.lookup(&zero);
-	__u32 have;
+	int reason = parse(ctx, len, is_xdp, p);
 
-	if (!h || len < 14) /* the lookup cannot fail (one entry); the verifier wants the check */
-		return MC_TRUNCATED;
-	/* have in [1, HDR_COPY], computed so the verifier can see both bounds. */
-	have = (len < HDR_COPY ? len : HDR_COPY) - 1;
-	asm volatile("%0 &= 0xff" : "+r"(have));
-	have += 1;
-	if (load(ctx, 0, h->b, have, is_xdp) < 0)
-		return MC_TRUNCATED;
-	reason = parse_frame(h, have, len, p);
 	if (reason)
 		return reason;
 	u16 sport = p->sport, dport = p->dport;
@@ -213,6 +283,8 @@ static __always_inline void handle(void *ctx, __u32 len, __u32 ifindex, __u8 hoo
 	s->ev.window = p.window;
 	s->ev.payload_len = p.payload_len;
 	s->ev.elided = elided;
+	s->ev.tunnel = p.tunnel;
+	s->ev.tunnel_id = p.tunnel_id;
 	if (elided) {
 		s->ev.piece_off = 0;
 		s->ev.piece_len = 0;

@@ -35,14 +35,27 @@ struct mirror_event {
 	__u32 piece_off;   /* offset of this piece within the packet's payload */
 	__u32 payload_len; /* the packet's whole payload */
 	__u32 lost;        /* bytes after this piece that could not be copied */
+	__u32 tunnel_id;   /* the tunnel's identity (MIRROR_TUNNEL_*), 0 without one */
+	__u8 tunnel;       /* MIRROR_TUNNEL_*: the tunnel the packet came out of (--decap) */
 };
 
-/* sizeof(struct mirror_event): 76 bytes of fields, aligned to 8. The payload piece follows. */
-#define MIRROR_EVENT_SIZE 80
+/* sizeof(struct mirror_event): 81 bytes of fields, aligned to 8. The payload piece follows. */
+#define MIRROR_EVENT_SIZE 88
 _Static_assert(sizeof(struct mirror_event) == MIRROR_EVENT_SIZE, "struct mirror_event size");
 _Static_assert(__builtin_offsetof(struct mirror_event, saddr) == 16, "mirror_event.saddr");
 _Static_assert(__builtin_offsetof(struct mirror_event, seq) == 52, "mirror_event.seq");
 _Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_event.lost");
+_Static_assert(__builtin_offsetof(struct mirror_event, tunnel) == 80, "mirror_event.tunnel");
+
+/* Tunnel identities (struct mirror_event.tunnel and tunnel_id; --decap): what keeps tenants
+ * with the same inner addresses apart. User space names them as agent/decode/tunnels.py
+ * does: "vxlan:<VNI>", "geneve:<VNI>", "gre:<key>", "erspan:<session id>". NONE: not from a
+ * tunnel, or from one without an identity (IP in IP, GRE without a key, ERSPAN type I). */
+#define MIRROR_TUNNEL_NONE 0
+#define MIRROR_TUNNEL_VXLAN 1  /* tunnel_id: the 24-bit VNI */
+#define MIRROR_TUNNEL_GENEVE 2 /* tunnel_id: the 24-bit VNI */
+#define MIRROR_TUNNEL_GRE 3    /* tunnel_id: the GRE key */
+#define MIRROR_TUNNEL_ERSPAN 4 /* tunnel_id: the 10-bit session id */
 
 /* Interface sides (the iface_side map, followed specs only; absent: every packet is kept).
  * HOST: an interface with an address of its own (uplink, bridge, lo): only connections whose
@@ -54,7 +67,9 @@ _Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_even
 /* Per-CPU counters, in index order of the "counters" array: X(NAME, "help"). User space
  * names each mirror_agent kernel counter NAME in lower case and shows the help. Every packet
  * the program sees is counted in PACKETS and then in at most one drop reason (NOT_IP ...
- * OWN_FORWARD) or as submitted; the rest count bytes and events. */
+ * OWN_FORWARD, ELSEWHERE, BAD_TUNNEL: a help text that starts "packets skipped") or as
+ * submitted; the rest count bytes and events (DECAP: packets taken out of a tunnel, whatever
+ * became of them after). */
 #define MIRROR_COUNTERS(X) \
 	X(PACKETS,       "packets the program saw") \
 	X(NOT_IP,        "packets skipped: not IPv4/IPv6") \
@@ -71,7 +86,9 @@ _Static_assert(__builtin_offsetof(struct mirror_event, lost) == 72, "mirror_even
 	X(ELIDED,        "service->client packets whose payload nobody consumes: not copied") \
 	X(ELIDED_BYTES,  "payload bytes of those packets") \
 	X(OWN_FORWARD,   "packets skipped: a port in the forward source range (shadow traffic)") \
-	X(ELSEWHERE,     "packets skipped: their service is captured on another interface (one capture per connection)")
+	X(ELSEWHERE,     "packets skipped: their service is captured on another interface (one capture per connection)") \
+	X(BAD_TUNNEL,    "packets skipped: a tunnel header (--decap) cut short or malformed; should be 0") \
+	X(DECAP,         "packets taken out of a tunnel (--decap); then kept or skipped like any")
 
 enum mirror_counter {
 #define MIRROR_COUNTER_ENUM(name, help) MC_##name,

@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # systemd: `systemd-analyze verify` checks deploy/mirror-agent.service in the tests.
+# tcpreplay: pushes captures of tunnels the kernel here cannot make into a veth
+# (tests/integration/test_decap_live.py).
 APT_PKGS=(python3-venv python3-bpfcc libbpfcc linux-headers-amd64 iproute2 libpcap0.8 gcc
-          libc6-dev tcpdump tshark nginx-light curl iperf3 wrk tcpflow systemd prometheus)
+          libc6-dev tcpdump tshark nginx-light curl iperf3 wrk tcpflow systemd prometheus
+          tcpreplay nats-server)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -20,7 +23,7 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # Packages with a daemon (prometheus, nginx) must not start one: tests start their own.
+  # Packages with a daemon (prometheus, nginx, nats-server) must not start one: tests start their own.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT

@@ -5,6 +5,11 @@ packets that carry payload/SYN/FIN/RST, and ``--filter``) and the kernel runs it
 so user space only sees what the eBPF program would have sent. Frames go through the same
 :class:`~agent.decode.Decoder` as pcap files. Kernel drops (``PACKET_STATISTICS``) reach
 :meth:`stats`; the bytes they held become gaps in the reassembler, never silent loss.
+
+With ``decap`` (``--decap``) the filter also passes the named tunnels' packets whatever is
+inside them (classic BPF cannot walk a tunnel's variable-length headers), the decoder opens
+them, and the observed ports, the agent's own ports and the pure-ACK rule are applied in user
+space to the decoded segments; what that drops is counted (``filtered``).
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import time
 from collections.abc import Iterator, Sequence
 
 from agent.capture import SourceError
+from agent.capture.decap import Decap
 from agent.capture.links import IfaceSpec, resolve_ifaces
 from agent.decode import LINKTYPE_ETHERNET, Decoder
 from agent.filter import BpfFilter, FilterError
-from agent.model import Segment
+from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["AfPacketSource", "capture_expression"]
 
@@ -47,10 +53,12 @@ class _SockFprog(ctypes.Structure):
 
 
 def capture_expression(ports: list[int], user_filter: str | None = None,
-                       own_ports: tuple[int, int] | None = None) -> str:
-    """The tcpdump expression the kernel runs: our ports, minus pure ACKs, minus the agent's
-    own forwarded connections (a port in ``own_ports``, the forward sink's source ports), and
-    ``user_filter``.
+                       own_ports: tuple[int, int] | None = None,
+                       decap: Decap | None = None) -> str:
+    """The tcpdump expression the kernel runs: our ports, minus pure ACKs, or (``decap``)
+    a packet of one of those tunnels; minus the agent's own forwarded connections (a port
+    in ``own_ports``, the forward sink's source ports), and ``user_filter`` (which, as for
+    capture files, sees a tunnel's outer headers).
 
     A pure ACK (no payload, no SYN/FIN/RST) tells the reassembler nothing, so it is dropped in
     the kernel, as the eBPF program does.
@@ -63,6 +71,8 @@ def capture_expression(ports: list[int], user_filter: str | None = None,
                " or (ip6 and (ip6[6] != 6 or ip6[53] & 0x07 != 0"
                " or ip6[4:2] - ((ip6[52] & 0xf0) >> 2) != 0))")
     expr = f"({port_expr}) and ({carries})"
+    if decap is not None:
+        expr = f"(({expr}) or {decap.capture_expression()})"
     if own_ports is not None:
         expr += f" and not tcp portrange {own_ports[0]}-{own_ports[1]}"
     if user_filter:
@@ -85,25 +95,33 @@ class AfPacketSource:
     filter in one ``SO_ATTACH_FILTER``, which the kernel replaces atomically: a frame meets
     the old filter or the new one, so nothing on a port that stays is lost. Frames of a
     removed port already queued on the socket still come out; the mirror drops them.
+
+    ``decap``: also the TCP inside these tunnels (see the module's doc); the decoder may open
+    nested tunnels too, which the eBPF engines do not.
     """
 
     def __init__(self, ifaces: IfaceSpec | str | Sequence[str], ports: list[int],
                  user_filter: str | None = None,
                  rcvbuf_mib: int = 64, poll_ms: int = 10,
-                 own_ports: tuple[int, int] | None = None) -> None:
+                 own_ports: tuple[int, int] | None = None,
+                 decap: Decap | None = None) -> None:
         if isinstance(ifaces, IfaceSpec | str):
             ifaces = resolve_ifaces(ifaces)
         self.ifaces = list(ifaces)
         self._user_filter = user_filter
         self._own_ports = own_ports
+        self._decap = decap
         self._ports = sorted(ports)
+        self._wanted = frozenset(ports)  # checked in user space with decap
+        self._filtered = 0
         try:
             self._bpf = self._compile(ports)
         except ValueError as e:
             raise SourceError(str(e)) from None
         self._lock = threading.Lock()  # set_ports against close
         self._poll_ms = poll_ms
-        self._decoder = Decoder(LINKTYPE_ETHERNET)
+        self._decoder = Decoder(LINKTYPE_ETHERNET,
+                                config=decap.decode_config() if decap is not None else None)
         self._want = set(self.ifaces)
         self._buf = bytearray(_FRAME_BUF)
         self._frames = 0
@@ -140,8 +158,8 @@ class AfPacketSource:
     def _compile(self, ports: list[int]) -> BpfFilter:
         """The kernel filter for ``ports``; ValueError with libpcap's message."""
         try:
-            return BpfFilter(capture_expression(ports, self._user_filter, self._own_ports),
-                             LINKTYPE_ETHERNET, _FRAME_BUF)
+            return BpfFilter(capture_expression(ports, self._user_filter, self._own_ports,
+                                                self._decap), LINKTYPE_ETHERNET, _FRAME_BUF)
         except FilterError as e:
             raise ValueError(str(e)) from None
 
@@ -164,6 +182,7 @@ class AfPacketSource:
                 raise ValueError(f"the kernel refused the new filter: {e.strerror or e}") \
                     from None
             self._bpf, self._ports = bpf, sorted(ports)
+            self._wanted = frozenset(ports)
 
     def attachments(self) -> list[dict[str, str | int]]:
         """:class:`agent.capture.HasAttachments`: one socket over every interface."""
@@ -215,7 +234,18 @@ class AfPacketSource:
                 out.append(seg)
             if self._decoder.ready:  # IP datagrams given up (timeout, memory)
                 out += self._decoder.take_ready()
-        return out
+        return self._keep(out) if self._decap is not None else out
+
+    def _keep(self, segs: list[Segment]) -> list[Segment]:
+        """With decap, the part of the capture expression classic BPF could not apply to
+        a tunnel's inner TCP: observed ports, not the agent's own, not a pure ACK."""
+        ports, own = self._wanted, self._own_ports or (1, 0)
+        kept = [s for s in segs
+                if (s.dst_port in ports or s.src_port in ports)
+                and not (own[0] <= s.src_port <= own[1] or own[0] <= s.dst_port <= own[1])
+                and (s.payload or s.lost or s.flags & (SYN | FIN | RST))]
+        self._filtered += len(segs) - len(kept)
+        return kept
 
     def drain(self) -> list[Segment]:
         """What the socket still holds (for a clean stop)."""
@@ -240,6 +270,8 @@ class AfPacketSource:
         out = {"frames": self._frames, "kernel_packets": self._kernel_seen,
                "kernel_drops": self._kernel_drops, "frames_truncated": self._truncated,
                "lo_outgoing_skipped": self._outgoing_lo, "other_iface": self._other_iface}
+        if self._decap is not None:
+            out["filtered"] = self._filtered
         out.update({f"decode_{k}": v for k, v in self._decoder.stats.as_dict().items()})
         return out
 

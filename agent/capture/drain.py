@@ -1,6 +1,7 @@
-"""The ``ring-drain`` thread: empties the kernel's rings on a timer (or when the kernel wakes
-it) and hands the decoded segments to the mirror thread, so the time the mirror spends on a
-batch is not time the kernel has to hold the bytes.
+"""The ``ring-drain`` thread of the Python decoder: empties the kernel's rings on a timer (or
+when the kernel wakes it) and hands the decoded segments to the mirror thread, so the time the
+mirror spends on a batch is not time the kernel has to hold the bytes. (With the native decoder
+the thread is C, ``pump.py``: same loop, same counters, but it never waits for the GIL.)
 
 Hand-off policy: *pause* (an :class:`agent.handoff.Handoff`, :attr:`Policy.PAUSE`). Drained
 payload waits in user space up to ``budget`` bytes; past that the drain stops emptying the
@@ -55,6 +56,7 @@ class RingDrain:
         self._decoded = decoded
         self._interval = interval
         self._clock = clock
+        self.budget = budget
         # One item per drain: its segments and clock() at its start; sized by payload bytes.
         # The live source passes the memory budget's drain_backlog (agent/budget.py: 128 MiB
         # for a 1 GiB cgroup): at 4 Gbit/s (~500 MB/s) the mirror may lag ~0.25 s before the
@@ -70,6 +72,11 @@ class RingDrain:
         #: Longest time between the starts of two drains, seconds: how long the kernel
         #: had to hold bytes at worst.
         self.gap_max = 0.0
+
+    @property
+    def peak_bytes(self) -> int:
+        """0: the ring reader measures its own peak (``PerfReader.peak_bytes``)."""
+        return 0
 
     @property
     def pauses(self) -> int:

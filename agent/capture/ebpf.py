@@ -3,7 +3,8 @@
     program.py   the kernel object: flags, load (in a child), ports, attach, counters
     perfbuf.py / ringbuf.py   the rings, read straight from their mmaps
     events.py / native.py     records → Segments, a direction's in-order payload joined
-    drain.py     the ring-drain thread and its bounded hand-off to the mirror thread
+    pump.py      the ring-drain thread (C, native decoder) and its bounded backlog
+    drain.py     the ring-drain thread (Python decoder) and its bounded hand-off
     reorder.py   per-CPU rings merged into kernel-timestamp order
 
 The kernel keeps only the observed ports' packets that carry payload, SYN, FIN or RST and
@@ -27,6 +28,7 @@ import structlog
 
 from agent.capture import SourceError, privileges
 from agent.capture.bpfsys import BpfError
+from agent.capture.decap import Decap
 from agent.capture.drain import RingDrain
 from agent.capture.events import EventDecoder
 from agent.capture.follow import AttachedIface, Follower
@@ -35,6 +37,7 @@ from agent.capture.links import IfaceSpec
 from agent.capture.native import NativeDecoder, NativeUnavailable
 from agent.capture.perfbuf import PerfReader, possible_cpus
 from agent.capture.program import Build, MirrorProgram
+from agent.capture.pump import NativeDrain
 from agent.capture.reorder import Reorderer
 from agent.capture.ringbuf import RingBufReader
 from agent.handoff import HandoffStats
@@ -140,6 +143,9 @@ class EbpfSource:
     (``ring_decode.c``, SourceError if it cannot be built), ``python`` (``events.py``) or
     ``auto`` (native if it can be had, else Python with a warning).
 
+    ``decap``: the tunnels the kernel looks inside (``bpf/decap.h``; segments carry the
+    tunnel's identity).
+
     ``buffer_mib`` / ``backlog_bytes`` (the drain's pause budget): from
     :func:`agent.budget.default` when not given, as the command line derives them.
     """
@@ -150,7 +156,8 @@ class EbpfSource:
                  segment_filter: Callable[[Segment], bool] | None = None,
                  transport: str = "perf", requests_only: bool = False,
                  decoder: str = "auto", own_ports: tuple[int, int] | None = None,
-                 tc_mode: str = "auto", backlog_bytes: int | None = None) -> None:
+                 tc_mode: str = "auto", backlog_bytes: int | None = None,
+                 decap: Decap | None = None) -> None:
         for what, value, allowed in (("engine", engine, ("tc", "xdp")),
                                      ("transport", transport, TRANSPORTS),
                                      ("decoder", decoder, DECODERS)):
@@ -178,7 +185,7 @@ class EbpfSource:
         self._prog = MirrorProgram(Build(
             engine, cpus, own_ports or (1, 0), requests_only,
             self._geometry.ringbuf_pages if transport == "ringbuf" else 0,
-            self._geometry.wakeup))
+            self._geometry.wakeup, decap))
         try:
             self._prog.set_ports(ports)
             self._follower = Follower(self.spec, self._prog, tc_mode)
@@ -191,7 +198,7 @@ class EbpfSource:
             self._follower.close()
             self._prog.close()
             raise
-        self._drain = RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL, backlog_bytes)
+        self._drain = self._make_drain(backlog_bytes)
         self._follower.start()
 
     def _make_decoder(self, kind: str, segment_filter: Callable[[Segment], bool] | None
@@ -204,6 +211,22 @@ class EbpfSource:
                     raise SourceError(str(e)) from None
                 log.warning("using the Python decoder (slower)", reason=str(e))
         return EventDecoder(self._clock, segment_filter)
+
+    def _make_drain(self, budget: int) -> RingDrain | NativeDrain:
+        """The native decoder's C drain thread (``pump.py``), or the Python one."""
+        if isinstance(self._decoder, NativeDecoder):
+            return NativeDrain(self._decoder, self._ring.addresses(), self._ring.poll_fd(),
+                               BATCH_INTERVAL, budget)
+        return RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL, budget)
+
+    def _start_drain(self) -> None:
+        try:
+            self._drain.start()
+        except OSError as e:  # no thread for the C drain: the Python one does the job
+            log.warning("native drain thread unavailable; draining from Python", error=str(e))
+            self._drain = RingDrain(self._ring, self._decoder.take, BATCH_INTERVAL,
+                                    self._drain.budget)
+            self._drain.start()
 
     def _open_ring(self) -> RingBufReader | PerfReader:
         events = self._prog.events
@@ -277,7 +300,7 @@ class EbpfSource:
         watermark; the ring buffer program forces a wakeup), so a burst does not wait for the
         timer. Yields at least every ``BATCH_INTERVAL`` or so, an empty list when idle.
         """
-        self._drain.start()
+        self._start_drain()
         while not self._closed:
             segs, drained_at = self._drain.take(2 * BATCH_INTERVAL)
             self._order.add(segs)
@@ -296,7 +319,8 @@ class EbpfSource:
         d = self._decoder
         out = {"events": d.events, "coalesced": d.coalesced,
                "perf_lost_samples": d.lost_samples, "filtered": d.filtered,
-               "ring_bytes": self._geometry.capacity, "ring_peak_bytes": self._ring.peak_bytes,
+               "ring_bytes": self._geometry.capacity, "ring_peak_bytes": max(
+                   self._ring.peak_bytes, self._drain.peak_bytes),
                "drain_gap_max_ms": round(self._drain.gap_max * 1000),
                "drain_pauses": self._drain.pauses,
                "drain_discarded_bytes": self._discarded, "ringbuf_discarded": d.discarded,

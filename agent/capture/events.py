@@ -5,10 +5,10 @@ and its fallback where no C compiler is at hand: the same ring walks (perf: reco
 the data area's end, LOST records; the BPF ring buffer: busy and discarded records) and the
 same coalescing, kept equal by a differential test (tests/unit/test_native_ring.py).
 
-A record whose payload continues the previous payload record of its direction (same 4-tuple,
-sequence number right after it, no SYN/FIN/RST, no loss, open window) is appended to that
-record's Segment instead of making its own, so under load the reassembler, hooks and sinks see
-one Segment per direction per drain instead of one per packet. The kernel delivers a
+A record whose payload continues the previous payload record of its direction (same 4-tuple
+and tunnel, sequence number right after it, no SYN/FIN/RST, no loss, open window) is appended
+to that record's Segment instead of making its own, so under load the reassembler, hooks and
+sinks see one Segment per direction per drain instead of one per packet. The kernel delivers a
 direction's packets in order on one CPU, so a run of such records is exactly what the
 reassembler would have joined anyway.
 
@@ -22,7 +22,7 @@ import ctypes
 import struct
 from collections.abc import Callable
 
-from agent.capture.layout import EVENT, EVENT_SIZE
+from agent.capture.layout import EVENT, EVENT_SIZE, EVENT_TUNNEL, tunnel_name
 from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["EVENT", "EVENT_SIZE", "EventDecoder"]
@@ -39,6 +39,7 @@ PERF_RECORD_SAMPLE = 9
 RB_BUSY = 1 << 31
 RB_DISCARD = 1 << 30
 RB_HDR = 8
+_TUNNEL = EVENT_TUNNEL.unpack_from
 
 
 def _memory(addr: int, size: int) -> memoryview:
@@ -79,7 +80,7 @@ class EventDecoder:
         self._clock = clock
         self._filter = segment_filter
         self._coalesce = segment_filter is None
-        self._runs: dict[tuple[bytes, int, bytes, int], _Run] = {}
+        self._runs: dict[tuple[bytes, int, bytes, int, str], _Run] = {}
         self._out: list[Segment] = []
         self.events = 0
         self.coalesced = 0  # records appended to an earlier record's Segment
@@ -176,6 +177,8 @@ class EventDecoder:
         if EVENT_SIZE + plen > size:  # the piece would run past the record
             self.malformed += 1
             return
+        tid, kind = _TUNNEL(raw, off + EVENT.size)
+        tun = tunnel_name(kind, tid) if kind else ""
         self.events += 1
         if fam == 4:
             saddr, daddr = saddr[:4], daddr[:4]
@@ -183,7 +186,7 @@ class EventDecoder:
             flags &= ~(FIN | RST)  # FIN/RST belong after the packet's last byte
         start = off + EVENT_SIZE
         payload = bytes(raw[start:start + plen])
-        key = (saddr, sport, daddr, dport)
+        key = (saddr, sport, daddr, dport, tun)
         runs = self._runs
         if plen and win and not lost and not flags & _BOUNDARY and self._coalesce:
             run = runs.get(key)
@@ -198,19 +201,19 @@ class EventDecoder:
             if run is not None:
                 run.close()
             seg = Segment(saddr, sport, daddr, dport, seq, ack, flags, payload,
-                          ts / 1e9 + self._clock, win, lost)
+                          ts / 1e9 + self._clock, win, lost, tun)
             runs[key] = _Run(seg, (seq + plen) & _MASK)
             self._out.append(seg)
             return
         # A boundary (or a record that cannot join): later data of this connection, in
         # either direction, must come after it, so both directions' runs end here.
         if runs:
-            for k in (key, (daddr, dport, saddr, sport)):
+            for k in (key, (daddr, dport, saddr, sport, tun)):
                 run = runs.pop(k, None)
                 if run is not None:
                     run.close()
         seg = Segment(saddr, sport, daddr, dport, seq, ack, flags, payload,
-                      ts / 1e9 + self._clock, win, lost)
+                      ts / 1e9 + self._clock, win, lost, tun)
         if self._filter is not None and not self._filter(seg):
             self.filtered += 1
             return

@@ -12,7 +12,7 @@ it ahead of time; without a compiler the agent logs one warning and uses the Pyt
 Memory is bounded per decoder and allocated once (``md_new``), whatever the rings' sizes. With
 the defaults below (sizes from ``md_footprint``, x86-64):
 
-- runs: ``MAX_EVENTS`` x 88 B (a 64-byte ``md_run`` plus links) = 1,441,792 B; pieces:
+- runs: ``MAX_EVENTS`` x 96 B (a 72-byte ``md_run`` plus links) = 1,572,864 B; pieces:
   ``MAX_EVENTS`` x 16 B = 262,144 B: a call decodes at most ``MAX_EVENTS`` records, each
   making at most one run and one piece;
 - the open-run table: ``TABLE_SLOTS`` x 4 B = 131,072 B, twice ``MAX_EVENTS`` so it is at
@@ -21,12 +21,14 @@ the defaults below (sizes from ``md_footprint``, x86-64):
 - the output: ``OUT_BYTES`` = 1,048,576 B (see there), which also bounds the payload one
   call turns into Segments;
 
-2,949,208 B (2.8 MiB) in all with the handle (``NativeDecoder.footprint``), allocated once
+3,080,280 B (2.9 MiB) in all with the handle (``NativeDecoder.footprint``), allocated once
 per source: neither the rings' size nor the traffic's shape changes it. A drain calls the
 decoder until the ring is empty up to the producer position its first call saw, each call
 releasing what it decoded, so a drain ends even while the kernel keeps writing. The Segments
 one drain makes hold at most what the rings held; ``drain.py``'s budget bounds what waits
-after that.
+after that. Live, the decoder is lent to ``ring_pump.c``'s thread (``pump.py``), which calls
+it with 1 MiB chunks of its backlog (bounded by the same budget) as the output instead;
+:meth:`NativeDecoder.segments_of` turns a take of those chunks into Segments.
 
 Run ``python -m agent.capture.native`` to build it (exit 1 and the compiler's message if not).
 """
@@ -45,15 +47,18 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.capture.layout import BPF_DIR
-from agent.model import Segment
+from agent.capture.layout import BPF_DIR, tunnel_name
+from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["MAX_EVENTS", "OUT_BYTES", "TABLE_SLOTS", "NativeDecoder", "NativeUnavailable",
            "build", "cache_dir", "load"]
 
 SOURCE = Path(__file__).with_name("ring_decode.c")
+#: Compiled together with SOURCE: the pump thread (``pump.py``) and the shared header.
+SOURCES = (SOURCE, SOURCE.with_name("ring_pump.c"))
+HEADER = SOURCE.with_name("ring_decode.h")
 #: struct md_run (ring_decode.c). A call's output: its runs' headers, then their payloads.
-RUN = struct.Struct("<QIIIIHHHBB16s16s")
+RUN = struct.Struct("<QIIIIHHHBB16s16sIB3x")
 #: Records one call decodes at most (runs and pieces are sized for it).
 MAX_EVENTS = 16384
 #: Open-run table slots: twice MAX_EVENTS, so the table is at most half full.
@@ -67,6 +72,17 @@ TABLE_SLOTS = 2 * MAX_EVENTS
 #: connection's drain in a few large Segments. A full 16 MiB ring of bulk data takes 16 calls.
 OUT_BYTES = 1 << 20
 _NO_LIMIT = (1 << 64) - 1
+_BOUNDARY = SYN | FIN | RST
+_SEQ = 0xFFFFFFFF
+#: RUN's fields.
+_Hdr = tuple[int, int, int, int, int, int, int, int, int, int, bytes, bytes, int, int]
+#: A run while :meth:`NativeDecoder.segments_of` joins runs across chunks: its header, its
+#: payload pieces, and [the sequence number after it, the last ack, the last window].
+_Open = tuple[_Hdr, list[memoryview], list[int]]
+
+
+def _stamp(run: tuple[_Hdr, memoryview]) -> int:
+    return run[0][0]
 
 
 class NativeUnavailable(RuntimeError):
@@ -105,13 +121,15 @@ def cache_dir() -> Path:
 
 
 def _target() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update((BPF_DIR / "mirror_event.h").read_bytes())
+    digest = hashlib.sha256()
+    for path in (*SOURCES, HEADER, BPF_DIR / "mirror_event.h"):
+        digest.update(path.read_bytes())
     return cache_dir() / f"ring_decode-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
-    """Compile ``ring_decode.c`` unless this exact source is built already; returns the .so."""
+    """Compile ``ring_decode.c`` and ``ring_pump.c`` unless these exact sources are built
+    already; returns the .so."""
     target = _target()
     if target.exists():
         return target
@@ -123,8 +141,8 @@ def build() -> Path:
     # Build beside the target, then rename: a concurrent start never loads half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cc, "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", f"-I{BPF_DIR}", "-o", tmp,
-           str(SOURCE)]
+    cmd = [cc, "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-pthread", f"-I{BPF_DIR}",
+           "-o", tmp, *map(str, SOURCES)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -159,8 +177,23 @@ def load() -> ctypes.CDLL:
         lib.md_perf.argtypes = [ptr, ptr, ptr, u64, u64, call, stats]
         lib.md_ringbuf.restype = ctypes.c_int64
         lib.md_ringbuf.argtypes = [ptr, ptr, ptr, ptr, u64, u64, call, stats]
+        _bind_pump(lib)
         _lib = lib
     return _lib
+
+
+def _bind_pump(lib: ctypes.CDLL) -> None:
+    """The pump's functions (ring_pump.c; used by pump.py)."""
+    u64, u32, ptr = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+    lib.md_pump_start.restype = ptr
+    lib.md_pump_start.argtypes = [ptr, ptr, u32, ctypes.c_int, u64, u64, ptr]
+    lib.md_pump_take.restype = u32
+    lib.md_pump_take.argtypes = [ptr, u64, ptr, u32, ctypes.POINTER(u64)]
+    for name in ("md_pump_release", "md_pump_stop", "md_pump_free"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ptr]
+    lib.md_pump_stats.restype = None
+    lib.md_pump_stats.argtypes = [ptr, ptr]
 
 
 class NativeDecoder:
@@ -197,35 +230,59 @@ class NativeDecoder:
         self._stats = _Stats()
         self._call = _Call()
         self._segments: list[Segment] = []
+        self._sync: Callable[[_Stats], None] | None = None  # set while lent to a pump
         self.filtered = 0
+
+    def lend(self, sync: Callable[[_Stats], None]) -> tuple[int, _Stats]:
+        """For ``pump.py``: the C decoder's handle and its running totals, from which the
+        pump's start. Until :meth:`give_back`, the pump's thread owns the C decoder: the
+        counters are read through ``sync`` (which copies the pump's totals in) and the
+        ``drain_*`` methods refuse."""
+        if self._handle is None:
+            raise ValueError("native decoder is closed")
+        if self._sync is not None:
+            raise ValueError("native decoder is lent already")
+        self._sync = sync
+        return self._handle, self._stats
+
+    def give_back(self) -> None:
+        """The pump stopped (its final totals synced): the decoder is the caller's again."""
+        if self._sync is not None:
+            self._sync(self._stats)
+        self._sync = None
+
+    def _totals(self) -> _Stats:
+        if self._sync is not None:
+            self._sync(self._stats)
+        return self._stats
 
     @property
     def events(self) -> int:
-        return int(self._stats.events)
+        return int(self._totals().events)
 
     @property
     def coalesced(self) -> int:
-        return int(self._stats.coalesced)
+        return int(self._totals().coalesced)
 
     @property
     def lost_samples(self) -> int:
-        return int(self._stats.lost_samples)
+        return int(self._totals().lost_samples)
 
     @property
     def discarded(self) -> int:
-        return int(self._stats.discarded)
+        return int(self._totals().discarded)
 
     @property
     def no_slot(self) -> int:
-        return int(self._stats.no_slot)
+        return int(self._totals().no_slot)
 
     @property
     def malformed(self) -> int:
-        return int(self._stats.malformed)
+        return int(self._totals().malformed)
 
     @property
     def calls(self) -> int:
-        return int(self._stats.calls)
+        return int(self._totals().calls)
 
     def drain_perf(self, ctrl: int, data: int, size: int) -> tuple[int, int]:
         """Decode the perf ring whose ``perf_event_mmap_page`` is at ``ctrl`` and whose
@@ -242,6 +299,8 @@ class NativeDecoder:
     def _drain(self, fn: Callable[..., int], ring: tuple[int, ...]) -> tuple[int, int]:
         if self._handle is None:
             raise ValueError("native decoder is closed")
+        if self._sync is not None:
+            raise ValueError("native decoder is lent to a running pump")
         call, call_ref, stats_ref = self._call, ctypes.byref(self._call), ctypes.byref(
             self._stats)
         until, consumed, pending = _NO_LIMIT, 0, -1
@@ -250,28 +309,90 @@ class NativeDecoder:
             if pending < 0:  # the first call: stop at what the producer had written then
                 pending, until = call.pending, call.head
             consumed += call.consumed
-            self._runs(used, call.runs)
+            self.segments(self._view, used, call.runs, self._segments)
             if not call.more:
                 return consumed, pending
 
-    def _runs(self, used: int, runs: int) -> None:
-        """Segments of a call's ``runs`` runs (``used`` bytes of output)."""
-        view, clock, keep = self._view, self._clock, self._filter
-        append = self._segments.append
+    def segments(self, view: memoryview, used: int, runs: int, into: list[Segment]) -> None:
+        """Appends to ``into`` the Segments of one call's output in ``view``: ``runs`` runs,
+        ``used`` bytes (the decoder's own output, or a chunk of the pump's)."""
+        clock, keep = self._clock, self._filter
+        append = into.append
         off = runs * RUN.size  # the payloads, in the headers' order
         for (ts, seq, ack, lost, length, sport, dport, win, fam, flags, saddr,
-             daddr) in RUN.iter_unpack(view[:off]):
+             daddr, tid, kind) in RUN.iter_unpack(view[:off]):
             end = off + length
             if fam == 4:
                 saddr, daddr = saddr[:4], daddr[:4]
             seg = Segment(saddr, sport, daddr, dport, seq, ack, flags, view[off:end].tobytes(),
-                          ts / 1e9 + clock, win, lost)
+                          ts / 1e9 + clock, win, lost, tunnel_name(kind, tid) if kind else "")
             off = end
             if keep is not None and not keep(seg):
                 self.filtered += 1
                 continue
             append(seg)
         assert off == used, "native decoder: output and run headers disagree"
+
+    def segments_of(self, chunks: list[tuple[memoryview, int]], into: list[Segment]) -> None:
+        """Appends to ``into`` the Segments of several calls' outputs (``(view, runs)``, in
+        order: the pump's chunks of one take), each direction's in-order runs joined across
+        them, so a bulk connection's take is one Segment per direction, made with one copy:
+        the reassembler then has nothing left to join.
+
+        The runs are taken in kernel-timestamp order (stable; the order the source's
+        reorderer gives the reassembler anyway), since one sender's packets land in several
+        per-CPU rings, and joined by ring_decode.c's rule: a run that could have joined
+        (payload, an open window, no loss, no SYN/FIN/RST) continues its direction's open
+        run if its sequence number is right after it, else opens its own; any other run
+        stands alone and closes both directions' open runs. Without coalescing (a segment
+        filter) this is :meth:`segments` per chunk."""
+        if self._filter is not None:
+            for view, runs in chunks:
+                self.segments(view, len(view), runs, into)
+            return
+        found: list[tuple[_Hdr, memoryview]] = []
+        for view, runs in chunks:
+            off = runs * RUN.size
+            hdr: _Hdr
+            for hdr in RUN.iter_unpack(view[:off]):
+                found.append((hdr, view[off:off + hdr[4]]))
+                off += hdr[4]
+        if len(chunks) > 1:
+            found.sort(key=_stamp)
+        self._make(self._joined(found), into)
+
+    @staticmethod
+    def _joined(found: list[tuple[_Hdr, memoryview]]) -> list[_Open]:
+        made: list[_Open] = []
+        open_runs: dict[tuple[bytes, int, bytes, int, int, int], _Open] = {}
+        for hdr, piece in found:
+            (_ts, seq, ack, lost, length, sport, dport, win, _fam, flags, saddr, daddr,
+             tid, kind) = hdr
+            key = (saddr, sport, daddr, dport, tid, kind)
+            if length and win and not lost and not flags & _BOUNDARY:
+                run = open_runs.get(key)
+                if run is not None and run[2][0] == seq:
+                    run[1].append(piece)
+                    run[2][:] = ((seq + length) & _SEQ, ack, win)  # the last ack, window
+                    continue
+                run = (hdr, [piece], [(seq + length) & _SEQ, ack, win])
+                open_runs[key] = run
+            else:
+                open_runs.pop(key, None)
+                open_runs.pop((daddr, dport, saddr, sport, tid, kind), None)
+                run = (hdr, [piece], [0, ack, win])
+            made.append(run)
+        return made
+
+    def _make(self, made: list[_Open], into: list[Segment]) -> None:
+        clock, append = self._clock, into.append
+        for (ts, seq, _, lost, _, sport, dport, _, fam, flags, saddr, daddr, tid,
+             kind), pieces, (_, ack, win) in made:
+            if fam == 4:
+                saddr, daddr = saddr[:4], daddr[:4]
+            data = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+            append(Segment(saddr, sport, daddr, dport, seq, ack, flags, data,
+                           ts / 1e9 + clock, win, lost, tunnel_name(kind, tid) if kind else ""))
 
     def take(self) -> list[Segment]:
         out, self._segments = self._segments, []

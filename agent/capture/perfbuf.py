@@ -140,6 +140,14 @@ class PerfReader:
             raise
         return _Ring(cpu, fd, ring, size)
 
+    def addresses(self) -> list[tuple[int, int, int, int, int]]:
+        """Each ring as ``pump.py`` takes it: (0 = perf, control page, data area, 0, size)."""
+        return [(0, r.addr, r.addr + mmap.PAGESIZE, 0, r.size) for r in self._rings]
+
+    def poll_fd(self) -> int:
+        """The epoll fd the rings' fds are in (readable when one passes its watermark)."""
+        return self._poller.fileno()
+
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout`` seconds, less if a ring reaches its wakeup watermark."""
         self._poller.poll(timeout)

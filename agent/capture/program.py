@@ -11,6 +11,7 @@ import structlog
 from agent.capture import SourceError
 from agent.capture.attach import Attachment, XdpAttachment, attach_tc
 from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError, BpfMap
+from agent.capture.decap import Decap
 from agent.capture.layout import BPF_DIR, COUNTERS
 from agent.capture.loader import LoadedProgram, LoadError, load
 
@@ -33,6 +34,7 @@ class Build:
     requests_only: bool = False  # service→client payload not copied
     ringbuf_pages: int = 0  # 0: perf buffer; else the BPF ring buffer's size in pages
     wakeup_bytes: int = 0  # ring buffer: bytes per CPU between forced wakeups
+    decap: Decap | None = None  # tunnels looked inside (bpf/decap.h); None: none
 
     def cflags(self) -> list[str]:
         lo, hi = self.own_ports
@@ -43,6 +45,8 @@ class Build:
         if self.ringbuf_pages:
             flags += ["-DMIRROR_RINGBUF", f"-DMIRROR_RINGBUF_PAGES={self.ringbuf_pages}",
                       f"-DMIRROR_WAKEUP_BYTES={self.wakeup_bytes}"]
+        if self.decap is not None:
+            flags += self.decap.cflags()
         return flags
 
     def functions(self) -> list[tuple[str, int]]:

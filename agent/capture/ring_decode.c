@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "mirror_event.h" /* from bpf/: the one definition of the record */
+#include "ring_decode.h"   /* md_stats, md_call and what ring_pump.c calls */
 
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
@@ -66,31 +67,11 @@ struct md_run {
 	uint8_t flags;
 	uint8_t saddr[16];
 	uint8_t daddr[16];
+	uint32_t tunnel_id; /* mirror_event's tunnel identity: part of the run's key */
+	uint8_t tunnel;
+	uint8_t pad[3];
 };
-_Static_assert(sizeof(struct md_run) == 64, "struct md_run: native.py's RUN");
-
-/* Running totals, owned by the caller (native.py's _Stats mirrors it). */
-struct md_stats {
-	uint64_t events;       /* mirror_event records decoded */
-	uint64_t coalesced;    /* records joined to an earlier record's run */
-	uint64_t lost_samples; /* perf: samples the kernel could not write (LOST records) */
-	uint64_t discarded;    /* ring buffer: records the producer discarded */
-	uint64_t no_slot;      /* runs that could not be joined: no table slot in MD_PROBES */
-	uint64_t malformed;    /* records too short for what they claim; ring bytes skipped */
-	uint64_t runs;         /* runs handed out */
-	uint64_t calls;        /* decode calls */
-	uint64_t bounded;      /* calls that stopped at max_events or out_size */
-};
-
-/* What one call did. */
-struct md_call {
-	uint64_t head;     /* the producer position read (the `until` of a follow-up call) */
-	uint64_t pending;  /* producer - consumer position when read: bytes waiting */
-	uint64_t consumed; /* bytes released to the kernel */
-	uint64_t out_used; /* bytes of runs in the output */
-	uint32_t runs;
-	uint32_t more; /* 1: stopped at a bound before the end; call again */
-};
+_Static_assert(sizeof(struct md_run) == MD_RUN_SIZE, "struct md_run: native.py's RUN");
 
 struct run {
 	struct md_run hdr;
@@ -172,6 +153,12 @@ const uint8_t *md_out(const struct md_decoder *d)
 	return d->out;
 }
 
+/* Bytes of output one call may write. */
+uint64_t md_out_size(const struct md_decoder *d)
+{
+	return d->out_size;
+}
+
 /* Bytes this decoder holds, for the caller to check its stated bound. */
 uint64_t md_footprint(const struct md_decoder *d)
 {
@@ -192,6 +179,7 @@ static uint32_t key_hash(const struct mirror_event *e)
 static int same_key(const struct md_run *r, const struct mirror_event *k)
 {
 	return r->family == k->family && r->sport == k->sport && r->dport == k->dport &&
+	       r->tunnel == k->tunnel && r->tunnel_id == k->tunnel_id &&
 	       !memcmp(r->saddr, k->saddr, 16) && !memcmp(r->daddr, k->daddr, 16);
 }
 
@@ -251,6 +239,9 @@ static struct run *new_run(struct md_decoder *d, const struct mirror_event *e, u
 	r->hdr.flags = flags;
 	memcpy(r->hdr.saddr, e->saddr, 16);
 	memcpy(r->hdr.daddr, e->daddr, 16);
+	r->hdr.tunnel_id = e->tunnel_id;
+	r->hdr.tunnel = e->tunnel;
+	memset(r->hdr.pad, 0, sizeof(r->hdr.pad));
 	r->first = r->last = NONE;
 	r->slot = NONE;
 	r->open = 0;
@@ -340,9 +331,9 @@ static void begin(struct md_decoder *d, struct md_call *call, struct md_stats *s
 
 /* Lays the runs out in the output (the headers, then the payloads), empties the table;
  * returns the bytes used. */
-static uint64_t finish(struct md_decoder *d, struct md_call *call, struct md_stats *st)
+static uint64_t finish(struct md_decoder *d, uint8_t *out, struct md_call *call,
+		       struct md_stats *st)
 {
-	uint8_t *out = d->out;
 	uint64_t o = (uint64_t)d->nruns * sizeof(struct md_run);
 
 	for (uint32_t i = 0; i < d->nruns; i++) {
@@ -371,9 +362,11 @@ static uint64_t clamp(uint64_t pos, uint64_t prod, uint64_t until)
 
 /* Decodes a perf ring: `ctrl` its struct perf_event_mmap_page, `data` its data area of `size`
  * bytes (a power of two). Reads from data_tail to data_head (at most to `until`), then
- * stores the new data_tail. Returns the output bytes (md_out()), also in call->out_used. */
-int64_t md_perf(struct md_decoder *d, struct perf_event_mmap_page *ctrl, const uint8_t *data,
-		uint64_t size, uint64_t until, struct md_call *call, struct md_stats *st)
+ * stores the new data_tail. Writes the runs to `out` (md_out_size() bytes); returns the
+ * bytes used, also in call->out_used. */
+int64_t md_perf_into(struct md_decoder *d, uint8_t *out, struct perf_event_mmap_page *ctrl,
+		     const uint8_t *data, uint64_t size, uint64_t until, struct md_call *call,
+		     struct md_stats *st)
 {
 	const uint64_t mask = size - 1;
 	uint64_t head = __atomic_load_n(&ctrl->data_head, __ATOMIC_ACQUIRE);
@@ -445,20 +438,28 @@ int64_t md_perf(struct md_decoder *d, struct perf_event_mmap_page *ctrl, const u
 		}
 		tail += h.size;
 	}
-	uint64_t used = finish(d, call, st);
+	uint64_t used = finish(d, out, call, st);
 	call->consumed = tail - start;
 	/* Every read of the freed records (finish() copied the last) happens before this. */
 	__atomic_store_n(&ctrl->data_tail, tail, __ATOMIC_RELEASE);
 	return (int64_t)used;
 }
 
+/* md_perf_into() with the decoder's own output (md_out()). */
+int64_t md_perf(struct md_decoder *d, struct perf_event_mmap_page *ctrl, const uint8_t *data,
+		uint64_t size, uint64_t until, struct md_call *call, struct md_stats *st)
+{
+	return md_perf_into(d, d->out, ctrl, data, size, until, call, st);
+}
+
 /* Decodes a BPF ring buffer: `cons` its consumer page (consumer_pos first), `prod` its
  * producer page (producer_pos first), `data` its data area of `size` bytes (a power of two),
  * mapped twice in a row so no record wraps. Reads from consumer_pos to producer_pos (at most
- * to `until`), stopping at a record still being written, then stores the new consumer_pos. */
-int64_t md_ringbuf(struct md_decoder *d, uint64_t *cons, const uint64_t *prod,
-		   const uint8_t *data, uint64_t size, uint64_t until, struct md_call *call,
-		   struct md_stats *st)
+ * to `until`), stopping at a record still being written, then stores the new consumer_pos.
+ * Output as md_perf_into(). */
+int64_t md_ringbuf_into(struct md_decoder *d, uint8_t *out, uint64_t *cons,
+			const uint64_t *prod, const uint8_t *data, uint64_t size, uint64_t until,
+			struct md_call *call, struct md_stats *st)
 {
 	const uint64_t mask = size - 1;
 	uint64_t end = __atomic_load_n(prod, __ATOMIC_ACQUIRE);
@@ -498,8 +499,16 @@ int64_t md_ringbuf(struct md_decoder *d, uint64_t *cons, const uint64_t *prod,
 		}
 		pos += step;
 	}
-	uint64_t used = finish(d, call, st);
+	uint64_t used = finish(d, out, call, st);
 	call->consumed = pos - start;
 	__atomic_store_n(cons, pos, __ATOMIC_RELEASE);
 	return (int64_t)used;
+}
+
+/* md_ringbuf_into() with the decoder's own output (md_out()). */
+int64_t md_ringbuf(struct md_decoder *d, uint64_t *cons, const uint64_t *prod,
+		   const uint8_t *data, uint64_t size, uint64_t until, struct md_call *call,
+		   struct md_stats *st)
+{
+	return md_ringbuf_into(d, d->out, cons, prod, data, size, until, call, st);
 }

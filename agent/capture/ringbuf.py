@@ -77,6 +77,17 @@ class RingBufReader:
         #: The most bytes the ring held when read: how close it came to dropping.
         self.peak_bytes = 0
 
+    def addresses(self) -> list[tuple[int, int, int, int, int]]:
+        """The ring as ``pump.py`` takes it: (1 = ring buffer, consumer page, producer page,
+        data area, size)."""
+        if not self._maps:
+            raise ValueError("ring buffer reader is closed")
+        return [(1, self._cons, self._prod, self._data, self._size)]
+
+    def poll_fd(self) -> int:
+        """The epoll fd the map's fd is in (readable when the program wakes readers)."""
+        return self._poller.fileno()
+
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout`` seconds, less if the BPF program forces a wakeup."""
         self._poller.poll(timeout)

@@ -5,11 +5,14 @@ records in recorded order (chunks of both directions, and flow ends where the fo
 them) and, afterwards, says what was wrong with its input (:meth:`SourceReader.problems`:
 one phrase each, naming the file and the position). A damaged file is read up to the damage
 and past it where the format allows (a native record with a bad CRC followed by a whole one, a
-JSON line that does not parse); the rest of the input replays. A NATS stream would be one
-more reader yielding the same records.
+JSON line that does not parse); the rest of the input replays. A NATS recording
+(``nats://HOST:PORT/SUBJECT``, :class:`NatsSource`) is one more reader yielding the same
+records: its stream is read from the start until caught up, when it is opened.
 
 :func:`open_sources` checks every path before anything replays (exit 2 through
 :class:`SourceError`): it must be readable and be one of the formats, told by its first bytes.
+A NATS server that cannot be reached is no bad input but a failure:
+:class:`~agent.sinks.nats.consumer.NatsUnavailable` goes up (exit 1, with the cause).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Protocol
 
 from agent.capture import SourceError as CaptureSourceError
 from agent.model import Direction, TrafficChunk
+from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
 from agent.sinks.record import MAGIC, NativeReader, RecordedChunk, RecordError
 
-__all__ = ["JsonLinesSource", "NativeSource", "PcapSource", "SourceError", "SourceReader",
-           "open_sources"]
+__all__ = ["JsonLinesSource", "NativeSource", "NatsSource", "PcapSource", "SourceError",
+           "SourceReader", "open_sources"]
 
 _PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
                 b"\xa1\xb2\x3c\x4d", b"\x0a\x0d\x0d\x0a")
@@ -72,6 +76,39 @@ class NativeSource:
 
     def problems(self) -> list[str]:
         return list(self._problems)
+
+
+class NatsSource:
+    """A NATS recording: every message of the subject, from the stream's start until caught
+    up, read when the source is made (:func:`agent.sinks.nats.consumer.read_stream`).
+    :class:`SourceError` if no stream holds the subject;
+    :class:`~agent.sinks.nats.consumer.NatsUnavailable` if the server cannot be reached."""
+
+    def __init__(self, target: NatsTarget) -> None:
+        from agent.sinks.nats.consumer import NoStream, read_stream
+
+        self.name = target.url
+        try:
+            self._read = read_stream(target)
+        except NoStream as e:
+            raise SourceError(str(e)) from None
+
+    def records(self) -> Iterator[RecordedChunk]:
+        yield from self._read.records
+
+    def problems(self) -> list[str]:
+        return [f"{self.name}: {p}" for p in self._read.problems]
+
+
+def nats_url(path: Path) -> str | None:
+    """The ``nats://`` URL a command-line source names, or None for a file: a path keeps
+    one slash of the two (``nats:/host:4222/subject``), so both spellings are taken."""
+    text = str(path)
+    if is_nats_url(text):
+        return text
+    if text[:6].lower() == "nats:/":
+        return "nats://" + text[6:]
+    return None
 
 
 class JsonLinesSource:
@@ -187,6 +224,13 @@ def open_sources(paths: Sequence[Path], ports: Sequence[int]) -> list[SourceRead
     out: list[SourceReader] = []
     captures: list[Path] = []
     for path in paths:
+        url = nats_url(path)
+        if url is not None:
+            if captures:
+                out.append(_pcap(captures, ports))
+                captures = []
+            out.append(_nats(url))
+            continue
         kind = _kind(path)
         if kind == "pcap":
             captures.append(path)
@@ -198,6 +242,14 @@ def open_sources(paths: Sequence[Path], ports: Sequence[int]) -> list[SourceRead
     if captures:
         out.append(_pcap(captures, ports))
     return out
+
+
+def _nats(url: str) -> NatsSource:
+    try:
+        target = parse_nats_url(url)
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    return NatsSource(target)
 
 
 def _pcap(paths: list[Path], ports: Sequence[int]) -> PcapSource:

@@ -7,7 +7,16 @@ import re
 
 import pytest
 
-from agent.capture.layout import BPF_DIR, COUNTERS, EVENT, EVENT_SIZE, LayoutError, parse_header
+from agent.capture.layout import (
+    BPF_DIR,
+    COUNTERS,
+    EVENT,
+    EVENT_SIZE,
+    EVENT_TUNNEL,
+    LayoutError,
+    parse_header,
+    tunnel_name,
+)
 
 HEADER = (BPF_DIR / "mirror_event.h").read_text()
 
@@ -20,15 +29,30 @@ def test_counters_follow_the_header_in_index_order() -> None:
 
 
 def test_event_size_is_the_c_size() -> None:
-    assert EVENT_SIZE == 80 and EVENT.size == 76
+    assert EVENT_SIZE == 88 and EVENT.size + EVENT_TUNNEL.size == 81
 
 
 def test_a_field_added_on_one_side_only_fails() -> None:
-    grown = HEADER.replace("#define MIRROR_EVENT_SIZE 80", "#define MIRROR_EVENT_SIZE 88")
-    with pytest.raises(LayoutError, match="88 bytes in C"):
+    grown = HEADER.replace("#define MIRROR_EVENT_SIZE 88", "#define MIRROR_EVENT_SIZE 96")
+    with pytest.raises(LayoutError, match="96 bytes in C"):
         parse_header(grown)
 
 
 def test_a_header_without_the_list_fails() -> None:
     with pytest.raises(LayoutError):
         parse_header("#define MIRROR_EVENT_SIZE 80\n")
+
+
+def test_tunnel_identities_are_named_as_the_offline_decoder_names_them() -> None:
+    kinds = dict(re.findall(r"^#define MIRROR_TUNNEL_([A-Z]+) (\d+)", HEADER, re.MULTILINE))
+    assert tunnel_name(int(kinds["VXLAN"]), 42) == "vxlan:42"
+    assert tunnel_name(int(kinds["GENEVE"]), 5) == "geneve:5"
+    assert tunnel_name(int(kinds["GRE"]), 0xFFFFFFFF) == "gre:4294967295"
+    assert tunnel_name(int(kinds["ERSPAN"]), 3) == "erspan:3"
+    assert tunnel_name(int(kinds["NONE"]), 7) == ""
+
+
+def test_decap_counters_are_a_skip_reason_and_an_event_count() -> None:
+    helps = dict(COUNTERS)
+    assert helps["bad_tunnel"].startswith("packets skipped:")
+    assert not helps["decap"].startswith("packets skipped")

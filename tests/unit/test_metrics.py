@@ -27,7 +27,7 @@ from tests.unit.shadow import Shadow
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 NAME = re.compile(r"^mirror_agent_(budget|handoff|kernel|ring|drain|source|decode|reassembly|"
-                  r"mirror|forward|record)_[a-z0-9]+(_[a-z0-9]+)*$")
+                  r"mirror|forward|record|flowpcap)_[a-z0-9]+(_[a-z0-9]+)*$")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def _ebpf_stats() -> dict[str, int]:
                               malformed=1, no_slot=1)
     stub: Any = SimpleNamespace(
         _closed=False, _decoder=decoder, _geometry=SimpleNamespace(capacity=1),
-        _ring=SimpleNamespace(peak_bytes=1), _drain=SimpleNamespace(gap_max=0.5, pauses=1),
+        _ring=SimpleNamespace(peak_bytes=1),
+        _drain=SimpleNamespace(gap_max=0.5, pauses=1, peak_bytes=1),
         _prog=SimpleNamespace(counters=lambda: {name: 1 for name, _ in COUNTERS}),
         _counter_error=False, _discarded=1,
         _follower=SimpleNamespace(stats=lambda: dict.fromkeys(follow.STATS, 1)))
@@ -60,7 +61,8 @@ def _afpacket_stats() -> dict[str, int]:
     decoder = SimpleNamespace(stats=DecodeStats())
     decoder.stats.skip("not_tcp")
     stub: Any = SimpleNamespace(_closed=True, _frames=1, _kernel_seen=1, _kernel_drops=1,
-                                _truncated=1, _outgoing_lo=1, _other_iface=1, _decoder=decoder)
+                                _truncated=1, _outgoing_lo=1, _other_iface=1, _decoder=decoder,
+                                _decap=object(), _filtered=1)
     return AfPacketSource.stats(stub)
 
 

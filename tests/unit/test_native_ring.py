@@ -6,6 +6,7 @@ output bytes, table probes, memory)."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from agent.capture.events import EventDecoder
 from agent.capture.layout import EVENT_SIZE
 from agent.capture.native import MAX_EVENTS, OUT_BYTES, TABLE_SLOTS, NativeDecoder
+from agent.capture.pump import PERF, RINGBUF, NativeDrain, RingAddress
 from agent.model import ACK, FIN, RST, SYN, Segment
 from tests.unit.rings import SIZE, PerfRing, RingBuf, event
 
@@ -67,12 +69,13 @@ _ops = st.lists(st.tuples(st.integers(0, 2), st.sampled_from(OPS),
                           st.binary(min_size=1, max_size=120), st.booleans()), max_size=60)
 
 
-def records(ops: list[tuple[int, str, bytes, bool]], transport: str) -> list[Any]:
+def records(ops: list[tuple[int, str, bytes, bool]], transport: str, ts0: int = 1000
+            ) -> list[Any]:
     nxt = [1000, 2000, 0xFFFFFF00]  # the third wraps the sequence space
     out: list[Any] = []
     for ts, (conn, op, data, flag) in enumerate(ops):
         c, s = CLIENTS[conn]
-        kw: dict[str, Any] = {"ts": 1000 + ts, "ack": ts}
+        kw: dict[str, Any] = {"ts": ts0 + ts, "ack": ts}
         seq = nxt[conn]
         if op == "reply":
             out.append(event(s, c, 9, data, **kw))
@@ -180,9 +183,9 @@ def test_a_full_table_stops_joining_not_decoding() -> None:
 
 def test_a_decoder_holds_what_its_bounds_say() -> None:
     dec = NativeDecoder(0.0)
-    # runs (88 B) and pieces (16 B) per event, 4 B per table slot, the wrapped record, the
+    # runs (96 B) and pieces (16 B) per event, 4 B per table slot, the wrapped record, the
     # output, the handle: the arithmetic in native.py's docstring.
-    assert dec.footprint < MAX_EVENTS * (88 + 16) + TABLE_SLOTS * 4 + 65536 + OUT_BYTES + 256
+    assert dec.footprint < MAX_EVENTS * (96 + 16) + TABLE_SLOTS * 4 + 65536 + OUT_BYTES + 256
     assert dec.footprint < 3 << 20
     dec.close()
     dec.close()
@@ -223,13 +226,182 @@ def test_a_drain_ends_at_the_head_its_first_call_saw(monkeypatch: pytest.MonkeyP
     first = full * 3 // 5  # 3 records of 96 bytes each
     ring.buf[1024:1032] = first.to_bytes(8, "little")
     dec = NativeDecoder(0.0, max_events=1)
-    convert = dec._runs
+    convert = dec.segments
 
-    def runs(used: int, n: int) -> None:  # the kernel writes 2 more records meanwhile
-        ring.buf[1024:1032] = full.to_bytes(8, "little")
-        convert(used, n)
+    def runs(view: memoryview, used: int, n: int, into: list[Segment]) -> None:
+        ring.buf[1024:1032] = full.to_bytes(8, "little")  # the kernel writes 2 more meanwhile
+        convert(view, used, n, into)
 
-    monkeypatch.setattr(dec, "_runs", runs)
+    monkeypatch.setattr(dec, "segments", runs)
     assert dec.drain_perf(*ring.args()) == (first, first) and ring.tail == first
     assert dec.drain_perf(*ring.args()) == (full - first, full - first) and ring.tail == full
     assert b"".join(x.payload for x in dec.take()) == b"xxxxx" and dec.calls == 5
+
+
+# ------------------------------------------------------------------ the native drain (pump)
+
+
+def pump_over(rings: list[PerfRing | RingBuf], dec: NativeDecoder, budget: int = 1 << 30,
+              interval: float = 0.001) -> NativeDrain:
+    """A started NativeDrain over hand-built rings (no epoll: it turns on the timer)."""
+    addrs: list[RingAddress] = [
+        (PERF, *r.args()[:2], 0, r.size) if isinstance(r, PerfRing) else (RINGBUF, *r.args())
+        for r in rings]
+    drain = NativeDrain(dec, addrs, -1, interval, budget)
+    drain.start()
+    return drain
+
+
+def after_turns(drain: NativeDrain, turns: int) -> None:
+    deadline = time.monotonic() + 5
+    while drain._read().turns < turns:
+        assert time.monotonic() < deadline, "the pump made no turn"
+        time.sleep(0.001)
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops=_ops, start=st.integers(0, 4 * SIZE).map(lambda t: t & ~7),
+       transport=st.sampled_from(["perf", "ringbuf"]), busy=st.integers(0, 80),
+       max_events=st.integers(1, 64), table_slots=st.sampled_from([1, 4, 1024]))
+def test_pump_equals_python(ops: list[tuple[int, str, bytes, bool]], start: int,
+                            transport: str, busy: int, max_events: int,
+                            table_slots: int) -> None:
+    """The C thread's chunks, joined across by segments_of, are exactly the Python
+    decoder's Segments, whatever bounds cut the calls (and a second perf ring, written
+    after the first); the same counters and the same consumer positions."""
+    recs = records(ops, transport)
+    later = records(ops, transport, 10**6)[:busy]  # another CPU's ring, later
+    if transport == "ringbuf" and busy < len(recs):
+        recs.insert(busy, ("busy", event(*CLIENTS[0], 1, b"not yet")))
+    py_dec = EventDecoder(0.0)
+    py_rings: list[PerfRing | RingBuf] = (
+        [PerfRing(recs, start), PerfRing(later)] if transport == "perf"
+        else [RingBuf(recs, start)])
+    py: list[Segment] = []
+    for r in py_rings:
+        if isinstance(r, PerfRing):
+            py_dec.drain_perf(*r.args())
+        else:
+            py_dec.drain_ringbuf(*r.args())
+        py += py_dec.take()
+    nat_dec = NativeDecoder(0.0, max_events=max_events, table_slots=table_slots)
+    rings: list[PerfRing | RingBuf] = (
+        [PerfRing(recs, start), PerfRing(later)] if transport == "perf"
+        else [RingBuf(recs, start)])
+    drain = pump_over(rings, nat_dec)
+    after_turns(drain, 1)
+    segs, drained_at = drain.take(0)
+    segs += drain.stop()
+    assert [fields(s) for s in segs] == [fields(s) for s in py]
+    assert drained_at > 0
+    assert [r.tail for r in rings] == [r.tail for r in py_rings]
+    assert counters(nat_dec)[0] == py_dec.events and counters(nat_dec)[2:] == counters(
+        py_dec)[2:]
+    handoff = drain.handoff_stats()
+    assert handoff.bytes == handoff.taken_bytes == sum(len(s.payload) for s in segs)
+    assert handoff.queued_bytes == 0 and handoff.pauses == 0
+    nat_dec.drain_perf(*PerfRing([]).args())  # the decoder is the caller's again
+
+
+def test_pump_pauses_over_budget_and_resumes_when_taken() -> None:
+    """Over its budget the thread stops emptying the rings (the kernel keeps the bytes)
+    until the consumer takes what waits; a stop hands back what nobody took."""
+    c, s = CLIENTS[0]
+    first = PerfRing([event(c, s, 1, b"a" * 1000)])
+    drain = pump_over([first], NativeDecoder(0.0), budget=1)
+    after_turns(drain, 1)
+    deadline = time.monotonic() + 5
+    while drain.pauses == 0:  # the next turn finds the backlog over budget
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert drain.heartbeat.problem() is None
+    segs, _ = drain.take(0)
+    assert [x.payload for x in segs] == [b"a" * 1000]
+    turns = drain._read().turns
+    after_turns(drain, turns + 2)  # running again
+    stats = drain.handoff_stats()
+    assert stats.pauses == 1 and stats.items == stats.taken_items == 1
+    assert stats.peak_queued_bytes == 1000 and drain.peak_bytes == first.head
+    assert drain.stop() == [] and drain.stop() == []
+    assert drain.heartbeat.problem() is None and drain.gap_max > 0
+
+
+def test_pump_stop_returns_what_was_not_taken() -> None:
+    c, s = CLIENTS[0]
+    ring = PerfRing([event(c, s, 1, b"xyz"), event(s, c, 5, b"reply")])
+    drain = pump_over([ring], NativeDecoder(0.0))
+    after_turns(drain, 1)
+    assert sorted(x.payload for x in drain.stop()) == [b"reply", b"xyz"]
+    assert drain.handoff_stats().discarded_items == 0 and drain.take(0) == ([], drain.take(0)[1])
+
+
+def test_pump_heartbeat_beats_with_the_c_thread() -> None:
+    ring = RingBuf([])  # the rings outlive the pump, as the readers' mmaps do
+    drain = pump_over([ring], NativeDecoder(0.0))
+    after_turns(drain, 3)
+    assert drain.heartbeat.running and drain.heartbeat.problem() is None
+    assert drain.heartbeat.silence() < 1
+    drain.stop()
+    assert not drain.heartbeat.running
+
+
+def test_a_lent_decoder_refuses_to_drain() -> None:
+    dec, ring = NativeDecoder(0.0), PerfRing([])
+    drain = pump_over([ring], dec)
+    with pytest.raises(ValueError, match="lent"):
+        dec.drain_perf(*PerfRing([]).args())
+    drain.stop()
+
+
+def test_segments_of_joins_runs_across_chunks() -> None:
+    """A bulk direction cut into many calls (tiny output) comes out as one Segment per
+    direction; a FIN in between ends the runs of both directions."""
+    c, s = CLIENTS[0]
+    body = b"z" * 30_000
+    recs: list[Any] = [event(c, s, 1 + len(body) * i, body) for i in range(6)]
+    recs.append(event(s, c, 9, b"reply"))
+    recs.append(event(c, s, 1 + len(body) * 6, flags=ACK | FIN))
+    recs.append(event(c, s, 2 + len(body) * 6, b"after"))
+    dec = NativeDecoder(0.0, out_bytes=70_000)  # two records a call at most
+    ring = PerfRing(recs, 0, 4 * SIZE)
+    drain = pump_over([ring], dec)
+    after_turns(drain, 1)
+    segs = drain.take(0)[0] + drain.stop()
+    assert [(x.seq, len(x.payload)) for x in segs] == [
+        (1, 6 * len(body)), (9, 5), (1 + 6 * len(body), 0), (2 + 6 * len(body), 5)]
+    assert dec.calls >= 3
+
+
+def test_a_take_that_leaves_chunks_waiting_reports_a_time_before_them() -> None:
+    """Chunks left for the next take hold records newer than the turn before theirs only:
+    the time a take reports lets the reorderer release nothing newer than that."""
+    c, s = CLIENTS[0]
+    body = b"q" * 40_000
+    ring = PerfRing([event(c, s, 1 + len(body) * i, body) for i in range(3)], 0, 4 * SIZE)
+    dec = NativeDecoder(0.0, out_bytes=70_000)  # one record a call: three chunks
+    drain = NativeDrain(dec, [(PERF, *ring.args()[:2], 0, ring.size)], -1, 0.05, 1 << 30,
+                        max_take=1)
+    drain.start()
+    after_turns(drain, 1)
+    first, at = drain.take(0)
+    turn = drain._read().turn_started_ns / 1e9
+    assert [x.seq for x in first] == [1] and at < turn
+    rest, at = drain.take(0)  # still one left
+    assert at < turn
+    last, at = drain.take(0)
+    assert [x.seq for x in rest + last] == [1 + len(body), 1 + 2 * len(body)]
+    assert at >= turn  # none left: the latest completed turn
+    drain.stop()
+
+
+def test_a_sender_spread_over_two_rings_is_one_segment_per_take() -> None:
+    """One sender's packets alternate between two CPUs' rings: in timestamp order they are
+    contiguous, so the take makes one Segment of them (the reassembler joins nothing)."""
+    c, s = CLIENTS[0]
+    body = b"w" * 1000
+    recs = [event(c, s, 1 + len(body) * i, body, ts=100 + i) for i in range(6)]
+    rings = [PerfRing(recs[0::2]), PerfRing(recs[1::2])]
+    drain = pump_over(rings, NativeDecoder(0.0))
+    after_turns(drain, 1)
+    segs = drain.take(0)[0] + drain.stop()
+    assert [(x.seq, x.payload, x.ts) for x in segs] == [(1, body * 6, 100 / 1e9)]
