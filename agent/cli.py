@@ -158,7 +158,10 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
         observed_port=p.ports[0], extra_ports=frozenset(p.ports[1:]),
         target_addr=p.target or "", forward_hook=forward, record_hook=record,
         record_format=p.record_format, reassembly=reassembly,
-        track_responses=p.needs_responses, record_in_background=opts.capture is not None,
+        track_responses=p.needs_responses,
+        # Live capture and serve run until stopped: their recording is written off the loop
+        # and flushed at least every second; offline writes inline (it can wait for a disk).
+        record_in_background=opts.capture is not None or opts.command == "serve",
         forward=ForwardConfig(source_ports=p.forward_source_ports,
                               max_flow_buffer=mem.forward_flow,
                               max_total_buffer=mem.forward_total),

@@ -10,8 +10,10 @@ configuration:
   (TC, perf buffer, native record). The shadow is ``agent/lab/count_shadow.py``, which only
   counts request lines, so the run measures the agent and not a second web server;
 - ``agent_decap`` (not run unless named in ``--configs``): the same with ``--decap vxlan``
-  on the same plain traffic, i.e. what looking for tunnels costs; its ``vs_agent`` is its
-  requests/s over ``agent``'s in the same run.
+  on the same plain traffic, i.e. what looking for tunnels costs;
+- ``agent_rotate`` (not run unless named): the same recording rotated and gzip'd
+  (``--record-rotate 64MiB,1h --record-compress gzip``), against plain native recording.
+  Each variant's ``vs_agent`` is its requests/s over ``agent``'s in the same run.
 
 The configurations alternate round by round (rotated, so none always goes first). Reported
 per configuration: median requests/s and its ratio to ``none``, the capturing process's CPU
@@ -44,7 +46,8 @@ from bench.stats import load, metric
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = ("none", "tcpdump", "agent")
 #: Extra mirror-agent options per agent configuration.
-AGENT_CONFIGS = {"agent": [], "agent_decap": ["--decap", "vxlan"]}
+AGENT_CONFIGS = {"agent": [], "agent_decap": ["--decap", "vxlan"],
+                 "agent_rotate": ["--record-rotate", "64MiB,1h", "--record-compress", "gzip"]}
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -130,12 +133,13 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, fl
         if config in AGENT_CONFIGS:
             med["mirrored_fraction_min"] = min(r["mirrored_fraction"] for r in rs)
         table[config] = med
-    if "agent" in table and "agent_decap" in table:
-        table["agent_decap"]["vs_agent"] = table["agent_decap"]["rps"] / table["agent"]["rps"]
+    for variant in AGENT_CONFIGS:
+        if variant == "agent" or "agent" not in table or variant not in table:
+            continue
+        table[variant]["vs_agent"] = table[variant]["rps"] / table["agent"]["rps"]
         # Per round too (the two ran back to back): the median of those ratios.
-        table["agent_decap"]["vs_agent_rounds"] = statistics.median(
-            d["rps"] / a["rps"] for a, d in zip(runs["agent"], runs["agent_decap"],
-                                                 strict=True))
+        table[variant]["vs_agent_rounds"] = statistics.median(
+            d["rps"] / a["rps"] for a, d in zip(runs["agent"], runs[variant], strict=True))
     return table
 
 

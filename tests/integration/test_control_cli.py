@@ -46,8 +46,10 @@ def test_serve_replays_posted_captures_like_offline(tmp_path: Path) -> None:
     (pcaps / "demo.pcap").write_bytes(DEMO.read_bytes())
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    rec = tmp_path / "rec.jsonl"
     proc = subprocess.Popen([*AGENT, "serve", "--listen", f"127.0.0.1:{port}", "--pcap-dir",
-                             str(pcaps), "--port", "8080", "--target", shadow.addr],
+                             str(pcaps), "--port", "8080", "--target", shadow.addr,
+                             "--record", str(rec), "--record-format", "jsonl"],
                             stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(f"{base}/readyz", 200) == {"ready": True, "status": "ready"}
@@ -68,6 +70,10 @@ def test_serve_replays_posted_captures_like_offline(tmp_path: Path) -> None:
         assert probe.returncode == 0 and '"ok"' in probe.stdout, probe.stderr
         code, metrics = ask(f"{base}/metrics")
         assert code == 200 and "mirror_agent_source_pcap_jobs_done_total 2.0" in str(metrics)
+        time.sleep(1.5)  # a long-running serve flushes its recording at least every second
+        streams, _ = jsonl_streams(rec)
+        # The file was posted twice: each connection's bytes twice, by the same addresses.
+        assert sorted(streams.values()) == sorted(t * 2 for t in truth), "not yet recorded"
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
