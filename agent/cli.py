@@ -388,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parse_options(argv)
         fmt = None if opts.log_format == "auto" else opts.log_format == "json"
         configure_logging(opts.log_level, fmt)
+        if opts.stray_env:
+            log.warning("ignoring environment variables that name no option (a typo?)",
+                        variables=list(opts.stray_env))
         command = {"offline": _offline, "run": _run, "serve": _serve, "config": _config,
                    "probe": _probe, "replay": _replay}.get(opts.command)
         if command is not None:

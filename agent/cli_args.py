@@ -44,6 +44,7 @@ __all__ = [
     "size",
     "stats_interval",
     "target",
+    "url_path",
 ]
 
 REDACT_DEFAULT = "Authorization,Cookie"
@@ -87,6 +88,9 @@ def ifaces(text: str) -> str:
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
         raise _Error("no interface named (e.g. --iface eth0, or 'any')")
+    for name in names:
+        if name.count("[") != name.count("]") or name.find("]") < name.find("["):
+            raise _Error(f"{name!r}: unbalanced [ ] in the pattern (e.g. 'veth[0-9]*')")
     return ",".join(names)
 
 
@@ -203,13 +207,24 @@ def listen_address(text: str) -> str:
     import ipaddress
 
     with _value_errors():
-        host, _port = parse_target(text)
+        try:
+            host, _port = parse_target(text)
+        except ValueError as e:  # said of a listen address, not of a target
+            raise ValueError(str(e).replace(f"target {text!r}", f"listen address {text!r}")
+                             .replace("target is empty", "listen address is empty")) from None
         try:
             ipaddress.ip_address(host)
         except ValueError:
             if host != "localhost":
                 raise ValueError(f"--listen {text!r}: give an IP address (127.0.0.1:9464, "
                                  "0.0.0.0:9464, [::1]:9464), not a name") from None
+    return text
+
+
+def url_path(text: str) -> str:
+    """``probe PATH``: an absolute URL path of printable ASCII without spaces (``/healthz``)."""
+    if not text.startswith("/") or not all(33 <= ord(c) < 127 for c in text):
+        raise _Error(f"{text!r} is not a URL path: give one like /healthz or /readyz")
     return text
 
 

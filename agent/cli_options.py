@@ -12,9 +12,10 @@ the flag's own check, so ``port = "99999"`` fails the way ``--port 99999`` does.
   file serves ``run``, ``config`` and ``probe``.
 - Environment values: text as on the command line; on/off flags take 1/0, true/false,
   yes/no, on/off. ``MIRROR_AGENT_CONFIG`` names the file when ``--config`` does not. Other
-  ``MIRROR_AGENT_*`` variables are not ours to judge (``MIRROR_AGENT_CACHE_DIR`` is the
-  native decoder's; Kubernetes service links make ``MIRROR_AGENT_SERVICE_HOST``) and are
-  ignored.
+  ``MIRROR_AGENT_*`` variables are ignored with a warning naming them (``stray_env``): a
+  typo must not pass silently, but Kubernetes service links make ``MIRROR_AGENT_SERVICE_HOST``
+  and the like, which must not stop the agent (``MIRROR_AGENT_CACHE_DIR`` is the native
+  decoder's).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from agent.options import (
 __all__ = ["ENV_PREFIX", "parse_options"]
 
 ENV_PREFIX = "MIRROR_AGENT_"
+#: Variables of ours that are no option: the config file's path, the native decoder's cache.
+_NOT_KEYS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "CACHE_DIR"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -114,9 +117,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"--config {path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML (not UTF-8 at byte {e.start})"
+                         ) from None
     for key, value in data.items():
         if isinstance(value, dict):
-            raise UsageError(f"config {path}: [{key}] is a table; every key goes at the top "
+            raise UsageError(f"--config {path}: [{key}] is a table; every key goes at the top "
                              "level (key = value)")
     return data
 
@@ -137,11 +143,11 @@ def _layers(command: str, keyed: dict[str, argparse.Action],
     if path is not None:
         for key, raw in _read_file(path).items():
             if key not in known:
-                raise UsageError(f"config {path}: unknown key {key!r} (keys are the long flag "
+                raise UsageError(f"--config {path}: unknown key {key!r} (keys are the long flag "
                                  "names without --, e.g. memory-limit)")
             if key in keyed:
                 act = keyed[key]
-                values[act.dest] = _convert(act, raw, f"config {path}: {key}")
+                values[act.dest] = _convert(act, raw, f"--config {path}: {key}")
                 origins[key] = f"config {path}"
     for var in sorted(environ):
         key = _env_key(var)
@@ -175,8 +181,11 @@ def parse_options(argv: Sequence[str] | None = None,
         if act.dest in flags:
             origins[key] = "flag"
     shown = {key: _shown(key, values[act.dest]) for key, act in keyed.items()}
+    env = os.environ if environ is None else environ
+    stray = tuple(v for v in sorted(env) if v.startswith(ENV_PREFIX)
+                  and _env_key(v) not in known and v not in _NOT_KEYS)
     try:
-        return _build(command, values, path, shown, origins)
+        return _build(command, values, path, shown, origins, stray)
     except OptionError as e:
         raise UsageError(str(e)) from None
 
@@ -254,10 +263,10 @@ def _replay(v: Mapping[str, Any]) -> ReplayOptions:
 
 
 def _build(command: str, v: dict[str, Any], path: Path | None, shown: dict[str, Any],
-           origins: dict[str, str]) -> Options:
+           origins: dict[str, str], stray: tuple[str, ...]) -> Options:
     common: dict[str, Any] = dict(command=command, log_level=v["log_level"],
                                   log_format=v["log_format"], config_file=path,
-                                  values=shown, origins=origins)
+                                  values=shown, origins=origins, stray_env=stray)
     if command == "inspect":
         return Options(**common, path=str(v["path"]), format=v["format"])
     if command == "probe":

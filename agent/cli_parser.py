@@ -66,6 +66,13 @@ examples:
   MIRROR_AGENT_TARGET=10.0.0.5:8080 mirror-agent config --config /etc/mirror-agent.toml
 """
 
+INSPECT_EXAMPLES = """\
+examples:
+  # every record, one line each; or as JSON lines for jq (gzip/zstd files are read too)
+  mirror-agent inspect rec.bin
+  mirror-agent inspect rec.1.bin.gz --format jsonl | jq .from
+"""
+
 PROBE_EXAMPLES = """\
 examples:
   # liveness probe of an agent whose config file has listen and listen-token-file
@@ -301,13 +308,18 @@ def _add_capture_options(run: argparse.ArgumentParser) -> None:
                           "the ports are checked in user space")
 
 
-def _add_listen_options(p: argparse.ArgumentParser) -> None:
+def _add_listen_options(p: argparse.ArgumentParser, asking: bool = False) -> None:
+    """``--listen`` and its token file: the server's (``asking``: the agent ``probe`` asks)."""
     p.add_argument("--listen", type=a.listen_address, metavar="HOST:PORT",
-                   help="serve the control API here: GET /metrics /healthz /readyz /status "
+                   help="the running agent's --listen: asked on loopback when it is a "
+                        "wildcard (0.0.0.0, ::)" if asking else
+                        "serve the control API here: GET /metrics /healthz /readyz /status "
                         "/ports, PUT /ports, POST /pcap (loopback unless a token file is "
                         "given)")
     p.add_argument("--listen-token-file", type=a.input_path, metavar="FILE",
-                   help="every control request must carry 'Authorization: Bearer TOKEN', "
+                   help="the running agent's token file: its one word is sent as "
+                        "'Authorization: Bearer TOKEN'" if asking else
+                        "every control request must carry 'Authorization: Bearer TOKEN', "
                         "TOKEN the file's one word (read at start); required for a "
                         "non-loopback --listen")
 
@@ -407,16 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="ask a running agent's control API (for liveness "
                            "and readiness probes): exit 0 on 200, else 1",
                            epilog=PROBE_EXAMPLES, formatter_class=raw)
-    probe.add_argument("path", metavar="PATH", help="what to ask: /healthz, /readyz, ...")
+    probe.add_argument("path", metavar="PATH", type=a.url_path,
+                       help="what to ask: /healthz, /readyz, /status, ...")
     _add_config_option(probe)
-    _add_listen_options(probe)
+    _add_listen_options(probe, asking=True)
 
     _add_replay(sub.add_parser(
         "replay", help="replay recordings or captures to a target: one connection per "
         "recorded connection, recorded pacing, response status, latency and diff",
         epilog=REPLAY_EXAMPLES, formatter_class=raw))
 
-    ins = sub.add_parser("inspect", help="print a native recording")
+    ins = sub.add_parser("inspect", help="print a native recording", epilog=INSPECT_EXAMPLES,
+                         formatter_class=raw)
     ins.add_argument("path", type=a.input_path)
     ins.add_argument("--format", choices=["text", "jsonl"], default="text")
     return parser

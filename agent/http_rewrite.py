@@ -38,6 +38,9 @@ def check_host(text: str) -> str:
     host = text.strip()
     if not _HOST.fullmatch(host):
         raise ValueError(f"{text!r} is not a host name or address with an optional :port")
+    _, sep, port = host.rpartition(":")
+    if sep and not host.endswith("]") and port.isdigit() and not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: port {int(port)} is out of range 1-65535")
     return host
 
 

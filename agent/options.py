@@ -229,6 +229,8 @@ class Options:
     values: dict[str, Any] = field(default_factory=dict)
     """Every key's effective value, by key (the flag's name without ``--``)."""
     origins: dict[str, str] = field(default_factory=dict)
+    stray_env: tuple[str, ...] = ()
+    """``MIRROR_AGENT_*`` variables that name no option (ignored; the command warns)."""
 
     @property
     def pipe(self) -> PipelineOptions:

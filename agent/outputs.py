@@ -357,8 +357,8 @@ def _check_rotatable(record: str, policy: RecordPolicy | None) -> None:
                           f"{_fd_name(fd)}")
     mode = _mode(Path(record), "recording")
     if mode and not stat.S_ISREG(mode):
-        raise OutputError(f"--record-rotate needs a regular file: {record} is a FIFO or a "
-                          "device")
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO or a device"
+        raise OutputError(f"--record-rotate needs a regular file: {record} is {what}")
 
 
 def stdout_closed() -> int:

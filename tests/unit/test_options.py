@@ -131,3 +131,35 @@ def test_library_and_cli_defaults_agree() -> None:
     assert opts.pipe.idle_timeout == ReassemblyConfig().idle_timeout
     assert opts.pipe.forward_source_ports == lib.forward.source_ports
     assert cli.reassembly == lib.reassembly
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["probe", "--listen", "127.0.0.1:9464", "/he alth"], "is not a URL path"),
+    (["probe", "--listen", "127.0.0.1:9464", "http://x/healthz"], "is not a URL path"),
+    (["config", "--iface", "veth[", "--port", "80"], "unbalanced [ ] in the pattern"),
+    (["serve", "--listen", "127.0.0.1", "--port", "80", "--pcap-dir", "/tmp"],
+     "listen address '127.0.0.1' is not HOST:PORT"),
+    (["offline", "x.pcap", "--port", "80", "--target", "127.0.0.1:1", "--rewrite-host",
+      "x:99999"], "port 99999 is out of range"),
+])
+def test_found_by_probing_the_new_flags(argv: list[str], needle: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "bin.toml"
+    conf.write_bytes(b"# caf\xe9\nport = [8080]\n")
+    assert main([*RUN, "--config", str(conf)]) == 2
+    assert "not valid TOML (not UTF-8" in capsys.readouterr().err
+
+
+def test_stray_variables_are_named_not_silent() -> None:
+    opts = parse_options([*RUN, "--port", "80"], {"MIRROR_AGENT_TARGTE": "x",
+                                                   "MIRROR_AGENT_CACHE_DIR": "/c",
+                                                   "MIRROR_AGENT_SERVICE_HOST": "10.0.0.1"})
+    assert opts.stray_env == ("MIRROR_AGENT_SERVICE_HOST", "MIRROR_AGENT_TARGTE")
+    assert opts.pipe.target is None
