@@ -95,6 +95,7 @@ class RunningAgent:
             "tracked": src.tracked() if isinstance(src, HasAttachments) else {},
             "hooks": {"forward": _names(cfg.forward_hook), "record": _names(cfg.record_hook)},
             "flows_open": mirror.reassembler.flow_count,
+            "tunnels": mirror.reassembler.flows_by_tunnel(),
             "sinks": {sink: next((d for d in degraded if sink in d), None)
                       for sink in ("forward", "record")},
         }

@@ -38,6 +38,7 @@ Pure: no I/O and no clock of its own; time comes from the segments (``Segment.ts
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -139,6 +140,17 @@ class Reassembler(FlowData):
     @property
     def flow_count(self) -> int:
         return len(self._flows)
+
+    def flows_by_tunnel(self) -> dict[str, int]:
+        """Open flows per tunnel identity (``vxlan:42`` ...; flows outside tunnels left
+        out). Safe from another thread: a read that races the flow table is retried."""
+        for _ in range(5):
+            try:
+                return dict(Counter(k[4] for k in [f.key for f in list(self._flows.values())]
+                                    if k[4]))
+            except RuntimeError:  # the table changed size while it was copied
+                continue
+        return {}
 
     @property
     def buffered_bytes(self) -> int:

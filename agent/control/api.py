@@ -80,6 +80,8 @@ class AgentStatus(TypedDict):
     """Hook names by path: ``{"forward": [...], "record": [...]}``."""
     flows_open: int
     """Connections the reassembler tracks now."""
+    tunnels: dict[str, int]
+    """Of those, how many inside each tunnel (``{"vxlan:42": 3}``; plain flows left out)."""
     sinks: dict[str, str | None]
     """Each sink (``forward``, ``record``, ...) → its last error (None: no error)."""
 

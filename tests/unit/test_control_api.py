@@ -58,6 +58,7 @@ class FakeAgent:
                 "attachments": [{"name": "lo", "ifindex": 1, "how": "tcx", "side": "all"}],
                 "tracked": {},
                 "hooks": {"forward": ["default"], "record": ["default"]}, "flows_open": 3,
+                "tunnels": {"vxlan:42": 1},
                 "sinks": {"forward": None, "record": "disk full"}}
 
     def ports(self) -> list[int]:

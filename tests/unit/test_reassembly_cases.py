@@ -299,3 +299,16 @@ def test_lost_bytes_after_a_retransmitted_payload_are_a_gap_from_the_next_byte()
     r, chunks, _ = run(segs, flush=False)
     assert [(x.data, x.gap_bytes) for x in chunks] == [(b"abcde", 0), (b"X", 7)]
     assert r.buffered_bytes == 0 and r.stats.gap_bytes == 7
+
+
+def test_open_flows_are_counted_per_tunnel_for_status() -> None:
+    """The same 4-tuple in two tenants' tunnels is two flows, each counted under its tunnel;
+    a plain flow is left out (``/status`` shows ``tunnels``)."""
+    r = Reassembler(ReassemblyConfig())
+    c = Conversation()
+    for tunnel in ("vxlan:1", "vxlan:2", ""):
+        for seg in c.handshake():
+            seg.tunnel = tunnel
+            r.process([seg])
+    assert r.flow_count == 3
+    assert r.flows_by_tunnel() == {"vxlan:1": 1, "vxlan:2": 1}
