@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -217,13 +218,30 @@ def _kind(path: Path) -> str:
                       "capture")
 
 
+#: A rotated recording's name: STEM[.N]SUFFIX (``rec.bin``, ``rec.1.bin``, ``rec.12.bin.gz``).
+_ROTATED = re.compile(r"^(.*?)(?:\.(\d+))?((?:\.[A-Za-z][A-Za-z0-9]*)*)$")
+
+
+def rotation_order(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` with each rotated set in the order it was written (``rec.bin``,
+    ``rec.1.bin``, ``rec.2.bin``, ``rec.10.bin``, as a shell glob does not give them); sets
+    and other files keep the order of their first appearance."""
+    groups: dict[tuple[str, str, str], list[tuple[int, Path]]] = {}
+    for path in paths:
+        m = _ROTATED.match(path.name)
+        stem, n, suffix = (m.group(1), m.group(2), m.group(3)) if m else (path.name, None, "")
+        groups.setdefault((str(path.parent), stem, suffix), []).append((int(n or 0), path))
+    return [p for members in groups.values() for _, p in sorted(members, key=lambda x: x[0])]
+
+
 def open_sources(paths: Sequence[Path], ports: Sequence[int]) -> list[SourceReader]:
-    """A reader per recording, in the order given; consecutive capture files are one
-    reader (one reassembly). SourceError if a path cannot be read or is of no known kind,
-    or captures are given without ``ports``."""
+    """A reader per recording, in the order given (each rotated set in the order it was
+    written: :func:`rotation_order`); consecutive capture files are one reader (one
+    reassembly). SourceError if a path cannot be read or is of no known kind, or captures
+    are given without ``ports``."""
     out: list[SourceReader] = []
     captures: list[Path] = []
-    for path in paths:
+    for path in rotation_order(paths):
         url = nats_url(path)
         if url is not None:
             if captures:

@@ -108,3 +108,15 @@ def test_unreadable_or_unknown_sources(tmp_path: Path) -> None:
     (tmp_path / "c.pcap").write_bytes(b"\xd4\xc3\xb2\xa1" + bytes(20))
     with pytest.raises(SourceError, match="--port"):
         open_sources([tmp_path / "c.pcap"], [])
+
+
+def test_a_rotated_set_replays_in_the_order_it_was_written() -> None:
+    """A shell glob gives rec.1, rec.10, rec.2, rec: the set is replayed rec, rec.1, rec.2,
+    rec.10; other files keep their place."""
+    from agent.replay.sources import rotation_order
+
+    given = [Path(n) for n in ("rec.1.bin", "rec.10.bin", "rec.2.bin", "rec.bin",
+                               "other.pcap", "rec.12.bin.gz", "rec.bin.gz")]
+    assert [p.name for p in rotation_order(given)] == [
+        "rec.bin", "rec.1.bin", "rec.2.bin", "rec.10.bin", "other.pcap", "rec.bin.gz",
+        "rec.12.bin.gz"]
