@@ -64,41 +64,35 @@ _FAMILIES = {2: IPV4, 24: IPV6, 28: IPV6, 30: IPV6, 10: IPV6}
 _PPP_PROTOCOLS = {0x0021: IPV4, 0x0057: IPV6}
 
 
+def _ethertype_header(c: Cursor, size: int, at: int) -> int | str:
+    """A fixed ``size``-byte header whose next-layer EtherType is at offset ``at``: skipped,
+    and the EtherType's layer returned (``truncated`` if the frame is shorter)."""
+    if not c.has(size):
+        return "truncated"
+    etype = U16.unpack_from(c.buf, c.off + at)[0]
+    c.off += size
+    return by_ethertype(etype)
+
+
 def ethernet(c: Cursor) -> int | str:
     """Ethernet II: destination, source, EtherType (an 802.3 length field is ``not_ip``)."""
-    if not c.has(14):
-        return "truncated"
-    etype = U16.unpack_from(c.buf, c.off + 12)[0]
-    c.off += 14
-    return by_ethertype(etype)
+    return _ethertype_header(c, 14, 12)
 
 
 def vlan(c: Cursor) -> int | str:
     """One 802.1Q/802.1ad tag after its TPID: the TCI, then the next EtherType."""
-    if not c.has(4):
-        return "truncated"
-    etype = U16.unpack_from(c.buf, c.off + 2)[0]
-    c.off += 4
-    return by_ethertype(etype)
+    return _ethertype_header(c, 4, 2)
 
 
 def sll(c: Cursor) -> int | str:
     """Linux cooked v1: packet type, ARPHRD type, address length, 8 address bytes,
     protocol (an EtherType; on a GRE device, the GRE protocol type, which is one too)."""
-    if not c.has(16):
-        return "truncated"
-    etype = U16.unpack_from(c.buf, c.off + 14)[0]
-    c.off += 16
-    return by_ethertype(etype)
+    return _ethertype_header(c, 16, 14)
 
 
 def sll2(c: Cursor) -> int | str:
     """Linux cooked v2: protocol first, then interface, ARPHRD type, packet type, address."""
-    if not c.has(20):
-        return "truncated"
-    etype = U16.unpack_from(c.buf, c.off)[0]
-    c.off += 20
-    return by_ethertype(etype)
+    return _ethertype_header(c, 20, 0)
 
 
 def family(c: Cursor) -> int | str:
