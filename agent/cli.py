@@ -11,8 +11,9 @@ for both outputs, an output that is an input), always as one line on stderr; 3
 finished but degraded, with a "degraded" line after the summary naming the sink or source
 and why: a capture file was cut short (``source_cut_short_files``), a recording failed (a
 write error closed it, the rest counted as ``record_failed_*``) or could not keep up
-(``record_dropped_*``), or the forward sink dropped flows (``forward_flows_dropped``, by
-reason: a dead or slow shadow); for ``inspect``, a damaged recording; 130 when an offline
+(``record_dropped_*``), or the forward sink dropped shadow connections
+(``forward_connections_dropped``, by reason: a dead, slow or silent shadow); for
+``inspect``, a damaged recording; 130 when an offline
 replay was interrupted (data flushed; a second signal stops the wait for the shadow); 141
 when the reader of stdout (``--record -``, ``inspect``) went away, quietly, like a filter
 killed by SIGPIPE. A broken pipe on any other output (a FIFO whose reader left) is a failed

@@ -40,6 +40,7 @@ from agent.heartbeat import Heartbeat
 from agent.metrics import snapshot
 from agent.mirror import TrafficMirror
 from agent.options import ControlOptions, Options
+from agent.sinks.source_ports import forward_capacity
 from agent.summary import degradation
 
 __all__ = ["Control", "RunningAgent", "local_url", "probe"]
@@ -98,6 +99,9 @@ class RunningAgent:
             "tunnels": mirror.reassembler.flows_by_tunnel(),
             "sinks": {sink: next((d for d in degraded if sink in d), None)
                       for sink in ("forward", "record")},
+            "forward_capacity": (forward_capacity(cfg.forward.source_ports,
+                                                  parse_target(cfg.target_addr)[0])
+                                 if cfg.target_addr else {}),
         }
 
     def _interfaces(self) -> list[str]:

@@ -100,7 +100,7 @@ def _run_until_stopped(mirror: TrafficMirror, source: PacketSource, stats_interv
                      "is queued; signal again to stop waiting", signal=stopped_by[0])
             return
         log.warning("stopped waiting for the shadow: what it had not taken is dropped "
-                    "(counted as close_timeout)", signal=stopped_by[-1])
+                    "(counted as shutdown)", signal=stopped_by[-1])
         mirror.stop_waiting()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -114,11 +114,15 @@ class ForwardConfig:
     end_timeout: float = 60.0
     """Seconds at most from the client's end (or from the connect, if later) until all of a
     flow's bytes are acknowledged; a target that takes them slower is cut off: ``stalled``."""
+    overload_lag: float = 1.0
+    """Seconds the forward loop may run behind the capture: while it is further behind, new
+    flows are dropped at once (``overload``) so the connections under way still complete,
+    instead of every connection timing out in a backlog."""
 
     def __post_init__(self) -> None:
         check_port_range(*self.source_ports)
         for name in ("connect_timeout", "close_timeout", "end_grace", "stall_timeout",
-                     "end_timeout"):
+                     "end_timeout", "overload_lag"):
             if getattr(self, name) < 0:
                 raise ValueError(f"forward {name} must not be negative")
 

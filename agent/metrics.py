@@ -2,7 +2,7 @@
 
 Names are ``mirror_agent_<stage>_<what>_<unit>``: ``_total`` on counters, ``_bytes`` or
 ``_seconds`` where there is a unit; a reason is a label, never part of the name
-(``mirror_agent_forward_flows_dropped_total{reason="connect_failed"}``). Each help text says
+(``mirror_agent_forward_connections_dropped_total{reason="connect_failed"}``). Each help text says
 what a healthy value is ("should be 0" where it should). The kernel's counters are not
 copied here: their names and help come from ``bpf/mirror_event.h`` through
 :data:`agent.capture.layout.COUNTERS`.
@@ -341,13 +341,14 @@ _counter("mirror_rewrites_invalid_total", "Path rewrites not applied because the
 
 # ---------------------------------------------------------------- forward sink
 
-_counter("forward_connections_total", "Shadow connections opened", "forward", "connections")
-_counter("forward_connections_completed_total", "Shadow connections whose bytes were all "
-         "acknowledged and whose target then answered or closed", "forward",
+_counter("forward_connections_total", "Shadow connections opened (or a flow's bytes refused "
+         "before one could be): each ends completed or dropped, in flight until then",
+         "forward", "connections")
+_counter("forward_connections_completed_total", "Shadow connections whose bytes the target "
+         "all acknowledged, and which it then answered or closed", "forward",
          "connections_completed")
-_counter("forward_connections_unconfirmed_total", "Shadow connections whose target neither "
-         "answered nor closed in time (a shadow that never reads); should be 0", "forward",
-         "connections_unconfirmed")
+_gauge("forward_connections_in_flight", "Shadow connections neither completed nor dropped yet: "
+       "connections_total - completed - dropped", "forward", "connections_in_flight")
 _counter("forward_forwarded_bytes_total", "Bytes the shadow target acknowledged", "forward",
          "bytes_forwarded")
 _counter("forward_dropped_bytes_total", "Bytes handed to the forward sink that the target "
@@ -356,12 +357,15 @@ _counter("forward_gap_resets_total", "Shadow connections restarted after a gap i
          "captured stream; should be 0", "forward", "gap_resets")
 _counter("forward_response_bytes_total", "Bytes the shadow target answered (read, "
          "discarded)", "forward", "response_bytes")
-FORWARD_FLOWS_DROPPED = _by_reason(
-    "forward_flows_dropped_total", "Flows the forward sink dropped whole, by root cause; "
-    "should be 0", "forward", prefixes=("flows_dropped_",),
-    values=("connect_failed", "connect_timeout", "no_source_port", "flow_buffer",
-            "total_buffer", "stalled", "reset", "close_timeout", "error"))
-_sums[("forward", "flows_dropped")] = FORWARD_FLOWS_DROPPED
+#: Why the forward sink dropped a shadow connection (agent/sinks/forward.py says each).
+FORWARD_DROP_REASONS = ("connect_failed", "connect_timeout", "no_source_port", "flow_buffer",
+                        "total_buffer", "overload", "stalled", "reset", "unconfirmed", "shutdown",
+                        "error")
+FORWARD_CONNECTIONS_DROPPED = _by_reason(
+    "forward_connections_dropped_total", "Shadow connections dropped, by cause (see "
+    "agent/sinks/forward.py); should be 0", "forward", prefixes=("connections_dropped_",),
+    values=FORWARD_DROP_REASONS)
+_sums[("forward", "connections_dropped")] = FORWARD_CONNECTIONS_DROPPED
 
 # ---------------------------------------------------------------- record sink
 

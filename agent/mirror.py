@@ -242,7 +242,7 @@ class TrafficMirror:
                 fwd.send(cmd.flow_id, cmd.data, cmd.gap)
             elif type(cmd) is EndForward:
                 assert fwd is not None
-                fwd.end(cmd.flow_id)
+                fwd.end(cmd.flow_id, cmd.after_service)
             elif type(cmd) is RecordFlowEnd:
                 assert writer is not None
                 writer.flow_end(cmd.end)

@@ -54,9 +54,11 @@ class Forward:
 class EndForward:
     """End the shadow connection of ``flow_id`` once its bytes are written: its client
     finished, or the flow ended. Only for a flow with a :class:`Forward`, once; no
-    :class:`Forward` of this flow follows."""
+    :class:`Forward` of this flow follows. ``after_service``: the service had finished its
+    side first (so the shadow may be left to close first too)."""
 
     flow_id: int
+    after_service: bool = False
 
 
 @dataclass(slots=True)
@@ -143,6 +145,7 @@ class MirrorStep:
         #: Flows whose client finished before the flow ended → the address it sent from.
         self._forward_done: dict[int, str] = {}
         self._shadowed: set[int] = set()  # flows with a Forward and no EndForward yet
+        self._service_done: set[int] = set()  # open flows whose service finished its side
         # Gap bytes of chunks the forward hooks passed nothing of: the flow's next Forward
         # carries them, so the shadow connection restarts instead of joining two halves.
         self._owed_gap: dict[int, int] = {}
@@ -269,14 +272,18 @@ class MirrorStep:
     def _end_shadow(self, flow_id: int, out: Commands) -> None:
         if flow_id in self._shadowed:
             self._shadowed.discard(flow_id)
-            out.append(EndForward(flow_id))
+            out.append(EndForward(flow_id, flow_id in self._service_done))
 
     # ---------------------------------------------------------------- ends
 
     def _end_direction(self, end: DirectionEnd, out: Commands) -> None:
         """The client finished (FIN reached, every byte before it delivered): end the shadow
         connection now. The service's FIN may never be seen (XDP captures ingress only)."""
-        if not self.forwarding or end.direction is not _TO_OBSERVED:
+        if not self.forwarding:
+            return
+        if end.direction is not _TO_OBSERVED:
+            if end.direction is Direction.FROM_OBSERVED and end.flow_id in self._shadowed:
+                self._service_done.add(end.flow_id)
             return
         last = self._last.get(end.flow_id, {}).get(end.from_addr) if self._aware else None
         if last is not None:
@@ -296,6 +303,7 @@ class MirrorStep:
         self._forward_done.pop(flow_id, None)
         self._owed_gap.pop(flow_id, None)
         self._end_shadow(flow_id, out)
+        self._service_done.discard(flow_id)
         if self.tapping:
             out.append(PacketsEnd(flow_id))
         if flow_id in self._recorded:

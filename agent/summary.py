@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from agent.metrics import (
     FAMILIES,
-    FORWARD_FLOWS_DROPPED,
+    FORWARD_CONNECTIONS_DROPPED,
     NATS_DROPPED,
     PREFIX,
     key,
@@ -33,16 +33,16 @@ _DEGRADED = (
     (key("mirror_agent_record_errors_total"), "{} recording(s) failed"),
     (key("mirror_agent_record_records_lost_total", reason="queue_full"),
      "recording dropped {} record(s): the disk could not keep up"),
-    (FORWARD_FLOWS_DROPPED.name, "forward sink dropped {} flow(s)"),
+    (FORWARD_CONNECTIONS_DROPPED.name, "forward sink dropped {} shadow connection(s)"),
     (NATS_DROPPED.name, "NATS recording dropped {} record(s)"),
 )
 #: Labelled metrics among those: summed, and the phrase lists the reasons.
-_BY_REASON = (FORWARD_FLOWS_DROPPED.name, NATS_DROPPED.name)
+_BY_REASON = (FORWARD_CONNECTIONS_DROPPED.name, NATS_DROPPED.name)
 
 
 def _short(sample: str) -> tuple[str, str]:
-    """(stage, what) of a sample: ``mirror_agent_forward_flows_dropped_total{reason="x"}``
-    → ``("forward", "flows_dropped{x}")``."""
+    """(stage, what) of a sample: ``mirror_agent_forward_connections_dropped_total{reason="x"}``
+    → ``("forward", "connections_dropped{x}")``."""
     name, labels = split_key(sample)
     stage, _, what = name.removeprefix(PREFIX).partition("_")
     what = what.removesuffix("_total")

@@ -126,7 +126,7 @@ def run_round(name: str, limit: int, seconds: int, flag: bool, cgroup: Path | No
                 "mirror_agent_reassembly_gap_bytes_total",
                 "mirror_agent_reassembly_delivered_bytes_total",
                 "mirror_agent_record_lost_bytes_total",
-                "mirror_agent_forward_flows_dropped_total",
+                "mirror_agent_forward_connections_dropped_total",
                 "mirror_agent_forward_dropped_bytes_total",
                 "mirror_agent_drain_pauses_total",
                 "mirror_agent_ring_lost_samples_total")}

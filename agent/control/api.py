@@ -84,6 +84,9 @@ class AgentStatus(TypedDict):
     """Of those, how many inside each tunnel (``{"vxlan:42": 3}``; plain flows left out)."""
     sinks: dict[str, str | None]
     """Each sink (``forward``, ``record``, ...) → its last error (None: no error)."""
+    forward_capacity: dict[str, object]
+    """What the reserved source ports allow to the target
+    (:func:`agent.sinks.source_ports.forward_capacity`; empty without a target)."""
 
 
 class Agent(Protocol):

@@ -2,26 +2,44 @@
 
 The mirror thread only hands work over (:meth:`ForwardSink.send`, :meth:`end`; an
 :class:`agent.handoff.Handoff` with the drop policy) and wakes the I/O thread once per batch
-(:meth:`ForwardSink.commit`); an asyncio loop in that thread dials (from a reserved source
-port, see :mod:`agent.sinks.source_ports`), writes, reads and discards the target's responses
-(per-connection work: :mod:`agent.sinks.shadow_conn`). Nothing here can block capture: a flow
-holding more than ``max_flow_buffer`` bytes (queued, or in its transport until the kernel
-takes them), or any flow while all together hold more than ``max_total_buffer`` (the hand-off's
-budget: bytes stay in it until the kernel took them or they were discarded), is dropped whole
-and counted (``total_buffer``). A target that refuses, times out, resets
-or stops reading costs only that flow (dropped, counted, logged once per outage); one that
-acknowledges nothing for ``stall_timeout``, or not all of a finished flow within
-``end_timeout``, is ``stalled`` and its connection reset.
+(:meth:`ForwardSink.commit`). An asyncio loop in that thread dials (from a reserved source
+port, see :mod:`agent.sinks.source_ports`) and drives each connection
+(:class:`agent.sinks.shadow_conn.Conn`, a protocol: no task per connection once connected)
+from its callbacks and from one periodic sweep; a short connection costs a dial, a write, a
+look at the kernel's acknowledgement counter and a close.
 
-Accounting: ``bytes_forwarded`` are bytes the target acknowledged; every other byte handed to
-the sink is in ``bytes_dropped``. A dropped flow is counted once (a gap may have restarted its
-connection), in ``flows_dropped`` and ``flows_dropped_<reason>``, the reason being the root
-cause: a buffer limit hit while dialing is charged to the connect (``connect_timeout``,
-``connect_failed``) unless it succeeds; ``error`` is a fault of the sink itself.
-``connections_completed`` counts connections whose bytes were all acknowledged and whose
-target then answered or closed; ``connections_unconfirmed`` those whose target did neither
-within ``end_grace`` (a shadow that never reads). Each counter is written by one thread only
-(mirror: :attr:`_mcounts`, I/O: :attr:`_counts`); :attr:`stats` adds them up.
+Accounting, the contract: every shadow connection ends exactly once, **completed** (the
+target acknowledged every byte at the TCP level, then answered or closed) or **dropped**
+with one reason:
+
+==================  ======================================================================
+``connect_failed``  refused, unreachable, or a custom dial raised
+``connect_timeout`` no connection within ``connect_timeout``
+``no_source_port``  every reserved source port is taken for the target
+``flow_buffer``     the flow held more than ``max_flow_buffer`` bytes in user space
+``total_buffer``    all flows together held the hand-off's whole budget
+``overload``        a new flow while the I/O loop ran more than ``overload_lag`` behind
+``stalled``         no acknowledgement for ``stall_timeout``, or not all within ``end_timeout``
+``reset``           the target reset (or the connection failed) before taking every byte
+``unconfirmed``     every byte acknowledged, but the target neither answered nor closed within
+                    ``end_grace`` (a shadow that never reads or never accepts)
+``shutdown``        still going when :meth:`ForwardSink.close` stopped waiting
+``error``           a fault of the sink itself
+==================  ======================================================================
+
+so ``connections == completed + dropped + in_flight`` at every look (``connections_in_flight``
+is derived, never written). A buffer limit hit while dialing is charged to the dial unless it
+succeeds. ``bytes_forwarded`` are bytes the target acknowledged; every other byte handed to the
+sink is in ``bytes_dropped``. A dropped connection is reset, so nothing counted as dropped
+reaches the target later. Each counter is written by one thread only (mirror:
+:attr:`_mcounts`, I/O: :attr:`_counts`).
+
+Closing order: the side that closes first keeps the connection's TIME_WAIT (60 s), which is
+what bounds connections per second to one target from a fixed port range. When the captured
+service closed first (``after_service``: HTTP ``Connection: close``), the shadow is given
+``end_grace`` to close first too, so the agent keeps no TIME_WAIT; otherwise the FIN goes
+out with the last byte, as the client's did. A finished connection whose target answered but
+keeps it open is reset rather than left in FIN_WAIT2.
 """
 
 from __future__ import annotations
@@ -29,37 +47,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import Counter
 from typing import Any
 
 import structlog
 
-from agent.config import Dial, ForwardConfig
+from agent.config import Dial, ForwardConfig, parse_target
 from agent.handoff import Handoff, HandoffStats, Policy
+from agent.metrics import FORWARD_DROP_REASONS as DROP_REASONS
 from agent.sinks.outage import OutageLog
-from agent.sinks.shadow_conn import (
-    Conn,
-    Dialer,
-    Flow,
-    Stalled,
-    Streams,
-    connect_failure,
-    describe,
-    hard_close,
-    progressing,
-    read_answers,
-    wait_acked,
-)
-from agent.sinks.source_ports import NoSourcePort, bind_source_port
+from agent.sinks.shadow_conn import Conn, Dialer, connect_failure, describe
+from agent.sinks.source_ports import NoSourcePort, bind_source_port, forward_capacity
 
-__all__ = ["ForwardSink", "NoSourcePort", "bind_source_port"]
+__all__ = ["DROP_REASONS", "ForwardSink", "NoSourcePort", "bind_source_port"]
 
 log = structlog.get_logger("agent.forward")
 
-_DATA, _END, _RESET, _DROP = 0, 1, 2, 3
+
+_DATA, _END, _END_AFTER_SERVICE, _RESET, _DROP = range(5)
 _BUFFER_REASONS = frozenset({"flow_buffer", "total_buffer"})
 _CONNECT_REASONS = frozenset({"connect_failed", "connect_timeout", "no_source_port"})
-_PIECE = 256 << 10  # bytes handed to a transport at once (the rest stays queued)
+_SWEEP_MIN, _SWEEP_MAX = 0.01, 0.25  # seconds between sweeps over the open connections
 
 
 class ForwardSink:
@@ -79,9 +88,8 @@ class ForwardSink:
         # Operations from the mirror thread to the I/O thread. Its budget, max_total_buffer
         # (the memory budget's forward_total, agent/budget.py: 128 MiB for a 1 GiB cgroup;
         # ForwardConfig alone says 256 << 20: 32 flows at their 8 MiB max_flow_buffer, or ~0.5 s
-        # of 4 Gbit/s for a shadow that takes nothing), covers every byte handed over
-        # and not yet taken by the kernel or discarded: queued here, in a connection's queue,
-        # or in a transport. The kernel's socket buffers are outside it.
+        # of 4 Gbit/s for a shadow that takes nothing), covers every byte handed over and not
+        # yet passed to the kernel or discarded. The kernel's socket buffers are outside it.
         self._ops: Handoff[tuple[int, int, bytes]] = Handoff(
             "forward", self.config.max_total_buffer, Policy.DROP, release_on_take=False)
         self._uncommitted = False  # mirror thread: ops put since the last commit()
@@ -89,11 +97,14 @@ class ForwardSink:
         # open, discards when its end arrives (set operations are atomic under the GIL).
         self._dropped: set[int] = set()
         self._open: set[int] = set()  # mirror thread: flows that sent data and did not end
-        self._flows: dict[int, Flow] = {}  # I/O thread: flows with a connection, until end
         self._current: dict[int, Conn] = {}  # I/O thread: flow id → its shadow connection
-        self._live: set[Conn] = set()  # I/O thread: connections whose task still runs
-        self._dialing = 0  # I/O thread: connections not connected yet
-        self._awaiting = 0  # I/O thread: flows dropped meanwhile, charged to their outcome
+        self._live: set[Conn] = set()  # I/O thread: connections not counted yet
+        self._dialing = 0  # I/O thread: connections with a dial under way
+        self._awaiting: list[int] = []  # I/O thread: refused flows charged to a dial's outcome
+        s = self.config
+        self._sweep_every = min(_SWEEP_MAX, max(_SWEEP_MIN, min(
+            s.stall_timeout, s.end_grace or _SWEEP_MAX, s.end_timeout or _SWEEP_MAX) / 4))
+        self._sweeping: asyncio.TimerHandle | None = None
         self._outages = OutageLog(log, "forwarding failed", "target reachable again",
                                   self.config.log_interval, target=target)
         self._stop_wait = asyncio.Event()  # set: close() stops waiting for the shadow
@@ -101,6 +112,9 @@ class ForwardSink:
         self._thread = threading.Thread(target=self._loop.run_forever, name="forward",
                                         daemon=True)
         self._thread.start()
+        #: What the reserved source ports allow to this target (logged; on ``/status``).
+        self.capacity = forward_capacity(self.config.source_ports, parse_target(target)[0])
+        log.info("forwarding", target=target, **self.capacity)
 
     # ---------------------------------------------------------------- mirror thread
 
@@ -123,22 +137,25 @@ class ForwardSink:
             counts["bytes_dropped"] += len(data)
             self._ops.put((_DROP, flow_id, b""), 0)
 
-    def end(self, flow_id: int) -> None:
+    def end(self, flow_id: int, after_service: bool = False) -> None:
         """The client finished (or the connection is over): close the shadow connection
-        once its bytes are written. A later :meth:`send` would open a new one."""
+        once its bytes are written. ``after_service``: the service had closed its side
+        first (the target is then given the chance to close first too). A later
+        :meth:`send` would open a new one."""
         if flow_id in self._open:
             self._open.discard(flow_id)
-            self._ops.put((_END, flow_id, b""), 0)
+            self._ops.put((_END_AFTER_SERVICE if after_service else _END, flow_id, b""), 0)
             self._uncommitted = True
 
     def commit(self) -> None:
         """Wake the I/O thread for the work queued (once per batch)."""
         if self._uncommitted:
             self._uncommitted = False
-            self._loop.call_soon_threadsafe(self._take_ops)
+            self._loop.call_soon_threadsafe(self._take_ops, time.monotonic())
 
     def close(self) -> None:
-        """Deliver what is queued (up to ``close_timeout`` seconds), then close everything."""
+        """Deliver what is queued (up to ``close_timeout`` seconds), then close everything;
+        what is still going then is dropped as ``shutdown``."""
         for flow_id in list(self._open):
             self.end(flow_id)
         self.commit()
@@ -149,12 +166,13 @@ class ForwardSink:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
+            self._count_leftovers()
             self._loop.close()
 
     def stop_waiting(self) -> None:
         """Cut :meth:`close`'s wait for the shadow short; callable from any thread or a
         signal handler. What the shadow has not taken is dropped and counted
-        (``close_timeout``)."""
+        (``shutdown``)."""
         self._loop.call_soon_threadsafe(self._stop_wait.set)
 
     @property
@@ -171,241 +189,302 @@ class ForwardSink:
 
     @property
     def stats(self) -> Counter[str]:
-        """Every counter (a snapshot; ``dict()`` of a Counter copies it under the GIL)."""
+        """Every counter, and ``connections_in_flight`` derived from them (a snapshot:
+        ``dict()`` of a Counter copies it under the GIL, so the equation holds in it)."""
+        io = dict(self._counts)
         total = Counter(dict(self._mcounts))
-        total.update(dict(self._counts))
+        total.update(io)
+        dropped = sum(io.get(f"connections_dropped_{r}", 0) for r in DROP_REASONS)
+        total["connections_dropped"] = dropped
+        total["connections_in_flight"] = (io.get("connections", 0)
+                                          - io.get("connections_completed", 0) - dropped)
         return total
 
-    # ---------------------------------------------------------------- I/O thread: flows
+    # ---------------------------------------------------------------- I/O thread: operations
 
-    def _take_ops(self) -> None:
+    def _take_ops(self, committed_at: float | None = None) -> None:
+        now = self._loop.time()  # time.monotonic(), as committed_at
+        shed = committed_at is not None and now - committed_at > self.config.overload_lag
         for kind, flow_id, data in self._ops.take_all(0):
             conn = self._current.get(flow_id)
             if kind == _DATA:
-                self._queue(flow_id, conn, data)
+                if conn is None:
+                    conn = self._shed(flow_id) if shed else self._new_conn(flow_id)
+                self._push(conn, data, now)
             elif kind == _DROP:
                 self._drop_over_total(flow_id, conn)
             elif kind == _RESET and conn is not None and conn.ended:
                 continue  # given up on: a gap does not revive it (its bytes are discarded)
-            else:
-                if kind == _END:
-                    self._dropped.discard(flow_id)
-                    self._flows.pop(flow_id, None)
-                if conn is not None:
-                    # This connection takes no more data; a later send opens another.
-                    del self._current[flow_id]
-                    conn.finish(self.config.end_timeout)
-
-    def _queue(self, flow_id: int, conn: Conn | None, data: bytes) -> None:
-        if conn is not None and conn.ended:  # aborted: count, do not queue
-            self._discard_bytes(len(data))
-            return
-        if conn is None:
-            conn = self._new_conn(flow_id)
-        conn.queue.append(data)
-        conn.buffered += len(data)
-        if conn.buffered + self._sync(conn) > self.config.max_flow_buffer:
-            self._abort(conn, "flow_buffer")
-        conn.wake.set()
+            elif conn is not None:  # an end, or a gap: this connection takes no more bytes
+                del self._current[flow_id]
+                self._finish(conn, kind == _END_AFTER_SERVICE, now)
+            if kind in (_END, _END_AFTER_SERVICE):
+                self._dropped.discard(flow_id)
 
     def _new_conn(self, flow_id: int) -> Conn:
-        conn = self._current[flow_id] = Conn(self._flows.setdefault(flow_id, Flow(flow_id)))
-        self._dialing += 1
+        conn = self._current[flow_id] = Conn(flow_id, self._advance)
         self._live.add(conn)
-        conn.task = self._loop.create_task(self._run(conn))
-        conn.task.add_done_callback(lambda _t: self._live.discard(conn))  # even unstarted
         self._counts["connections"] += 1
+        conn.task = self._loop.create_task(self._dial(conn))
+        self._dialing += 1
+        self._arm_sweep()
         return conn
+
+    def _shed(self, flow_id: int, why: str = "overload") -> Conn:
+        """A new flow while the loop is too far behind (or gone): dropped at once, no
+        socket."""
+        conn = self._current[flow_id] = Conn(flow_id, self._advance)
+        self._counts["connections"] += 1
+        self._abort(conn, why)
+        return conn
+
+    def _count_leftovers(self) -> None:
+        """After the loop stopped (this thread is now the only one): whatever it did not get
+        to, taken or not, is dropped as ``shutdown``, so the counts add up at exit."""
+        for _kind, flow_id, data in self._ops.take_all(0):
+            conn = self._current.get(flow_id) or self._shed(flow_id, "shutdown")
+            if data:
+                self._push(conn, data, 0.0)
+        for conn in list(self._live):
+            self._abort(conn, "shutdown")
+        self._settle_awaiting("shutdown")
+
+    def _push(self, conn: Conn, data: bytes, now: float) -> None:
+        if conn.ended:  # given up on: count, do not queue
+            self._discard_bytes(len(data))
+            return
+        conn.push(data, now)
+        if self._sync(conn) > self.config.max_flow_buffer:
+            self._abort(conn, "flow_buffer")
+
+    def _finish(self, conn: Conn, after_service: bool, now: float) -> None:
+        """The flow's end (or a gap): every byte must be acknowledged within end_timeout."""
+        if conn.ended:
+            return
+        conn.ended = True
+        conn.after_service = after_service
+        conn.end_by = now + self.config.end_timeout
+        self._advance(conn)
 
     def _drop_over_total(self, flow_id: int, conn: Conn | None) -> None:
         """The mirror thread dropped the flow: all flows together hold too much."""
         if conn is not None:
-            if not conn.ended:
-                self._abort(conn, "total_buffer")
+            self._abort(conn, "total_buffer")
             return
-        flow = self._flows.get(flow_id) or Flow(flow_id)
-        if flow.dropped:
-            return
-        if self._dialing:  # the buffers are full while connects hang: they decide
-            flow.dropped = True
-            self._awaiting += 1
+        # Its first bytes did not fit: a connection that never was, counted as one. While
+        # dials hang and hold the budget, they are the cause: the next outcome names it.
+        self._counts["connections"] += 1
+        if self._dialing:
+            self._awaiting.append(flow_id)
         else:
-            self._count_drop("total_buffer", flow)
-
-    def _count_drop(self, why: str, flow: Flow | None, n: int = 1, /,
-                    **detail: object) -> None:
-        if flow is not None:
-            if flow.dropped:
-                return
-            flow.dropped = True
-            detail["flow_id"] = flow.flow_id
-        self._counts["flows_dropped"] += n
-        self._counts[f"flows_dropped_{why}"] += n
-        self._outages.failed(why, n, **detail)
-
-    def _discard_bytes(self, n: int) -> None:
-        self._counts["bytes_dropped"] += n
-        self._ops.release(n)  # no longer held
-
-    def _sync(self, conn: Conn) -> int:
-        """Release the bytes ``conn``'s transport passed on; return those it still holds."""
-        self._ops.release(conn.passed_on())
-        return conn.in_transport
-
-    def _abort(self, conn: Conn, why: str, **detail: object) -> None:
-        """Give up on a connection: discard what it holds (counted), cancel its task, drop the
-        rest of the flow, count ``why``. A buffer limit hit while still dialing is not counted
-        yet and the dial goes on: its outcome names the cause (see :meth:`_connect`)."""
-        deferred = why in _BUFFER_REASONS and conn.dialing
-        if deferred:
-            conn.deferred = conn.deferred or why
-        else:
-            self._count_drop(why, conn.flow, **detail)
-        if self._current.get(conn.flow.flow_id) is conn:
-            self._dropped.add(conn.flow.flow_id)
-        self._discard_bytes(conn.buffered)
-        conn.queue.clear()
-        conn.buffered = 0
-        conn.ended = True
-        if not deferred and conn.task is not None and conn.task is not asyncio.current_task():
-            self._dial_over(conn)
-            conn.task.cancel()
-
-    def _dial_over(self, conn: Conn) -> None:
-        if conn.dialing:
-            conn.dialing = False
-            self._dialing -= 1
+            self._count(None, "total_buffer", flow_id=flow_id)
 
     # ---------------------------------------------------------------- I/O thread: a connection
 
-    async def _run(self, conn: Conn) -> None:
+    async def _dial(self, conn: Conn) -> None:
         try:
-            streams = await self._connect(conn)
-            if streams is not None:
-                await self._exchange(conn, *streams)
-        except Exception as e:  # a fault of ours: still count the flow and free its bytes
-            log.exception("forwarding error", flow_id=conn.flow.flow_id)
-            self._abort(conn, "error", error=describe(e))
-        finally:  # normally nothing is left by now; after a fault, whatever is gets freed
-            self._dial_over(conn)
-            self._discard_bytes(conn.buffered)
-            self._ops.release(conn.in_transport)
-            conn.buffered = conn.in_transport = 0
-            conn.queue.clear()
-
-    async def _connect(self, conn: Conn) -> Streams | None:
-        """Dial the target; None (counted) if that failed or the flow was given up meanwhile
-        (a connection made for a flow already given up is closed unused)."""
-        try:
-            streams = await asyncio.wait_for(self._dialer(), self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                await self._dialer(conn)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # whatever a custom dial raises
             self._dial_over(conn)
             why = connect_failure(e)
             self._abort(conn, why, error=describe(e))
             self._settle_awaiting(why)
-            return None
+            return
         self._dial_over(conn)
         self._outages.recovered(_CONNECT_REASONS)
         self._settle_awaiting("total_buffer")
-        if conn.deferred is not None:
-            self._count_drop(conn.deferred, conn.flow)
-            streams[1].close()
-            return None
-        conn.writer = streams[1]
-        return streams
+        try:
+            if conn.deferred is not None:  # given up on while dialing: its cause is now known
+                self._abort(conn, conn.deferred)
+                return
+            conn.flush_queue(self._loop.time())
+        except Exception as e:
+            log.exception("forwarding error", flow_id=conn.flow_id)
+            self._abort(conn, "error", error=describe(e))
+            return
+        self._advance(conn)
+
+    def _dial_over(self, conn: Conn) -> None:
+        if conn.task is not None:
+            conn.task = None
+            self._dialing -= 1
 
     def _settle_awaiting(self, why: str) -> None:
-        if self._awaiting:
-            self._count_drop(why, None, self._awaiting)
-            self._awaiting = 0
+        """Count the connection-less flows refused while dials hung, by the dials' outcome."""
+        for flow_id in self._awaiting:
+            self._count(None, why, flow_id=flow_id)
+        self._awaiting.clear()
 
-    async def _exchange(self, conn: Conn, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        """Write the flow's bytes until it ends, half-close, wait until the target took them
-        and for its answer, count. Every wait is bounded (``stall_timeout``, ``end_timeout``,
-        ``end_grace``); a connection given up on is reset, so nothing counted as dropped
-        still reaches the target."""
-        reader_task = self._loop.create_task(read_answers(reader, conn, self._counts))
-        eof = clean = False
+    def _advance(self, conn: Conn) -> None:
+        """Move ``conn`` on after an event (or a sweep): count what the target took, end it
+        when it is over. Never raises: a fault of ours drops the connection as ``error``."""
+        if conn.done:
+            return
         try:
-            # Bounded from the client's end on (from the connect if that came later).
-            end_by = self._loop.time() + self.config.end_timeout if conn.ended else None
-            async with asyncio.timeout_at(end_by) as conn.limit:
-                await self._pump(conn, writer)
-                if writer.can_write_eof():
-                    writer.write_eof()
-                    eof = True
-                await wait_acked(writer, eof, self.config.stall_timeout, reader_task)
-            conn.limit = None
-            # Give the target a moment to answer and close first, so it sees a clean end.
-            await asyncio.wait({reader_task}, timeout=self.config.end_grace)
-            clean = self._conclude(conn, eof, reader_task.done())
-        except (Stalled, TimeoutError):  # TimeoutError: end_timeout (before OSError: a subclass)
-            self._abort(conn, "stalled", unacked_bytes=self._settle(conn, eof, True))
-        except OSError as e:
-            self._abort(conn, "reset", error=describe(e))
-        finally:
-            conn.limit = None
-            reader_task.cancel()
-            self._settle(conn, eof, final=True)
-            if clean:
-                writer.close()
-            else:
-                hard_close(writer)
-            self._sync(conn)
+            self._step(conn, self._loop.time())
+        except Exception as e:
+            log.exception("forwarding error", flow_id=conn.flow_id)
+            self._abort(conn, "error", error=describe(e))
 
-    async def _pump(self, conn: Conn, writer: asyncio.StreamWriter) -> None:
-        """Write what the flow queues, as it comes, until it ends (:class:`Stalled` if the
-        target stops acknowledging meanwhile)."""
-        stall = self.config.stall_timeout
-        while True:
-            if conn.queue:
-                writer.writelines(conn.take(_PIECE))
-                self._sync(conn)
-                await progressing(writer.drain, writer, stall)
-                self._sync(conn)
-                self._settle(conn, eof=False)
-            elif conn.ended:
+    def _step(self, conn: Conn, now: float) -> None:
+        if conn.response_bytes:
+            self._counts["response_bytes"] += conn.response_bytes
+            conn.response_bytes = 0
+        if conn.lost is not False:  # the socket is gone (we closed it, or the target did)
+            self._conclude(conn)
+            return
+        if not conn.connected:
+            return
+        self._sync(conn)
+        all_acked = self._settle(conn, now)
+        if conn.ended and not conn.closing:
+            self._end_step(conn, all_acked, now)
+
+    def _end_step(self, conn: Conn, all_acked: bool, now: float) -> None:
+        """A finished flow: the FIN follows its last byte at once, as the client's did,
+        unless the service closed first. Once every byte is acknowledged, close when the
+        target closed, or answered, or had ``end_grace`` to do either."""
+        if not conn.after_service:
+            conn.send_fin(now)
+        if not all_acked:
+            return
+        if conn.server_eof:  # the target closed first: it keeps the TIME_WAIT
+            conn.close("completed", hard=False)
+            return
+        if conn.waiting_since is None:
+            conn.waiting_since = now
+        if now - conn.waiting_since < self.config.end_grace:
+            return
+        if conn.answered:  # it answered and keeps the connection open: no FIN_WAIT2 left
+            conn.close("completed", hard=True)
+        elif conn.fin_at is None:  # the service closed first, the target waits for a FIN
+            conn.send_fin(now)
+            conn.waiting_since = now
+        else:
+            self._abort(conn, "unconfirmed", end_grace=self.config.end_grace)
+
+    def _settle(self, conn: Conn, now: float) -> bool:
+        """Count newly acknowledged bytes as forwarded; True if every byte pushed is."""
+        acked = conn.acked()
+        if acked > conn.counted:
+            self._counts["bytes_forwarded"] += acked - conn.counted
+            conn.counted = acked
+            conn.progress_at = now
+        return conn.counted == conn.pushed and not conn.queued
+
+    def _sync(self, conn: Conn) -> int:
+        """Give back to the budget what ``conn``'s transport passed to the kernel; return the
+        bytes it still holds."""
+        held = conn.held()
+        if held < conn.budgeted:
+            self._ops.release(conn.budgeted - held)
+            conn.budgeted = held
+        return held
+
+    def _conclude(self, conn: Conn) -> None:
+        """The socket is gone: count the connection by what the target took."""
+        self._settle(conn, self._loop.time())
+        if conn.outcome is not None:  # we closed it, having decided
+            self._count(conn, conn.outcome)
+        elif (conn.counted < conn.pushed or conn.queued or not conn.ended
+              or not (conn.answered or conn.server_eof)):
+            lost = conn.lost
+            why = describe(lost) if isinstance(lost, BaseException) else "closed"
+            self._count(conn, "reset", error=why)
+        else:
+            self._count(conn, "completed")
+
+    def _abort(self, conn: Conn, why: str, **detail: object) -> None:
+        """Give up on ``conn``: reset it (nothing more reaches the target), count ``why``,
+        drop the rest of its flow. A buffer limit hit while still dialing waits for the
+        dial's outcome, which names the cause (see :meth:`_dial`)."""
+        if conn.done:
+            return
+        if self._current.get(conn.flow_id) is conn:
+            self._dropped.add(conn.flow_id)
+        conn.ended = True
+        if why in _BUFFER_REASONS and conn.task is not None:
+            conn.deferred = conn.deferred or why
+            self._discard_queue(conn)
+            return
+        if conn.task is not None:
+            conn.task.cancel()
+            self._dial_over(conn)
+        if conn.connected and conn.lost is False:
+            self._settle(conn, self._loop.time())
+            conn.close(why, hard=True)  # connection_lost follows, and finds conn done
+        self._count(conn, why, **detail)
+
+    def _discard_queue(self, conn: Conn) -> None:
+        self._counts["bytes_dropped"] += conn.queued
+        conn.queue.clear()
+        conn.queued = 0
+        self._sync(conn)
+
+    def _discard_bytes(self, n: int) -> None:
+        """Bytes handed over for a connection given up on: counted, no longer held."""
+        self._counts["bytes_dropped"] += n
+        self._ops.release(n)
+
+    def _count(self, conn: Conn | None, outcome: str, **detail: object) -> None:
+        """Count a connection's end, once; free what it still holds."""
+        if conn is not None:
+            if conn.done:
                 return
-            else:
-                conn.wake.clear()
-                await progressing(conn.wake.wait, writer, stall)
-
-    def _settle(self, conn: Conn, eof: bool, final: bool = False) -> int:
-        """Count bytes the target acknowledged since the last call as forwarded; with
-        ``final`` count the rest as dropped and return how many."""
-        acked, lost = conn.settle(eof, final)
-        self._counts["bytes_forwarded"] += acked
-        self._counts["bytes_dropped"] += lost
-        return lost
-
-    def _conclude(self, conn: Conn, eof: bool, closed: bool) -> bool:
-        """Count a finished connection by what the target did with its bytes; True if it
-        took them all."""
-        unacked = self._settle(conn, eof, final=True)
-        if unacked:  # the target closed before taking everything
-            self._abort(conn, "stalled", unacked_bytes=unacked)
-            return False
-        if closed or conn.answered:
+            conn.done = True
+            self._live.discard(conn)  # it stays the flow's current one until the flow ends
+            lost = conn.pushed - conn.counted + conn.queued
+            self._counts["bytes_dropped"] += lost
+            self._ops.release(conn.budgeted)
+            conn.budgeted = conn.queued = 0
+            conn.counted = conn.pushed
+            detail.setdefault("flow_id", conn.flow_id)
+            if lost and outcome != "completed":
+                detail["unacked_bytes"] = lost
+        if outcome == "completed":
             self._counts["connections_completed"] += 1
             self._outages.recovered()
         else:
-            self._counts["connections_unconfirmed"] += 1
-            self._outages.failed("unconfirmed", end_grace=self.config.end_grace)
-        return True
+            self._counts[f"connections_dropped_{outcome}"] += 1
+            self._outages.failed(outcome, 1, **detail)
+
+    # ---------------------------------------------------------------- I/O thread: time
+
+    def _arm_sweep(self) -> None:
+        if self._sweeping is None:
+            self._sweeping = self._loop.call_later(self._sweep_every, self._sweep)
+
+    def _sweep(self) -> None:
+        """Look at every open connection: acknowledgements, stalls, deadlines, grace."""
+        self._sweeping = None
+        now = self._loop.time()
+        stall = self.config.stall_timeout
+        for conn in list(self._live):
+            if conn.done or not conn.connected or conn.closing:
+                continue
+            self._advance(conn)
+            if conn.done or conn.closing:
+                continue
+            if conn.end_by is not None and now >= conn.end_by and conn.counted < conn.pushed:
+                self._abort(conn, "stalled", end_timeout=self.config.end_timeout)
+            elif conn.counted < conn.pushed and now - conn.progress_at >= stall:
+                self._abort(conn, "stalled", stall_timeout=stall)
+        if self._live:
+            self._arm_sweep()
 
     async def _shutdown(self) -> None:
-        tasks = [c.task for c in self._live if c.task is not None]
-        if tasks:
+        """Wait (up to close_timeout, or until stop_waiting) for every connection to end;
+        drop the rest as ``shutdown``."""
+        if self._live:
             stop: asyncio.Future[Any] = asyncio.ensure_future(self._stop_wait.wait())
-            every: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.wait([every, stop], timeout=self.config.close_timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            deadline = self._loop.time() + self.config.close_timeout
+            while self._live and not stop.done() and self._loop.time() < deadline:
+                await asyncio.wait({stop}, timeout=min(0.02, self.config.close_timeout))
             stop.cancel()
-            pending = {t for t in tasks if not t.done()}
             for conn in list(self._live):
-                if conn.task in pending:
-                    self._abort(conn, "close_timeout")
-            if pending:
-                await asyncio.wait(pending, timeout=1)
-        self._settle_awaiting("total_buffer")
+                self._abort(conn, "shutdown")
+            await asyncio.sleep(0)
+        self._settle_awaiting("total_buffer")  # let the resets go out

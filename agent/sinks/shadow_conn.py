@@ -1,108 +1,188 @@
-"""One shadow connection: its state, and the socket-level work under the forward sink's
-accounting: connecting, what the target acknowledged, waits that give up when it stops taking
-bytes, and a close that sends nothing more.
+"""One shadow connection: an asyncio protocol holding a captured connection's bytes, and
+what the kernel says the target did with them.
 
-Used by :mod:`agent.sinks.forward`, in its I/O thread; the counting stays there.
+A :class:`Conn` queues bytes until its socket is connected, then hands them straight to its
+transport (no task per connection: the forward sink drives it from its callbacks and from one
+periodic sweep). What the target acknowledged is read from the kernel
+(``tcpi_bytes_acked``, which survives a reset, so a target that resets after taking 700 of
+53,000 bytes is known to have taken 700). The counting is the forward sink's
+(:mod:`agent.sinks.forward`); this module only reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
 import struct
-import termios
 import threading
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from agent.config import Dial, parse_target
 from agent.sinks.source_ports import NoSourcePort, connect_from_ports
 
-__all__ = ["Conn", "Dialer", "Flow", "Stalled", "Streams", "connect_failure", "describe",
-           "hard_close", "in_flight", "progressing", "read_answers", "wait_acked"]
-
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+__all__ = ["Conn", "Dialer", "bytes_acked", "connect_failure", "describe"]
 
 log = structlog.get_logger("agent.forward")
 
-_POLL_FIRST, _POLL_MAX = 0.01, 0.25  # seconds between looks at the send queue
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at offset 120 (Linux >= 4.1). It
+# counts the SYN and a FIN as one byte each.
+_TCPI_BYTES_ACKED = 120
+_TCP_INFO_LEN = 128
+#: The transport's write buffer above which it tells the sink to look (pause_writing), so
+#: bytes it passed to the kernel leave the forward budget without polling.
+_WRITE_HIGH = 256 << 10
 
 
-class Stalled(Exception):
-    """The target acknowledged nothing for ``stall_timeout`` seconds."""
-
-
-def _kernel_unacked(fd: int, fin_queued: bool) -> int:
-    """Payload bytes in a TCP socket's send queue not yet acknowledged (SIOCOUTQ)."""
+def bytes_acked(sock: Any) -> int | None:
+    """Payload bytes the peer acknowledged on TCP socket ``sock`` (the SYN not counted; a FIN
+    may be), or None if the kernel does not say (not TCP, closed)."""
     try:
-        n: int = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
-    except OSError:
-        return 0
-    return max(0, n - 1) if fin_queued else n  # a queued FIN takes one sequence number
-
-
-def in_flight(writer: asyncio.StreamWriter, eof: bool) -> int | None:
-    """Bytes handed to ``writer`` and not acknowledged; None once its socket is gone."""
-    sock = writer.get_extra_info("socket")
-    fd = sock.fileno() if sock is not None else -1
-    if fd < 0:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
         return None
-    buffered = writer.transport.get_write_buffer_size()
-    return buffered + _kernel_unacked(fd, fin_queued=eof and not buffered)
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    n: int = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+    return max(0, n - 1)
 
 
-async def progressing(make: Callable[[], Awaitable[object]], writer: asyncio.StreamWriter,
-                      stall_timeout: float) -> None:
-    """``await make()`` while the target acknowledges bytes (it is awaited anew every quarter
-    of ``stall_timeout`` to look); :class:`Stalled` once bytes in flight saw no progress for
-    ``stall_timeout``. With nothing in flight it waits as long as ``make()`` takes."""
-    loop = asyncio.get_running_loop()
-    before = in_flight(writer, eof=False)
-    progress_at = loop.time()
-    while True:
-        try:
-            await asyncio.wait_for(make(), None if before == 0 else stall_timeout / 4)
+class Conn(asyncio.Protocol):
+    """One shadow connection of one captured flow, from dial to end.
+
+    The sink's ``notify(conn)`` runs after every event that may move it on (connected, the
+    target's data, EOF or loss, room in the transport). All state is the sink I/O thread's.
+    """
+
+    __slots__ = ("after_service", "answered", "budgeted", "closing", "counted", "deferred",
+                 "done", "end_by", "ended", "fin_at", "flow_id", "lost", "notify", "outcome",
+                 "progress_at", "pushed", "queue", "queued", "ready", "response_bytes",
+                 "server_eof", "sock", "task", "transport", "waiting_since")
+
+    def __init__(self, flow_id: int, notify: Callable[[Conn], None]) -> None:
+        self.flow_id = flow_id
+        self.notify = notify
+        self.queue: deque[bytes] = deque()  # bytes waiting for the connect
+        self.queued = 0
+        self.pushed = 0  # bytes handed to the transport
+        self.counted = 0  # of those, counted as forwarded (acknowledged)
+        self.budgeted = 0  # bytes still held against the forward budget (queue + transport)
+        self.response_bytes = 0  # answered since the sink last looked
+        self.transport: asyncio.Transport | None = None
+        self.ready = False  # dialed, queue flushed: bytes go straight to the transport
+        self.sock: Any = None
+        self.task: asyncio.Task[None] | None = None  # the dial, until connected
+        self.ended = False  # takes no more bytes
+        self.after_service = False  # the service closed first: let the target close first
+        self.end_by: float | None = None  # every byte acknowledged by then, or stalled
+        self.fin_at: float | None = None  # when our FIN was queued
+        self.waiting_since: float | None = None  # all acknowledged, waiting for the target
+        self.progress_at = 0.0  # last time the target acknowledged something
+        self.server_eof = False
+        self.answered = False
+        self.closing = False  # closed by us; ``outcome`` says how it counts
+        self.outcome: str | None = None  # "completed" or a drop reason, once decided
+        self.lost: BaseException | bool | None = False  # connection_lost(exc); False: not yet
+        self.deferred: str | None = None  # a buffer limit hit while dialing
+        self.done = False  # counted
+
+    # ------------------------------------------------------------ protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.sock = transport.get_extra_info("socket")
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        self.response_bytes += len(data)
+
+    def eof_received(self) -> bool:
+        self.server_eof = True
+        self.notify(self)
+        return True  # keep our side open: bytes may still be on their way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc
+        self.notify(self)  # the socket is still open here: its counters can be read
+
+    def resume_writing(self) -> None:
+        self.notify(self)
+
+    # ------------------------------------------------------------ the sink's verbs
+
+    @property
+    def connected(self) -> bool:
+        """Dialed, and the bytes queued meanwhile handed to the transport."""
+        return self.ready
+
+    def push(self, data: bytes, now: float) -> None:
+        """Queue ``data`` (before the connect) or hand it to the transport."""
+        self.budgeted += len(data)
+        if not self.ready or self.transport is None:
+            self.queue.append(data)
+            self.queued += len(data)
             return
-        except TimeoutError:
-            after = in_flight(writer, eof=False)
-            if before is not None and after is not None and after < before:
-                progress_at = loop.time()
-            elif loop.time() - progress_at >= stall_timeout:
-                raise Stalled from None
-            before = after
+        if self.pushed == self.counted:
+            self.progress_at = now  # nothing was outstanding: the stall clock starts now
+        self.pushed += len(data)
+        self.transport.write(data)
+
+    def flush_queue(self, now: float) -> None:
+        """Once connected: hand the queued bytes to the transport."""
+        assert self.transport is not None
+        self.ready = True
+        self.progress_at = now
+        if self.queue:
+            self.transport.writelines(self.queue)
+            self.pushed += self.queued
+            self.queue.clear()
+            self.queued = 0
+
+    def held(self) -> int:
+        """Bytes this connection holds in user space (queue and transport buffer)."""
+        held = self.queued
+        if self.transport is not None:
+            held += self.transport.get_write_buffer_size()
+        return held
+
+    def acked(self) -> int:
+        """Bytes of those pushed that the target acknowledged (without the kernel's word:
+        those the transport passed on)."""
+        n = bytes_acked(self.sock) if self.sock is not None else None
+        if n is None:
+            n = self.pushed - (self.transport.get_write_buffer_size() if self.transport else 0)
+        return min(n, self.pushed)
+
+    def send_fin(self, now: float) -> None:
+        if self.fin_at is None and self.transport is not None and self.transport.can_write_eof():
+            self.fin_at = now
+            with contextlib.suppress(OSError):  # reset meanwhile: connection_lost follows
+                self.transport.write_eof()
+
+    def close(self, outcome: str, hard: bool) -> None:
+        """Close, to be counted as ``outcome``; ``hard`` resets it (nothing more is sent, no
+        TIME_WAIT or FIN_WAIT2 is left behind)."""
+        self.outcome = outcome
+        self.closing = True
+        if self.transport is None:
+            return
+        if hard:
+            if self.sock is not None and self.sock.fileno() >= 0:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+            self.transport.abort()
+        else:
+            self.transport.close()
 
 
-async def wait_acked(writer: asyncio.StreamWriter, eof: bool, stall_timeout: float,
-                     closed: asyncio.Future[None]) -> None:
-    """Until the target acknowledged every byte written to ``writer`` or it closed
-    (``closed`` done); :class:`Stalled` once none was acknowledged for ``stall_timeout``."""
-    loop = asyncio.get_running_loop()
-    pending = in_flight(writer, eof)
-    progress_at = loop.time()
-    poll = _POLL_FIRST
-    while pending and not closed.done():
-        await asyncio.wait({closed}, timeout=poll)
-        now = in_flight(writer, eof)
-        if now is not None and now < pending:
-            progress_at = loop.time()
-        elif loop.time() - progress_at >= stall_timeout:
-            raise Stalled
-        pending = now
-        poll = min(poll * 2, _POLL_MAX)
-
-
-def hard_close(writer: asyncio.StreamWriter) -> None:
-    """Close at once, discarding unsent bytes (the target gets a RST), so that no byte counted
-    as dropped is delivered after all."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.fileno() >= 0:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+# ---------------------------------------------------------------- dialing
 
 
 class _DialJob:
@@ -132,7 +212,7 @@ class _DialJob:
                 self._sock.close()
 
 
-async def dial_in_thread(dial: Dial, target: str) -> socket.socket:
+async def _dial_in_thread(dial: Dial, target: str) -> socket.socket:
     """``dial(target)`` in the loop's executor; cancelling it closes what it returns later."""
     job = _DialJob(dial, target)
     try:
@@ -142,90 +222,8 @@ async def dial_in_thread(dial: Dial, target: str) -> socket.socket:
         raise
 
 
-class Flow:
-    """A captured flow. Its shadow connections share it (a gap starts another), so the flow
-    is counted as dropped once."""
-
-    __slots__ = ("dropped", "flow_id")
-
-    def __init__(self, flow_id: int) -> None:
-        self.flow_id = flow_id
-        self.dropped = False
-
-
-class Conn:
-    """One shadow connection: the bytes it holds and what became of those it wrote."""
-
-    __slots__ = ("answered", "buffered", "counted", "deferred", "dialing", "ended", "flow",
-                 "in_transport", "limit", "pushed", "queue", "task", "wake", "writer")
-
-    def __init__(self, flow: Flow) -> None:
-        self.flow = flow
-        self.queue: deque[bytes] = deque()
-        self.buffered = 0  # bytes in queue
-        self.in_transport = 0  # bytes written that the transport still held when last asked
-        self.pushed = 0  # bytes written to the transport
-        self.counted = 0  # of those, counted as forwarded (acknowledged) or dropped
-        self.ended = False  # takes no more bytes
-        self.limit: asyncio.Timeout | None = None  # end_timeout, once ended, while exchanging
-        self.dialing = True
-        self.deferred: str | None = None  # a buffer limit hit while dialing
-        self.answered = False
-        self.wake: asyncio.Event = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    def finish(self, end_timeout: float) -> None:
-        """Take no more bytes; those written must be acknowledged within ``end_timeout``."""
-        self.ended = True
-        if self.limit is not None and self.limit.when() is None:
-            self.limit.reschedule(asyncio.get_running_loop().time() + end_timeout)
-        self.wake.set()
-
-    def take(self, size: int) -> list[bytes]:
-        """About ``size`` bytes from the queue, to write (they count as in the transport)."""
-        batch: list[bytes] = []
-        taken = 0
-        while self.queue and taken < size:
-            batch.append(self.queue.popleft())
-            taken += len(batch[-1])
-        self.buffered -= taken
-        self.in_transport += taken
-        self.pushed += taken
-        return batch
-
-    def passed_on(self) -> int:
-        """Bytes the transport passed on to the kernel since the last call (no longer held
-        by us)."""
-        held = self.writer.transport.get_write_buffer_size() if self.writer is not None else 0
-        if held >= self.in_transport:
-            return 0
-        passed, self.in_transport = self.in_transport - held, held
-        return passed
-
-    def settle(self, eof: bool, final: bool = False) -> tuple[int, int]:
-        """(bytes acknowledged since the last call, bytes lost): with ``final`` every byte
-        written and not acknowledged is lost, else none is yet."""
-        uncounted = self.pushed - self.counted
-        flying = in_flight(self.writer, eof) if self.writer is not None else None
-        unacked = uncounted if flying is None else min(uncounted, flying)
-        self.counted += uncounted - unacked
-        if not final:
-            return uncounted - unacked, 0
-        self.counted = self.pushed
-        return uncounted - unacked, unacked
-
-
-async def read_answers(reader: asyncio.StreamReader, conn: Conn, counts: Counter[str]) -> None:
-    """Read and discard what the target answers (``response_bytes``) until it closes."""
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            conn.answered = True
-            counts["response_bytes"] += len(data)
-
-
 def connect_failure(e: BaseException) -> str:
-    """The reason a failed connect drops its flow under."""
+    """The reason a failed connect drops its connection under."""
     if isinstance(e, NoSourcePort):
         return "no_source_port"
     return "connect_timeout" if isinstance(e, TimeoutError) else "connect_failed"
@@ -236,9 +234,10 @@ def describe(e: BaseException) -> str:
 
 
 class Dialer:
-    """Connects to ``target``: from a port of ``ports``, or with a custom ``dial`` (run
-    off-thread), which picks its own source port and is warned about once if that port is
-    outside ``ports``. Raises ValueError at once if ``target`` is not HOST:PORT."""
+    """Connects ``Conn``\\ s to ``target``: from a port of ``ports``, or with a custom
+    ``dial`` (run off-thread), which picks its own source port and is warned about once if
+    that port is outside ``ports``. Raises ValueError at once if ``target`` is not
+    HOST:PORT."""
 
     def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int]) -> None:
         self._host, self._port = parse_target(target)
@@ -247,16 +246,17 @@ class Dialer:
         self._ports = ports
         self._warned = False
 
-    async def __call__(self) -> Streams:
+    async def __call__(self, conn: Conn) -> None:
+        """Connect ``conn`` (its ``connection_made`` has run when this returns)."""
         if self._dial is None:
             sock = await connect_from_ports(self._host, self._port, self._ports)
         else:
-            sock = await dial_in_thread(self._dial, self._target)
+            sock = await _dial_in_thread(self._dial, self._target)
         try:
             if self._dial is not None:
                 self._check_port(sock.getsockname())
                 sock.setblocking(False)
-            return await asyncio.open_connection(sock=sock)
+            await asyncio.get_running_loop().create_connection(lambda: conn, sock=sock)
         except BaseException:  # a cancelled connect must not leak its socket either
             sock.close()
             raise

@@ -17,7 +17,9 @@ scanned again for each new flow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import ipaddress
 import random
 import socket
 import threading
@@ -113,7 +115,7 @@ async def connect_from_ports(host: str, port: int,
     :class:`NoSourcePort` if every port was taken for one of them, else the last error.
     """
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _literal(host, port) or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     error: OSError = OSError(errno.EHOSTUNREACH, f"{host} has no address")
     exhausted: NoSourcePort | None = None
     for family, _type, proto, _name, addr in infos:
@@ -124,6 +126,20 @@ async def connect_from_ports(host: str, port: int,
         except OSError as e:
             error = e
     raise exhausted or error
+
+
+def _literal(host: str, port: int) -> list[tuple[Any, ...]] | None:
+    """The address info of an IP literal, without a resolver thread (a connection's cost at
+    thousands of connections a second); None for a name."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (host, port))]
+    if "%" in host:  # a scoped link-local address: the resolver knows its scope id
+        return None
+    return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))]
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
@@ -189,3 +205,38 @@ def _check_address(family: int, addr: Any) -> None:
     source address: IPv6 off). A UDP connect picks route and source without sending."""
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect(addr)
+
+
+#: Seconds a closed connection stays in TIME_WAIT on the side that closed first (Linux's
+#: TCP_TIMEWAIT_LEN): its (address, port) pair to that target is not reused meanwhile.
+TIME_WAIT_SECONDS = 60
+
+
+def _tw_reuse() -> int:
+    """``net.ipv4.tcp_tw_reuse`` of this network namespace (0, 1, or 2: loopback only)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_tw_reuse") as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def forward_capacity(ports: tuple[int, int], target_host: str,
+                     addresses: int = 1) -> dict[str, object]:
+    """What the reserved source ports allow to one target, for the start-up log and
+    ``/status``: every connection the agent closes first holds its (address, port) for
+    :data:`TIME_WAIT_SECONDS`, so at most ``addresses * ports / 60`` new connections a
+    second when that is every connection; connections the shadow closes first (HTTP
+    ``Connection: close``, the agent's default when the service closed first) leave no
+    TIME_WAIT here and are not bound by ports. With ``tcp_tw_reuse`` (1, or 2 and a loopback
+    target) the kernel reuses a pair after 1 s instead."""
+    lo, hi = ports
+    pairs = (hi - lo + 1) * max(1, addresses)
+    reuse = _tw_reuse()
+    loopback = False
+    with contextlib.suppress(ValueError):
+        loopback = ipaddress.ip_address(target_host.strip("[]")).is_loopback
+    hold = 1 if reuse == 1 or (reuse == 2 and loopback) else TIME_WAIT_SECONDS
+    return {"source_ports": hi - lo + 1, "source_addresses": max(1, addresses),
+            "time_wait_seconds": hold,
+            "max_new_connections_per_second_agent_closing_first": pairs // hold}

@@ -56,7 +56,7 @@ class MirrorAgent:
                            "target_addr": self.mirror.config.target_addr},
                 "interfaces": [], "hooks": {"forward": ["default"], "record": ["default"]},
                 "flows_open": len(self.mirror.reassembler._flows),
-                "sinks": {"forward": None}}
+                "sinks": {"forward": None}, "forward_capacity": {}}
 
     def ports(self) -> list[int]:
         return self._ports

@@ -59,7 +59,8 @@ class FakeAgent:
                 "tracked": {},
                 "hooks": {"forward": ["default"], "record": ["default"]}, "flows_open": 3,
                 "tunnels": {"vxlan:42": 1},
-                "sinks": {"forward": None, "record": "disk full"}}
+                "sinks": {"forward": None, "record": "disk full"},
+                "forward_capacity": {"source_ports": 4536}}
 
     def ports(self) -> list[int]:
         return sorted(self._ports)

@@ -23,7 +23,7 @@ from agent.cli import UsageError, main, mirror_config, parse_options
 from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
 from agent.metrics import key, total
 from agent.mirror import TrafficMirror
-from agent.sinks import source_ports
+from agent.sinks import shadow_conn, source_ports
 from agent.sinks.forward import ForwardSink, bind_source_port
 from agent.sinks.outage import OutageLog
 from tests.unit.segments import Conversation
@@ -32,8 +32,9 @@ from tests.unit.shadow import Shadow, blackhole, free_port, wait_until
 # Metrics (agent/metrics.py) this file reads from stats.
 FORWARD_CONNECTIONS_COMPLETED = "mirror_agent_forward_connections_completed_total"
 FORWARD_DROPPED_BYTES = "mirror_agent_forward_dropped_bytes_total"
-FORWARD_FLOWS_DROPPED = "mirror_agent_forward_flows_dropped_total"
-FORWARD_FLOWS_DROPPED_CONNECT_TIMEOUT = key(FORWARD_FLOWS_DROPPED, reason="connect_timeout")
+FORWARD_CONNECTIONS_DROPPED = "mirror_agent_forward_connections_dropped_total"
+FORWARD_CONNECTIONS_DROPPED_CONNECT_TIMEOUT = key(FORWARD_CONNECTIONS_DROPPED,
+                                                  reason="connect_timeout")
 
 
 def in_range(port: int, ports: tuple[int, int] = FORWARD_SOURCE_PORTS) -> bool:
@@ -110,12 +111,12 @@ def test_exhausted_source_ports_drop_the_flow_as_no_source_port(shadow: Shadow) 
     with capture_logs() as logs:
         for flow_id in (1, 2, 3):  # all three stay open: each needs a port of its own
             push(sink, flow_id, b"x%d" % flow_id, end=False)
-        wait_until(lambda: sink.stats["flows_dropped_no_source_port"] == 1)
+        wait_until(lambda: sink.stats["connections_dropped_no_source_port"] == 1)
         wait_until(lambda: len(shadow.peers) == 2)
         sink.close()
     assert sorted(port for _h, port in shadow.peers) == [p, p + 1]
     st = sink.stats
-    assert st["flows_dropped"] == 1 and st["connections_completed"] == 2
+    assert st["connections_dropped"] == 1 and st["connections_completed"] == 2
     assert st["bytes_dropped"] == 2 and st["bytes_forwarded"] == 4
     assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["no_source_port"]
 
@@ -198,7 +199,7 @@ def test_blackholed_target_is_connect_timeout_not_a_buffer_limit() -> None:
         push(sink, 1, b"a" * 3000)
         sink.close()
     st = sink.stats
-    assert st["flows_dropped_connect_timeout"] == 3 == st["flows_dropped"], st
+    assert st["connections_dropped_connect_timeout"] == 3 == st["connections_dropped"], st
     assert st["bytes_dropped"] == 21_000 and not st["bytes_forwarded"]
 
 
@@ -214,8 +215,8 @@ def test_blackholed_target_through_the_mirror() -> None:
         m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=target, forward=cfg))
         m.run(src)
     st = m.stats()
-    assert st[FORWARD_FLOWS_DROPPED_CONNECT_TIMEOUT] == 1
-    assert total(st, FORWARD_FLOWS_DROPPED) == 1
+    assert st[FORWARD_CONNECTIONS_DROPPED_CONNECT_TIMEOUT] == 1
+    assert total(st, FORWARD_CONNECTIONS_DROPPED) == 1
     assert st[FORWARD_DROPPED_BYTES] == 3_000_000
 
 
@@ -233,7 +234,7 @@ def test_buffer_limit_while_dialing_counts_as_such_if_the_connect_succeeds(
     push(sink, 1, b"x" * 600, b"x" * 600)
     sink.close()
     st = sink.stats
-    assert st["flows_dropped_flow_buffer"] == 1 == st["flows_dropped"]
+    assert st["connections_dropped_flow_buffer"] == 1 == st["connections_dropped"]
     assert st["bytes_dropped"] == 1200 and not st["connections_completed"]
 
 
@@ -245,7 +246,7 @@ def test_never_reading_shadow_is_unconfirmed_not_completed() -> None:
     s.close()
     st = sink.stats
     assert not st["connections_completed"]
-    assert st["connections_unconfirmed"] == 1
+    assert st["connections_dropped_unconfirmed"] == 1
     assert st["bytes_forwarded"] == 18  # its kernel took them; nobody read them
 
 
@@ -265,7 +266,7 @@ def test_shadow_that_stops_reading_leaves_bytes_unacknowledged_counted_dropped()
     sink.close()
     s.close()
     st = sink.stats
-    assert st["flows_dropped_stalled"] == 1 == st["flows_dropped"], st
+    assert st["connections_dropped_stalled"] == 1 == st["connections_dropped"], st
     assert not st["connections_completed"]
     assert st["bytes_forwarded"] + st["bytes_dropped"] == 200_000
     assert st["bytes_dropped"] > 100_000
@@ -280,15 +281,15 @@ def test_each_outage_is_logged_once_with_its_recovery() -> None:
     st = lambda: sink.stats  # noqa: E731
     with capture_logs() as logs:
         push(sink, 1, b"a")
-        wait_until(lambda: st()["flows_dropped_connect_failed"] == 1)
+        wait_until(lambda: st()["connections_dropped_connect_failed"] == 1)
         push(sink, 2, b"b")
-        wait_until(lambda: st()["flows_dropped_connect_failed"] == 2)
+        wait_until(lambda: st()["connections_dropped_connect_failed"] == 2)
         s = Shadow(port=port)
         push(sink, 3, b"c")
         wait_until(lambda: st()["connections_completed"] == 1)
         s.close()
         push(sink, 4, b"d")  # a second outage
-        wait_until(lambda: st()["flows_dropped_connect_failed"] == 3)
+        wait_until(lambda: st()["connections_dropped_connect_failed"] == 3)
         sink.close()
     events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]
     assert events == [
@@ -304,13 +305,13 @@ def test_a_second_stall_outage_is_logged_again() -> None:
     st = lambda: sink.stats  # noqa: E731
     with capture_logs() as logs:
         push(sink, 1, *[b"z" * 100_000] * 100)  # 10 MB into a shadow that never reads
-        wait_until(lambda: st()["flows_dropped_flow_buffer"] == 1)
+        wait_until(lambda: st()["connections_dropped_flow_buffer"] == 1)
         s.read = True
         push(sink, 2, b"fine")
         wait_until(lambda: st()["connections_completed"] == 1)
         s.read = False
         push(sink, 3, *[b"z" * 100_000] * 100)
-        wait_until(lambda: st()["flows_dropped_flow_buffer"] == 2)
+        wait_until(lambda: st()["connections_dropped_flow_buffer"] == 2)
         sink.close()
     s.close()
     events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]
@@ -407,13 +408,13 @@ def test_shadow_that_stops_reading_after_the_end_is_dropped_as_stalled() -> None
     with capture_logs() as logs:
         push(sink, 1, *[b"z" * 65536] * 120)
         wait_until(lambda: sink.queued_bytes > total // 3)  # held by us, so in the budget
-        wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1, timeout=10)
+        wait_until(lambda: sink.stats["connections_dropped_stalled"] == 1, timeout=10)
         wait_until(lambda: live_tasks(sink) == 0)
         assert sink.queued_bytes == 0
         st = sink.stats
         sink.close()
     s.close()
-    assert st["flows_dropped"] == 1 and st["bytes_forwarded"] + st["bytes_dropped"] == total
+    assert st["connections_dropped"] == 1 and st["bytes_forwarded"] + st["bytes_dropped"] == total
     assert st["bytes_dropped"] > total // 3
     assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["stalled"]
     assert [e["flow_id"] for e in logs if e["event"] == "forwarding failed"] == [1]
@@ -424,7 +425,7 @@ def test_bytes_counted_dropped_never_reach_the_shadow_later() -> None:
     s = Shadow(read=False, rcvbuf=4096)
     sink = ForwardSink(s.addr, config=ForwardConfig(stall_timeout=0.3, end_grace=0.1))
     push(sink, 1, *[b"z" * 65536] * 20)
-    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: sink.stats["connections_dropped_stalled"] == 1)
     wait_until(lambda: live_tasks(sink) == 0)
     got = s.read_late()  # the shadow wakes up and reads
     sink.close()
@@ -437,13 +438,13 @@ def test_shadow_that_stops_reading_while_the_flow_is_open_is_dropped_as_stalled(
     s = Shadow(read=False, rcvbuf=4096)
     sink = ForwardSink(s.addr, config=ForwardConfig(stall_timeout=0.3))
     push(sink, 1, *[b"z" * 65536] * 20, end=False)
-    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: sink.stats["connections_dropped_stalled"] == 1)
     wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
     push(sink, 1, b"more")  # the flow is given up: later bytes only counted
     sink.close()
     s.close()
     st = sink.stats
-    assert st["flows_dropped"] == 1 and st["connections"] == 1
+    assert st["connections_dropped"] == 1 and st["connections"] == 1
     assert st["bytes_forwarded"] + st["bytes_dropped"] == 20 * 65536 + 4
 
 
@@ -468,12 +469,12 @@ def test_bytes_in_the_transport_count_against_the_flow_buffer() -> None:
 
     wait_until(written)
     push(sink, 1, b"b" * 600_000)  # the first 600 kB are still ours: over 1 MiB
-    wait_until(lambda: sink.stats["flows_dropped_flow_buffer"] == 1)
+    wait_until(lambda: sink.stats["connections_dropped_flow_buffer"] == 1)
     wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
     sink.close()
     s.close()
     st = sink.stats
-    assert st["flows_dropped"] == 1
+    assert st["connections_dropped"] == 1
     assert st["bytes_forwarded"] + st["bytes_dropped"] == 1_200_000
 
 
@@ -482,12 +483,12 @@ def test_shadow_that_trickles_after_the_end_is_cut_at_end_timeout() -> None:
     cfg = ForwardConfig(end_timeout=0.5, stall_timeout=5, end_grace=30)
     sink = ForwardSink(s.addr, config=cfg)
     push(sink, 1, *[b"t" * 65536] * 16)
-    wait_until(lambda: sink.stats["flows_dropped_stalled"] == 1)
+    wait_until(lambda: sink.stats["connections_dropped_stalled"] == 1)
     wait_until(lambda: live_tasks(sink) == 0 and sink.queued_bytes == 0)
     st = sink.stats
     sink.close()
     s.close()
-    assert st["flows_dropped"] == 1 and st["bytes_forwarded"] > 0
+    assert st["connections_dropped"] == 1 and st["bytes_forwarded"] > 0
     assert st["bytes_forwarded"] + st["bytes_dropped"] == 16 * 65536
 
 
@@ -500,7 +501,7 @@ def test_slow_but_healthy_shadow_is_completed_not_stalled() -> None:
     sink.close()
     s.close()
     st = sink.stats
-    assert not st["flows_dropped"] and not st["bytes_dropped"], st
+    assert not st["connections_dropped"] and not st["bytes_dropped"], st
     assert st["bytes_forwarded"] == 8 * 65536 and s.received == [b"h" * 8 * 65536]
 
 
@@ -514,28 +515,28 @@ def test_a_dial_raising_any_exception_is_connect_failed() -> None:
     sink = ForwardSink("127.0.0.1:9", dial, ForwardConfig(max_total_buffer=100))
     with capture_logs() as logs:
         push(sink, 1, b"x" * 60)
-        wait_until(lambda: sink.stats["flows_dropped_connect_failed"] == 1)
+        wait_until(lambda: sink.stats["connections_dropped_connect_failed"] == 1)
         wait_until(lambda: live_tasks(sink) == 0)
         assert sink.queued_bytes == 0 and sink._dialing == 0
         push(sink, 2, b"y" * 60)  # the budget is free again: dialed, not over the total
-        wait_until(lambda: sink.stats["flows_dropped_connect_failed"] == 2)
+        wait_until(lambda: sink.stats["connections_dropped_connect_failed"] == 2)
         sink.close()
     st = sink.stats
-    assert st["flows_dropped"] == 2 and st["bytes_dropped"] == 120
+    assert st["connections_dropped"] == 2 and st["bytes_dropped"] == 120
     failed = [e for e in logs if e["event"] == "forwarding failed"]
     assert len(failed) == 1 and "ValueError" in failed[0]["error"]
 
 
 def test_an_unexpected_error_drops_the_flow_and_frees_its_budget(
         shadow: Shadow, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(*_args: object) -> None:
+    def broken(*_args: object) -> None:
         raise RuntimeError("bug")
 
     sink = ForwardSink(shadow.addr)
-    monkeypatch.setattr(sink, "_pump", broken)
+    monkeypatch.setattr(shadow_conn.Conn, "flush_queue", broken)
     with capture_logs() as logs:
         push(sink, 1, b"x" * 50)
-        wait_until(lambda: sink.stats["flows_dropped_error"] == 1)
+        wait_until(lambda: sink.stats["connections_dropped_error"] == 1)
         wait_until(lambda: live_tasks(sink) == 0)
         sink.close()
     assert sink.queued_bytes == 0 and sink.stats["bytes_dropped"] == 50
@@ -549,13 +550,13 @@ def test_shutdown_abort_names_the_flow() -> None:
             push(sink, 7, b"x", end=False)
             sink.close()
     failed = [e for e in logs if e["event"] == "forwarding failed"]
-    assert [(e["reason"], e["flow_id"]) for e in failed] == [("close_timeout", 7)]
+    assert [(e["reason"], e["flow_id"]) for e in failed] == [("shutdown", 7)]
 
 
 # ------------------------------------------------------------------ each flow counted once
 
 
-def test_a_flow_restarted_by_a_gap_is_dropped_once() -> None:
+def test_each_shadow_connection_of_a_flow_restarted_by_a_gap_is_counted_once() -> None:
     sink = ForwardSink(f"127.0.0.1:{free_port()}")
     sink.send(1, b"before")
     sink.send(1, b"after", gap=10)  # a second shadow connection; both are refused
@@ -563,8 +564,8 @@ def test_a_flow_restarted_by_a_gap_is_dropped_once() -> None:
     wait_until(lambda: live_tasks(sink) == 0 and sink.stats["connections"] == 2)
     sink.close()
     st = sink.stats
-    assert st["flows_dropped"] == 1 == st["flows_dropped_connect_failed"], st
-    assert st["bytes_dropped"] == 11
+    assert st["connections_dropped"] == 2 == st["connections_dropped_connect_failed"], st
+    assert st["bytes_dropped"] == 11 and st["connections_in_flight"] == 0
 
 
 def test_a_dropped_flow_is_not_revived_by_a_queued_gap(shadow: Shadow) -> None:
@@ -575,7 +576,7 @@ def test_a_dropped_flow_is_not_revived_by_a_queued_gap(shadow: Shadow) -> None:
     push(sink, 1)
     sink.close()
     st = sink.stats
-    assert st["flows_dropped"] == 1 == st["flows_dropped_flow_buffer"], st
+    assert st["connections_dropped"] == 1 == st["connections_dropped_flow_buffer"], st
     assert st["bytes_dropped"] == 1300 and st["connections"] == 1
     assert shadow.received in ([], [b""])
 
@@ -675,7 +676,7 @@ import asyncio, errno, socket, sys
 for path in ("all", "lo"):
     with open(f"/proc/sys/net/ipv6/conf/{path}/disable_ipv6", "w") as f:
         f.write("1")
-from agent.sinks import source_ports
+from agent.sinks import shadow_conn, source_ports
 from tests.unit.shadow import Shadow
 
 shadow = Shadow()

@@ -86,8 +86,8 @@ def test_every_key_a_stage_produces_is_declared(replayed: TrafficMirror) -> None
 def test_an_undeclared_key_is_reported_and_still_rendered() -> None:
     stats = {"forward": {"connections": 1, "new_thing": 2}}
     assert metrics.undeclared(stats) == ["forward:new_thing"]
-    assert metrics.undeclared({"forward": {"flows_dropped_bogus": 1}}) == [
-        "forward:flows_dropped_bogus"]
+    assert metrics.undeclared({"forward": {"connections_dropped_bogus": 1}}) == [
+        "forward:connections_dropped_bogus"]
     snap = metrics.snapshot(metrics.new_registry(lambda: stats))
     assert snap['mirror_agent_undeclared_stat{key="forward:new_thing"}'] == 2
 
@@ -121,7 +121,7 @@ def test_kernel_metrics_come_from_the_header() -> None:
 def test_reasons_are_labels(replayed: TrafficMirror) -> None:
     snap = replayed.stats()
     assert snap['mirror_agent_reassembly_flows_closed_total{reason="fin"}'] == 7
-    assert snap['mirror_agent_forward_flows_dropped_total{reason="connect_failed"}'] == 0
+    assert snap['mirror_agent_forward_connections_dropped_total{reason="connect_failed"}'] == 0
     assert snap['mirror_agent_kernel_packets_skipped_total{reason="not_our_port"}'] == 0
     assert snap['mirror_agent_mirror_hook_dropped_bytes_total{hook="record"}'] > 0
     assert metrics.split_key('a_total{reason="x\\"y"}') == ("a_total", {"reason": 'x"y'})
@@ -179,11 +179,11 @@ def test_summary_is_rendered_from_the_registry(replayed: TrafficMirror) -> None:
 
 def test_degradation_reads_the_registry() -> None:
     stats = {"source": {"cut_short_files": 1},
-             "forward": {"flows_dropped": 3, "flows_dropped_connect_failed": 2,
-                         "flows_dropped_stalled": 1},
+             "forward": {"connections_dropped": 3, "connections_dropped_connect_failed": 2,
+                         "connections_dropped_stalled": 1},
              "record": {"record_errors": 1, "record_dropped_records": 4}}
     snap = metrics.snapshot(metrics.new_registry(lambda: stats))
     assert degradation(snap) == [
         "1 capture file(s) cut short", "1 recording(s) failed",
         "recording dropped 4 record(s): the disk could not keep up",
-        "forward sink dropped 3 flow(s) (connect_failed=2, stalled=1)"]
+        "forward sink dropped 3 shadow connection(s) (connect_failed=2, stalled=1)"]

@@ -21,10 +21,10 @@ from tests.unit.segments import Conversation
 # Metrics (agent/metrics.py) this file reads from stats.
 FORWARD_CONNECTIONS_COMPLETED = "mirror_agent_forward_connections_completed_total"
 FORWARD_DROPPED_BYTES = "mirror_agent_forward_dropped_bytes_total"
-FORWARD_FLOWS_DROPPED_CONNECT_FAILED = key(
-    "mirror_agent_forward_flows_dropped_total", reason="connect_failed")
-FORWARD_FLOWS_DROPPED_FLOW_BUFFER = key(
-    "mirror_agent_forward_flows_dropped_total", reason="flow_buffer")
+FORWARD_CONNECTIONS_DROPPED_CONNECT_FAILED = key(
+    "mirror_agent_forward_connections_dropped_total", reason="connect_failed")
+FORWARD_CONNECTIONS_DROPPED_FLOW_BUFFER = key(
+    "mirror_agent_forward_connections_dropped_total", reason="flow_buffer")
 FORWARD_FORWARDED_BYTES = "mirror_agent_forward_forwarded_bytes_total"
 REASSEMBLY_SEGMENTS = "mirror_agent_reassembly_segments_total"
 
@@ -258,7 +258,7 @@ def test_refusing_target_costs_only_forwarding() -> None:
     m.run(source_of(conversation()))
     assert got == [b"GET / HTTP/1.1\r\n\r\n"]
     st = m.stats()
-    assert st[FORWARD_FLOWS_DROPPED_CONNECT_FAILED] == 1
+    assert st[FORWARD_CONNECTIONS_DROPPED_CONNECT_FAILED] == 1
     assert st[FORWARD_DROPPED_BYTES] == 18
 
 
@@ -275,7 +275,7 @@ def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
     m.run(source_of([*c.handshake(), *big]))
     server.close()
     st = m.stats()
-    assert st[FORWARD_FLOWS_DROPPED_FLOW_BUFFER] == 1
+    assert st[FORWARD_CONNECTIONS_DROPPED_FLOW_BUFFER] == 1
     assert st[FORWARD_DROPPED_BYTES] + st.get(FORWARD_FORWARDED_BYTES, 0) == 6_000_000
 
 

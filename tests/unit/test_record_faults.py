@@ -36,7 +36,7 @@ from tests.unit.test_mirror_contracts import Sink, sink  # noqa: F401  (a fixtur
 # Metrics (agent/metrics.py) this file reads from stats.
 FORWARD_CONNECTIONS = "mirror_agent_forward_connections_total"
 FORWARD_DROPPED_BYTES = "mirror_agent_forward_dropped_bytes_total"
-FORWARD_FLOWS_DROPPED = "mirror_agent_forward_flows_dropped_total"
+FORWARD_CONNECTIONS_DROPPED = "mirror_agent_forward_connections_dropped_total"
 MIRROR_CHUNKS = "mirror_agent_mirror_chunks_total"
 MIRROR_FORWARD_LATE_BYTES = "mirror_agent_mirror_forward_late_bytes_total"
 RECORD_ERRORS = "mirror_agent_record_errors_total"
@@ -367,18 +367,18 @@ def test_cli_a_dead_shadow_exits_3_saying_why() -> None:
     res = cli("--target", f"127.0.0.1:{port}")
     assert res.returncode == 3, res.stderr
     assert res.stderr.splitlines()[-1] == (
-        "mirror-agent: degraded: forward sink dropped 7 flow(s) (connect_failed=7) "
+        "mirror-agent: degraded: forward sink dropped 7 shadow connection(s) (connect_failed=7) "
         "(see the summary)")
 
 
 def test_degradation_names_the_sink_and_why() -> None:
-    dropped = FORWARD_FLOWS_DROPPED
+    dropped = FORWARD_CONNECTIONS_DROPPED
     assert degradation({key(dropped, reason="connect_failed"): 1,
                         key(dropped, reason="flow_buffer"): 4,
                         key(dropped, reason="reset"): 0,
                         FORWARD_DROPPED_BYTES: 9,
                         RECORD_RECORDS: 3}) == [
-        "forward sink dropped 5 flow(s) (flow_buffer=4, connect_failed=1)"]
+        "forward sink dropped 5 shadow connection(s) (flow_buffer=4, connect_failed=1)"]
     assert degradation({key(dropped, reason="reset"): 0,
                         RECORD_RECORDS: 1}) == []
     lost = RECORD_RECORDS_LOST
