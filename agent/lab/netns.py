@@ -104,9 +104,13 @@ def start_python_server(ns: NetNS, port: int, host: str = "127.0.0.1",
 
 
 def start_nginx(ns: NetNS, port: int, workdir: Path, host: str = "127.0.0.1",
-                max_conns: int = 4096) -> None:
-    """nginx (one worker) answering every request with a 17-byte body."""
+                max_conns: int = 4096, access_log: Path | None = None) -> None:
+    """nginx (one worker) answering every request with a 17-byte body; ``access_log``: log
+    each request there (``$request`` and ``$status`` a line, unbuffered), else none."""
     workdir.mkdir(parents=True, exist_ok=True)
+    log = "access_log off;" if access_log is None else (
+        "log_format churn '$request $status $request_length';\n"
+        f"  access_log {access_log} churn;")
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     conf = workdir / "nginx.conf"
     conf.write_text(f"""
@@ -117,7 +121,7 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 events {{ worker_connections {max_conns}; }}
 http {{
-  access_log off;
+  {log}
   client_body_temp_path {workdir}/body;
   client_max_body_size 0;
   keepalive_requests 100000;
