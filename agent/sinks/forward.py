@@ -436,6 +436,7 @@ class ForwardSink:
                 return
             conn.done = True
             self._live.discard(conn)  # it stays the flow's current one until the flow ends
+            self._dialer.release(conn)
             lost = conn.pushed - conn.counted + conn.queued
             self._counts["bytes_dropped"] += lost
             self._ops.release(conn.budgeted)

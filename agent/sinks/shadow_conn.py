@@ -23,7 +23,12 @@ from typing import Any
 import structlog
 
 from agent.config import Dial, parse_target
-from agent.sinks.source_ports import NoSourcePort, connect_from_ports
+from agent.sinks.source_ports import (
+    NoSourcePort,
+    connect_from_ports,
+    literal_infos,
+    release_source_port,
+)
 
 __all__ = ["Conn", "Dialer", "bytes_acked", "connect_failure", "describe"]
 
@@ -61,7 +66,7 @@ class Conn(asyncio.Protocol):
     __slots__ = ("after_service", "answered", "budgeted", "closing", "counted", "deferred",
                  "done", "end_by", "ended", "fin_at", "flow_id", "lost", "notify", "outcome",
                  "progress_at", "pushed", "queue", "queued", "ready", "response_bytes",
-                 "server_eof", "sock", "task", "transport", "waiting_since")
+                 "server_eof", "sock", "source_port", "task", "transport", "waiting_since")
 
     def __init__(self, flow_id: int, notify: Callable[[Conn], None]) -> None:
         self.flow_id = flow_id
@@ -75,6 +80,7 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready = False  # dialed, queue flushed: bytes go straight to the transport
         self.sock: Any = None
+        self.source_port: int | None = None  # taken from the reserved pool, until released
         self.task: asyncio.Task[None] | None = None  # the dial, until connected
         self.ended = False  # takes no more bytes
         self.after_service = False  # the service closed first: let the target close first
@@ -241,15 +247,18 @@ class Dialer:
 
     def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int]) -> None:
         self._host, self._port = parse_target(target)
+        self._infos = literal_infos(self._host, self._port)  # None: resolved per connect
         self._target = target
         self._dial = dial
         self._ports = ports
         self._warned = False
 
     async def __call__(self, conn: Conn) -> None:
-        """Connect ``conn`` (its ``connection_made`` has run when this returns)."""
+        """Connect ``conn`` (its ``connection_made`` has run when this returns). Its source
+        port stays taken until :meth:`release`."""
         if self._dial is None:
-            sock = await connect_from_ports(self._host, self._port, self._ports)
+            sock = await connect_from_ports(self._host, self._port, self._ports, self._infos)
+            conn.source_port = sock.getsockname()[1]
         else:
             sock = await _dial_in_thread(self._dial, self._target)
         try:
@@ -259,7 +268,14 @@ class Dialer:
             await asyncio.get_running_loop().create_connection(lambda: conn, sock=sock)
         except BaseException:  # a cancelled connect must not leak its socket either
             sock.close()
+            self.release(conn)
             raise
+
+    def release(self, conn: Conn) -> None:
+        """``conn`` is over: its source port may be taken again."""
+        if conn.source_port is not None:
+            release_source_port(self._ports, conn.source_port)
+            conn.source_port = None
 
     def _check_port(self, name: object) -> None:
         lo, hi = self._ports

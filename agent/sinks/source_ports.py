@@ -2,9 +2,10 @@
 
 Every connection the agent makes to a shadow is bound to a port of a reserved range
 (:data:`agent.config.FORWARD_SOURCE_PORTS`), so capturing its own forwarded traffic is decided
-by the port alone, in the kernel. Ports are handed out in rotation (each range has one cursor
-per process, starting at a random port), so a port comes back as late as possible; one whose
-connection to the same target is still open or in TIME_WAIT is skipped.
+by the port alone, in the kernel. The forward sink takes ports from a pool, the one given back
+longest ago first, and gives each back when its connection ends, so a port comes back as
+late as possible and taking one costs no scan; a custom ``dial`` binds with
+:func:`bind_source_port`, which walks the range from a shared cursor instead.
 
 A connect failing with EADDRNOTAVAIL means either that (this port's 4-tuple is taken) or that
 the target address itself cannot be used from here (say ``::1`` with IPv6 off): a UDP connect
@@ -24,12 +25,14 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 from agent.config import FORWARD_SOURCE_PORTS
 
-__all__ = ["NoSourcePort", "bind_source_port", "connect_from_ports"]
+__all__ = ["NoSourcePort", "bind_source_port", "connect_from_ports", "forward_capacity",
+           "literal_infos", "release_source_port"]
 
 #: Seconds an address whose every source port is taken fails at once (no scan).
 EXHAUSTED_BACKOFF = 1.0
@@ -108,14 +111,18 @@ def bind_source_port(sock: socket.socket,
 
 
 async def connect_from_ports(host: str, port: int,
-                             ports: tuple[int, int] = FORWARD_SOURCE_PORTS) -> socket.socket:
-    """A non-blocking socket connected to ``host:port`` from a port of ``ports``.
+                             ports: tuple[int, int] = FORWARD_SOURCE_PORTS,
+                             infos: list[tuple[Any, ...]] | None = None) -> socket.socket:
+    """A non-blocking socket connected to ``host:port`` from a port of ``ports``; the port
+    stays taken until :func:`release_source_port` gives it back.
 
-    Tries each address ``host`` resolves to, in order. If none works, raises
+    Tries each address ``host`` resolves to (or ``infos``, :func:`literal_infos` made once),
+    in order. If none works, raises
     :class:`NoSourcePort` if every port was taken for one of them, else the last error.
     """
     loop = asyncio.get_running_loop()
-    infos = _literal(host, port) or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = (infos or literal_infos(host, port)
+             or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
     error: OSError = OSError(errno.EHOSTUNREACH, f"{host} has no address")
     exhausted: NoSourcePort | None = None
     for family, _type, proto, _name, addr in infos:
@@ -128,7 +135,7 @@ async def connect_from_ports(host: str, port: int,
     raise exhausted or error
 
 
-def _literal(host: str, port: int) -> list[tuple[Any, ...]] | None:
+def literal_infos(host: str, port: int) -> list[tuple[Any, ...]] | None:
     """The address info of an IP literal, without a resolver thread (a connection's cost at
     thousands of connections a second); None for a name."""
     try:
@@ -142,27 +149,79 @@ def _literal(host: str, port: int) -> list[tuple[Any, ...]] | None:
     return [(socket.AF_INET6, socket.SOCK_STREAM, 0, "", (host, port, 0, 0))]
 
 
+class _Pool:
+    """The ports of one range that this process has not handed out, the one given back
+    longest ago first: a port comes back as late as possible (after its TIME_WAIT, where
+    the agent closed first), and taking one costs no scan. Ports held by other processes
+    are found by the connect and go to the back. Thread-safe."""
+
+    def __init__(self, ports: tuple[int, int]) -> None:
+        lo, hi = ports
+        self.size = hi - lo + 1
+        start = random.randrange(self.size)
+        self._free = deque(lo + (start + i) % self.size for i in range(self.size))
+        self._out: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if not self._free:
+                return None
+            port = self._free.popleft()
+            self._out.add(port)
+            return port
+
+    def give_back(self, port: int) -> None:
+        with self._lock:
+            if port in self._out:
+                self._out.discard(port)
+                self._free.append(port)
+
+
+_pools: dict[tuple[int, int], _Pool] = {}
+
+
+def _pool(ports: tuple[int, int]) -> _Pool:
+    with _lock:
+        pool = _pools.get(ports)
+        if pool is None:
+            pool = _pools[ports] = _Pool(ports)
+        return pool
+
+
+def release_source_port(ports: tuple[int, int], port: int) -> None:
+    """Give back ``port`` of ``ports``, taken by :func:`connect_from_ports`, once its
+    connection is closed (idempotent)."""
+    _pool(ports).give_back(port)
+
+
 async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
                    ports: tuple[int, int]) -> socket.socket:
-    """Connect to ``addr`` from the first port of ``ports`` whose 4-tuple is free."""
+    """Connect to ``addr`` from a port of ``ports`` whose 4-tuple is free: the pool's next
+    one, skipping those the connect finds taken. :class:`NoSourcePort` at once if this
+    process holds every port."""
     key = (ports, family, addr)
     if _exhausted.get(key, 0.0) > _clock():
         raise NoSourcePort(ports)
-    walk = _Walk(ports)
+    pool = _pool(ports)
     checked = False
-    for i, source_port in enumerate(walk):
+    for i in range(pool.size):
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)  # a long walk must not hold up the other connections
+        source_port = pool.take()
+        if source_port is None:  # all held by this process's connections: no scan
+            raise NoSourcePort(ports)
         try:
             sock = await _connect_from(loop, family, proto, addr, source_port)
-        except _Taken:
-            if not checked:  # unusable address: raise its error, do not walk on
-                _check_address(family, addr)
+        except (_Taken, _InUse) as e:
+            pool.give_back(source_port)
+            if isinstance(e, _Taken) and not checked:  # unusable address: its error
                 checked = True
+                _check_address(family, addr)
             continue
-        except _InUse:
-            continue
-        walk.took(source_port)
+        except BaseException:
+            pool.give_back(source_port)
+            raise
         _exhausted.pop(key, None)
         return sock
     _exhausted[key] = _clock() + EXHAUSTED_BACKOFF

@@ -646,8 +646,15 @@ def test_an_exhausted_range_fails_fast_until_the_back_off_ends(
     monkeypatch.setattr(source_ports, "_clock", lambda: now[0])
     binds = _count_binds(monkeypatch)
 
+    def held_elsewhere(source_port: int) -> socket.socket:  # not through the pool
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", source_port))
+        sock.connect((host, int(port)))
+        return sock
+
     async def scenario() -> None:
-        held = [await source_ports.connect_from_ports(host, int(port), ports) for _ in ports]
+        held = [held_elsewhere(p) for p in ports]
         for expected_binds in (2, 0, 0):  # a scan, then the back-off
             binds.clear()
             with pytest.raises(source_ports.NoSourcePort):
