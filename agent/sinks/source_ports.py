@@ -34,6 +34,8 @@ from agent.config import FORWARD_SOURCE_PORTS
 __all__ = ["NoSourcePort", "bind_source_port", "connect_from_ports", "forward_capacity",
            "literal_infos", "release_source_port"]
 
+#: Seconds a connect waits for one of this process's own connections to free a port.
+PORT_WAIT = 1.0
 #: Seconds an address whose every source port is taken fails at once (no scan).
 EXHAUSTED_BACKOFF = 1.0
 _YIELD_EVERY = 64  # ports tried between two yields to the event loop
@@ -208,9 +210,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, add
     for i in range(pool.size):
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)  # a long walk must not hold up the other connections
-        source_port = pool.take()
-        if source_port is None:  # all held by this process's connections: no scan
-            raise NoSourcePort(ports)
+        source_port = pool.take() or await _wait_for_port(pool, ports)
         try:
             sock = await _connect_from(loop, family, proto, addr, source_port)
         except (_Taken, _InUse) as e:
@@ -225,6 +225,19 @@ async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, add
         _exhausted.pop(key, None)
         return sock
     _exhausted[key] = _clock() + EXHAUSTED_BACKOFF
+    raise NoSourcePort(ports)
+
+
+async def _wait_for_port(pool: _Pool, ports: tuple[int, int]) -> int:
+    """Every port is held by this process's own connections: wait (up to
+    :data:`PORT_WAIT` seconds, looking every 10 ms) for one to be given back, so a burst
+    that outlasts the shadow's answers briefly is delivered late rather than dropped;
+    then :class:`NoSourcePort`."""
+    for _ in range(int(PORT_WAIT / 0.01)):
+        await asyncio.sleep(0.01)
+        port = pool.take()
+        if port is not None:
+            return port
     raise NoSourcePort(ports)
 
 

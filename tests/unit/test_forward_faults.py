@@ -121,6 +121,21 @@ def test_exhausted_source_ports_drop_the_flow_as_no_source_port(shadow: Shadow) 
     assert [e["reason"] for e in logs if e["event"] == "forwarding failed"] == ["no_source_port"]
 
 
+def test_a_flow_waits_briefly_for_a_port_its_own_connections_free(shadow: Shadow) -> None:
+    p = free_port_pair()
+    sink = ForwardSink(shadow.addr, config=ForwardConfig(source_ports=(p, p + 1)))
+    for flow_id in (1, 2):
+        push(sink, flow_id, b"x%d" % flow_id, end=False)
+    wait_until(lambda: len(shadow.peers) == 2)
+    push(sink, 3, b"x3")  # no port free now: it waits ...
+    time.sleep(0.2)
+    push(sink, 1, end=True)  # ... until this one's connection ends and gives its port back
+    wait_until(lambda: len(shadow.peers) == 3)
+    sink.close()
+    st = sink.stats
+    assert st["connections_completed"] == 3 and not st["connections_dropped"], st
+
+
 def test_custom_dial_binds_with_the_helper(shadow: Shadow) -> None:
     def dial(addr: str) -> socket.socket:
         host, port = addr.rsplit(":", 1)
