@@ -24,7 +24,7 @@ RSS counts both mappings, so it counts twice.
 
 The derivation (``L`` = the limit; numbers for L = 896 MiB, a 1 GiB cgroup, on 2 CPUs)::
 
-    base        = 64 MiB (interpreter, libraries; idle RSS is 52 MiB)
+    base        = 64 MiB (interpreter, libraries; idle RSS is 41-42 MiB)
                   + 3 MiB per live source (the native decoder's 2.8 MiB)          =  67 MiB
     kernel      = perf: per-CPU ring x CPUs, the per-CPU size the old default
                   (16 MiB, less above 8 CPUs) but at most L/8 in all, a power of
@@ -42,17 +42,31 @@ The derivation (``L`` = the limit; numbers for L = 896 MiB, a 1 GiB cgroup, on 2
                   64 x 128 KiB + 71,610 x 400 B (gzip: 64 x 416 KiB + ...)     = 35 MiB
                                                               (gzip: 53 MiB)
     pool        = L - base - kernel - flow table - defrag (- flow pcaps)           = 681 MiB
-    slack       = pool / 3: Python objects around the counted payload bytes
-                  (~200 B per segment or chunk) and allocator fragmentation       = 227 MiB
-                  (a quarter was measured too little: 526 MiB peak RSS against a
-                  512 MiB limit in bench/overload_memory.py; a third gives ~500)
-    buffers     = pool - slack, in four equal shares                              = 454 MiB
-      drain_backlog     payload drained from the rings, not yet taken (pause)   = 113.5 MiB
-      reassembly_total  out-of-order bytes across all flows (--max-buffer)      = 113.5 MiB
-      record_queue      record data waiting for the disk (drop)                 = 113.5 MiB
-      forward_total     bytes handed to the forward sink, not yet taken (drop)  = 113.5 MiB
+    slack       = pool x 2/5: what the shares below do not count (measured, next)  = 272 MiB
+    buffers     = pool - slack, in four equal shares                              = 409 MiB
+      drain_backlog     payload drained from the rings, not yet taken (pause)   = 102 MiB
+      reassembly_total  out-of-order bytes across all flows (--max-buffer)      = 102 MiB
+      record_queue      record data waiting for the disk (drop)                 = 102 MiB
+      forward_total     bytes handed to the forward sink, not yet taken (drop)  = 102 MiB
     reassembly_flow = min(4 MiB, reassembly_total/16)                             =   4 MiB
     forward_flow    = min(8 MiB, forward_total/8)                                 =   8 MiB
+
+The slack, measured (bench/overload_memory.py, 512 MiB: shares of 57.5 MiB before, 51.75
+now; glibc's ``mallinfo2`` and tracemalloc sampled in the agent): idle, the interpreter holds
+42 MiB resident, 12 MiB of it in malloc (inside ``base``). Under overload malloc's in-use
+beyond what the four buffers held and that idle heap was 71 MiB at the median and up to
+186 MiB (the drain's spare chunks, inside its share, included): the mirror thread's Python
+copy of one drain take while the C chunks are still held (up to a drain share), the joined
+copy a skipped hole releases while its pieces are still referenced (145 + 49 MiB of payload
+objects traced at one peak; up to a reassembly share), and object headers (~200 B a segment
+or chunk). So the slack holds two shares and a tenth
+of the pool more: 2/5 (a third was exactly the two shares; a quarter measured 526 MiB peak
+RSS against 512 MiB).
+
+Allocator fragmentation is not in the slack: glibc kept up to 227 MiB of freed heap (508 MiB
+of heap for 280 MiB in use) and never gave it back, so RSS reached 616 MiB against 512 MiB.
+The memory guard (:mod:`agent.memory_guard`) gives it back (``malloc_trim``) above 80 % of the
+limit and sheds load above 88 %: the measured truth behind this arithmetic.
 
 An explicit value (``--buffer-mib``, ``--max-flows``, ``--max-buffer``, ``--max-flow-buffer``)
 replaces its derived figure; the shares not given split what is left. When what is given does
@@ -85,9 +99,9 @@ HEADROOM_DIVISOR = 8
 #: The origin of a default limit taken while this process is in a memory cgroup whose limit
 #: it cannot read (its filesystem is not mounted here, e.g. under ``ip netns exec``).
 UNREAD_CGROUP = "default; the memory cgroup's limit is not readable here"
-#: The share of the pool left for Python object overhead and fragmentation (see above).
-SLACK_DIVISOR = 3
-#: Interpreter, libraries and metrics: idle RSS is 52 MiB (README, bench/idle_rss.py).
+#: The share of the pool left for what the buffers do not count (see above): 2/5.
+SLACK_NUM, SLACK_DEN = 2, 5
+#: Interpreter, libraries and metrics: idle RSS is 41-42 MiB (README, bench/idle_rss.py).
 BASE_BYTES = 64 * MIB
 #: The native decoder's buffers (2.8 MiB), per live source.
 DECODER_BYTES = 3 * MIB
@@ -263,7 +277,7 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
 
     pcaps, pcap_files = flow_pcap_bytes(limit, flows, flow_pcap)
     pool = limit - base - rings - table - defrag - pcaps
-    slack = max(0, pool) // SLACK_DIVISOR
+    slack = max(0, pool) * SLACK_NUM // SLACK_DEN
     buffers = max(0, pool) - slack
     fixed = f"base {format_size(base)}"
     if rings:
@@ -279,7 +293,7 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
     if buffers < need:
         raise BudgetError(
             f"{what} is too small: {fixed} leave {format_size(max(0, buffers))} for buffers "
-            f"(after 1/3 slack), at least {format_size(need)} needed; raise --memory-limit"
+            f"(after 2/5 slack), at least {format_size(need)} needed; raise --memory-limit"
             + (" or lower --buffer-mib/--max-flows" if buffer_mib or max_flows else ""))
     share = buffers // 4
     if max_buffer is not None:
@@ -287,7 +301,7 @@ def derive(limit: int, *, cpus: int, possible_cpus: int | None = None,
         if rest < 3 * MIN_SHARE:
             raise BudgetError(
                 f"--max-buffer {format_size(max_buffer)} does not fit {what}: {fixed} leave "
-                f"{format_size(buffers)} for buffers (after 1/3 slack), and the drain backlog, "
+                f"{format_size(buffers)} for buffers (after 2/5 slack), and the drain backlog, "
                 f"record queue and forward hand-over need {format_size(3 * MIN_SHARE)} of it")
         share = rest // 3
         reassembly = max_buffer

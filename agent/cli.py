@@ -165,7 +165,8 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
         record_in_background=opts.capture is not None or opts.command == "serve",
         forward=ForwardConfig(source_ports=p.forward_source_ports,
                               max_flow_buffer=mem.forward_flow,
-                              max_total_buffer=mem.forward_total),
+                              max_total_buffer=mem.forward_total,
+                              mode=p.forward_mode, pool_size=p.forward_pool),
         budget=mem, anonymize=anonymizer(p.anonymize), flow_pcap=_flow_pcap(p, mem),
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ class RunningAgent:
         self.mirror: TrafficMirror | None = None
         self.source: PacketSource | None = None
         self.beats: list[Heartbeat] = []
+        self._ports_lock = threading.Lock()  # one PUT /ports at a time
 
     @property
     def state(self) -> State:
@@ -116,7 +118,8 @@ class RunningAgent:
 
     def set_ports(self, ports: list[int]) -> None:
         """The mirror classifies the new ports first, then the capture takes them: a segment
-        of a new port is never seen before its port is known."""
+        of a new port is never seen before its port is known. All or nothing: if the capture
+        refuses (ValueError), it still observes the old ports, and so does the mirror."""
         mirror, src = self.mirror, self.source
         assert mirror is not None
         if src is not None and not isinstance(src, PortSteerable):
@@ -126,11 +129,13 @@ class RunningAgent:
         if inside and src is not None:
             raise ValueError(f"port {inside[0]} is inside the forward source ports {lo}-{hi}, "
                              "whose packets capture skips")
-        old = mirror.ports
-        mirror.set_ports(old | set(ports))
-        if src is not None:
-            src.set_ports(ports)
-        mirror.set_ports(frozenset(ports))
+        with self._ports_lock:
+            mirror.set_ports(mirror.ports | set(ports))
+            try:
+                if src is not None:
+                    src.set_ports(ports)
+            finally:  # what the capture observes now, new or old: GET /ports says the same
+                mirror.set_ports(frozenset(src.ports if src is not None else ports))
 
 
 def _names(hooks: object) -> list[str]:
@@ -247,8 +252,11 @@ def probe(opts: Options) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         request.add_header("Authorization", f"Bearer {token}")
+    # Straight to the agent, never through http_proxy & co.: a proxy would get the bearer
+    # token and answer in the agent's place.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as answer:
+        with direct.open(request, timeout=PROBE_TIMEOUT) as answer:
             sys.stdout.write(answer.read().decode(errors="replace").rstrip() + "\n")
             return 0
     except urllib.error.HTTPError as e:

@@ -13,8 +13,9 @@ from typing import NoReturn
 
 from agent import __doc__ as _pkg_doc
 from agent import cli_args as a
+from agent.capture import MAX_PORTS
 from agent.cli_select import add_selection_options
-from agent.config import FORWARD_SOURCE_PORTS
+from agent.config import FORWARD_MODES, FORWARD_POOL_SIZE, FORWARD_SOURCE_PORTS
 from agent.outputs import EXIT_HELP
 from agent.reassembly import HOLE_TIMEOUT
 from agent.sinks.record import COMPRESSIONS, FORMATS
@@ -49,6 +50,9 @@ examples:
   # a host without eBPF: raw socket with a kernel filter; or eBPF with the BPF ring buffer
   mirror-agent run --iface eth0 --port 8080 --engine afpacket --record m.bin
   mirror-agent run --iface eth0 --port 8080 --transport ringbuf --record m.bin
+  # HTTP/1.x service with short connections: each request on 16 keep-alive connections
+  mirror-agent run --iface eth0 --port 8080 --target 10.0.0.5:8080 --forward-mode request \\
+      --forward-pool 16
 """ + EXIT_HELP
 
 
@@ -169,10 +173,11 @@ class _Parser(argparse.ArgumentParser):
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     _add_config_option(p)
     p.add_argument("--port", type=a.ports, metavar="PORT[,PORT...]",
-                   help="observed service port(s); decides each chunk's direction")
+                   help="observed service port(s); decides each chunk's direction (run: "
+                        f"at most {MAX_PORTS})")
     p.add_argument("--target", type=a.target, metavar="HOST:PORT",
                    help="shadow to forward client->service bytes to (one connection per "
-                        "captured connection)")
+                        "captured connection, or per request: --forward-mode)")
     p.add_argument("--forward-source-ports", type=a.port_range, default=FORWARD_SOURCE_PORTS,
                    metavar="LO-HI",
                    help="local ports shadow connections are made from; capture skips every "
@@ -180,6 +185,17 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "(or another agent's) forwarded traffic (default: "
                         f"{FORWARD_SOURCE_PORTS[0]}-{FORWARD_SOURCE_PORTS[1]}, above Linux's "
                         "ephemeral ports)")
+    p.add_argument("--forward-mode", choices=FORWARD_MODES, default="connection",
+                   help="connection (default): one shadow connection per captured "
+                        "connection, any protocol; request: HTTP/1.x only, each request sent "
+                        "on a pool of keep-alive connections (--forward-pool) and its response "
+                        "read, so connection churn costs the shadow nothing; 'Connection: "
+                        "close' is taken out of requests, CONNECT/Upgrade and non-HTTP "
+                        "connections are dropped and counted (e.g. --forward-mode request "
+                        "--forward-pool 16)")
+    p.add_argument("--forward-pool", type=a.at_least_one, default=FORWARD_POOL_SIZE,
+                   metavar="N", help="--forward-mode request: keep-alive connections to the "
+                                     f"shadow at most (default: {FORWARD_POOL_SIZE})")
     p.add_argument("--record", type=a.output_path, metavar="PATH",
                    help="write a recording here ('-' = stdout; nats://HOST:PORT/SUBJECT: "
                         "publish it to a NATS JetStream stream)")
@@ -335,9 +351,10 @@ def _add_replay(rep: argparse.ArgumentParser) -> None:
     from agent.replay.diff import DEFAULT_IGNORED
 
     rep.add_argument("sources", nargs="+", type=a.input_path, metavar="SOURCE",
-                     help="native or JSON-lines recordings (rotated files in order), "
-                          "pcap/pcapng captures (with --port), or nats://HOST:PORT/SUBJECT "
-                          "(a NATS recording)")
+                     help="native or JSON-lines recordings, gzip/zstd compressed or not "
+                          "(rotated files in order), pcap/pcapng captures (with --port), or "
+                          "nats://HOST:PORT/SUBJECT (a NATS recording); - is standard input "
+                          "(a pipe, a FIFO or <(...) works too)")
     _add_config_option(rep)
     rep.add_argument("--target", type=a.target, metavar="HOST:PORT",
                      help="where to replay to (the candidate); required")
@@ -394,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
                          epilog=EXAMPLES, formatter_class=raw)
-    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE")
+    off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE",
+                     help="pcap/pcapng captures, read in order; - is standard input (a pipe, "
+                          "a FIFO or <(...) works too)")
     _add_pipeline_options(off)
 
     run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",

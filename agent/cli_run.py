@@ -57,6 +57,7 @@ def run_pipeline(opts: Options, config: MirrorConfig,
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)
+        mirror.guard_memory()  # RSS held under the budget's limit (agent/memory_guard.py)
         if control is not None:
             control.start(mirror)
         made = make_source()

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from agent.sinks.record import RecordFiles
 
 __all__ = [
+    "FORWARD_MODES",
+    "FORWARD_POOL_SIZE",
     "FORWARD_SOURCE_PORTS",
     "Dial",
     "ForwardConfig",
@@ -37,6 +39,12 @@ __all__ = [
 #: default ephemeral range (``net.ipv4.ip_local_port_range`` 32768-60999), so ordinary clients
 #: never get such a port and the service's own traffic is never hidden by it.
 FORWARD_SOURCE_PORTS: tuple[int, int] = (61000, 65535)
+
+#: How the forward sink sends (:attr:`ForwardConfig.mode`).
+FORWARD_MODES = ("connection", "request")
+#: Keep-alive connections to the shadow at most, in request mode (:attr:`ForwardConfig.
+#: pool_size`).
+FORWARD_POOL_SIZE = 32
 
 #: A connect factory: ``dial("host:port") -> connected socket`` (blocking; run off-thread).
 Dial = Callable[[str], socket.socket]
@@ -118,13 +126,27 @@ class ForwardConfig:
     """Seconds the forward loop may run behind the capture: while it is further behind, new
     flows are dropped at once (``overload``) so the connections under way still complete,
     instead of every connection timing out in a backlog."""
+    mode: str = "connection"
+    """``connection``: one shadow connection per captured connection, any protocol
+    (:mod:`agent.sinks.forward`); ``request``: each HTTP/1.x request on a pool of keep-alive
+    connections (:mod:`agent.sinks.request_forward`)."""
+    pool_size: int = FORWARD_POOL_SIZE
+    """Request mode: keep-alive connections to the shadow at most."""
+    response_timeout: float = 10.0
+    """Request mode: seconds a request may wait for a pooled connection, and then for the
+    shadow to take or answer anything, before it is dropped (``overload``, ``stalled``)."""
 
     def __post_init__(self) -> None:
         check_port_range(*self.source_ports)
         for name in ("connect_timeout", "close_timeout", "end_grace", "stall_timeout",
-                     "end_timeout", "overload_lag"):
+                     "end_timeout", "overload_lag", "response_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"forward {name} must not be negative")
+        if self.mode not in FORWARD_MODES:
+            raise ValueError(f"forward mode {self.mode!r} is not one of "
+                             f"{', '.join(FORWARD_MODES)}")
+        if self.pool_size < 1:
+            raise ValueError("forward pool_size must be at least 1")
 
 
 

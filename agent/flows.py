@@ -76,10 +76,18 @@ class ReassemblyStats:
     no answer before the flow ended): not delivered from the SYN; a refused client sends
     them again after the handshake, and they are delivered from there."""
     flows_closed: dict[str, int] = field(default_factory=dict)
+    flows_refused: dict[str, int] = field(default_factory=dict)
+    """New connections not tracked at all, by reason (``memory``: the memory guard shed
+    them, see :attr:`~agent.reassembly.Reassembler.refuse_new`)."""
+    refused_bytes: dict[str, int] = field(default_factory=dict)
+    """Payload bytes of those connections (never delivered), by reason."""
 
     def as_dict(self) -> dict[str, int]:
-        out = {k: v for k, v in asdict(self).items() if k != "flows_closed"}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("flows_closed", "flows_refused", "refused_bytes")}
         out.update({f"flows_closed_{k}": v for k, v in sorted(self.flows_closed.items())})
+        out.update({f"flows_refused_{k}": v for k, v in sorted(self.flows_refused.items())})
+        out.update({f"refused_bytes_{k}": v for k, v in sorted(self.refused_bytes.items())})
         return out
 
 

@@ -19,11 +19,13 @@ from collections.abc import Iterable
 
 from agent.model import Direction, TrafficChunk
 
-__all__ = ["BAD_BODY", "NOT_HTTP", "OVERSIZE", "HttpRequestEditor", "InjectHeader",
-           "RedactHeaders", "check_header", "check_header_name"]
+__all__ = ["BAD_BODY", "NOT_HTTP", "OVERSIZE", "REQUEST_LINE", "HttpRequestEditor",
+           "InjectHeader", "RedactHeaders", "body_framing", "check_header", "check_header_name",
+           "chunk_size", "could_start_request"]
 
 _REQUEST_START = re.compile(rb"[A-Z]{3,12} ")
-_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
+#: An HTTP/1.x request line, CRLF included (``match`` it where a request should start).
+REQUEST_LINE = _REQUEST_LINE = re.compile(rb"[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
 
 #: An HTTP field name: a token (RFC 9110 5.1).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -154,11 +156,8 @@ class HttpRequestEditor:
               chunk: TrafficChunk) -> int:
         buf = st.buf
         before = len(buf)
-        start = bytes(data[i : i + 13])
         # Not a request start (and not a short prefix of one): this stream is not HTTP/1.x.
-        if not before and not _REQUEST_START.match(start) and (
-            len(start) >= 13 or not start.isupper()
-        ):
+        if not before and not could_start_request(bytes(data[i : i + 13])):
             self._lose(st, out, NOT_HTTP)
             return i
         buf += data[i:]
@@ -197,7 +196,7 @@ class HttpRequestEditor:
         else:
             out += edited
         method = head[: head.index(b" ")]
-        length, chunked, upgrade = _body_framing(head)
+        length, chunked, upgrade = body_framing(head)
         if length < 0 and not chunked:
             self._lose(st, out, BAD_BODY)
         elif method == b"CONNECT" or upgrade:
@@ -223,11 +222,10 @@ class HttpRequestEditor:
         self._emit(st, out, data[i : i + nl + 1])
         st.buf = bytearray()
         if st.mode == _CHUNK_SIZE:
-            token = line.split(b";", 1)[0].strip()
-            if not _HEX.fullmatch(token):
+            size = chunk_size(line)
+            if size is None:
                 self._lose(st, out, BAD_BODY)
                 return i + nl + 1
-            size = int(token, 16)
             if size:
                 st.mode, st.remaining = _CHUNK_DATA, size + 2  # data plus its CRLF
             else:
@@ -237,7 +235,20 @@ class HttpRequestEditor:
         return i + nl + 1
 
 
-def _body_framing(head: bytes) -> tuple[int, bool, bool]:
+def could_start_request(start: bytes) -> bool:
+    """Whether ``start``, the first (up to 13) bytes where a request should begin, can be
+    the start of an HTTP/1.x request line (a method and a space, or a short prefix of one)."""
+    start = start[:13]
+    return bool(_REQUEST_START.match(start)) or (len(start) < 13 and start.isupper())
+
+
+def chunk_size(line: bytes) -> int | None:
+    """The size a chunk-size line (``1a;ext=x\\r\\n``) gives; None if it gives none."""
+    token = line.split(b";", 1)[0].strip()
+    return int(token, 16) if _HEX.fullmatch(token) else None
+
+
+def body_framing(head: bytes) -> tuple[int, bool, bool]:
     """(Content-Length, chunked?, upgrade?) from a request header block; the length is -1
     if it is not a decimal number."""
     length, chunked, upgrade = 0, False, False

@@ -253,6 +253,13 @@ _counter("reassembly_chunks_total", "Contiguous chunks the reassembler delivered
 _counter("reassembly_delivered_bytes_total", "Payload bytes delivered in order", "reassembly",
          "bytes_delivered")
 _counter("reassembly_flows_opened_total", "Connections opened", "reassembly", "flows_opened")
+_by_reason("reassembly_flows_refused_total", "New connections not tracked at all, by reason: "
+           "memory (the memory guard shed them: the process neared its memory limit); each "
+           "is refused whole, every segment of it; should be 0", "reassembly",
+           prefixes=("flows_refused_",), values=("memory",))
+_by_reason("reassembly_refused_bytes_total", "Payload bytes of refused connections, never "
+           "delivered, by reason; should be 0", "reassembly", prefixes=("refused_bytes_",),
+           values=("memory",))
 _by_reason("reassembly_flows_closed_total", "Connections closed, by reason: fin, rst, idle, "
            "flush (end of input) are normal; evicted and lifetime are limits (should be 0); "
            "reused: a new connection on the same addresses", "reassembly",
@@ -360,12 +367,40 @@ _counter("forward_response_bytes_total", "Bytes the shadow target answered (read
 #: Why the forward sink dropped a shadow connection (agent/sinks/forward.py says each).
 FORWARD_DROP_REASONS = ("connect_failed", "connect_timeout", "no_source_port", "flow_buffer",
                         "total_buffer", "overload", "stalled", "reset", "unconfirmed", "shutdown",
-                        "error")
+                        "error", "memory")
 FORWARD_CONNECTIONS_DROPPED = _by_reason(
     "forward_connections_dropped_total", "Shadow connections dropped, by cause (see "
     "agent/sinks/forward.py); should be 0", "forward", prefixes=("connections_dropped_",),
     values=FORWARD_DROP_REASONS)
 _sums[("forward", "connections_dropped")] = FORWARD_CONNECTIONS_DROPPED
+
+# ---------------------------------------------------------------- forward sink: request mode
+
+_counter("forward_requests_total", "HTTP/1.x requests handed to the forward sink in request "
+         "mode (--forward-mode request): each ends completed or dropped, in flight until then",
+         "forward", "requests")
+_counter("forward_requests_completed_total", "Requests whose whole response the shadow sent "
+         "(read and discarded)", "forward", "requests_completed")
+_gauge("forward_requests_in_flight", "Requests neither completed nor dropped yet: "
+       "requests_total - completed - dropped", "forward", "requests_in_flight")
+_counter("forward_requests_retried_total", "Requests sent again because a pooled connection "
+         "closed before any byte of their response (a keep-alive connection the shadow had "
+         "just closed)", "forward", "requests_retried")
+_counter("forward_pool_connections_total", "Keep-alive connections opened to the shadow "
+         "(request mode); healthy: few, however many the service had", "forward",
+         "pool_connections")
+_gauge("forward_pool_connections_open", "Keep-alive connections open to the shadow now "
+       "(request mode); at most --forward-pool", "forward", "pool_connections_open")
+#: Why the request-mode forward sink dropped a request (agent/sinks/request_forward.py).
+FORWARD_REQUEST_DROP_REASONS = (
+    "connect_failed", "connect_timeout", "no_source_port", "reset", "bad_response", "stalled",
+    "overload", "flow_buffer", "total_buffer", "memory", "shutdown", "gap", "not_http",
+    "unframed", "upgrade", "incomplete", "error")
+FORWARD_REQUESTS_DROPPED = _by_reason(
+    "forward_requests_dropped_total", "Requests dropped in request mode, by cause (see "
+    "agent/sinks/request_forward.py); should be 0", "forward",
+    prefixes=("requests_dropped_",), values=FORWARD_REQUEST_DROP_REASONS)
+_sums[("forward", "requests_dropped")] = FORWARD_REQUESTS_DROPPED
 
 # ---------------------------------------------------------------- record sink
 
@@ -376,17 +411,35 @@ _counter("record_written_bytes_total", "Payload bytes written to the recording (
 _counter("record_errors_total", "Recordings that failed (a write error stops the "
          "recording); should be 0", "record", "record_errors")
 _by_reason("record_records_lost_total", "Records not in the recording, by reason: "
-           "write_failed (the file failed), queue_full (the disk could not keep up); "
-           "should be 0", "record", {"record_failed_records": "write_failed",
-                                     "record_dropped_records": "queue_full"})
+           "write_failed (the file failed), queue_full (the disk could not keep up), memory "
+           "(refused while the process was near its memory limit); should be 0", "record",
+           {"record_failed_records": "write_failed", "record_dropped_records": "queue_full",
+            "record_shed_records": "memory"})
 _by_reason("record_lost_bytes_total", "Payload bytes of those records; should be 0",
            "record", {"record_failed_bytes": "write_failed",
-                      "record_dropped_bytes": "queue_full"})
+                      "record_dropped_bytes": "queue_full", "record_shed_bytes": "memory"})
 _counter("record_files_rotated_total", "Recording files started after the first "
          "(--record-rotate: past the size, or a new time slot)", "record",
          "record_files_rotated")
 _counter("record_files_deleted_total", "Recording files of this run deleted, oldest first, "
          "to stay within --record-max-total", "record", "record_files_deleted")
+_counter("record_connections_total", "Connections handed to the record sink (file or NATS): "
+         "each ends completed or dropped, in flight until then", "record", "connections")
+_counter("record_connections_completed_total", "Recorded connections whose every record, "
+         "end included, reached the recording (file: written; NATS: acknowledged)",
+         "record", "connections_completed")
+_gauge("record_connections_in_flight", "Recorded connections neither completed nor dropped "
+       "yet: connections_total - completed - dropped", "record", "connections_in_flight")
+#: Why the record sink dropped a connection: the reason of its first record lost (files:
+#: agent/sinks/record/ledger.py; NATS: NATS_REASONS below).
+RECORD_DROP_REASONS = ("queue_full", "memory", "write_failed", "shutdown", "broker_down",
+                       "publish_failed", "unconfirmed")
+RECORD_CONNECTIONS_DROPPED = _by_reason(
+    "record_connections_dropped_total", "Recorded connections with a record missing from the "
+    "recording, by the reason of the first one lost (see record_records_lost_total and "
+    "record_nats_records_dropped_total); shutdown: no end before the recording closed; "
+    "should be 0", "record", prefixes=("connections_dropped_",), values=RECORD_DROP_REASONS)
+_sums[("record", "connections_dropped")] = RECORD_CONNECTIONS_DROPPED
 
 # ---------------------------------------------------------------- record sink: NATS JetStream
 
@@ -454,6 +507,35 @@ for _b in BUDGET_BUFFERS:
     _exact[("budget", _b)] = (_BUDGET, _b)
 _gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from the memory "
        "budget); constant", "budget", "max_flows")
+
+# ------------------------------------------------------------ memory guard (agent/memory_guard.py)
+
+_gauge("memory_rss_bytes", "Resident memory of the process at the memory guard's latest look "
+       "(every 10 ms); healthy below the high threshold", "memory", "rss_bytes")
+_gauge("memory_rss_peak_bytes", "The most resident memory the memory guard saw; at most "
+       "the limit (budget_bytes{buffer=\"limit\"})", "memory", "rss_peak_bytes")
+_gauge("memory_rss_ratio", "Resident memory / the memory limit at the latest look; the guard "
+       "sheds at the high threshold's ratio", "memory", "rss_ppm", 1e-6)
+_declare("memory_threshold_bytes", "gauge", "The memory guard's thresholds (constant): trim "
+         "(give freed heap back to the OS), high (shed new connections, pause intake), "
+         "critical (also drop queued data), low (resume)", label="level",
+         values=("trim", "low", "high", "critical"))
+_prefixes.append(("memory", "threshold_", _families[PREFIX + "memory_threshold_bytes"]))
+_gauge("memory_level", "The memory guard's level now: 0 ok, 1 high (new connections refused, "
+       "intake paused), 2 critical (also dropping queued data); healthy: 0", "memory",
+       "level")
+_by_reason("memory_pressure_episodes_total", "Times the memory guard reached a level (high, "
+           "critical); should be 0", "memory", prefixes=("episodes_",),
+           values=("high", "critical"), label="level")
+_declare("memory_shed_seconds_total", "counter", "Seconds the memory guard spent at high or "
+         "critical (shedding); should be 0", scale=0.001)
+_exact[("memory", "shed_ms")] = (_families[PREFIX + "memory_shed_seconds_total"], "")
+_counter("memory_drops_total", "Times the memory guard had the forward sink drop the "
+         "connections holding the most bytes (critical); should be 0", "memory", "drops")
+_counter("memory_trims_total", "Times the memory guard gave freed heap memory back to the OS "
+         "(malloc_trim) above the trim threshold", "memory", "trims")
+_counter("memory_trimmed_bytes_total", "Resident bytes those trims gave back", "memory",
+         "trimmed_bytes")
 
 # ---------------------------------------------------------------- hand-offs (agent/handoff.py)
 

@@ -27,6 +27,7 @@ from agent.config import MirrorConfig, WriteFunc
 from agent.handoff import HasHandoffs
 from agent.hooks import hook_stats
 from agent.lograte import RateLimitedLog
+from agent.memory_guard import GuardThread, MemoryGuard, PipelineActions, Thresholds
 from agent.mirror_step import (
     Commands,
     EndForward,
@@ -42,11 +43,12 @@ from agent.mirror_step import (
 from agent.model import FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Reassembler
 from agent.sinks.nats import NatsRecorder, NatsTarget
-from agent.sinks.record import BackgroundWriter, RecordWriter, make_writer
+from agent.sinks.record import BackgroundWriter, FileWriter, RecordWriter, make_writer
 
 if TYPE_CHECKING:
     from agent.sinks.flow_pcap import FlowPcapSaver
     from agent.sinks.forward import ForwardSink
+    from agent.sinks.request_forward import RequestForwardSink
 
 __all__ = ["Cancelled", "TrafficMirror", "coalesce"]
 
@@ -119,10 +121,14 @@ class TrafficMirror:
             self._writer = make_writer(config.writer, config.record_format)
             if config.record_in_background:
                 self._writer = BackgroundWriter(self._writer, config.budget.record_queue)
-        self._forward: ForwardSink | None = None  # made by run(): asyncio loads only if used
+        # Made by run() (asyncio loads only if used), by config.forward.mode.
+        self._forward: ForwardSink | RequestForwardSink | None = None
         self._saver = self._flow_pcap()
         self._source: PacketSource | None = None
         self._limit_log = RateLimitedLog(log)  # one line per reason per 10 s, not per flow
+        self._guard_limit: int | None = None
+        #: The memory guard of the latest run (see :meth:`guard_memory`), or None.
+        self.guard: GuardThread | None = None
         #: The one registry of this mirror's metrics, collected from the stages on demand.
         self.metrics = metrics.new_registry(self.stage_stats)
 
@@ -148,6 +154,21 @@ class TrafficMirror:
     def counters(self) -> Counter[str]:
         """The ``mirror`` stage's counters (the step's)."""
         return self.step.counters
+
+    def guard_memory(self, limit: int | None = None) -> None:
+        """Have :meth:`run` hold this process's resident memory under ``limit`` (default:
+        the budget's) with a memory guard (:mod:`agent.memory_guard`): near it, new
+        connections are refused, the native ring drains pause and queued data is dropped,
+        each counted (``memory``)."""
+        self._guard_limit = limit or self.config.budget.limit
+
+    def _start_guard(self) -> None:
+        if self._guard_limit is None:
+            return
+        actions = PipelineActions(self.reassembler.refusals, self._writer,
+                                  lambda: self._forward)
+        self.guard = GuardThread(MemoryGuard(Thresholds.of(self._guard_limit)), actions)
+        self.guard.start()
 
     def set_ports(self, ports: frozenset[int]) -> None:
         """Observe ``ports`` from now on (any thread: one reference is replaced). Connections
@@ -175,6 +196,7 @@ class TrafficMirror:
         self._open_forward()
         error: BaseException | None = None
         try:
+            self._start_guard()
             self._loop(source, cancel, stats_interval)
             self._step((), flush=True)
         except (Cancelled, KeyboardInterrupt) as e:
@@ -188,7 +210,15 @@ class TrafficMirror:
             self._finish(source, error)
 
     def _open_forward(self) -> None:
+        """The forward sink of ``config.forward.mode``: one shadow connection per captured
+        connection, or each HTTP/1.x request on a pool of keep-alive connections."""
         if self.config.target_addr and self._forward is None:
+            if self.config.forward.mode == "request":
+                from agent.sinks.request_forward import RequestForwardSink
+
+                self._forward = RequestForwardSink(self.config.target_addr, self.config.dial,
+                                                   self.config.forward)
+                return
             from agent.sinks.forward import ForwardSink
 
             self._forward = ForwardSink(self.config.target_addr, self.config.dial,
@@ -259,6 +289,8 @@ class TrafficMirror:
     def _finish(self, source: PacketSource, error: BaseException | None) -> None:
         """Close the source and the sinks; raise the first error if none is in flight."""
         errors: list[BaseException] = []
+        if self.guard is not None:
+            self.guard.stop()  # intake resumes: the source's last bytes are drained
         for close in (source.close, self._close_forward, self._flush_writer,
                       self._close_saver):
             try:
@@ -285,8 +317,9 @@ class TrafficMirror:
     def _flush_writer(self) -> None:
         """Flush the recording. A background writer or NATS recorder is closed too (its
         thread stopped and joined; the next run starts it again), so nothing touches the file
-        after ``run`` and the summary counts every record."""
-        if isinstance(self._writer, BackgroundWriter | NatsRecorder):
+        after ``run`` and the summary counts every record (and every connection still in
+        flight as dropped, ``shutdown``)."""
+        if isinstance(self._writer, BackgroundWriter | NatsRecorder | FileWriter):
             self._writer.close()
         elif self._writer is not None:
             self._writer.flush()
@@ -300,6 +333,8 @@ class TrafficMirror:
             out["source"] = dict(self._source.stats())
         out["reassembly"] = self.reassembler.stats.as_dict()
         out["budget"] = self.config.budget.as_dict()
+        if self.guard is not None:
+            out["memory"] = self.guard.stats()
         out["handoff"] = {f"{key}:{h.name}": value
                           for stage in (self._source, self._writer, self._forward)
                           if isinstance(stage, HasHandoffs) for h in stage.handoffs()

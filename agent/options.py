@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.capture import PortLimitError, check_port_count
 from agent.cli_select import SelectOptions
-from agent.config import FORWARD_SOURCE_PORTS
+from agent.config import FORWARD_POOL_SIZE, FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
 from agent.sinks.nats.url import is_nats_url, parse_nats_url
 from agent.sinks.record import RecordPolicy, check_compression, parse_rotation
@@ -44,6 +45,10 @@ class PipelineOptions:
     ports: tuple[int, ...]
     target: str | None = None
     forward_source_ports: tuple[int, int] = FORWARD_SOURCE_PORTS
+    forward_mode: str = "connection"
+    """``--forward-mode``: ``connection`` or ``request`` (:attr:`ForwardConfig.mode`)."""
+    forward_pool: int = FORWARD_POOL_SIZE
+    """``--forward-pool``: keep-alive connections to the shadow at most (request mode)."""
     record: str | None = None
     overwrite: bool = False
     record_format: str = "native"
@@ -231,6 +236,13 @@ class Options:
     origins: dict[str, str] = field(default_factory=dict)
     stray_env: tuple[str, ...] = ()
     """``MIRROR_AGENT_*`` variables that name no option (ignored; the command warns)."""
+
+    def __post_init__(self) -> None:
+        if self.capture is not None and self.pipeline is not None:
+            try:  # the kernel filter's size (agent.capture.MAX_PORTS), before anything starts
+                check_port_count(self.pipeline.ports)
+            except PortLimitError as e:
+                raise OptionError(f"--port names {e}") from None
 
     @property
     def pipe(self) -> PipelineOptions:

@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from agent.flow_refusal import Refusals
 from agent.flows import Flow, FlowData, Half, Output, ReassemblyStats
 from agent.model import (
     ACK,
@@ -131,6 +132,9 @@ class Reassembler(FlowData):
         self._halves: dict[FlowKey, Half] = {}  # (src, sport, dst, dport, tunnel)
         self._flows: dict[int, Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
+        #: New connections refused whole while ``refusals.reason`` is set (the memory guard).
+        self.refusals = Refusals(self.stats, max(1024, self.config.max_flows // 4),
+                                 self.config.tombstone_ttl)
         self._next_id = 1
         self._sweep_every = self.config.idle_timeout / 2
         self._next_sweep = -math.inf  # the first segment (or advance) starts the clock
@@ -290,12 +294,14 @@ class Reassembler(FlowData):
         dead_before = now - cfg.tombstone_ttl
         for key in [k for k, t in self._tombstones.items() if t <= dead_before]:
             del self._tombstones[key]
+        self.refusals.expire(now)
 
     def flush(self, out: Output) -> None:
         """End every flow, delivering buffered data past its holes (end of input)."""
         for flow in list(self._flows.values()):
             self._end(flow, "flush", out)
         self._tombstones.clear()
+        self.refusals.clear()
 
     # ----------------------------------------------------------------- flows
 
@@ -352,6 +358,8 @@ class Reassembler(FlowData):
         elif flags & ACK and key in self._tombstones:
             # A SYN-ACK retransmitted for a connection already closed.
             return None
+        if self.refusals.active and self.refusals.refuse(key, seg):
+            return None  # shed (counted in flows_refused / refused_bytes)
         self._tombstones.pop(key, None)
         if len(self._flows) >= self.config.max_flows:
             self._evict(out)

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from agent.metrics import (
     FAMILIES,
     FORWARD_CONNECTIONS_DROPPED,
+    FORWARD_REQUESTS_DROPPED,
     NATS_DROPPED,
     PREFIX,
+    RECORD_CONNECTIONS_DROPPED,
     key,
     split_key,
     total,
@@ -33,11 +35,21 @@ _DEGRADED = (
     (key("mirror_agent_record_errors_total"), "{} recording(s) failed"),
     (key("mirror_agent_record_records_lost_total", reason="queue_full"),
      "recording dropped {} record(s): the disk could not keep up"),
+    (key("mirror_agent_record_records_lost_total", reason="memory"),
+     "recording dropped {} record(s) near the memory limit"),
+    (key("mirror_agent_reassembly_flows_refused_total", reason="memory"),
+     "{} new connection(s) not mirrored near the memory limit"),
     (FORWARD_CONNECTIONS_DROPPED.name, "forward sink dropped {} shadow connection(s)"),
+    (FORWARD_REQUESTS_DROPPED.name, "forward sink dropped {} request(s)"),
     (NATS_DROPPED.name, "NATS recording dropped {} record(s)"),
+    (RECORD_CONNECTIONS_DROPPED.name, "recording dropped {} connection(s)"),
 )
+#: The memory guard's constant or momentary gauges (its peak and counters do show).
+_MOMENT = tuple(PREFIX + n for n in ("memory_threshold_bytes", "memory_rss_bytes",
+                                     "memory_rss_ratio", "memory_level"))
 #: Labelled metrics among those: summed, and the phrase lists the reasons.
-_BY_REASON = (FORWARD_CONNECTIONS_DROPPED.name, NATS_DROPPED.name)
+_BY_REASON = (FORWARD_CONNECTIONS_DROPPED.name, NATS_DROPPED.name,
+              FORWARD_REQUESTS_DROPPED.name, RECORD_CONNECTIONS_DROPPED.name)
 
 
 def _short(sample: str) -> tuple[str, str]:
@@ -65,7 +77,7 @@ def format_summary(stats: Mapping[str, float]) -> str:
         if not v:
             continue
         stage, what = _short(sample)
-        if stage in ("budget", "handoff"):
+        if stage in ("budget", "handoff") or split_key(sample)[0] in _MOMENT:
             continue
         by_stage.setdefault(stage, []).append(f"{what}={_number(v)}")
     lines = ["mirror-agent summary:"]

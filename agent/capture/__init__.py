@@ -6,18 +6,40 @@ time pass (idle sweeps) and to check for cancellation. ``close`` is idempotent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol, runtime_checkable
 
 from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
-__all__ = ["HasAttachments", "HasHeartbeats", "LiveSource", "PacketSource", "PortSteerable",
-           "SourceError"]
+__all__ = ["MAX_PORTS", "HasAttachments", "HasHeartbeats", "LiveSource", "PacketSource",
+           "PortLimitError", "PortSteerable", "SourceError", "check_port_count"]
+
+#: The most ports a live capture observes at once (``--port``, ``PUT /ports``), one bound
+#: for every engine so a port list that works on one works on all. It is the AF_PACKET
+#: engine's: libpcap turns N ports into ~4N classic BPF instructions up to ~128 ports and
+#: ~8N past that (its jumps outgrow 8 bits), and the kernel takes at most 4,096 (BPF_MAXINSNS)
+#: per socket filter: 256 ports take ~1,600 (measured), which leaves room for ``--filter``
+#: and ``--decap``; 512 would leave under 500. The eBPF engines' map (``ports`` in
+#: ``bpf/mirror.bpf.c``) is a hash sized to this: a packet costs at most two lookups (its two
+#: ports) whatever the count, and 256 preallocated entries take a few KiB of kernel memory.
+MAX_PORTS = 256
 
 
 class SourceError(Exception):
     """A source cannot be opened or read (bad file, missing interface, ...)."""
+
+
+class PortLimitError(ValueError):
+    """More observed ports than a live capture takes (:data:`MAX_PORTS`)."""
+
+
+def check_port_count(ports: Collection[int]) -> None:
+    """PortLimitError if ``ports`` (distinct) are more than :data:`MAX_PORTS`; the message
+    names the limit, for the caller to prefix with where the ports came from."""
+    if len(ports) > MAX_PORTS:
+        raise PortLimitError(f"{len(ports)} ports, but a live capture observes at most "
+                             f"{MAX_PORTS}")
 
 
 @runtime_checkable
@@ -65,7 +87,9 @@ class PortSteerable(Protocol):
         ...
 
     def set_ports(self, ports: list[int]) -> None:
-        """Observe exactly ``ports`` (non-empty) from now on."""
+        """Observe exactly ``ports`` (non-empty, at most :data:`MAX_PORTS`) from now on, or
+        raise ValueError (PortLimitError: too many) with the previous ports still observed:
+        a change is all or nothing, and :attr:`ports` is always what the kernel filters."""
         ...
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from agent.capture import SourceError
+from agent.capture import SourceError, check_port_count
 from agent.capture.decap import Decap
 from agent.capture.links import IfaceSpec, resolve_ifaces
 from agent.decode import LINKTYPE_ETHERNET, Decoder
@@ -41,6 +41,9 @@ _SO_ATTACH_FILTER = 26
 _FRAME_BUF = 256 * 1024
 #: Frames taken per batch at most, so a flood cannot starve timers and sinks.
 _BATCH = 4096
+#: The most instructions the kernel takes in a socket filter (BPF_MAXINSNS); MAX_PORTS
+#: ports take ~1,600 of them (see agent/capture/__init__.py), --filter and --decap the rest.
+BPF_MAXINSNS = 4096
 
 
 class _SockFilter(ctypes.Structure):
@@ -88,12 +91,13 @@ class AfPacketSource:
     appear later are not followed.
 
     On ``lo`` every packet is seen leaving and arriving; only the arriving copy is kept.
-    Raises :class:`SourceError` (a usage problem, exit 2) if the filter does not compile or
-    the socket cannot be opened.
+    Raises :class:`SourceError` (a usage problem, exit 2) if the filter does not compile, is
+    longer than the kernel takes (:data:`BPF_MAXINSNS`) or the socket cannot be opened.
 
     :class:`~agent.capture.PortSteerable`: :meth:`set_ports` (any thread) swaps the socket's
     filter in one ``SO_ATTACH_FILTER``, which the kernel replaces atomically: a frame meets
-    the old filter or the new one, so nothing on a port that stays is lost. Frames of a
+    the old filter or the new one, so nothing on a port that stays is lost, and a change
+    the kernel refuses leaves the old filter and :attr:`ports` as they were. Frames of a
     removed port already queued on the socket still come out; the mirror drops them.
 
     ``decap``: also the TCP inside these tunnels (see the module's doc); the decoder may open
@@ -115,6 +119,7 @@ class AfPacketSource:
         self._wanted = frozenset(ports)  # checked in user space with decap
         self._filtered = 0
         try:
+            check_port_count(frozenset(ports))
             self._bpf = self._compile(ports)
         except ValueError as e:
             raise SourceError(str(e)) from None
@@ -156,12 +161,21 @@ class AfPacketSource:
         return sock
 
     def _compile(self, ports: list[int]) -> BpfFilter:
-        """The kernel filter for ``ports``; ValueError with libpcap's message."""
+        """The kernel filter for ``ports``; ValueError with libpcap's message, or saying
+        it is longer than the kernel takes."""
         try:
-            return BpfFilter(capture_expression(ports, self._user_filter, self._own_ports,
-                                                self._decap), LINKTYPE_ETHERNET, _FRAME_BUF)
+            bpf = BpfFilter(capture_expression(ports, self._user_filter, self._own_ports,
+                                               self._decap), LINKTYPE_ETHERNET, _FRAME_BUF)
         except FilterError as e:
             raise ValueError(str(e)) from None
+        size = len(bpf.instructions())
+        if size > BPF_MAXINSNS:  # the kernel would say only "Invalid argument"
+            extra = " and --filter" if self._user_filter else ""
+            raise ValueError(f"the capture filter for {len(ports)} ports{extra} is {size} "
+                             f"classic BPF instructions, more than the kernel's "
+                             f"{BPF_MAXINSNS}: observe fewer ports"
+                             + (" or shorten --filter" if self._user_filter else ""))
+        return bpf
 
     @property
     def ports(self) -> list[int]:
@@ -170,8 +184,10 @@ class AfPacketSource:
 
     def set_ports(self, ports: list[int]) -> None:
         """Observe exactly ``ports`` (non-empty) from now on: the socket's filter is replaced
-        in place (see the class doc). ValueError if the filter does not compile or the
-        kernel refuses it; the old filter then stays."""
+        in place (see the class doc). ValueError (PortLimitError: more than
+        :data:`~agent.capture.MAX_PORTS`) if the filter cannot be made or the kernel refuses
+        it; the old filter and :attr:`ports` then stay."""
+        check_port_count(frozenset(ports))
         bpf = self._compile(ports)
         with self._lock:
             if self._closed:
@@ -183,6 +199,14 @@ class AfPacketSource:
                     from None
             self._bpf, self._ports = bpf, sorted(ports)
             self._wanted = frozenset(ports)
+
+    def kernel_filter(self) -> list[tuple[int, int, int, int]]:
+        """The classic BPF program on the socket now, read back (``SO_GET_FILTER``): the
+        compiled filter of :attr:`ports`, unless a bug."""
+        with self._lock:
+            if self._closed:
+                return []
+            return _installed(self._sock)
 
     def attachments(self) -> list[dict[str, str | int]]:
         """:class:`agent.capture.HasAttachments`: one socket over every interface."""
@@ -290,6 +314,21 @@ def _attach(sock: socket.socket, bpf: BpfFilter) -> None:
     arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
     prog = _SockFprog(len(insns), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
     sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))
+
+
+def _installed(sock: socket.socket) -> list[tuple[int, int, int, int]]:
+    """The filter on ``sock`` as (code, jt, jf, k). ``SO_GET_FILTER``'s length counts
+    instructions, not bytes, so Python's getsockopt cannot read it: libc's does."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = ctypes.c_uint(0)  # 0: the kernel answers with the instruction count
+    if libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_ATTACH_FILTER, None,
+                       ctypes.byref(size)) != 0:
+        raise OSError(ctypes.get_errno(), "SO_GET_FILTER")
+    arr = (_SockFilter * size.value)()
+    if size.value and libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                                      arr, ctypes.byref(size)) != 0:
+        raise OSError(ctypes.get_errno(), "SO_GET_FILTER")
+    return [(i.code, i.jt, i.jf, i.k) for i in arr[:size.value]]
 
 
 def _ifindex(name: str) -> int:

@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
-_MAP_LOOKUP_ELEM, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM = 1, 2, 3
+_MAP_LOOKUP_ELEM, _MAP_UPDATE_ELEM, _MAP_DELETE_ELEM, _MAP_GET_NEXT_KEY = 1, 2, 3, 4
+_MAP_GET_FD_BY_ID = 14
 _PROG_GET_FD_BY_ID, _OBJ_GET_INFO_BY_FD, _PROG_QUERY, _LINK_CREATE = 13, 15, 16, 28
 #: enum bpf_prog_type values used here.
 SCHED_CLS, XDP = 3, 6
@@ -101,6 +102,35 @@ class BpfMap:
         _bpf(_OBJ_GET_INFO_BY_FD, attr, "map info")
         map_type, _id, key_size, value_size, max_entries = _MAP_INFO.unpack(info.raw)
         return cls(fd, map_type, key_size, value_size, max_entries)
+
+    @classmethod
+    def from_id(cls, map_id: int) -> BpfMap:
+        """A new descriptor (the caller closes ``fd``) for the map with this id
+        (``BPF_MAP_GET_FD_BY_ID``: CAP_SYS_ADMIN), e.g. to read another process's map."""
+        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("<I", attr, 0, map_id)
+        fd = _bpf(_MAP_GET_FD_BY_ID, attr, "map get fd by id")
+        try:
+            return cls.from_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def dump_keys(self) -> list[bytes]:
+        """Every key in the map now (``BPF_MAP_GET_NEXT_KEY`` from the start), at most
+        ``max_entries``: a hash map changed meanwhile may restart the walk, never loop it."""
+        out: list[bytes] = []
+        prev: ctypes.Array[ctypes.c_char] | None = None
+        for _ in range(self.max_entries):
+            nxt = ctypes.create_string_buffer(self.key_size)
+            attr = ctypes.create_string_buffer(_ATTR_SIZE)
+            struct.pack_into("<I4xQQ", attr, 0, self.fd, _addr(prev) if prev is not None
+                             else 0, _addr(nxt))
+            if not _bpf_unless_absent(_MAP_GET_NEXT_KEY, attr, "map next key"):
+                break
+            out.append(nxt.raw)
+            prev = nxt
+        return out
 
     def lookup_size(self, possible_cpus: int) -> int:
         """Bytes a lookup returns: per-CPU maps give each possible CPU's value, 8-aligned."""

@@ -187,7 +187,10 @@ class EbpfSource:
             self._geometry.ringbuf_pages if transport == "ringbuf" else 0,
             self._geometry.wakeup, decap))
         try:
-            self._prog.set_ports(ports)
+            try:
+                self._prog.set_ports(ports)
+            except ValueError as e:  # too many ports: a usage problem (exit 2)
+                raise SourceError(str(e)) from None
             self._follower = Follower(self.spec, self._prog, tc_mode)
         except BaseException:
             self._prog.close()
@@ -282,8 +285,14 @@ class EbpfSource:
 
     def set_ports(self, ports: list[int]) -> None:
         """Observe exactly ``ports`` from now on, without reloading; nothing on the ports
-        that stay is lost."""
+        that stay is lost. All or nothing: ValueError (PortLimitError: more than
+        :data:`~agent.capture.MAX_PORTS`) with the previous ports kept
+        (:meth:`MirrorProgram.set_ports`)."""
         self._prog.set_ports(ports)
+
+    def kernel_ports(self) -> list[int]:
+        """The ports in the kernel's map, read back: :attr:`ports`, unless a bug."""
+        return sorted(self._prog.kernel_ports())
 
     # ---------------------------------------------------------------- source API
 

@@ -182,6 +182,11 @@ def load() -> ctypes.CDLL:
     return _lib
 
 
+def loaded() -> ctypes.CDLL | None:
+    """The library if it is loaded already (never builds or loads it)."""
+    return _lib
+
+
 def _bind_pump(lib: ctypes.CDLL) -> None:
     """The pump's functions (ring_pump.c; used by pump.py)."""
     u64, u32, ptr = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
@@ -194,6 +199,8 @@ def _bind_pump(lib: ctypes.CDLL) -> None:
         getattr(lib, name).argtypes = [ptr]
     lib.md_pump_stats.restype = None
     lib.md_pump_stats.argtypes = [ptr, ptr]
+    lib.md_pump_hold.restype = None
+    lib.md_pump_hold.argtypes = [ctypes.c_int]
 
 
 class NativeDecoder:

@@ -4,11 +4,14 @@ attachments, counters. No rings, no threads: :mod:`agent.capture.ebpf` wires thi
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
 
-from agent.capture import SourceError
+from agent.capture import MAX_PORTS, SourceError, check_port_count
 from agent.capture.attach import Attachment, XdpAttachment, attach_tc
 from agent.capture.bpfsys import SCHED_CLS, XDP, BpfError, BpfMap
 from agent.capture.decap import Decap
@@ -39,6 +42,7 @@ class Build:
     def cflags(self) -> list[str]:
         lo, hi = self.own_ports
         flags = [f"-I{BPF_DIR}", f"-DMAX_CPUS={self.possible_cpus}", "-Wno-macro-redefined",
+                 f"-DMAX_PORTS={MAX_PORTS}",
                  f"-DMIRROR_OWN_PORT_LO={lo}", f"-DMIRROR_OWN_PORT_HI={hi}"]
         if self.requests_only:
             flags.append("-DMIRROR_REQUESTS_ONLY")
@@ -75,17 +79,62 @@ class MirrorProgram:
                     if build.ringbuf_pages else "")
             raise SourceError(f"cannot compile/load bpf/mirror.bpf.c: {e}{hint}") from None
         self.events: BpfMap = self._loaded.maps["events"]
+        #: The ports in the kernel's map, always (see :meth:`set_ports`).
         self.ports: frozenset[int] = frozenset()
+        self._ports_lock = threading.Lock()  # one change at a time (control API threads)
 
-    def set_ports(self, ports: list[int]) -> None:
-        """Observe exactly ``ports`` from now on (the program reads the map per packet)."""
-        table = self._loaded.maps["ports"]
+    def set_ports(self, ports: Iterable[int]) -> None:
+        """Observe exactly ``ports`` from now on (the program reads the map per packet), or
+        raise ValueError with the previous ports observed: PortLimitError (more than
+        :data:`~agent.capture.MAX_PORTS`, checked before the map is touched), or the kernel
+        refused a change, which is then undone. :attr:`ports` is what the map holds, even
+        if undoing failed too (then it is read back from the kernel)."""
         new = frozenset(ports)
-        for p in new - self.ports:
-            table.update(p.to_bytes(2, "little"), b"\x01")
-        for p in self.ports - new:
-            table.delete(p.to_bytes(2, "little"))
-        self.ports = new
+        check_port_count(new)
+        bad = next((p for p in new if not 0 < p < 65536), None)
+        if bad is not None:
+            raise ValueError(f"not a port number (1-65535): {bad}")
+        with self._ports_lock:
+            old = self.ports
+            done: list[tuple[int, bool]] = []  # (port, added) in the order applied
+            try:
+                # Removed ports go first, so the map never holds more than max(old, new)
+                # ports and never fills up halfway (MAX_PORTS is its size).
+                for p in sorted(old - new):
+                    self._change(p, False)
+                    done.append((p, False))
+                for p in sorted(new - old):
+                    self._change(p, True)
+                    done.append((p, True))
+            except BpfError as e:
+                self.ports = self._undo(done)
+                raise ValueError(f"the kernel refused the port map change ({e.strerror}); "
+                                 f"the previous {len(self.ports)} ports are observed as "
+                                 "before") from None
+            self.ports = new
+
+    def _change(self, port: int, add: bool) -> None:
+        table = self._loaded.maps["ports"]
+        if add:
+            table.update(_key(port), b"\x01")
+        else:
+            table.delete(_key(port))
+
+    def _undo(self, done: list[tuple[int, bool]]) -> frozenset[int]:
+        """Undo a half-made change, newest step first; the ports in the map after that."""
+        try:
+            for port, added in reversed(done):
+                self._change(port, not added)
+        except BpfError as e:  # cannot be short of a bug: say what the kernel holds now
+            held = self.kernel_ports()
+            log.error("cannot undo a failed port change", error=str(e), ports=sorted(held))
+            return held
+        return self.ports
+
+    def kernel_ports(self) -> frozenset[int]:
+        """The ports in the kernel's map, read back (:attr:`ports` says the same)."""
+        return frozenset(int.from_bytes(k, sys.byteorder)
+                         for k in self._loaded.maps["ports"].dump_keys())
 
     def attach(self, ifindex: int, name: str, tc_mode: str = "auto") -> Attachment:
         """Attach to one interface; raises SourceError (or OSError: it vanished meanwhile)."""
@@ -129,3 +178,8 @@ class MirrorProgram:
     def close(self) -> None:
         """Release the program and maps (attachments are their owner's to detach first)."""
         self._loaded.close()
+
+
+def _key(port: int) -> bytes:
+    """The ``ports`` map's key: a u16 in host order (the program converts the packet's)."""
+    return port.to_bytes(2, sys.byteorder)

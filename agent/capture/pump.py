@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable
 
 from agent.capture.drain import DRAIN_SILENCE
-from agent.capture.native import NativeDecoder, _Stats, load
+from agent.capture.native import NativeDecoder, _Stats, load, loaded
 from agent.handoff import HandoffStats, Policy
 from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
-__all__ = ["PERF", "RINGBUF", "NativeDrain", "RingAddress"]
+__all__ = ["PERF", "RINGBUF", "NativeDrain", "RingAddress", "hold_all"]
 
 PERF, RINGBUF = 0, 1
 #: (kind, a, b, c, size): perf: (PERF, control page, data area, 0, size); ring buffer:
@@ -41,6 +41,19 @@ PERF, RINGBUF = 0, 1
 RingAddress = tuple[int, int, int, int, int]
 #: Chunks one take hands over at most (more wait for the next take, which returns at once).
 MAX_TAKE = 256
+
+
+def hold_all(on: bool) -> bool:
+    """Pause (``on``) or resume every native drain of the process from its next turn (any
+    thread): paused, a drain empties no ring, as at its budget (counted in its ``pauses``;
+    the kernel keeps what fits and counts its drops), and gives its spare buffers back.
+    For the memory guard (``agent/memory_guard.py``). False if no native drain could run
+    (the library is not loaded): nothing to pause."""
+    lib = loaded()
+    if lib is None:
+        return False
+    lib.md_pump_hold(1 if on else 0)
+    return True
 
 
 class _Ring(ctypes.Structure):

@@ -46,6 +46,11 @@
 #define MP_MAX_RINGS 4096 /* more than any CPU count we run on: a sanity bound */
 #define MP_SPARE_IDLE 4   /* full-size buffers kept for reuse after a turn with no data */
 
+/* Set by md_pump_hold() (the memory guard, agent/memory_guard.py): while it is, every pump of
+ * the process pauses as at its budget (the kernel keeps, and counts, what it cannot hold) and
+ * gives its spare buffers back. Read at each turn and every interval while paused. */
+static int mp_hold;
+
 /* One ring, as pump.py passes it. perf: a = the perf_event_mmap_page, b = the data area;
  * ring buffer: a = the consumer page, b = the producer page, c = the (doubly mapped) data. */
 struct mp_ring {
@@ -268,16 +273,36 @@ static void wait_turn(struct md_pump *p, uint64_t due)
 	pthread_mutex_unlock(&p->lock);
 }
 
-/* Waits while the backlog is over budget (beating every interval); 0 if stopping. */
+/* Under the lock: the spare buffers beyond `keep` go back (after a turn that found no data:
+ * all but a few; while held: all). */
+static void trim_spares_locked(struct md_pump *p, uint32_t keep)
+{
+	while (p->nspare > keep) {
+		struct chunk *c = p->spare;
+		p->spare = c->next;
+		p->nspare--;
+		free(c);
+	}
+}
+
+static int held(void)
+{
+	return __atomic_load_n(&mp_hold, __ATOMIC_RELAXED);
+}
+
+/* Waits while the backlog is over budget or the pumps are held (beating every interval); 0
+ * if stopping. */
 static int wait_room(struct md_pump *p)
 {
 	int pausing = 0, go;
 
 	pthread_mutex_lock(&p->lock);
-	while (!p->stop && p->pub.held_bytes > p->budget) {
+	while (!p->stop && (p->pub.held_bytes > p->budget || held())) {
 		if (!pausing)
 			p->pub.pauses++;
 		pausing = 1;
+		if (held())
+			trim_spares_locked(p, 0);
 		wait_until(&p->room, &p->lock, now_ns() + p->interval_ns);
 		p->pub.beat_ns = now_ns();
 	}
@@ -294,22 +319,11 @@ static void publish_work_locked(struct md_pump *p)
 	p->pub.alloc_failed = p->alloc_failed;
 }
 
-/* Under the lock, after a turn that found no data: the spare buffers beyond a few go back. */
-static void trim_spares_locked(struct md_pump *p)
-{
-	while (p->nspare > MP_SPARE_IDLE) {
-		struct chunk *c = p->spare;
-		p->spare = c->next;
-		p->nspare--;
-		free(c);
-	}
-}
-
 static void end_turn(struct md_pump *p, uint64_t started, uint64_t last, uint64_t items)
 {
 	pthread_mutex_lock(&p->lock);
 	if (p->pub.items == items)
-		trim_spares_locked(p);
+		trim_spares_locked(p, MP_SPARE_IDLE);
 	publish_work_locked(p);
 	p->pub.turns++;
 	p->pub.turn_started_ns = started;
@@ -494,6 +508,13 @@ void md_pump_stats(struct md_pump *p, struct mp_stats *out)
 	pthread_mutex_lock(&p->lock);
 	*out = p->pub;
 	pthread_mutex_unlock(&p->lock);
+}
+
+/* Every pump of the process pauses (`on` non-zero) or goes on (0) from its next turn; see
+ * mp_hold. */
+void md_pump_hold(int on)
+{
+	__atomic_store_n(&mp_hold, on ? 1 : 0, __ATOMIC_RELAXED);
 }
 
 /* Stops the thread and joins it (within about one interval); the decoder is the caller's

@@ -12,7 +12,8 @@ path            method  answer
 /readyz         GET     200 when the agent is ``ready``; 503 ``starting`` / ``stopping``
 /status         GET     state, ports, the agent's :class:`AgentStatus`, rates, pcap queue
 /ports          GET     ``{"ports": [...]}``
-/ports          PUT     ``{"ports": [8080, 8081]}``: 400 if invalid, 409 if refused
+/ports          PUT     ``{"ports": [8080, 8081]}``: 400 if invalid or more than
+                        :data:`~agent.capture.MAX_PORTS`, 409 if refused (nothing changed)
 /pcap           POST    ``{"path": "..."}`` → 202 ``{"id": ...}`` (see :meth:`Api.post_pcap`)
 /pcap/<id>      GET     the job's state and counters; 404 if unknown
 ==============  ======  ==========================================================
@@ -20,6 +21,10 @@ path            method  answer
 Also, before any route: 401 without the right ``Authorization: Bearer <token>`` (when a
 token is set), 404 for an unknown path, 405 (with ``Allow``) for a wrong method, 413 when the
 announced body is over :data:`MAX_BODY`, 411 for a body of unknown length.
+
+``/healthz`` and ``/readyz`` are the probe routes (:data:`QUICK`): they only read the
+heartbeats and the state, never wait, and the server answers them on its event loop, ahead of
+everything else; every other route may take time and runs on a worker thread.
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ from typing import Any, Literal, Protocol, TypedDict
 from prometheus_client import CollectorRegistry
 
 from agent import metrics
-from agent.capture import SourceError
-from agent.control.ingest import IngestClosed, PcapIngest, QueueFull, check_capture
+from agent.capture import PortLimitError, check_port_count
+from agent.control.ingest import IngestClosed, PcapIngest, QueueFull
+from agent.control.pcapdir import PathRefused, open_inside
 from agent.heartbeat import Heartbeat, problems
 
-__all__ = ["MAX_BODY", "Agent", "AgentStatus", "Api", "Forbidden", "RateMeter", "Request",
-           "Response", "State", "resolve_inside"]
+__all__ = ["MAX_BODY", "QUICK", "Agent", "AgentStatus", "Api", "Forbidden", "RateMeter",
+           "Request", "Response", "State", "check_token", "resolve_inside"]
 
 MAX_BODY = 64 * 1024
+#: The probe routes: answered without waiting on anything (see the module doc).
+QUICK = frozenset({"/healthz", "/readyz"})
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE = "application/json"
 State = Literal["starting", "ready", "stopping"]
@@ -117,8 +125,9 @@ class Agent(Protocol):
         ...
 
     def set_ports(self, ports: list[int]) -> None:
-        """Observe exactly ``ports`` from now on (valid: 1..65535, unique, non-empty).
-        Raises ValueError with a one-line reason if they cannot be applied (answered 409)."""
+        """Observe exactly ``ports`` from now on (valid: 1..65535, unique, non-empty, at
+        most :data:`~agent.capture.MAX_PORTS`). Raises ValueError with a one-line reason if
+        they cannot be applied (answered 409); the old ports are then observed as before."""
         ...
 
 
@@ -147,6 +156,19 @@ def json_response(status: int, obj: object, *headers: tuple[str, str]) -> Respon
 
 def error(status: int, message: str, *headers: tuple[str, str]) -> Response:
     return json_response(status, {"error": message}, *headers)
+
+
+def check_token(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token, or None: it must be one word of printable
+    ASCII, the only bytes every client sends in a header as they are (a non-ASCII token is
+    encoded differently by different clients, so it could never match)."""
+    if not token:
+        return "the token is empty"
+    if not all("!" <= c <= "~" for c in token):
+        if any(c.isspace() for c in token):
+            return "the token must be one word"
+        return "the token must be printable ASCII (a header carries it as bytes)"
+    return None
 
 
 class Forbidden(ValueError):
@@ -210,6 +232,8 @@ class Api:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if token is not None and not token.strip():
             raise ValueError("the control token is empty")
+        if token is not None and (why := check_token(token)) is not None:
+            raise ValueError(f"control token: {why}")
         self.agent = agent
         self.token = token
         self.ingest = ingest
@@ -261,6 +285,10 @@ class Api:
         if path.startswith("/pcap/"):
             return self.get_pcap_job(path.removeprefix("/pcap/"))
         return self._routes[path][req.method](replace(req, path=path))
+
+    def quick(self, req: Request) -> bool:
+        """True for a probe route (:data:`QUICK`): its answer never waits on anything."""
+        return _path(req.path) in QUICK
 
     def _methods(self, raw: str) -> Mapping[str, object] | None:
         path = _path(raw)
@@ -322,27 +350,19 @@ class Api:
         return json_response(200, {"ports": self.agent.ports()})
 
     def post_pcap(self, req: Request) -> Response:
-        """202 ``{"id"}``; 400 bad JSON or ``path``; 403 outside the pcap directory (after
-        symlinks); 404 no such file; 409 no pcap directory; 422 not a capture file; 429 the
-        queue is full; 503 shutting down."""
+        """202 ``{"id"}``; 400 bad JSON or ``path``; 403 outside the pcap directory or through
+        a symbolic link; 404 no such file; 409 no pcap directory; 422 not a regular capture
+        file; 429 the queue is full; 503 shutting down. The file is opened now, by descriptor
+        (:func:`~agent.control.pcapdir.open_inside`), and the job reads that descriptor."""
         if self.ingest is None or self.pcap_dir is None:
             return error(409, "capture file ingest is off: no pcap directory is configured")
         body = _json_object(req.body)
         if body is None or not isinstance(body.get("path"), str) or not body["path"]:
             return error(400, 'expected a JSON object {"path": "<file in the pcap directory>"}')
         try:
-            path = resolve_inside(self.pcap_dir, body["path"])
-        except Forbidden as e:
-            return error(403, str(e))
-        if not path.exists():
-            return error(404, f"no such file: {body['path']}")
-        if not path.is_file():
-            return error(422, f"not a regular file: {body['path']}")
-        try:
-            check_capture(path)
-            job = self.ingest.submit(path)
-        except SourceError as e:
-            return error(422, str(e))
+            job = self.ingest.submit(open_inside(self.pcap_dir, body["path"]))
+        except PathRefused as e:
+            return error(e.status, str(e))
         except QueueFull as e:
             return error(429, str(e), ("Retry-After", "5"))
         except IngestClosed as e:
@@ -375,6 +395,10 @@ def _bad_ports(ports: object) -> str | None:
     """Why ``ports`` is not a valid port list, or None."""
     if not isinstance(ports, list) or not ports:
         return '"ports" must be a non-empty list of port numbers'
+    try:  # the capture's limit, before anything is changed
+        check_port_count(ports)
+    except PortLimitError as e:
+        return f'"ports" names {e}'
     for p in ports:
         if type(p) is not int or not 1 <= p <= 65535:
             return f"not a port number (1..65535): {json.dumps(p)}"

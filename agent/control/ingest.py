@@ -16,6 +16,13 @@ batches as they come and an empty one about every ``idle_tick`` seconds when idl
 the ingest is closed and what was read is taken. :meth:`PcapIngest.poll` takes one batch
 without waiting (for :class:`agent.control.merge.MergedSource`).
 
+A file is opened when it is submitted (:func:`agent.control.pcapdir.open_inside` for ``POST
+/pcap``: by descriptor, below the pcap directory, no symbolic link followed, regular files
+only) and the job keeps
+that descriptor: what the file's name points to later (another file, a symbolic link, a FIFO)
+changes nothing. It is read in chunks, never mapped: a file truncated after it was submitted
+is cut short where it ends, and the reader thread goes on with the next job.
+
 Jobs: ``queued → running → done | failed``. A job is ``done`` once the mirror has taken every
 segment of the file (flows the file leaves open stay open until they end or idle out, as live
 ones do). A file that cannot be opened, is cut short or damaged (``bad_frames``), or is still
@@ -37,13 +44,13 @@ from typing import Any, Literal, NamedTuple
 import structlog
 
 from agent.capture import SourceError
-from agent.capture.capfile import check_header
+from agent.capture.capstream import Capture
 from agent.capture.pcapfile import PcapFileSource
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.heartbeat import Heartbeat
 from agent.model import Segment
 
-__all__ = ["IngestClosed", "Job", "PcapIngest", "QueueFull", "check_capture"]
+__all__ = ["IngestClosed", "Job", "PcapIngest", "QueueFull"]
 
 log = structlog.get_logger("agent.ingest")
 
@@ -60,12 +67,6 @@ class QueueFull(Exception):
 
 class IngestClosed(Exception):
     """The ingest is shutting down and takes no more jobs."""
-
-
-def check_capture(path: Path) -> None:
-    """Raise :class:`SourceError` (one line) unless ``path`` starts like a whole pcap (either
-    byte order, micro- or nanosecond) or pcapng file."""
-    check_header(path)
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Job:
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    #: The file, open since it was submitted; the reader takes it (None from then on).
+    capture: Capture | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "path": self.path, "state": self.state, "error": self.error,
@@ -145,9 +148,21 @@ class PcapIngest:
 
     # ---------------------------------------------------------------- any thread
 
-    def submit(self, path: Path) -> Job:
-        """Queue ``path`` (already checked: inside the allowed directory, a capture file).
-        Raises :class:`QueueFull` or :class:`IngestClosed`."""
+    def submit(self, path: Path | Capture) -> Job:
+        """Queue a capture file: one already open (:func:`open_inside`; the ingest owns it
+        from here on, and closes it if refused) or a path, opened now (a regular file only).
+        Raises :class:`QueueFull`, :class:`IngestClosed` or, for a path,
+        :class:`~agent.capture.SourceError`."""
+        capture = path if isinstance(path, Capture) else Capture.open(path, regular=True)
+        try:
+            job = self._enqueue(capture)
+        except BaseException:
+            capture.close()
+            raise
+        log.info("capture file queued", job=job.id, file=job.path)
+        return job
+
+    def _enqueue(self, capture: Capture) -> Job:
         with self._lock:
             if self._closed:
                 raise IngestClosed("the agent is shutting down")
@@ -155,12 +170,12 @@ class PcapIngest:
                 self._totals["pcap_jobs_rejected"] += 1
                 raise QueueFull(f"{len(self._queue)} files are already queued "
                                 f"(at most {self.max_queued}); try again later")
-            job = Job(f"{next(self._ids)}-{secrets.token_hex(4)}", str(path))
+            job = Job(f"{next(self._ids)}-{secrets.token_hex(4)}", str(capture.path),
+                      capture=capture)
             self._queue.append(job)
             self._jobs[job.id] = job
             self._forget_old()
             self._lock.notify_all()
-        log.info("capture file queued", job=job.id, file=job.path)
         return job
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -267,8 +282,11 @@ class PcapIngest:
         log.info("reading capture file", job=job.id, file=job.path)
         error: str | None = None
         src: _JobSource | None = None
+        capture, job.capture = job.capture, None
         try:
-            src = _JobSource([Path(job.path)])
+            if capture is None:
+                raise SourceError(f"{job.path}: the file was not opened")
+            src = _JobSource([capture])
             offset: float | None = None
             for batch in src.batches():
                 if not batch:
@@ -324,6 +342,9 @@ class PcapIngest:
     # ---------------------------------------------------------------- internals (locked)
 
     def _finish(self, job: Job, error: str | None) -> None:
+        if job.capture is not None:  # never read
+            job.capture.close()
+            job.capture = None
         if job.state in ("done", "failed"):
             return
         job.state = "failed" if error else "done"

@@ -1,16 +1,21 @@
-"""The control server: :class:`agent.control.api.Api` over HTTP/1.0.
+"""The control server: :class:`agent.control.api.Api` over HTTP/1.0, on an asyncio event loop
+in a thread of its own, so that ``/healthz`` and ``/readyz`` are answered within a second
+whatever other clients do.
 
-Standard library only (:class:`http.server.ThreadingHTTPServer`): control traffic is a few
-requests a second (scrapes, probes, an operator), so a thread per connection costs nothing
-and needs no dependency or event loop next to the capture threads. What keeps a slow or
-hostile client from exhausting it:
+Standard library only (:mod:`asyncio` protocols, no task per connection): an idle or slow
+connection is a transport, a small object and a timer check, not a thread, so thousands cost
+a few MiB (:mod:`agent.control.admission` has the arithmetic). What keeps clients from
+starving the probes:
 
-- each socket read or write waits at most ``timeout`` seconds (default 5);
-- each connection lives at most ``deadline`` seconds in all (default 10): a client that
-  trickles its request a byte at a time is cut off (checked every ``poll`` seconds);
-- at most ``max_connections`` (default 16) are served at once; the next one gets an
-  immediate 503 and is closed, without a thread;
-- the body is at most 64 KiB (413, decided on ``Content-Length`` before reading it);
+- the request head (at most 8 KiB) must arrive within ``head_timeout`` seconds of connecting
+  and the body (at most 64 KiB) within ``body_timeout`` of the head; the whole connection
+  lives at most ``deadline`` seconds (checked every ``poll``); then it is closed unanswered;
+- each client address (an IPv6 /64) holds at most ``per_address`` connections and all of
+  them at most ``max_connections``; at a cap the oldest connection not being answered gives
+  way to the newcomer, so no set of held connections can keep a probe out;
+- the probe routes are answered on the loop itself; every other route (``/metrics``
+  rendering, ``POST /pcap``, ``PUT /ports``, ``/status``) on one of ``workers`` threads, at
+  most 64 queued (then 503), so a slow render never delays a probe;
 - one request per connection (HTTP/1.0, ``Connection: close``).
 
 Binding: loopback by default. Any other address (``0.0.0.0`` included) needs a token: without
@@ -19,27 +24,27 @@ one the constructor raises ValueError (the CLI exits 2 with its message).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import socket
-import socketserver
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
 
-from agent.control.api import Api, Request, Response, error
+from agent.control.admission import PER_ADDRESS, Admission, default_max_connections
+from agent.control.api import Api, check_token
+from agent.control.conn import Conn, Hub, Limits
+from agent.control.workers import DaemonPool
 
 __all__ = ["ControlServer", "is_loopback", "parse_listen", "read_token"]
 
 log = structlog.get_logger("agent.control")
 
-_BUSY_BODY = b'{"error": "too many control connections"}\n'
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-         b"Connection: close\r\nRetry-After: 1\r\n"
-         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+#: Connections the kernel queues for accept (and the loop accepts per turn); Linux caps it
+#: at net.core.somaxconn (4096).
+BACKLOG = 1024
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -64,7 +69,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def read_token(path: str) -> str:
     """The bearer token in file ``path`` (surrounding whitespace stripped); ValueError (one
-    line) if it cannot be read or is empty."""
+    line naming the file) if it cannot be read, is empty, or is not one word of printable
+    ASCII (:func:`agent.control.api.check_token`)."""
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
@@ -73,8 +79,9 @@ def read_token(path: str) -> str:
                          ) from None
     if not token:
         raise ValueError(f"control token file {path} is empty")
-    if any(c.isspace() for c in token):
-        raise ValueError(f"control token file {path}: the token must be one word")
+    why = check_token(token)
+    if why is not None:
+        raise ValueError(f"control token file {path}: {why}")
     return token
 
 
@@ -91,26 +98,43 @@ class ControlServer:
     """Serves ``api`` on ``host``:``port`` (0: any free port) from a thread of its own.
 
     Raises ValueError if ``host`` is not loopback and ``api`` has no token, OSError if the
-    address cannot be bound. :meth:`start` serves; :meth:`stop` stops and closes (in-flight
-    requests finish on their own threads, within ``deadline``).
+    address cannot be bound (it is bound and listening on return). :meth:`start` serves;
+    :meth:`stop` closes every connection and the listener (a request running on a worker
+    thread finishes there, unanswered). ``max_connections`` None: see
+    :func:`~agent.control.admission.default_max_connections`.
     """
 
     def __init__(self, api: Api, host: str = "127.0.0.1", port: int = 0, *,
-                 max_connections: int = 16, timeout: float = 5.0, deadline: float = 10.0,
-                 poll: float = 0.5, sample_every: float = 5.0) -> None:
+                 max_connections: int | None = None, per_address: int = PER_ADDRESS,
+                 head_timeout: float = 5.0, body_timeout: float = 5.0,
+                 deadline: float = 10.0, poll: float = 0.25, sample_every: float = 5.0,
+                 workers: int = 4) -> None:
         if not is_loopback(host) and api.token is None:
             raise ValueError(f"the control server may listen on {host} (not loopback) only "
                              "with a token file")
         self.api = api
-        self._httpd = _Server((host, port), api, max_connections, timeout, deadline,
-                              sample_every)
+        self.limits = Limits(head_timeout=head_timeout, body_timeout=body_timeout,
+                             deadline=deadline)
+        self.admission = Admission(max_connections or default_max_connections(),
+                                   per_address)
         self._poll = poll
+        self._sample_every = sample_every
+        self._workers = workers
+        self._sock = _listen(host, port)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._hub: Hub | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._sampling = False
+        self._next_sample = 0.0
+        self._next_log = 0.0
+        self._shed_logged: dict[str, int] = {}
 
     @property
     def address(self) -> tuple[str, int]:
         """The address bound (the real port when 0 was asked)."""
-        host, port = self._httpd.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
     @property
@@ -118,160 +142,131 @@ class ControlServer:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def stats(self) -> dict[str, int]:
+        """Connections held now (``open``) and, since start, connections closed or refused
+        by a limit, by reason (read from any thread; a moment's view)."""
+        hub = self._hub
+        out = {"open": len(self.admission), **self.admission.counts}
+        return out | dict(hub.counts) if hub is not None else out
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(self._poll,),
+        """Serve from a new thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("the control server is already started")
+        loop = self._loop = asyncio.new_event_loop()
+        pool = DaemonPool(self._workers, "control-worker")
+        self._hub = Hub(self.api, self.limits, self.admission, pool)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(loop, ready),
                                         name="control-server", daemon=True)
         self._thread.start()
-        log.info("control server listening", url=self.url, auth=self.api.token is not None)
+        ready.wait()
+        if self._server is None:
+            raise RuntimeError("the control server's event loop did not start (see the log)")
+        log.info("control server listening", url=self.url, auth=self.api.token is not None,
+                 max_connections=self.admission.max_connections,
+                 per_address=self.admission.per_address)
 
     def stop(self) -> None:
-        """Stop accepting, close the listening socket. Idempotent."""
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()
+        """Stop accepting, close every connection and the listening socket. Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(self._shutdown)
+            thread.join()
+        if self._hub is not None:
+            self._hub.pool.shutdown(wait=False, cancel_futures=True)
+        self._sock.close()
 
+    # ------------------------------------------------------------ the loop thread
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], api: Api, max_connections: int,
-                 timeout: float, deadline: float, sample_every: float) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.api = api
-        self.conn_timeout = timeout
-        self._deadline = deadline
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._active: dict[socket.socket, float] = {}
-        self._active_lock = threading.Lock()
-        self._sample_every = sample_every
-        self._next_sample = 0.0
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # Not HTTPServer's: it asks DNS for the host's name (slow, and nothing needs it).
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            _refuse(request)
-            self.shutdown_request(request)
-            return
-        with self._active_lock:
-            self._active[request] = time.monotonic() + self._deadline
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_loop_error)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._done(request)
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
+            hub = self._hub
+            assert hub is not None
+            self._server = loop.run_until_complete(loop.create_server(
+                lambda: Conn(hub, loop), sock=self._sock, backlog=BACKLOG))
+            loop.call_soon(self._tick)
+            ready.set()
+            loop.run_forever()
         finally:
-            self._done(request)
+            ready.set()
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
-    def _done(self, request: socket.socket) -> None:
-        with self._active_lock:
-            if self._active.pop(request, None) is not None:
-                self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that failed (a client gone mid-answer): one debug line, no
-        traceback on stderr."""
-        log.debug("control connection failed", client=str(client_address[0]),
-                  exc_info=True)
-
-    def service_actions(self) -> None:
-        """Between polls: cut off connections past their deadline; sample the rates."""
-        now = time.monotonic()
-        with self._active_lock:
-            late = [s for s, t in self._active.items() if t <= now]
-        for sock in late:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns
-        if now >= self._next_sample:
-            self._next_sample = now + self._sample_every
-            try:
-                self.api.sample()
-            except Exception:
-                log.exception("sampling the metrics for /status rates failed")
-
-
-def _refuse(sock: socket.socket) -> None:
-    """The busy answer, without waiting for the client (what does not fit is lost)."""
-    with contextlib.suppress(OSError):
-        sock.setblocking(False)
-        sock.send(_BUSY)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.0"
-    server_version = "mirror-agent"
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.conn_timeout)
-
-    def _dispatch(self) -> None:
-        api = self.server.api
-        req = Request(self.command, self.path,
-                      {k.lower(): v for k, v in self.headers.items()})
-        early = api.precheck(req)
-        if early is not None:
-            self._send(early)
-            if req.headers.get("content-length", "0").strip() not in ("", "0"):
-                self._linger()
-            return
-        n = int(req.headers.get("content-length", "0").strip() or "0")
-        body = self.rfile.read(n) if n else b""
-        if len(body) < n:
-            return  # the client went away (or was cut off) before sending its body
+    def _tick(self) -> None:
+        """Every ``poll`` seconds: close connections past their time; sample the rates
+        (on a worker thread) every ``sample_every``; log what the limits shed."""
+        loop, hub = self._loop, self._hub
+        assert loop is not None and hub is not None
+        self._ticker = loop.call_later(self._poll, self._tick)
+        now = loop.time()
         try:
-            resp = api.handle(Request(req.method, req.path, req.headers, body))
+            hub.sweep(now)
+            if not self._sampling and now >= self._next_sample:
+                self._next_sample = now + self._sample_every
+                self._sampling = True
+                loop.run_in_executor(hub.pool, self._sample).add_done_callback(
+                    lambda _f: setattr(self, "_sampling", False))
+            if now >= self._next_log:
+                self._next_log = now + 10.0
+                self._log_shed()
         except Exception:
-            log.exception("control request failed", method=self.command, path=self.path)
-            resp = error(500, "internal error (see the agent's log)")
-        self._send(resp)
+            log.exception("control server housekeeping failed")
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+    def _sample(self) -> None:
+        try:
+            self.api.sample()
+        except Exception:
+            log.exception("sampling the metrics for /status rates failed")
 
-    def _send(self, resp: Response) -> None:
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        self.send_header("Connection", "close")
-        for name, value in resp.headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
+    def _log_shed(self) -> None:
+        """One warning per 10 s at most with the connections limits closed or refused."""
+        now = self.stats()
+        now.pop("open")
+        new = {k: v - self._shed_logged.get(k, 0) for k, v in now.items()
+               if v > self._shed_logged.get(k, 0)}
+        if new:
+            self._shed_logged = now
+            log.warning("control connections closed or refused by a limit", **new,
+                        open=len(self.admission))
 
-    def _linger(self) -> None:
-        """After answering early: read and discard what the client still sends (a little,
-        briefly), so closing does not reset the connection before it reads the answer."""
-        with contextlib.suppress(OSError, ValueError):
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            left = 1 << 20
-            while left > 0 and (chunk := self.connection.recv(65536)):
-                left -= len(chunk)
+    def _shutdown(self) -> None:
+        assert self._loop is not None
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in self.admission:
+            conn.shed()
+        self._loop.call_soon(self._loop.stop)
 
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long, 501) as JSON."""
-        with contextlib.suppress(OSError):
-            self.close_connection = True
-            resp = error(code, message or self.responses.get(code, ("error",))[0])
-            self.command = getattr(self, "command", None) or ""
-            self.request_version = "HTTP/1.0"  # not 0.9 (a bare body) for a bad request line
-            self._send(resp)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("control request", client=self.client_address[0], line=format % args)
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (address reuse on, as http.server had)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An exception in a connection's callback: one line, the connection is closed."""
+    exc = context.get("exception")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        log.debug("control connection failed", error=str(exc))
+        return
+    log.error("control server error", message=context.get("message"),
+              error=repr(exc) if exc else None)
+    with contextlib.suppress(Exception):
+        transport = context.get("transport")
+        if transport is not None:
+            transport.abort()

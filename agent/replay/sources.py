@@ -10,7 +10,11 @@ JSON line that does not parse); the rest of the input replays. A NATS recording
 records: its stream is read from the start until caught up, when it is opened.
 
 :func:`open_sources` checks every path before anything replays (exit 2 through
-:class:`SourceError`): it must be readable and be one of the formats, told by its first bytes.
+:class:`SourceError`): it must be readable and be one of the formats, told by its first bytes
+(a recording may be compressed, gzip or zstd, whatever its name). ``-`` is standard input; it,
+a pipe, a FIFO or process substitution (``<(...)``) is read once: it stays open from the check
+on, the bytes read to tell its format kept. A regular file is closed after the check and
+opened again when its turn comes.
 A NATS server that cannot be reached is no bad input but a failure:
 :class:`~agent.sinks.nats.consumer.NatsUnavailable` goes up (exit 1, with the cause).
 """
@@ -26,20 +30,16 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.capture import SourceError as CaptureSourceError
+from agent.capture.capstream import STDIN, Capture, display
 from agent.model import Direction, TrafficChunk
+from agent.replay.inputs import Opened, SourceError, open_input, reopen
 from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
-from agent.sinks.record import MAGIC, NativeReader, RecordedChunk, RecordError
+from agent.sinks.record import NativeReader, RecordedChunk, RecordError
 
 __all__ = ["JsonLinesSource", "NativeSource", "NatsSource", "PcapSource", "SourceError",
            "SourceReader", "open_sources"]
 
-_PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
-                b"\xa1\xb2\x3c\x4d", b"\x0a\x0d\x0d\x0a")
 _DIRECTIONS = {d.value: d for d in Direction}
-
-
-class SourceError(Exception):
-    """A source cannot be replayed at all (missing, unreadable, no known format): exit 2."""
 
 
 class SourceReader(Protocol):
@@ -58,22 +58,30 @@ class SourceReader(Protocol):
 
 
 class NativeSource:
-    """A native recording (:class:`~agent.sinks.record.NativeReader`)."""
+    """A native recording (:class:`~agent.sinks.record.NativeReader`), maybe compressed.
+    ``opened``: the input already open (a stream, read once); else ``path`` is opened when
+    the records are read."""
 
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
+    def __init__(self, path: Path, opened: Opened | None = None) -> None:
+        self.name = display(path)
         self._path = path
+        self._opened = opened
         self._problems: list[str] = []
 
     def records(self) -> Iterator[RecordedChunk]:
-        with self._path.open("rb") as f:
+        opened = reopen(self._path, self._opened, "native", self._problems)
+        self._opened = None
+        if opened is None:
+            return
+        with opened:
             try:
-                reader = NativeReader(f)
+                reader = NativeReader(opened.stream)
             except RecordError as e:
                 self._problems.append(f"{self.name}: {e}")
                 return
             yield from reader
             self._problems += [f"{self.name}: {p}" for p in reader.problems()]
+            self._problems += opened.problems()
 
     def problems(self) -> list[str]:
         return list(self._problems)
@@ -113,20 +121,27 @@ def nats_url(path: Path) -> str | None:
 
 
 class JsonLinesSource:
-    """A JSON-lines recording: one chunk object per line (``flow``, ``from``, ``to``,
-    ``direction``, ``seen_at``, ``data`` in base64, ``gap_bytes``). A line that is not such an
-    object is skipped and reported with its number and byte offset."""
+    """A JSON-lines recording, maybe compressed: one chunk object per line (``flow``,
+    ``from``, ``to``, ``direction``, ``seen_at``, ``data`` in base64, ``gap_bytes``). A line
+    that is not such an object is skipped and reported with its number and byte offset.
+    ``opened``: as for :class:`NativeSource`."""
 
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
+    def __init__(self, path: Path, opened: Opened | None = None) -> None:
+        self.name = display(path)
         self._path = path
+        self._opened = opened
         self._bad: list[tuple[int, int, str]] = []
         self._bad_count = 0
+        self._other: list[str] = []  # problems of the input as a whole
 
     def records(self) -> Iterator[RecordedChunk]:
         offset = 0
-        with self._path.open("rb") as f:
-            for number, line in enumerate(f, 1):
+        opened = reopen(self._path, self._opened, "jsonl", self._other)
+        self._opened = None
+        if opened is None:
+            return
+        with opened:
+            for number, line in enumerate(opened.stream, 1):
                 if line.strip():
                     try:
                         yield _json_chunk(line)
@@ -134,6 +149,7 @@ class JsonLinesSource:
                         cut = "" if line.endswith(b"\n") else " (truncated last line)"
                         self._note(number, offset, f"{type(e).__name__}: {e}"[:120] + cut)
                 offset += len(line)
+            self._other += opened.problems()
 
     def _note(self, number: int, offset: int, why: str) -> None:
         self._bad_count += 1
@@ -146,7 +162,7 @@ class JsonLinesSource:
         if self._bad_count > len(self._bad):
             out.append(f"{self.name}: {self._bad_count - len(self._bad)} more bad line(s) "
                        "skipped")
-        return out
+        return out + self._other
 
 
 def _json_chunk(line: bytes) -> RecordedChunk:
@@ -165,10 +181,10 @@ class PcapSource:
     """pcap/pcapng files, reassembled by the mirror's own offline pipeline. ``ports`` are
     the service's: they tell requests from responses."""
 
-    def __init__(self, paths: Sequence[Path], ports: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[Path | Capture], ports: Sequence[int]) -> None:
         from agent.capture.pcapfile import PcapFileSource
 
-        self.name = ", ".join(map(str, paths))
+        self.name = ", ".join(display(p) if isinstance(p, Path) else p.name for p in paths)
         self._ports = list(ports)
         try:
             self._source = PcapFileSource(list(paths))
@@ -202,22 +218,6 @@ class PcapSource:
         return list(self._problems)
 
 
-def _kind(path: Path) -> str:
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise SourceError(f"cannot read {path}: {e.strerror or e}") from None
-    if head.startswith(MAGIC) or not head:
-        return "native"
-    if head[:4] in _PCAP_MAGICS:
-        return "pcap"
-    if head.lstrip()[:1] == b"{":
-        return "jsonl"
-    raise SourceError(f"{path}: not a recording (native or JSON lines) nor a pcap/pcapng "
-                      "capture")
-
-
 #: A rotated recording's name: STEM[.N]SUFFIX (``rec.bin``, ``rec.1.bin``, ``rec.12.bin.gz``).
 _ROTATED = re.compile(r"^(.*?)(?:\.(\d+))?((?:\.[A-Za-z][A-Za-z0-9]*)*)$")
 
@@ -239,8 +239,10 @@ def open_sources(paths: Sequence[Path], ports: Sequence[int]) -> list[SourceRead
     written: :func:`rotation_order`); consecutive capture files are one reader (one
     reassembly). SourceError if a path cannot be read or is of no known kind, or captures
     are given without ``ports``."""
+    if sum(1 for p in paths if p == STDIN) > 1:
+        raise SourceError("standard input (-) is given more than once")
     out: list[SourceReader] = []
-    captures: list[Path] = []
+    captures: list[Path | Capture] = []
     for path in rotation_order(paths):
         url = nats_url(path)
         if url is not None:
@@ -249,17 +251,29 @@ def open_sources(paths: Sequence[Path], ports: Sequence[int]) -> list[SourceRead
                 captures = []
             out.append(_nats(url))
             continue
-        kind = _kind(path)
+        kind, opened = _checked(path)
         if kind == "pcap":
-            captures.append(path)
+            captures.append(opened.capture if opened and opened.capture else path)
             continue
         if captures:
             out.append(_pcap(captures, ports))
             captures = []
-        out.append(NativeSource(path) if kind == "native" else JsonLinesSource(path))
+        out.append(NativeSource(path, opened) if kind == "native"
+                   else JsonLinesSource(path, opened))
     if captures:
         out.append(_pcap(captures, ports))
     return out
+
+
+def _checked(path: Path) -> tuple[str, Opened | None]:
+    """The kind of ``path``; and, for a stream (read once), the input open, its first bytes
+    kept. A regular file is closed again (one file is open at a time: it is opened again
+    when its turn comes)."""
+    opened = open_input(path)
+    if not opened.regular or path == STDIN:  # a duplicate of stdin shares its offset
+        return opened.kind, opened
+    opened.close()
+    return opened.kind, None
 
 
 def _nats(url: str) -> NatsSource:
@@ -270,8 +284,10 @@ def _nats(url: str) -> NatsSource:
     return NatsSource(target)
 
 
-def _pcap(paths: list[Path], ports: Sequence[int]) -> PcapSource:
+def _pcap(paths: list[Path | Capture], ports: Sequence[int]) -> PcapSource:
     if not ports:
-        raise SourceError(f"{paths[0]} is a capture: give the service's --port, which tells "
+        first = paths[0]
+        name = display(first) if isinstance(first, Path) else first.name
+        raise SourceError(f"{name} is a capture: give the service's --port, which tells "
                           "requests from responses")
     return PcapSource(paths, ports)

@@ -24,6 +24,8 @@ with one reason:
 ``unconfirmed``     every byte acknowledged, but the target neither answered nor closed within
                     ``end_grace`` (a shadow that never reads or never accepts)
 ``shutdown``        still going when :meth:`ForwardSink.close` stopped waiting
+``memory``          shed by the memory guard (:meth:`ForwardSink.shed`): the process neared its
+                    memory limit and this connection held the most bytes
 ``error``           a fault of the sink itself
 ==================  ======================================================================
 
@@ -174,6 +176,12 @@ class ForwardSink:
         signal handler. What the shadow has not taken is dropped and counted
         (``shutdown``)."""
         self._loop.call_soon_threadsafe(self._stop_wait.set)
+
+    def shed(self, nbytes: int, why: str = "memory") -> None:
+        """Any thread: drop (as ``why``) the shadow connections holding the most bytes in
+        user space, largest first, until ``nbytes`` are freed or none holds any. For the
+        memory guard (:mod:`agent.memory_guard`); each is counted like any other drop."""
+        self._loop.call_soon_threadsafe(self._shed_largest, nbytes, why)
 
     @property
     def queued_bytes(self) -> int:
@@ -417,6 +425,13 @@ class ForwardSink:
             self._settle(conn, self._loop.time())
             conn.close(why, hard=True)  # connection_lost follows, and finds conn done
         self._count(conn, why, **detail)
+
+    def _shed_largest(self, nbytes: int, why: str) -> None:
+        for conn in sorted(self._live, key=lambda c: c.budgeted, reverse=True):
+            if nbytes <= 0 or not conn.budgeted:
+                break
+            nbytes -= conn.budgeted
+            self._abort(conn, why)
 
     def _discard_queue(self, conn: Conn) -> None:
         self._counts["bytes_dropped"] += conn.queued

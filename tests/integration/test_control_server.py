@@ -242,10 +242,12 @@ def test_slow_clients_cannot_block_the_server() -> None:
         assert time.monotonic() - t0 < 1.5
         slow.append(_half_request(server.address))
         slow.append(_half_request(server.address))
-        time.sleep(0.3)  # all three are being served (waiting for the rest of the request)
+        time.sleep(0.3)  # all three are held (waiting for the rest of the request)
+        # At the cap the oldest slow one gives way: they cannot keep a probe out (issue 19;
+        # the thread-per-connection server answered 503 "too many" here).
         code, body, _ = curl(server.url + "/healthz")
-        assert code == 503 and "too many" in json.loads(body)["error"], body
-        # Past their deadline the slow ones are cut off, and the slots come back.
+        assert code == 200, body
+        # Past their deadline the slow ones are cut off (the first one already was).
         for s in slow:
             s.settimeout(5)
             assert s.recv(100) == b""  # closed without an answer

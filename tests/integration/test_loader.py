@@ -12,7 +12,7 @@ from agent.capture.ebpf import BPF_DIR
 from agent.capture.loader import LoadError, load
 from agent.lab.netns import LiveAgent, NetNS
 
-_FLAGS = [f"-I{BPF_DIR}", "-DMAX_CPUS=2", "-DMIRROR_OWN_PORT_LO=61000",
+_FLAGS = [f"-I{BPF_DIR}", "-DMAX_CPUS=2", "-DMAX_PORTS=64", "-DMIRROR_OWN_PORT_LO=61000",
           "-DMIRROR_OWN_PORT_HI=65535"]
 
 

@@ -27,7 +27,7 @@ from tests.unit.shadow import Shadow
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 NAME = re.compile(r"^mirror_agent_(budget|handoff|kernel|ring|drain|source|decode|reassembly|"
-                  r"mirror|forward|record|flowpcap)_[a-z0-9]+(_[a-z0-9]+)*$")
+                  r"mirror|forward|record|flowpcap|memory)_[a-z0-9]+(_[a-z0-9]+)*$")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_names_follow_the_pattern() -> None:
         assert fam.help[:1].isupper(), fam.name
         assert "bytes" not in fam.name or fam.name.endswith(("_bytes", "_bytes_total")), fam.name
         if fam.label:
-            assert fam.label in ("reason", "hook", "buffer", "handoff"), fam.name
+            assert fam.label in ("reason", "hook", "buffer", "handoff", "level"), fam.name
             assert fam.values or fam.open, fam.name
             assert not any(v in fam.name for v in fam.values), fam.name
     names = [f.name for f in metrics.FAMILIES]

@@ -12,6 +12,11 @@ stored).
 A record that is dropped here is owed to its flow's next record as a gap
 (:class:`~agent.sinks.nats.gaps.GapLedger`). Every counter here is written by this thread
 only, and every key exists from the start (so a reader on another thread can copy them).
+
+Connections (:class:`~agent.sinks.record.ledger.FlowLedger`, shared with the recorder, which
+hands each record to it): every message is settled in it for its record's flow, by its
+acknowledgement (written) or with the reason it is counted as dropped under; a chunk split
+into pieces is settled once per piece sent.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from agent.sinks.nats.gaps import GapLedger
 from agent.sinks.nats.message import encode_chunk, encode_end, piece_size
 from agent.sinks.nats.url import NatsTarget
 from agent.sinks.outage import OutageLog
+from agent.sinks.record.ledger import FlowLedger
 
 __all__ = ["CHUNK", "END", "REASONS", "Item", "Publisher", "Settings"]
 
@@ -60,10 +66,12 @@ class Settings:
 class _InFlight:
     """One published message until it is settled (``reason``: why it was cancelled)."""
 
-    __slots__ = ("deadline", "fut", "reason", "size")
+    __slots__ = ("deadline", "end", "flow", "fut", "reason", "size")
 
-    def __init__(self, size: int, deadline: float) -> None:
+    def __init__(self, size: int, deadline: float, flow: int, end: bool) -> None:
         self.size = size
+        self.flow = flow
+        self.end = end
         self.deadline = deadline
         self.reason = "unconfirmed"
         self.fut: asyncio.Future[Any] | None = None
@@ -75,8 +83,11 @@ class Publisher:
     everything was published and acknowledged, or dropped and counted, within
     ``drain_timeout`` of the close (plus a connect attempt)."""
 
-    def __init__(self, target: NatsTarget, handoff: Handoff[Item], settings: Settings) -> None:
+    def __init__(self, target: NatsTarget, handoff: Handoff[Item], settings: Settings,
+                 flows: FlowLedger | None = None) -> None:
         self._target = target
+        #: The connections whose records this publisher settles.
+        self.flows = flows if flows is not None else FlowLedger(REASONS)
         self._handoff = handoff
         self._s = settings
         self.counts: dict[str, int] = dict.fromkeys(
@@ -117,9 +128,10 @@ class Publisher:
             log.error("NATS recording failed", target=self._target.url, error=describe(e))
             self.error = e
             self._handoff.fail(e)
-            for _kind, _obj, data in self._handoff.leftovers():
+            for kind, obj, data in self._handoff.leftovers():
                 self._handoff.release(len(data))
                 self._count_drop("publish_failed", len(data))
+                self.flows.done(_flow_of(obj), kind == END, "publish_failed")
         finally:
             self._loop = None
 
@@ -249,7 +261,7 @@ class Publisher:
         if kind == END:
             assert isinstance(obj, FlowEnd)
             body, headers = encode_end(self._ledger.settle_end(obj))
-            await self._send(js, body, headers, 0)
+            await self._send(js, body, headers, 0, obj.flow_id, True)
             return
         assert isinstance(obj, TrafficChunk)
         chunk = self._ledger.charge(obj)
@@ -258,7 +270,9 @@ class Publisher:
             piece = data[at:at + step] if len(data) > step else data
             part = chunk if at == 0 else replace(chunk, gap_bytes=0)
             body, headers = encode_chunk(part, piece)
-            if not await self._send(js, body, headers, len(piece)):
+            if at:
+                self.flows.more(chunk.flow_id)  # one more message to settle
+            if not await self._send(js, body, headers, len(piece), chunk.flow_id):
                 lost = len(data) - at
                 self._handoff.release(lost - len(piece))  # the pieces never sent
                 self._count_drop("broker_down" if self._down else "publish_failed",
@@ -266,16 +280,18 @@ class Publisher:
                 self._ledger.owe(part, lost)
                 return
 
-    async def _send(self, js: Any, body: bytes, headers: dict[str, str], size: int) -> bool:
-        """Publish one message of ``size`` data bytes; False if it could not even be sent
-        (counted as dropped and released here)."""
-        entry = _InFlight(size, time.monotonic() + self._s.ack_timeout)
+    async def _send(self, js: Any, body: bytes, headers: dict[str, str], size: int,
+                    flow: int, end: bool = False) -> bool:
+        """Publish one message of ``size`` data bytes of ``flow`` (``end``: its end record);
+        False if it could not even be sent (counted as dropped and released here)."""
+        entry = _InFlight(size, time.monotonic() + self._s.ack_timeout, flow, end)
         try:
             fut = await js.publish_async(self._target.subject, body, headers=headers)
         except Exception as e:  # the connection closed, or the client's buffer is full
             why = "broker_down" if self._down else "publish_failed"
             self._handoff.release(size)
             self._count_drop(why, size)
+            self.flows.done(flow, end, why)
             self._outage.failed(why, error=describe(e))
             return False
         entry.fut = fut
@@ -292,12 +308,15 @@ class Publisher:
         self._handoff.release(entry.size)
         if fut.cancelled():
             self._count_drop(entry.reason, entry.size)
+            self.flows.done(entry.flow, entry.end, entry.reason)
         elif fut.exception() is not None:
             self._count_drop("publish_failed", entry.size)
+            self.flows.done(entry.flow, entry.end, "publish_failed")
             self._outage.failed("publish_failed", error=describe(fut.exception()))
         else:
             self.counts["records"] += 1
             self.counts["recorded_bytes"] += entry.size
+            self.flows.done(entry.flow, entry.end)
             if self._outage.failing:
                 self._outage.recovered({"publish_failed"})
 
@@ -334,6 +353,7 @@ class Publisher:
         kind, obj, data = item
         self._handoff.release(len(data))
         self._count_drop(reason, len(data))
+        self.flows.done(_flow_of(obj), kind == END, reason)
         if kind == CHUNK:
             assert isinstance(obj, TrafficChunk)
             self._ledger.owe(self._ledger.charge(obj), len(data))
@@ -345,6 +365,12 @@ class Publisher:
     def _count_drop(self, reason: str, size: int, records: int = 1) -> None:
         self.counts[f"nats_dropped_records_{reason}"] += records
         self.counts[f"nats_dropped_bytes_{reason}"] += size
+
+
+def _flow_of(obj: object) -> int:
+    """The flow of a queued record's chunk or flow end."""
+    assert isinstance(obj, TrafficChunk | FlowEnd)
+    return obj.flow_id
 
 
 async def _ensure_stream(js: Any, target: NatsTarget) -> str:

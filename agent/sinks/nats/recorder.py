@@ -10,8 +10,9 @@ import structlog
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.nats.gaps import GapLedger
-from agent.sinks.nats.publisher import CHUNK, END, Item, Publisher, Settings
+from agent.sinks.nats.publisher import CHUNK, END, REASONS, Item, Publisher, Settings
 from agent.sinks.nats.url import NatsTarget
+from agent.sinks.record.ledger import FlowLedger
 
 __all__ = ["NatsRecorder"]
 
@@ -41,6 +42,11 @@ class NatsRecorder:
     for the acknowledgements due, counts what is still unacknowledged as ``shutdown``,
     closes the connection and joins the thread. All calls
     but :meth:`stats` and :meth:`handoffs` come from one thread (the capture thread).
+
+    Connections (:mod:`agent.sinks.record.ledger`): each record is handed to :attr:`flows` as
+    it is queued; a flow is completed once JetStream acknowledged every message of it, its
+    end included, dropped (with the ``nats_dropped_*`` reason of its first record lost)
+    otherwise; :meth:`close` drops what is still in flight as ``shutdown``.
     """
 
     def __init__(self, target: NatsTarget, budget: int = 256 << 20, live: bool = True,
@@ -50,7 +56,9 @@ class NatsRecorder:
         self._handoff: Handoff[Item] = Handoff(
             "record_nats", budget, Policy.DROP if live else Policy.PAUSE,
             release_on_take=False)
-        self._publisher = Publisher(target, self._handoff, self._settings)
+        #: The connections recorded (see the class doc).
+        self.flows = FlowLedger(REASONS)
+        self._publisher = Publisher(target, self._handoff, self._settings, self.flows)
         self._thread: threading.Thread | None = None
         self._ledger = GapLedger()
         self.dropped_records = 0
@@ -60,12 +68,16 @@ class NatsRecorder:
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         """Queue ``chunk`` with ``data`` (never waits when ``live``)."""
         chunk = self._ledger.charge(chunk)
+        self.flows.hand(chunk.flow_id)
         if not self._put((CHUNK, chunk, data), len(data)):
             self._ledger.owe(chunk, len(data))
+            self.flows.done(chunk.flow_id, lost="queue_full")
 
     def flow_end(self, end: FlowEnd) -> None:
         """Queue the end of a flow (with any gap owed to it)."""
-        self._put((END, self._ledger.settle_end(end), b""), 0)
+        self.flows.hand(end.flow_id)
+        if not self._put((END, self._ledger.settle_end(end), b""), 0):
+            self.flows.done(end.flow_id, end=True, lost="queue_full")
 
     def flush(self) -> None:
         """Wait until everything queued is published and acknowledged or dropped (at most
@@ -98,15 +110,17 @@ class NatsRecorder:
         if thread.is_alive():
             log.error("NATS recording: publisher thread did not stop", target=self.target.url)
         self._thread = None
+        self.flows.shutdown()
         self._raise()
 
     def stats(self) -> dict[str, int]:
         """``records``/``recorded_bytes`` acknowledged by JetStream, ``nats_*`` connection
         counters and gauges, and ``nats_dropped_{records,bytes}_<reason>`` for every reason
-        (:data:`~agent.sinks.nats.publisher.REASONS`)."""
+        (:data:`~agent.sinks.nats.publisher.REASONS`), and the ``connections*``."""
         out = dict(self._publisher.counts)
         out["nats_dropped_records_queue_full"] = self.dropped_records
         out["nats_dropped_bytes_queue_full"] = self.dropped_bytes
+        out.update(self.flows.stats())
         return out
 
     def handoffs(self) -> list[HandoffStats]:

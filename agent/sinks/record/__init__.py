@@ -14,7 +14,8 @@ A reader skips a corrupt record (bad CRC) when the record after it is whole, and
 stops there and reports the rest as ignored (``truncated_bytes``): a recording cut by a crash
 keeps everything before the cut.
 
-Writers count what reached the file (``records``, ``recorded_bytes``). A write error fails
+Writers count what reached the file (``records``, ``recorded_bytes``), and the connections
+whose records all reached it, or not (``connections*``: :mod:`.ledger`). A write error fails
 only that recording: one error line names the file, the file is closed, and every later
 record is counted as lost (``record_failed_*``) instead of written. The one exception is a
 broken pipe on stdout (its reader went away): that is raised, for a quiet exit.
@@ -34,15 +35,20 @@ from agent.sinks.record.background import BackgroundWriter
 from agent.sinks.record.codec import COMPRESSIONS, check_compression, decoded
 from agent.sinks.record.files import RecordFiles, RecordPolicy, Rotation, parse_rotation
 from agent.sinks.record.format import FORMATS, MAGIC, VERSION, RecordError, chunk_json
+from agent.sinks.record.ledger import FILE_REASONS, FlowLedger
+from agent.sinks.record.output import FileWriter
 from agent.sinks.record.reader import NativeReader, RecordedChunk
 from agent.sinks.record.writers import JsonLinesWriter, NativeWriter, RecordWriter, make_writer
 
 __all__ = [
     "COMPRESSIONS",
+    "FILE_REASONS",
     "FORMATS",
     "MAGIC",
     "VERSION",
     "BackgroundWriter",
+    "FileWriter",
+    "FlowLedger",
     "JsonLinesWriter",
     "NativeReader",
     "NativeWriter",

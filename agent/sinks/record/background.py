@@ -9,6 +9,7 @@ import structlog
 
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
+from agent.sinks.record.ledger import FlowLedger
 from agent.sinks.record.writers import RecordWriter
 
 __all__ = ["BackgroundWriter"]
@@ -41,6 +42,13 @@ class BackgroundWriter:
     the capture thread is its producer and owns :attr:`dropped_records`/:attr:`dropped_bytes`,
     the ``record-writer`` thread its consumer, which gives a record's bytes back to the budget
     once it has written them.
+
+    Connections: with an inner writer that keeps them (a
+    :class:`~agent.sinks.record.output.FileWriter`, :meth:`~.FileWriter.fronted`), every
+    record is handed to its :attr:`ledger` here, on the capture thread, as it is queued; a
+    record dropped here settles its flow as dropped (``queue_full``, ``memory``); the inner
+    writer settles the rest as they reach the file. :meth:`close` drops what is still in
+    flight as ``shutdown`` (see :mod:`agent.sinks.record.ledger`).
     """
 
     def __init__(self, inner: RecordWriter, max_bytes: int = 256 << 20) -> None:
@@ -50,12 +58,21 @@ class BackgroundWriter:
         # that, not counted. The mirror passes the memory budget's ``record_queue``
         # (agent/budget.py); the 256 MiB default is for this class alone.
         self._inner = inner
+        fronted = getattr(inner, "fronted", None)
+        #: The inner writer's connections (None if it keeps none).
+        self.ledger: FlowLedger | None = fronted() if fronted is not None else None
+        self._lost = ""  # why _put refused its latest record
         self._handoff: Handoff[tuple[int, object, bytes]] = Handoff(
             "record_writer", max_bytes, Policy.DROP, release_on_take=False)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.dropped_records = 0
         self.dropped_bytes = 0
+        #: Set by the memory guard (from its thread) while the process is near its memory
+        #: limit: records are refused like a full queue's, counted as ``shed_*``.
+        self.shed = False
+        self.shed_records = 0
+        self.shed_bytes = 0
         self._missed: dict[tuple[int, str], int] = {}  # (flow, from) → bytes dropped since
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
@@ -63,16 +80,24 @@ class BackgroundWriter:
         key = (chunk.flow_id, chunk.from_addr)
         missed = self._missed.pop(key, 0)
         queued = replace(chunk, gap_bytes=chunk.gap_bytes + missed) if missed else chunk
+        ledger = self.ledger
+        if ledger is not None:
+            ledger.hand(chunk.flow_id)
         if not self._put(_CHUNK, queued, data):
             # Dropped: its bytes, and the gap before them, are owed to the next record.
             self._missed[key] = queued.gap_bytes + len(data)
+            if ledger is not None:
+                ledger.done(chunk.flow_id, lost=self._lost)
 
     def flow_end(self, end: FlowEnd) -> None:
         missed = sum(v for (fid, _), v in self._missed.items() if fid == end.flow_id)
         if missed:
             self._missed = {k: v for k, v in self._missed.items() if k[0] != end.flow_id}
             end = replace(end, trailing_gap=end.trailing_gap + missed)
-        self._put(_END, end, b"")
+        if self.ledger is not None:
+            self.ledger.hand(end.flow_id)
+        if not self._put(_END, end, b"") and self.ledger is not None:
+            self.ledger.done(end.flow_id, end=True, lost=self._lost)
 
     def flush(self) -> None:
         done = threading.Event()
@@ -91,6 +116,8 @@ class BackgroundWriter:
             self._handoff.close()  # the thread writes what is queued, flushes and ends
             thread.join()
             self._thread = None
+        if self.ledger is not None:
+            self.ledger.shutdown()
         self._raise()
 
     def stats(self) -> dict[str, int]:
@@ -99,6 +126,9 @@ class BackgroundWriter:
         if self.dropped_records:
             out.update(record_dropped_records=self.dropped_records,
                        record_dropped_bytes=self.dropped_bytes)
+        if self.shed_records:
+            out.update(record_shed_records=self.shed_records,
+                       record_shed_bytes=self.shed_bytes)
         return out
 
     def handoffs(self) -> list[HandoffStats]:
@@ -121,7 +151,13 @@ class BackgroundWriter:
         if self._thread is None and self._handoff.closed:
             self._handoff.reopen()  # closed earlier: a new run, a new thread
         n = len(data)
+        if n and self.shed:
+            self._lost = "memory"
+            self.shed_records += 1
+            self.shed_bytes += n
+            return False
         if not self._handoff.put((kind, item, data), n):
+            self._lost = "queue_full"
             if not self.dropped_records:
                 log.warning("recording cannot keep up; dropping records (counted, and "
                             "marked as gaps in the recording)")

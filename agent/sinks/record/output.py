@@ -13,6 +13,7 @@ import structlog
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.record.codec import Compressor, new_compressor
 from agent.sinks.record.files import RecordFiles
+from agent.sinks.record.ledger import FlowLedger
 
 __all__ = ["FLUSH_EVERY", "FileWriter", "Output"]
 
@@ -61,9 +62,15 @@ class Output:
     A broken pipe on stdout (its reader went away: ``--record - | head``) fails it too,
     without the line, and is raised, so the command can stop quietly; on any other file (a
     FIFO, a socket) it is an error like any other.
+
+    With a ``ledger``, every record added is settled in it as its flow's (see
+    :mod:`~agent.sinks.record.ledger`) when it is counted: written, or lost as
+    ``write_failed``; a record that is not a chunk is its flow's end.
     """
 
-    def __init__(self, out: BinaryIO | RecordFiles, preamble: bytes = b"") -> None:
+    def __init__(self, out: BinaryIO | RecordFiles, preamble: bytes = b"",
+                 ledger: FlowLedger | None = None) -> None:
+        self._ledger = ledger
         self._files = out if isinstance(out, RecordFiles) else None
         policy = self._files.policy if self._files is not None else None
         self._codec: Compressor | None = (
@@ -73,7 +80,8 @@ class Output:
         self.rotating = rot is not None
         self._preamble = preamble
         self._pieces: list[bytes] = []
-        self._ends: list[tuple[int, int]] = []  # per buffered record: (end offset, data_len)
+        # per buffered record: (end offset, data_len, flow)
+        self._ends: list[tuple[int, int, int]] = []
         self._pending = self._sent = 0
         self._committed_at = time.monotonic()
         self.generation = 0  # + 1 per new file
@@ -102,12 +110,12 @@ class Output:
         files = self._files
         self._deadline = files.deadline(files.clock()) if files is not None else None
 
-    def add(self, head: bytes, data: bytes, data_len: int) -> None:
-        """One record: ``head``, then ``data`` as it is (not copied; may be empty).
-        ``data_len`` is the chunk's data length counted, < 0 for records that are not
-        chunks."""
+    def add(self, head: bytes, data: bytes, data_len: int, flow: int) -> None:
+        """One record of ``flow``: ``head``, then ``data`` as it is (not copied; may be
+        empty). ``data_len`` is the chunk's data length counted, < 0 for a flow's end
+        record."""
         if self.error is not None or self._out is None:
-            self._lose(data_len)
+            self._lose(data_len, flow)
             return
         pieces = self._pieces
         if self._fresh:
@@ -119,7 +127,7 @@ class Output:
         if data:
             pieces.append(data)
         self._pending += len(head) + len(data)
-        self._ends.append((self._pending, data_len))
+        self._ends.append((self._pending, data_len, flow))
         if self._fd is None or self._pending >= _FLUSH_AT or len(pieces) >= _IOV_MAX:
             self._commit()
 
@@ -275,24 +283,38 @@ class Output:
         self._sent = sum(map(len, pieces))
         self._zin += self._sent
 
-    def _settle(self, ends: list[tuple[int, int]], sent: int) -> None:
+    def _settle(self, ends: list[tuple[int, int, int]], sent: int) -> None:
         """Count the records of one write: whole in the first ``sent`` bytes, or lost."""
+        ledger = self._ledger
         if ends and ends[-1][0] <= sent:  # all whole: the common case
-            lens = [n for _, n in ends if n >= 0]
+            lens = [n for _, n, _ in ends if n >= 0]
             self.records += len(lens)
             self.data_bytes += sum(lens)
+            if ledger is not None:
+                ledger.done_many((flow, n < 0) for _, n, flow in ends)
             return
-        for end, data_len in ends:
+        for end, data_len, flow in ends:
             if end > sent:
-                self._lose(data_len)
-            elif data_len >= 0:
+                self._lose(data_len, flow)
+                continue
+            if data_len >= 0:
                 self.records += 1
                 self.data_bytes += data_len
+            if ledger is not None:
+                ledger.done(flow, data_len < 0)
 
-    def _lose(self, data_len: int) -> None:
+    def settled(self, flow: int, end: bool = False) -> None:
+        """A record of ``flow`` that the format does not write (a flow end in JSON lines):
+        settled as written, nothing of it being missing."""
+        if self._ledger is not None:
+            self._ledger.done(flow, end)
+
+    def _lose(self, data_len: int, flow: int) -> None:
         if data_len >= 0:
             self.failed_records += 1
             self.failed_bytes += data_len
+        if self._ledger is not None:
+            self._ledger.done(flow, data_len < 0, "write_failed")
 
     def _fail(self, e: OSError) -> None:
         """The recording failed: say so once, close the file; a broken stdout goes up."""
@@ -310,27 +332,65 @@ class Output:
 
 
 class FileWriter:
-    """A record writer over an :class:`Output` (the formats subclass it)."""
+    """A record writer over an :class:`Output` (the formats subclass it, implementing
+    :meth:`_write` and :meth:`_flow_end`; every record they make is settled in
+    :attr:`ledger` by the :class:`Output`, or by :meth:`Output.settled`).
+
+    Connections (:mod:`~agent.sinks.record.ledger`): :meth:`write` and :meth:`flow_end`
+    hand a record of the flow to :attr:`ledger`, unless a stage in front of this writer
+    hands them (:meth:`fronted`). :meth:`close` flushes and drops what is still in flight
+    as ``shutdown``; the file itself stays open for its owner to close.
+    """
 
     #: The bytes every file of the format starts with.
     preamble = b""
 
     def __init__(self, out: BinaryIO | RecordFiles) -> None:
-        self._out = Output(out, self.preamble)
+        #: The connections of this recording.
+        self.ledger = FlowLedger()
+        self._handing = True
+        self._out = Output(out, self.preamble, self.ledger)
+
+    def fronted(self) -> FlowLedger:
+        """A stage in front of this writer (a background writer thread) hands the records
+        over from now on and counts them as handed itself; this writer only settles them.
+        Returns the ledger they share."""
+        self._handing = False
+        return self.ledger
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         """One chunk (``data``: its bytes after the hooks)."""
-        raise NotImplementedError
+        if self._handing:
+            self.ledger.hand(chunk.flow_id)
+        self._write(chunk, data)
 
     def flow_end(self, end: FlowEnd) -> None:
-        pass
+        """The end of a flow that has records: none of the flow follows."""
+        if self._handing:
+            self.ledger.hand(end.flow_id)
+        self._flow_end(end)
+
+    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _flow_end(self, end: FlowEnd) -> None:
+        self._out.settled(end.flow_id, end=True)  # not written by this format
 
     def flush(self) -> None:
         self._out.flush()
+
+    def close(self) -> None:
+        """Flush, then drop the connections still in flight as ``shutdown`` (the end of a
+        run). The file stays open; a later record starts the accounting afresh."""
+        try:
+            self.flush()
+        finally:
+            self.ledger.shutdown()
 
     def tick(self) -> float | None:
         """See :meth:`Output.tick`."""
         return self._out.tick()
 
     def stats(self) -> dict[str, int]:
-        return self._out.stats()
+        """The :class:`Output`'s counts and the ledger's ``connections*``."""
+        return {**self._out.stats(), **self.ledger.stats()}

@@ -203,10 +203,10 @@ class PcapngWriter(FileWriter):
         self._conns: dict[int, _Conn] = {}
         self._generation = 0
 
-    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
         out = self._out
         if out.error is not None or not data:
-            out.add(b"", b"", len(data))  # lost, or nothing to show
+            out.add(b"", b"", len(data), chunk.flow_id)  # lost, or nothing to show
             return
         if out.rotating:
             self._file(out.begin(len(data) + _PER_PACKET * (len(data) // 1440 + 5)))
@@ -216,19 +216,21 @@ class PcapngWriter(FileWriter):
             if chunk.direction is Direction.FROM_OBSERVED:
                 client, server = server, client
             conn = self._conns[chunk.flow_id] = _Conn(chunk.flow_id, client, server)
-        out.add(conn.chunk(chunk, data), b"", len(data))
+        out.add(conn.chunk(chunk, data), b"", len(data), chunk.flow_id)
 
-    def flow_end(self, end: FlowEnd) -> None:
+    def _flow_end(self, end: FlowEnd) -> None:
         out = self._out
         conn = self._conns.pop(end.flow_id, None)
-        if conn is None or out.error is not None:
+        if out.error is not None:
+            out.add(b"", b"", -1, end.flow_id)  # its closing packets: lost
             return
-        if out.rotating:
+        if conn is not None and out.rotating:
             self._file(out.begin(_PER_PACKET * 3))
-        if conn.shaken:  # its handshake is in this file
-            blob = conn.end(end)
-            if blob:
-                out.add(blob, b"", -1)
+        blob = conn.end(end) if conn is not None and conn.shaken else b""
+        if blob:  # (its handshake is in this file)
+            out.add(blob, b"", -1, end.flow_id)
+        else:
+            out.settled(end.flow_id, end=True)  # nothing of it to show
 
     def _file(self, generation: int) -> None:
         """A new file started: every connection needs a handshake in it again."""

@@ -36,7 +36,8 @@ class RecordWriter(Protocol):
     def flush(self) -> None: ...
 
     def stats(self) -> dict[str, int]:
-        """``records`` and ``recorded_bytes`` written, plus ``record_*`` losses if any."""
+        """``records`` and ``recorded_bytes`` written, plus ``record_*`` losses if any (a
+        :class:`~agent.sinks.record.output.FileWriter` adds its ``connections*``)."""
         ...
 
 
@@ -46,25 +47,25 @@ class NativeWriter(FileWriter):
 
     preamble = FILE_HEADER.pack(MAGIC, VERSION, 0, 0)
 
-    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
         fa = chunk.from_addr.encode()
         ta = chunk.to_addr.encode()
         head = BODY.pack(CHUNK, DIRS[chunk.direction], len(fa), len(ta), 0, chunk.flow_id,
                          chunk.seen_at, chunk.gap_bytes) + fa + ta
-        self._record(head, data, len(data))
+        self._record(head, data, len(data), chunk.flow_id)
 
-    def flow_end(self, end: FlowEnd) -> None:
+    def _flow_end(self, end: FlowEnd) -> None:
         head = BODY.pack(END, 0, 0, 0, 0, end.flow_id, 0.0, end.trailing_gap)
-        self._record(head, end.reason.encode(), -1)
+        self._record(head, end.reason.encode(), -1, end.flow_id)
 
-    def _record(self, head: bytes, data: bytes, data_len: int) -> None:
-        """One record: its frame (the length and CRC of ``head`` and ``data`` together),
+    def _record(self, head: bytes, data: bytes, data_len: int, flow: int) -> None:
+        """One record of ``flow``: its frame (the length and CRC of ``head`` and ``data`` together),
         ``head``, ``data`` (after the file header in a new file). Data of
         :data:`_COPY_BELOW` bytes or more goes as it is, a piece of its own (one copy less,
         one CRC call more); smaller data is copied into the record."""
         out = self._out
         if out.error is not None:
-            out.add(b"", b"", data_len)  # counted as lost
+            out.add(b"", b"", data_len, flow)  # counted as lost
             return
         if out.rotating:
             out.begin(FRAME.size + len(head) + len(data))
@@ -74,7 +75,7 @@ class NativeWriter(FileWriter):
             data = b""
         else:
             record = FRAME.pack(len(head) + len(data), zlib.crc32(data, zlib.crc32(head))) + head
-        out.add(record, data, data_len)
+        out.add(record, data, data_len, flow)
 
 
 #: Record data shorter than this is copied into its record: cheaper than a second CRC call
@@ -85,13 +86,13 @@ _COPY_BELOW = 1024
 class JsonLinesWriter(FileWriter):
     """One JSON object per chunk, one per line; flow ends are not written."""
 
-    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
         out = self._out
         line = b"" if out.error is not None else json.dumps(
             chunk_json(chunk, data), separators=(",", ":")).encode() + b"\n"
         if line and out.rotating:
             out.begin(len(line))
-        out.add(line, b"", len(data))
+        out.add(line, b"", len(data), chunk.flow_id)
 
 
 def make_writer(out: BinaryIO | RecordFiles, fmt: str) -> FileWriter:
