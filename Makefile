@@ -3,7 +3,7 @@ PY := .venv/bin/python
 .DEFAULT_GOAL := help
 
 .PHONY: help setup demo test unit integration lint image test-image bench bench-offline \
-	bench-http bench-bulk bench-memory bench-idle bench-overload bench-replay clean
+	bench-http bench-bulk bench-memory bench-idle bench-overload bench-replay bench-churn clean
 
 help:
 	@echo "make demo   set up, then mirror a built-in example end to end"
@@ -65,6 +65,9 @@ bench-memory: setup
 
 bench-idle: setup
 	$(PY) bench/idle_rss.py
+
+bench-churn: setup
+	$(PY) bench/churn.py --rates 1000,3000,6000,12000 --duration 20 --modes connection,request
 
 bench-overload: setup
 	$(PY) bench/overload_memory.py
