@@ -14,9 +14,7 @@ connections; a custom ``dial`` runs in a worker thread and picks its own port.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 from typing import Any, Protocol
 
 import structlog
@@ -24,6 +22,7 @@ import structlog
 from agent.config import Dial, parse_target
 from agent.sinks.http_request import Request
 from agent.sinks.http_response import ResponseFramer
+from agent.sinks.shadow_conn import close_transport
 from agent.sinks.source_ports import connect_from_ports, literal_infos, release_source_port
 
 __all__ = ["PoolConn", "PoolDialer", "PoolEvents"]
@@ -117,16 +116,8 @@ class PoolConn(asyncio.Protocol):
         self.closing = True
         if self.task is not None:
             self.task.cancel()
-        if self.transport is None:
-            return
-        if hard:
-            if self.sock is not None and self.sock.fileno() >= 0:
-                with contextlib.suppress(OSError):
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack("ii", 1, 0))
-            self.transport.abort()
-        else:
-            self.transport.close()
+        if self.transport is not None:
+            close_transport(self.transport, self.sock, hard)
 
 
 def _close_late(fut: asyncio.Future[socket.socket]) -> None:

@@ -30,7 +30,7 @@ from agent.sinks.source_ports import (
     release_source_port,
 )
 
-__all__ = ["Conn", "Dialer", "bytes_acked", "connect_failure", "describe"]
+__all__ = ["Conn", "Dialer", "bytes_acked", "close_transport", "connect_failure", "describe"]
 
 log = structlog.get_logger("agent.forward")
 
@@ -176,16 +176,20 @@ class Conn(asyncio.Protocol):
         TIME_WAIT or FIN_WAIT2 is left behind)."""
         self.outcome = outcome
         self.closing = True
-        if self.transport is None:
-            return
-        if hard:
-            if self.sock is not None and self.sock.fileno() >= 0:
-                with contextlib.suppress(OSError):
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack("ii", 1, 0))
-            self.transport.abort()
-        else:
-            self.transport.close()
+        if self.transport is not None:
+            close_transport(self.transport, self.sock, hard)
+
+
+def close_transport(transport: asyncio.Transport, sock: Any, hard: bool) -> None:
+    """Close ``transport``; ``hard``: with a reset (SO_LINGER 0), so nothing more is sent
+    and no TIME_WAIT or FIN_WAIT2 is left behind."""
+    if hard:
+        if sock is not None and sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    else:
+        transport.close()
 
 
 # ---------------------------------------------------------------- dialing
