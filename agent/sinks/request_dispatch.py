@@ -20,8 +20,8 @@ from agent.metrics import FORWARD_REQUEST_DROP_REASONS as DROP_REASONS
 from agent.sinks.http_request import Dropped, Framed, Request, RequestFramer
 from agent.sinks.http_response import BadResponse
 from agent.sinks.outage import OutageLog
-from agent.sinks.request_pool import PoolConn, PoolDialer
-from agent.sinks.shadow_conn import connect_failure, describe
+from agent.sinks.request_pool import PoolConn
+from agent.sinks.shadow_conn import Dialer, connect_failure, describe
 
 __all__ = ["IDLE_CLOSE", "OP_DATA", "OP_END", "OP_LOST", "Dispatcher", "Op"]
 
@@ -59,7 +59,7 @@ class Dispatcher:
     adds them, and discards them at their end)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: ForwardConfig,
-                 dialer: PoolDialer, release: Callable[[int], None], dead: set[int],
+                 dialer: Dialer, release: Callable[[int], None], dead: set[int],
                  outages: OutageLog) -> None:
         self.config = config
         self.counts: Counter[str] = Counter()

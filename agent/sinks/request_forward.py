@@ -71,7 +71,7 @@ from agent.handoff import Handoff, HandoffStats, Policy
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS as DROP_REASONS
 from agent.sinks.outage import OutageLog
 from agent.sinks.request_dispatch import OP_DATA, OP_END, OP_LOST, Dispatcher, Op
-from agent.sinks.request_pool import PoolDialer
+from agent.sinks.shadow_conn import Dialer
 
 __all__ = ["DROP_REASONS", "RequestForwardSink"]
 
@@ -92,7 +92,7 @@ class RequestForwardSink:
                  config: ForwardConfig | None = None) -> None:
         self.target = target
         self.config = cfg = config or ForwardConfig()
-        dialer = PoolDialer(target, dial, cfg.source_ports)
+        dialer = Dialer(target, dial, cfg.source_ports)
         self._mcounts: Counter[str] = Counter()  # mirror thread's: refused bytes
         self._ops: Handoff[Op] = Handoff("forward", cfg.max_total_buffer, Policy.DROP,
                                          release_on_take=False)

@@ -6,7 +6,8 @@ its :class:`~agent.sinks.http_response.ResponseFramer`; what the shadow answers 
 discarded as it comes, and every event goes to the sink (:class:`PoolEvents`), which does the
 counting. All of it runs on the sink's I/O thread.
 
-Dialing (:class:`PoolDialer`) binds a port of the reserved source-port range
+Dialing (:class:`agent.sinks.shadow_conn.Dialer`, as for connection mode) binds a port of
+the reserved source-port range
 (:func:`agent.sinks.source_ports.connect_from_ports`), so the capture skips the agent's own
 connections; a custom ``dial`` runs in a worker thread and picks its own port.
 """
@@ -14,18 +15,15 @@ connections; a custom ``dial`` runs in a worker thread and picks its own port.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any, Protocol
 
 import structlog
 
-from agent.config import Dial, parse_target
 from agent.sinks.http_request import Request
 from agent.sinks.http_response import ResponseFramer
-from agent.sinks.shadow_conn import close_transport
-from agent.sinks.source_ports import connect_from_ports, literal_infos, release_source_port
+from agent.sinks.shadow_conn import Dialed, close_transport
 
-__all__ = ["PoolConn", "PoolDialer", "PoolEvents"]
+__all__ = ["PoolConn", "PoolEvents"]
 
 log = structlog.get_logger("agent.forward")
 
@@ -42,14 +40,15 @@ class PoolEvents(Protocol):
     def conn_lost(self, conn: PoolConn, exc: Exception | None) -> None: ...
 
 
-class PoolConn(asyncio.Protocol):
+class PoolConn(Dialed):
     """A keep-alive connection of the pool; its state is the sink's I/O thread's."""
 
     __slots__ = ("answered", "buffered", "closing", "connected", "events", "flow_id",
                  "framer", "idle_since", "lost", "progress_at", "request", "served",
-                 "sock", "source_port", "task", "transport")
+                 "sock", "task", "transport")
 
     def __init__(self, events: PoolEvents) -> None:
+        super().__init__()
         self.events = events
         self.transport: asyncio.Transport | None = None
         self.sock: Any = None
@@ -61,7 +60,6 @@ class PoolConn(asyncio.Protocol):
         self.progress_at = 0.0  # last time the shadow took or sent something
         self.buffered = 0  # bytes in the transport's write buffer at the last look
         self.idle_since = 0.0
-        self.source_port: int | None = None  # of the reserved range, until released
         self.task: asyncio.Task[None] | None = None  # the dial, until connected
         self.connected = False
         self.closing = False  # closed by the sink
@@ -118,48 +116,3 @@ class PoolConn(asyncio.Protocol):
             self.task.cancel()
         if self.transport is not None:
             close_transport(self.transport, self.sock, hard)
-
-
-def _close_late(fut: asyncio.Future[socket.socket]) -> None:
-    """A custom dial's socket that came after its caller gave up: closed, not leaked."""
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().close()
-
-
-class PoolDialer:
-    """Connects :class:`PoolConn`\\ s to ``target`` from a port of ``ports`` (released by
-    :meth:`release`), or with a custom blocking ``dial`` (run in a worker thread)."""
-
-    def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int]) -> None:
-        self._host, self._port = parse_target(target)
-        self._infos = literal_infos(self._host, self._port)  # None: resolved per connect
-        self._target = target
-        self._dial = dial
-        self._ports = ports
-
-    async def __call__(self, conn: PoolConn) -> None:
-        """Connect ``conn`` (its ``connection_made`` has run when this returns)."""
-        loop = asyncio.get_running_loop()
-        if self._dial is None:
-            sock = await connect_from_ports(self._host, self._port, self._ports, self._infos)
-            conn.source_port = sock.getsockname()[1]
-        else:
-            fut = loop.run_in_executor(None, self._dial, self._target)
-            try:
-                sock = await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                fut.add_done_callback(_close_late)
-                raise
-            sock.setblocking(False)
-        try:
-            await loop.create_connection(lambda: conn, sock=sock)
-        except BaseException:  # a cancelled connect must not leak its socket either
-            sock.close()
-            self.release(conn)
-            raise
-
-    def release(self, conn: PoolConn) -> None:
-        """``conn`` is closed: its source port may be taken again (idempotent)."""
-        if conn.source_port is not None:
-            release_source_port(self._ports, conn.source_port)
-            conn.source_port = None

@@ -30,7 +30,8 @@ from agent.sinks.source_ports import (
     release_source_port,
 )
 
-__all__ = ["Conn", "Dialer", "bytes_acked", "close_transport", "connect_failure", "describe"]
+__all__ = ["Conn", "Dialed", "Dialer", "bytes_acked", "close_transport", "connect_failure",
+           "describe"]
 
 log = structlog.get_logger("agent.forward")
 
@@ -56,7 +57,17 @@ def bytes_acked(sock: Any) -> int | None:
     return max(0, n - 1)
 
 
-class Conn(asyncio.Protocol):
+class Dialed(asyncio.Protocol):
+    """A protocol :class:`Dialer` connects: it holds its reserved source port until the
+    dialer's :meth:`~Dialer.release`."""
+
+    __slots__ = ("source_port",)
+
+    def __init__(self) -> None:
+        self.source_port: int | None = None
+
+
+class Conn(Dialed):
     """One shadow connection of one captured flow, from dial to end.
 
     The sink's ``notify(conn)`` runs after every event that may move it on (connected, the
@@ -66,9 +77,10 @@ class Conn(asyncio.Protocol):
     __slots__ = ("after_service", "answered", "budgeted", "closing", "counted", "deferred",
                  "done", "end_by", "ended", "fin_at", "flow_id", "lost", "notify", "outcome",
                  "progress_at", "pushed", "queue", "queued", "ready", "response_bytes",
-                 "server_eof", "sock", "source_port", "task", "transport", "waiting_since")
+                 "server_eof", "sock", "task", "transport", "waiting_since")
 
     def __init__(self, flow_id: int, notify: Callable[[Conn], None]) -> None:
+        super().__init__()
         self.flow_id = flow_id
         self.notify = notify
         self.queue: deque[bytes] = deque()  # bytes waiting for the connect
@@ -80,7 +92,6 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ready = False  # dialed, queue flushed: bytes go straight to the transport
         self.sock: Any = None
-        self.source_port: int | None = None  # taken from the reserved pool, until released
         self.task: asyncio.Task[None] | None = None  # the dial, until connected
         self.ended = False  # takes no more bytes
         self.after_service = False  # the service closed first: let the target close first
@@ -244,10 +255,10 @@ def describe(e: BaseException) -> str:
 
 
 class Dialer:
-    """Connects ``Conn``\\ s to ``target``: from a port of ``ports``, or with a custom
-    ``dial`` (run off-thread), which picks its own source port and is warned about once if
-    that port is outside ``ports``. Raises ValueError at once if ``target`` is not
-    HOST:PORT."""
+    """Connects :class:`Dialed` protocols (both forward sinks' connections) to ``target``:
+    from a port of ``ports``, or with a custom ``dial`` (run off-thread), which picks its own
+    source port and is warned about once if that port is outside ``ports``. Raises
+    ValueError at once if ``target`` is not HOST:PORT."""
 
     def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int]) -> None:
         self._host, self._port = parse_target(target)
@@ -257,7 +268,7 @@ class Dialer:
         self._ports = ports
         self._warned = False
 
-    async def __call__(self, conn: Conn) -> None:
+    async def __call__(self, conn: Dialed) -> None:
         """Connect ``conn`` (its ``connection_made`` has run when this returns). Its source
         port stays taken until :meth:`release`."""
         if self._dial is None:
@@ -275,7 +286,7 @@ class Dialer:
             self.release(conn)
             raise
 
-    def release(self, conn: Conn) -> None:
+    def release(self, conn: Dialed) -> None:
         """``conn`` is over: its source port may be taken again."""
         if conn.source_port is not None:
             release_source_port(self._ports, conn.source_port)
