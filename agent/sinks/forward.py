@@ -48,7 +48,6 @@ keeps it open is reset rather than left in FIN_WAIT2.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections import Counter
@@ -60,7 +59,7 @@ from agent.config import Dial, ForwardConfig, parse_target
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.metrics import FORWARD_DROP_REASONS as DROP_REASONS
 from agent.sinks.outage import OutageLog
-from agent.sinks.shadow_conn import Conn, Dialer, connect_failure, describe
+from agent.sinks.shadow_conn import Conn, Dialer, connect_failure, describe, stop_io_loop
 from agent.sinks.source_ports import NoSourcePort, bind_source_port, forward_capacity
 
 __all__ = ["DROP_REASONS", "ForwardSink", "NoSourcePort", "bind_source_port"]
@@ -168,14 +167,8 @@ class ForwardSink:
             self.end(flow_id)
         self.commit()
         self._ops.close()  # the I/O thread still takes what is queued
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        with contextlib.suppress(Exception):  # the loop is stopped below either way
-            fut.result(self.config.close_timeout + 2)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._count_leftovers()
-            self._loop.close()
+        stop_io_loop(self._loop, self._thread, self._shutdown(),
+                     self.config.close_timeout + 2, self._count_leftovers)
 
     def stop_waiting(self) -> None:
         """Cut :meth:`close`'s wait for the shadow short; callable from any thread or a

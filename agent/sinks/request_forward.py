@@ -59,7 +59,6 @@ handed over (a request's bytes are counted as captured, before the ``Connection`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import threading
 from collections import Counter
@@ -71,7 +70,7 @@ from agent.handoff import Handoff, HandoffStats, Policy
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS as DROP_REASONS
 from agent.sinks.outage import OutageLog
 from agent.sinks.request_dispatch import OP_DATA, OP_END, OP_LOST, Dispatcher, Op
-from agent.sinks.shadow_conn import Dialer
+from agent.sinks.shadow_conn import Dialer, stop_io_loop
 
 __all__ = ["DROP_REASONS", "RequestForwardSink"]
 
@@ -147,14 +146,8 @@ class RequestForwardSink:
             self.end(flow_id)
         self.commit()
         self._ops.close()
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        with contextlib.suppress(Exception):  # the loop is stopped below either way
-            fut.result(self.config.close_timeout + 2)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._count_leftovers()
-            self._loop.close()
+        stop_io_loop(self._loop, self._thread, self._shutdown(),
+                     self.config.close_timeout + 2, self._count_leftovers)
 
     def stop_waiting(self) -> None:
         """Cut :meth:`close`'s wait short (any thread, or a signal handler)."""

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -31,7 +31,7 @@ from agent.sinks.source_ports import (
 )
 
 __all__ = ["Conn", "Dialed", "Dialer", "bytes_acked", "close_transport", "connect_failure",
-           "describe"]
+           "describe", "stop_io_loop"]
 
 log = structlog.get_logger("agent.forward")
 
@@ -201,6 +201,22 @@ def close_transport(transport: asyncio.Transport, sock: Any, hard: bool) -> None
         transport.abort()
     else:
         transport.close()
+
+
+def stop_io_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 shutdown: Coroutine[Any, Any, None], wait: float,
+                 leftovers: Callable[[], None]) -> None:
+    """A forward sink's close: run ``shutdown`` on its I/O ``loop`` (up to ``wait`` seconds),
+    stop the loop and join its ``thread``; once the thread is gone, ``leftovers`` counts what
+    the loop never got to (from this thread, now the only one) and the loop is closed."""
+    fut = asyncio.run_coroutine_threadsafe(shutdown, loop)
+    with contextlib.suppress(Exception):  # the loop is stopped below either way
+        fut.result(wait)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    if not thread.is_alive():
+        leftovers()
+        loop.close()
 
 
 # ---------------------------------------------------------------- dialing
