@@ -14,8 +14,7 @@ the flag's own check, so ``port = "99999"`` fails the way ``--port 99999`` does.
   yes/no, on/off. ``MIRROR_AGENT_CONFIG`` names the file when ``--config`` does not. Other
   ``MIRROR_AGENT_*`` variables are ignored with a warning naming them (``stray_env``): a
   typo must not pass silently, but Kubernetes service links make ``MIRROR_AGENT_SERVICE_HOST``
-  and the like, which must not stop the agent (``MIRROR_AGENT_CACHE_DIR`` is the native
-  decoder's).
+  and the like, which must not stop the agent.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ from agent.options import (
 __all__ = ["ENV_PREFIX", "parse_options"]
 
 ENV_PREFIX = "MIRROR_AGENT_"
-#: Variables of ours that are no option: the config file's path, the native decoder's cache.
-_NOT_KEYS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "CACHE_DIR"})
+#: Variables of ours that are no option: the config file's path.
+_NOT_KEYS = frozenset({ENV_PREFIX + "CONFIG"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 

@@ -305,8 +305,8 @@ def _add_capture_options(run: argparse.ArgumentParser) -> None:
                           "buffer (kernel 5.8+)")
     run.add_argument("--decoder", choices=["auto", "native", "python"], default="auto",
                      help="ring records to segments, for either --transport: native (C, "
-                          "built with cc on first use; make setup builds it), python, or auto "
-                          "(default: native if it can be built, else python with a warning)")
+                          "compiled when the package is installed), python, or auto "
+                          "(default: native if installed, else python with a warning)")
     run.add_argument("--buffer-mib", type=int, default=None, metavar="MIB",
                      help="kernel buffer per CPU (default: 16 MiB, less with more than 8 "
                           "CPUs so all stay near 128 MiB, at least 4; the ring buffer gets "

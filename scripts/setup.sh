@@ -50,12 +50,15 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# The install compiles the native ring decoder (setup.py), so its sources are in the stamp too:
+# a changed decoder is rebuilt by the next `make setup`.
+stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/capture/ring_*.[ch] bpf/mirror_event.h \
+  | sha1sum | cut -c1-12)
 if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
-# The native ring decoder (agent/capture/ring_decode.c): built once per source version.
+# The native ring decoder must have been built by the install above (it needs gcc).
 .venv/bin/python -m agent.capture.native >/dev/null

@@ -4,10 +4,13 @@
 discarded ring buffer records, joins each direction's in-order payload into runs (the contract
 of :class:`~agent.capture.events.EventDecoder`, the Python reference and fallback) and releases
 the walked bytes to the kernel itself, with an acquire load of the producer position and a
-release store of the consumer position. It is compiled with the system C compiler (``cc``)
-into a cache directory (:func:`cache_dir`), named after the source's hash, so a changed source
-is rebuilt and a stale build is never loaded. ``make setup`` (and the container image) build
-it ahead of time; without a compiler the agent logs one warning and uses the Python decoder.
+release store of the consumer position. It is compiled when the package is installed
+(``setup.py``: the extension ``agent.capture._ring_native``, a plain shared library loaded with
+ctypes), so the running host needs no compiler and writes nothing. The library carries the hash
+of the sources it was built from, and :func:`load` refuses one whose hash is not that of the
+installed sources: a stale build is never used (``make setup`` rebuilds after a change). Where
+the package was installed without it (no compiler at install time), the agent logs one warning
+and uses the Python decoder.
 
 Memory is bounded per decoder and allocated once (``md_new``), whatever the rings' sizes. With
 the defaults below (sizes from ``md_footprint``, x86-64):
@@ -30,19 +33,16 @@ after that. Live, the decoder is lent to ``ring_pump.c``'s thread (``pump.py``),
 it with 1 MiB chunks of its backlog (bounded by the same budget) as the output instead;
 :meth:`NativeDecoder.segments_of` turns a take of those chunks into Segments.
 
-Run ``python -m agent.capture.native`` to build it (exit 1 and the compiler's message if not).
+Run ``python -m agent.capture.native`` to check it: the library's path, or exit 1 and why not.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import shutil
+import importlib.machinery
 import struct
-import subprocess
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +51,7 @@ from agent.capture.layout import BPF_DIR, tunnel_name
 from agent.model import FIN, RST, SYN, Segment
 
 __all__ = ["MAX_EVENTS", "OUT_BYTES", "TABLE_SLOTS", "NativeDecoder", "NativeUnavailable",
-           "build", "cache_dir", "load"]
+           "library_path", "load", "source_digest"]
 
 SOURCE = Path(__file__).with_name("ring_decode.c")
 #: Compiled together with SOURCE: the pump thread (``pump.py``) and the shared header.
@@ -105,64 +105,43 @@ class _Call(ctypes.Structure):
                 ("runs", ctypes.c_uint32), ("more", ctypes.c_uint32)]
 
 
-def cache_dir() -> Path:
-    """Where the library is built and looked for, the first that is set of:
-    ``$MIRROR_AGENT_CACHE_DIR`` (the container image builds there), ``$CACHE_DIRECTORY``
-    (systemd's ``CacheDirectory=``: its first entry; the unit's ``ProtectHome=yes`` hides
-    ``~``), ``$XDG_CACHE_HOME/mirror-agent``, ``~/.cache/mirror-agent``."""
-    own = os.environ.get("MIRROR_AGENT_CACHE_DIR")
-    if own:
-        return Path(own)
-    systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
-    if systemd:
-        return Path(systemd)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mirror-agent"
-
-
-def _target() -> Path:
+def source_digest() -> str:
+    """The hash of the installed sources, as ``setup.py`` computes it into the library."""
     digest = hashlib.sha256()
     for path in (*SOURCES, HEADER, BPF_DIR / "mirror_event.h"):
         digest.update(path.read_bytes())
-    return cache_dir() / f"ring_decode-{digest.hexdigest()[:16]}.so"
+    return digest.hexdigest()[:16]
 
 
-def build() -> Path:
-    """Compile ``ring_decode.c`` and ``ring_pump.c`` unless these exact sources are built
-    already; returns the .so."""
-    target = _target()
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise NativeUnavailable("no C compiler (cc) to build the native decoder; "
-                                "apt-get install gcc")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a concurrent start never loads half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [cc, "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-pthread", f"-I{BPF_DIR}",
-           "-o", tmp, *map(str, SOURCES)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        first = (proc.stderr.strip().splitlines() or ["no output"])[0]
-        raise NativeUnavailable(f"building the native decoder failed: {first}")
-    os.replace(tmp, target)
-    return target
+def library_path() -> Path:
+    """The library the install built beside this module; raises NativeUnavailable."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_ring_native{suffix}"
+        if path.exists():
+            return path
+    raise NativeUnavailable("the native decoder was not built when the package was installed "
+                            "(no C compiler then?); reinstall with gcc present (make setup)")
 
 
 _lib: ctypes.CDLL | None = None
 
 
 def load() -> ctypes.CDLL:
-    """The loaded library (built first if needed); raises NativeUnavailable."""
+    """The loaded library; raises NativeUnavailable."""
     global _lib
     if _lib is None:
+        path = library_path()
         try:
-            lib = ctypes.CDLL(str(build()))
+            lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise NativeUnavailable(f"loading the native decoder failed: {e}") from None
+        lib.md_source_digest.restype = ctypes.c_char_p
+        lib.md_source_digest.argtypes = []
+        built, wanted = lib.md_source_digest().decode(), source_digest()
+        if built != wanted:
+            raise NativeUnavailable(f"{path.name} was built from other sources ({built}, these "
+                                    f"are {wanted}); reinstall the package (make setup)")
         u64, ptr = ctypes.c_uint64, ctypes.c_void_p
         lib.md_new.restype = ptr
         lib.md_new.argtypes = [ctypes.c_uint32, ctypes.c_uint32, u64, ctypes.c_int]
@@ -415,7 +394,8 @@ class NativeDecoder:
 
 if __name__ == "__main__":
     try:
-        print(build())
+        load()
     except NativeUnavailable as e:
         sys.stderr.write(f"{e}\n")
         sys.exit(1)
+    print(library_path())

@@ -159,6 +159,17 @@ uint64_t md_out_size(const struct md_decoder *d)
 	return d->out_size;
 }
 
+#ifndef MD_SOURCE_DIGEST
+#define MD_SOURCE_DIGEST "unknown" /* setup.py defines it: the sources' hash */
+#endif
+
+/* The hash of the sources this library was built from (setup.py computes it; native.py
+ * recomputes it from the installed sources and refuses a library built from others). */
+const char *md_source_digest(void)
+{
+	return MD_SOURCE_DIGEST;
+}
+
 /* Bytes this decoder holds, for the caller to check its stated bound. */
 uint64_t md_footprint(const struct md_decoder *d)
 {

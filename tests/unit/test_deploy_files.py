@@ -192,9 +192,10 @@ def test_unit_grants_exactly_the_needed_capabilities() -> None:
     assert "CAP_SYS_ADMIN" not in s["AmbientCapabilities"][0]
 
 
-def test_unit_gives_the_native_decoder_a_cache_and_keeps_home_hidden() -> None:
+def test_unit_keeps_home_hidden_and_needs_no_cache() -> None:
+    """The native decoder is built at install time: the unit writes no cache anywhere."""
     s = unit_settings()
-    assert s["CacheDirectory"] == ["mirror-agent"]
+    assert "CacheDirectory" not in s
     assert s["ProtectHome"] == ["yes"]
 
 
@@ -515,42 +516,26 @@ def _dockerfile_instructions() -> list[str]:
             if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def test_image_builds_the_native_decoder_where_the_agent_looks() -> None:
-    """The build writes the decoder into $MIRROR_AGENT_CACHE_DIR (set on the build's command
-    or by an ENV before it), and the image's final ENV names the same directory, inside the
-    tree copied into the image."""
+def test_image_checks_the_native_decoder_its_wheel_built() -> None:
+    """The wheel's build compiles the decoder; the image build fails if it is missing or stale
+    (``python -m agent.capture.native`` after the install), and nothing points at a cache."""
     lines = _dockerfile_instructions()
-    build = next(i for i, ln in enumerate(lines) if "-m agent.capture.native" in ln)
-    before = [m[1] for ln in lines[:build + 1]
-              for m in re.finditer(r"MIRROR_AGENT_CACHE_DIR=(\S+)", ln)]
-    assert before, "the decoder is built without MIRROR_AGENT_CACHE_DIR"
-    final = [m[1] for ln in lines if ln.startswith("ENV ")
-             for m in re.finditer(r"MIRROR_AGENT_CACHE_DIR=(\S+)", ln)]
-    assert final and final[-1] == before[-1], (before, final)
-    assert final[-1].startswith("/opt/mirror-agent/")
+    install = next(i for i, ln in enumerate(lines) if "pip install -q --no-deps /dist/" in ln)
+    assert "-m agent.capture.native" in lines[install]
+    assert not any("MIRROR_AGENT_CACHE_DIR" in ln for ln in lines)
 
 
-def test_native_cache_dir_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("MIRROR_AGENT_CACHE_DIR", "CACHE_DIRECTORY", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert native.cache_dir() == tmp_path / "home" / ".cache" / "mirror-agent"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert native.cache_dir() == tmp_path / "xdg" / "mirror-agent"
-    monkeypatch.setenv("CACHE_DIRECTORY", f"{tmp_path}/systemd:{tmp_path}/other")
-    assert native.cache_dir() == tmp_path / "systemd"  # the first of CacheDirectory='s
-    monkeypatch.setenv("MIRROR_AGENT_CACHE_DIR", str(tmp_path / "image"))
-    assert native.cache_dir() == tmp_path / "image"
+def test_native_library_is_the_installed_one_and_matches_its_sources() -> None:
+    """``make setup`` installs the package, which builds the library beside native.py; its
+    embedded digest is that of the sources next to it."""
+    path = native.library_path()
+    assert path.parent == Path(native.__file__).parent
+    assert native.load().md_source_digest().decode() == native.source_digest()
 
 
-def test_native_decoder_builds_under_systemd_with_home_hidden(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """ProtectHome=yes: ~ cannot be written (here: HOME is a file), CACHE_DIRECTORY can."""
-    for var in ("MIRROR_AGENT_CACHE_DIR", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    home = tmp_path / "home"
-    home.write_text("")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
-    built = native.build()
-    assert built.parent == tmp_path / "cache" and built.exists()
+def test_a_library_built_from_other_sources_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "source_digest", lambda: "0" * 16)
+    with pytest.raises(native.NativeUnavailable, match="built from other sources"):
+        native.load()

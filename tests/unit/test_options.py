@@ -75,7 +75,7 @@ def test_a_bad_variable_is_named() -> None:
 
 def test_foreign_variables_and_other_commands_keys_are_left_alone(tmp_path: Path) -> None:
     conf = write(tmp_path, 'port = 80\niface = "eth0"\nengine = "xdp"\n')
-    env = {"MIRROR_AGENT_CACHE_DIR": "/x", "MIRROR_AGENT_SERVICE_HOST": "10.0.0.1"}
+    env = {"MIRROR_AGENT_SERVICE_HOST": "10.0.0.1"}
     opts = parse_options(["offline", "x.pcap", "--config", str(conf)], env)
     assert opts.capture is None and opts.pipe.ports == (80,)
     assert "iface" not in opts.values
@@ -159,7 +159,7 @@ def test_a_config_file_that_is_not_utf8_is_a_usage_error(
 
 def test_stray_variables_are_named_not_silent() -> None:
     opts = parse_options([*RUN, "--port", "80"], {"MIRROR_AGENT_TARGTE": "x",
-                                                   "MIRROR_AGENT_CACHE_DIR": "/c",
+                                                   "MIRROR_AGENT_CONFIG": "",
                                                    "MIRROR_AGENT_SERVICE_HOST": "10.0.0.1"})
     assert opts.stray_env == ("MIRROR_AGENT_SERVICE_HOST", "MIRROR_AGENT_TARGTE")
     assert opts.pipe.target is None
