@@ -29,8 +29,8 @@ from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPip
 from agent.model import Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler
 
-__all__ = ["Command", "Commands", "EndForward", "FlowCut", "Forward", "MirrorStep", "Packets",
-           "PacketsEnd", "Record", "RecordFlowEnd", "coalesce"]
+__all__ = ["Command", "Commands", "EndForward", "FlowCut", "FlowState", "Forward", "MirrorStep",
+           "Packets", "PacketsEnd", "Record", "RecordFlowEnd", "coalesce"]
 
 _UNKNOWN = Direction.UNKNOWN
 _TO_OBSERVED = Direction.TO_OBSERVED
@@ -107,6 +107,25 @@ Commands = list[Command]
 _CUT_BY_LIMIT = frozenset({"evicted", "lifetime"})
 
 
+class FlowState:
+    """What the mirror step keeps for one open flow (made when the flow first needs any of
+    it, dropped at its :class:`~agent.model.FlowEnd`)."""
+
+    __slots__ = ("client_done", "last", "owed_gap", "recorded", "service_done", "shadowed")
+
+    def __init__(self) -> None:
+        #: Flow-aware hooks only: the latest chunk per sender (their template for a tail).
+        self.last: dict[str, TrafficChunk] = {}
+        #: The client finished before the flow ended: the address it sent from.
+        self.client_done: str | None = None
+        #: Gap bytes of chunks the forward hooks passed nothing of: the flow's next Forward
+        #: carries them, so the shadow connection restarts instead of joining two halves.
+        self.owed_gap = 0
+        self.shadowed = False  # a Forward went out and no EndForward yet
+        self.service_done = False  # the service finished its side while shadowed
+        self.recorded = False  # a Record went out
+
+
 def _pipeline(hook: Hook | Sequence[Hook] | None, default: Hook) -> HookPipeline:
     if hook is None:
         return HookPipeline([default])
@@ -140,16 +159,7 @@ class MirrorStep:
         self._fhook = _pipeline(config.forward_hook, DEFAULT_FORWARD_HOOK)
         self._rhook = _pipeline(config.record_hook, DEFAULT_RECORD_HOOK)
         self._aware = self._fhook.flow_aware or self._rhook.flow_aware
-        #: Flow-aware hooks only: each open flow's latest chunk per sender (their template).
-        self._last: dict[int, dict[str, TrafficChunk]] = {}
-        #: Flows whose client finished before the flow ended → the address it sent from.
-        self._forward_done: dict[int, str] = {}
-        self._shadowed: set[int] = set()  # flows with a Forward and no EndForward yet
-        self._service_done: set[int] = set()  # open flows whose service finished its side
-        # Gap bytes of chunks the forward hooks passed nothing of: the flow's next Forward
-        # carries them, so the shadow connection restarts instead of joining two halves.
-        self._owed_gap: dict[int, int] = {}
-        self._recorded: set[int] = set()  # open flows with a Record
+        self._flows: dict[int, FlowState] = {}  # open flows that needed any state
         #: ``chunks``, ``<path>_hook_dropped_bytes``, ``<path>_unobserved_bytes``,
         #: ``mirror_forward_late_bytes``: the ``mirror`` stage's stats.
         self.counters: Counter[str] = Counter()
@@ -200,12 +210,18 @@ class MirrorStep:
 
     # ---------------------------------------------------------------- per chunk
 
+    def _state(self, flow_id: int) -> FlowState:
+        state = self._flows.get(flow_id)
+        if state is None:
+            state = self._flows[flow_id] = FlowState()
+        return state
+
     def _dispatch(self, items: Output, out: Commands) -> None:
         fhook = self._fhook if self.forwarding else None
         rhook = self._rhook
         recording = self.recording
-        recorded = self._recorded
-        last = self._last if self._aware else None
+        aware = self._aware
+        flows = self._flows
         counters = self.counters
         chunks = 0
         try:
@@ -219,8 +235,9 @@ class MirrorStep:
                 assert isinstance(item, TrafficChunk)
                 chunk = item
                 chunks += 1
-                if last is not None:
-                    last.setdefault(chunk.flow_id, {})[chunk.from_addr] = chunk
+                state = flows.get(chunk.flow_id) or self._state(chunk.flow_id)
+                if aware:
+                    state.last[chunk.from_addr] = chunk
                 if chunk.direction is _UNKNOWN:
                     self._unobserved(chunk)
                     continue
@@ -229,16 +246,15 @@ class MirrorStep:
                     if not keep:
                         counters["forward_hook_dropped_bytes"] += len(chunk.data)
                     if keep and data:
-                        self._forward(chunk.flow_id, data, chunk.gap_bytes, out)
+                        self._forward(chunk.flow_id, state, data, chunk.gap_bytes, out)
                     elif chunk.gap_bytes:  # owed to the flow's next Forward
-                        owed = self._owed_gap
-                        owed[chunk.flow_id] = owed.get(chunk.flow_id, 0) + chunk.gap_bytes
+                        state.owed_gap += chunk.gap_bytes
                 data, keep = rhook.handle(chunk)
                 if not keep:
                     counters["record_hook_dropped_bytes"] += len(chunk.data)
                 elif data and recording:
                     out.append(Record(chunk, data))
-                    recorded.add(chunk.flow_id)
+                    state.recorded = True
         finally:
             counters["chunks"] += chunks
 
@@ -259,20 +275,23 @@ class MirrorStep:
         elif data and self.recording:
             counters["record_unobserved_bytes"] += n
 
-    def _forward(self, flow_id: int, data: bytes, gap: int, out: Commands) -> None:
+    def _forward(self, flow_id: int, state: FlowState, data: bytes, gap: int,
+                 out: Commands) -> None:
         """Forward ``data``, unless the flow's client already finished (then count it)."""
-        if flow_id in self._forward_done:
+        if state.client_done is not None:
             self.counters["mirror_forward_late_bytes"] += len(data)
         else:
-            if self._owed_gap:
-                gap += self._owed_gap.pop(flow_id, 0)
+            if state.owed_gap:
+                gap += state.owed_gap
+                state.owed_gap = 0
             out.append(Forward(flow_id, data, gap))
-            self._shadowed.add(flow_id)
+            state.shadowed = True
 
-    def _end_shadow(self, flow_id: int, out: Commands) -> None:
-        if flow_id in self._shadowed:
-            self._shadowed.discard(flow_id)
-            out.append(EndForward(flow_id, flow_id in self._service_done))
+    @staticmethod
+    def _end_shadow(flow_id: int, state: FlowState, out: Commands) -> None:
+        if state.shadowed:
+            state.shadowed = False
+            out.append(EndForward(flow_id, state.service_done))
 
     # ---------------------------------------------------------------- ends
 
@@ -282,54 +301,54 @@ class MirrorStep:
         if not self.forwarding:
             return
         if end.direction is not _TO_OBSERVED:
-            if end.direction is Direction.FROM_OBSERVED and end.flow_id in self._shadowed:
-                self._service_done.add(end.flow_id)
+            if end.direction is Direction.FROM_OBSERVED:
+                state = self._flows.get(end.flow_id)
+                if state is not None and state.shadowed:
+                    state.service_done = True
             return
-        last = self._last.get(end.flow_id, {}).get(end.from_addr) if self._aware else None
+        state = self._state(end.flow_id)
+        last = state.last.get(end.from_addr) if self._aware else None
         if last is not None:
             tail = self._fhook.flow_end(last)
             if tail:
-                self._forward(end.flow_id, tail, 0, out)
-        self._end_shadow(end.flow_id, out)
-        self._forward_done[end.flow_id] = end.from_addr
+                self._forward(end.flow_id, state, tail, 0, out)
+        self._end_shadow(end.flow_id, state, out)
+        state.client_done = end.from_addr
 
     def _end_flow(self, end: FlowEnd, out: Commands) -> None:
         """The flow is over: the hooks' tails, the end of its shadow connection (unless its
         client's end already ended it), its end record, a limit's notice."""
         flow_id = end.flow_id
-        last = self._last.pop(flow_id, None) if self._aware else None
-        for chunk in (last or {}).values():
-            self._tails(chunk, out)
-        self._forward_done.pop(flow_id, None)
-        self._owed_gap.pop(flow_id, None)
-        self._end_shadow(flow_id, out)
-        self._service_done.discard(flow_id)
+        state = self._flows.pop(flow_id, None)
+        if state is not None:
+            for chunk in state.last.values():
+                self._tails(chunk, state, out)
+            self._end_shadow(flow_id, state, out)
         if self.tapping:
             out.append(PacketsEnd(flow_id))
-        if flow_id in self._recorded:
-            self._recorded.discard(flow_id)
+        if state is not None and state.recorded:
             out.append(RecordFlowEnd(end))
         if end.reason in _CUT_BY_LIMIT:
             out.append(FlowCut(end))
 
-    def _tails(self, chunk: TrafficChunk, out: Commands) -> None:
+    def _tails(self, chunk: TrafficChunk, state: FlowState, out: Commands) -> None:
         """What the hooks still hold for ``chunk``'s direction, sent and recorded like its
         chunks were (a direction whose client already finished: counted as late)."""
         unobserved = chunk.direction is _UNKNOWN
         counters = self.counters
-        if self.forwarding and chunk.from_addr != self._forward_done.get(chunk.flow_id):
+        if self.forwarding and chunk.from_addr != state.client_done:
             tail = self._fhook.flow_end(chunk)
             if tail and unobserved:
                 counters["forward_unobserved_bytes"] += len(tail)
             elif tail:
-                self._forward(chunk.flow_id, tail, 0, out)
+                self._forward(chunk.flow_id, state, tail, 0, out)
         tail = self._rhook.flow_end(chunk)
         if tail and self.recording:
             if unobserved:
                 counters["record_unobserved_bytes"] += len(tail)
             else:
                 out.append(Record(chunk.with_data(tail), tail))
-                self._recorded.add(chunk.flow_id)
+                state.recorded = True
 
 
 def coalesce(items: Output) -> Output:

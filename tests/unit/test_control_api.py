@@ -466,8 +466,8 @@ def test_ingest_feeds_the_mirror_and_goes_on_after_a_bad_file(tmp_path: Path) ->
     assert stats["source"]["cut_short_files"] == 1 and stats["source"]["frames"] > 474
     assert stats["handoff"]["items:pcap_ingest"] >= 2
     assert metrics.undeclared(stats) == []
-    assert m.reassembler._now >= before  # rebased to now, not to the file's old times
-    assert m.reassembler._now <= time.time()
+    assert m.reassembler.now >= before  # rebased to now, not to the file's old times
+    assert m.reassembler.now <= time.time()
 
 
 def test_rebased_timestamps_start_now_and_never_run_ahead() -> None:
@@ -531,7 +531,7 @@ def test_merged_source_takes_one_ingest_batch_per_live_batch() -> None:
 
 def test_beating_source_beats_per_batch_and_stops_at_the_end() -> None:
     hb = Heartbeat("mirror", max_silence=60)
-    src = Beating(_FakeLive([[], []]), hb)  # type: ignore[arg-type]
+    src = Beating(_FakeLive([[], []]), hb)
     it = src.batches()
     next(it)
     assert hb.running and hb.problem() is None

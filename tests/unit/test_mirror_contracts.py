@@ -11,10 +11,11 @@ import pytest
 
 from agent.capture.channel import ChannelSource
 from agent.config import MirrorConfig
-from agent.hooks import HookFunc, HookPipeline, KeepAll, OnlyToObserved
+from agent.hooks import Hook, HookFunc, HookPipeline, HookResult, KeepAll, OnlyToObserved
 from agent.metrics import key
 from agent.mirror import Cancelled, TrafficMirror, coalesce
 from agent.model import Direction, FlowEnd, Segment, TrafficChunk
+from agent.reassembly import Output
 from agent.sinks.record import NativeReader
 from tests.unit.segments import Conversation
 
@@ -162,10 +163,13 @@ def test_no_writer_record_hook_still_runs() -> None:
 
 
 def test_no_target_forward_hook_not_called() -> None:
-    called = []
-    m = TrafficMirror(MirrorConfig(
-        observed_port=8080,
-        forward_hook=HookFunc(lambda ch: (called.append(ch), (ch.data, True))[1])))
+    called: list[TrafficChunk] = []
+
+    def spy(ch: TrafficChunk) -> HookResult:
+        called.append(ch)
+        return ch.data, True
+
+    m = TrafficMirror(MirrorConfig(observed_port=8080, forward_hook=HookFunc(spy)))
     m.run(source_of(conversation()))
     assert called == []
 
@@ -289,9 +293,11 @@ def test_built_in_direction_filters_decide_as_their_calls_would() -> None:
             calls.append(chunk.direction)
             return chunk.data + b"!", True
 
-    for hooks in ([], [KeepAll()], [OnlyToObserved()], [KeepAll(), OnlyToObserved()],
-                  [Counting()], [OnlyToObserved(), Counting()], [Counting(), OnlyToObserved()],
-                  [OnlyToObserved(), Counting(), KeepAll()]):
+    pipelines: list[list[Hook]] = [
+        [], [KeepAll()], [OnlyToObserved()], [KeepAll(), OnlyToObserved()],
+        [Counting()], [OnlyToObserved(), Counting()], [Counting(), OnlyToObserved()],
+        [OnlyToObserved(), Counting(), KeepAll()]]
+    for hooks in pipelines:
         for d in Direction:
             chunk = TrafficChunk(b"x", "a", "b", d, 0.0, 1)
             want: tuple[bytes, bool] = (b"x", True)
@@ -312,7 +318,7 @@ def test_coalesce_keeps_direction_interleaving() -> None:
     def ch(fid: int, frm: str, data: bytes, gap: int = 0) -> TrafficChunk:
         return TrafficChunk(data, frm, "s", Direction.UNKNOWN, 0.0, fid, gap)
 
-    items: list[TrafficChunk | FlowEnd] = [
+    items: Output = [
         ch(1, "a", b"1"), ch(2, "x", b"X"), ch(1, "a", b"2"), ch(1, "b", b"R"), ch(1, "a", b"3"),
         ch(1, "a", b"4", gap=5), FlowEnd(1, "fin"), ch(2, "x", b"Y"),
     ]
@@ -327,7 +333,12 @@ def test_stats_are_logged_periodically_while_running() -> None:
 
     src = ChannelSource(idle_tick=0.01)
     mirror = TrafficMirror(MirrorConfig(observed_port=80, write_func=lambda c, d: None))
-    feeder = threading.Timer(0.3, lambda: [src.put(s) for s in conversation()])
+
+    def feed() -> None:
+        for s in conversation():
+            src.put(s)
+
+    feeder = threading.Timer(0.3, feed)
     feeder.start()
     threading.Timer(0.6, src.end).start()
     with capture_logs() as logs:

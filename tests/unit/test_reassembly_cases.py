@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.model import ACK, FIN, RST, SYN, FlowEnd, Segment, TrafficChunk
-from agent.reassembly import Reassembler, ReassemblyConfig
+from agent.reassembly import Output, Reassembler, ReassemblyConfig
 from tests.unit.segments import Conversation
 
 
@@ -224,7 +224,7 @@ def test_hole_filled_in_time_is_not_skipped_and_advance_expires_holes() -> None:
 def test_total_buffer_limit_holds() -> None:
     cfg = ReassemblyConfig(max_total_buffer=5000)
     r = Reassembler(cfg)
-    out: list[TrafficChunk | FlowEnd] = []
+    out: Output = []
     for i in range(20):
         c = Conversation(client=(bytes([192, 0, 2, 1]), 41000 + i))
         for s in [*c.handshake(), c.seg(True, 10, b"q" * 1000)]:
@@ -235,7 +235,7 @@ def test_total_buffer_limit_holds() -> None:
 
 def test_max_flows_evicts_and_counts() -> None:
     r = Reassembler(ReassemblyConfig(max_flows=3))
-    out: list[TrafficChunk | FlowEnd] = []
+    out: Output = []
     for i in range(5):
         c = Conversation(client=(bytes([192, 0, 2, 1]), 42000 + i))
         for s in c.handshake():
@@ -312,3 +312,24 @@ def test_open_flows_are_counted_per_tunnel_for_status() -> None:
             r.process([seg])
     assert r.flow_count == 3
     assert r.flows_by_tunnel() == {"vxlan:1": 1, "vxlan:2": 1}
+
+
+def test_tunnel_counts_follow_flow_ends_and_are_a_snapshot() -> None:
+    """Ends by RST, idle sweep and flush take their flows out of the counts; a reader gets a
+    copy of the snapshot the feeding thread publishes, never the live table (no retry loop
+    for a table changing size under another thread)."""
+    r = Reassembler(ReassemblyConfig(idle_timeout=10))
+    convs = [Conversation(client=(bytes([192, 0, 2, 1]), 41000 + i)) for i in range(3)]
+    for c, tunnel in zip(convs, ("vxlan:1", "vxlan:1", "vxlan:2"), strict=True):
+        for seg in c.handshake():
+            seg.tunnel = tunnel
+            r.process([seg])
+    seen = r.flows_by_tunnel()
+    assert seen == {"vxlan:1": 2, "vxlan:2": 1}
+    rst = convs[0].seg(True, 0, flags=RST)
+    rst.tunnel = "vxlan:1"
+    r.process([rst])
+    assert r.flows_by_tunnel() == {"vxlan:1": 1, "vxlan:2": 1}
+    assert seen == {"vxlan:1": 2, "vxlan:2": 1}  # a copy: the reader's dict never changes
+    r.advance(convs[2].ts + 100, [])  # idle: both remaining flows end
+    assert r.flows_by_tunnel() == {} and r.flow_count == 0

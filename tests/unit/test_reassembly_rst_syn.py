@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from agent.model import ACK, FIN, PSH, RST, SYN, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler, ReassemblyConfig
-from agent.streambuf import MAX_WINDOW
+from agent.reassembly.stream import MAX_WINDOW
 from tests.unit.segments import Conversation, split
 
 CLIENT_ISN = 1000

@@ -2,18 +2,19 @@
 
 The flow table: connections keyed by their 4-tuple, opened by a SYN or their first data,
 closed by RST, by the second FIN reached in sequence, by the idle sweep or by a limit. Each
-direction's bytes are ordered by a :class:`~agent.streambuf.StreamBuffer`; the data path of
-:mod:`agent.flows` (the Reassembler's base) decides when a hole is given up on
-(``hole_timeout``, memory limits, the connection's end) and turns what the buffers release
-into :class:`~agent.model.TrafficChunk` objects. In-order data, the common case, takes a fast
-path in the Reassembler's feeding loop itself.
+direction's bytes are ordered by a :class:`~agent.reassembly.stream.StreamBuffer`; the
+:class:`~agent.reassembly.datapath.DataPath` decides when a hole is given up on
+(``hole_timeout``, memory limits, the connection's end), turns what the buffers release into
+:class:`~agent.model.TrafficChunk` objects and hands back flows it completed; the table ends
+them. In-order data, the common case, takes a fast path in the feeding loop itself, under
+the one predicate :attr:`~agent.reassembly.stream.StreamBuffer.streaming`.
 
 Resets and SYN data follow what the receiving stack delivers (Linux; each counted):
 
 - A RST ends its flow only if its receiver takes it: RFC 5961 §3.2, at the receiver's
   RCV.NXT, i.e. the next byte the mirror expects from the RST's sender (also where the
   receiver may be though the capture is not: the end of held data, the FIN's number and the
-  one after, see :meth:`~agent.streambuf.StreamBuffer.reset_verdict`). Any other RST is
+  one after, see :meth:`~agent.reassembly.stream.StreamBuffer.reset_verdict`). Any other RST is
   counted (``rst_ignored_in_window``: answered with a challenge ACK;
   ``rst_ignored_out_of_window``: dropped) and ignored, window field too: the connection
   goes on. A RST whose sender's sequence numbers the mirror never followed (the answer to
@@ -42,8 +43,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from agent.flow_refusal import Refusals
-from agent.flows import Flow, FlowData, Half, Output, ReassemblyStats
 from agent.model import (
     ACK,
     FIN,
@@ -56,6 +55,9 @@ from agent.model import (
     flow_key,
     format_addr,
 )
+from agent.reassembly.datapath import DataPath
+from agent.reassembly.flow import Flow, Half, Output, ReassemblyStats
+from agent.reassembly.refusal import Refusals
 
 __all__ = ["HOLE_TIMEOUT", "Output", "Reassembler", "ReassemblyConfig", "ReassemblyStats"]
 
@@ -106,7 +108,7 @@ class ReassemblyConfig:
             raise ValueError("hole_timeout must be >= 0")
 
 
-class Reassembler(FlowData):
+class Reassembler:
     """Reassembles every TCP connection seen in a stream of segments.
 
     Feed segments in capture order with :meth:`feed`; chunks, :class:`DirectionEnd` (a
@@ -125,13 +127,18 @@ class Reassembler(FlowData):
         anonymize: Callable[[bytes], bytes] | None = None,
         untracked: frozenset[Direction] = frozenset(),
     ) -> None:
-        super().__init__(config or ReassemblyConfig())
+        self.config = config or ReassemblyConfig()
+        self.stats = ReassemblyStats()
+        self._path = DataPath(self.config, self.stats, self._end_finished)
         self._classify = classify
         self._anonymize = anonymize
         self._untracked = untracked
         self._halves: dict[FlowKey, Half] = {}  # (src, sport, dst, dport, tunnel)
         self._flows: dict[int, Flow] = {}
         self._tombstones: dict[FlowKey, float] = {}
+        self._tunnels: Counter[str] = Counter()  # open flows per tunnel identity
+        self._tunnels_changed = False
+        self._tunnels_seen: dict[str, int] = {}  # the snapshot other threads read
         #: New connections refused whole while ``refusals.reason`` is set (the memory guard).
         self.refusals = Refusals(self.stats, max(1024, self.config.max_flows // 4),
                                  self.config.tombstone_ttl)
@@ -146,19 +153,19 @@ class Reassembler(FlowData):
         return len(self._flows)
 
     def flows_by_tunnel(self) -> dict[str, int]:
-        """Open flows per tunnel identity (``vxlan:42`` ...; flows outside tunnels left
-        out). Safe from another thread: a read that races the flow table is retried."""
-        for _ in range(5):
-            try:
-                return dict(Counter(k[4] for k in [f.key for f in list(self._flows.values())]
-                                    if k[4]))
-            except RuntimeError:  # the table changed size while it was copied
-                continue
-        return {}
+        """Open flows per tunnel identity (``vxlan:42`` ...; flows outside tunnels left out),
+        as of the end of the latest feed call. Safe from another thread: it returns a copy
+        of a snapshot the feeding thread replaces whole, never the live table."""
+        return dict(self._tunnels_seen)
+
+    @property
+    def now(self) -> float:
+        """The reassembler's clock: the latest segment time, or the time it was advanced to."""
+        return self._path.now
 
     @property
     def buffered_bytes(self) -> int:
-        return self._total_pending
+        return self._path.total_pending
 
     def process(self, segments: Iterable[Segment]) -> Output:
         """Feed many segments; return everything they produced (chunks not merged)."""
@@ -172,9 +179,9 @@ class Reassembler(FlowData):
 
     def feed_batch(self, segments: Iterable[Segment], out: Output) -> None:
         """Feed many segments; the chunks they make come out merged (see
-        :mod:`agent.flows`): consecutive ones of a flow and direction with no gap between
-        them are one chunk, as :func:`agent.mirror.coalesce` would make them."""
-        with self.merging():
+        :mod:`agent.reassembly.datapath`): consecutive ones of a flow and direction with no
+        gap between them are one chunk, as :func:`agent.mirror.coalesce` would make them."""
+        with self._path.merging():
             self._feed(segments, out)
 
     def feed_tapped(self, segments: Iterable[Segment], out: Output,
@@ -184,7 +191,7 @@ class Reassembler(FlowData):
         per-flow packet tap. A segment that ends its flow belongs to it; a SYN that replaces
         a flow, to the new one. Slower than :meth:`feed_batch` (one segment at a time)."""
         find = self._halves.get
-        with self.merging():
+        with self._path.merging():
             for seg in segments:
                 key = (seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel)
                 before = find(key)
@@ -196,15 +203,18 @@ class Reassembler(FlowData):
         """Each segment in turn: in-order data on the fast path here, anything else (and
         time passing) by the methods it calls."""
         stats = self.stats
+        path = self._path
+        emit = path.emit
         find = self._halves.get
+        hole_timeout = self.config.hole_timeout
         for seg in segments:
             stats.segments += 1
             ts = seg.ts
-            if ts >= self._next_sweep or (self._buffering and ts >= self._next_hole_check
-                                          and self.config.hole_timeout):
+            if ts >= self._next_sweep or (path.buffering and ts >= path.next_hole_check
+                                          and hole_timeout):
                 self.advance(ts, out)
-            elif ts > self._now:
-                self._now = ts
+            elif ts > path.now:
+                path.now = ts
             half = find((seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel))
             flags = seg.flags
             if half is None or flags & SYN:
@@ -219,22 +229,21 @@ class Reassembler(FlowData):
                 half.peer.blocked = False
             payload = seg.payload
             nxt = half.nxt
-            if (payload and nxt is not None and not flags & (SYN | FIN | RST)
-                    and seg.seq == nxt & _MASK
-                    and not (half.untracked or half.pending or half.probe or half.blocked
-                             or seg.lost or half.fin is not None or half.gap)):
+            if (payload and nxt is not None and not flags & (SYN | FIN | RST) and not seg.lost
+                    and seg.seq == nxt & _MASK and half.streaming and not half.untracked):
                 # Fast path: the next bytes, in order; nothing held, skipped or ending.
                 half.nxt = nxt + len(payload)
                 half.last = (nxt, payload)
-                o = half.flow.open
-                if o is not None and o.half is half:  # merged into the flow's latest chunk
-                    stats.bytes_delivered += len(payload)
-                    o.parts.append(payload)
-                    o.chunk.seen_at = ts
-                else:
-                    self._emit(half, payload, 0, ts, out)
+                emit(half, payload, 0, ts, out)
             else:
                 self._segment(half, seg, ts, out)
+        if self._tunnels_changed:
+            self._publish_tunnels()
+
+    def _publish_tunnels(self) -> None:
+        """Replace the snapshot :meth:`flows_by_tunnel` reads (one assignment: atomic)."""
+        self._tunnels_changed = False
+        self._tunnels_seen = dict(self._tunnels)
 
     def _segment(self, half: Half, seg: Segment, ts: float, out: Output) -> None:
         """:meth:`feed` for every segment but in-order data: RST, SYN, FIN, data out of
@@ -244,15 +253,15 @@ class Reassembler(FlowData):
             self._reset(half, seg, ts, out)
             return
         if flags & SYN and flags & ACK and half.peer.syn_data is not None:
-            self._syn_answered(half.peer, seg.ack, ts, out)
+            self._path.syn_answered(half.peer, seg.ack, ts, out)
         if half.untracked:
             self._follow(half, seg)
         else:
-            self._track(half, flags, seg.seq, seg.payload, seg.lost, ts, out)
+            self._path.track(half, flags, seg.seq, seg.payload, seg.lost, ts, out)
         if half.complete:
             if not half.done:
-                self._direction_end(half, out)
-            if self._finished(half.peer, out):
+                self._path.direction_end(half, out)
+            if self._path.direction_done(half.peer, out):
                 self._end(half.flow, "fin", out)
 
     def _reset(self, half: Half, seg: Segment, ts: float, out: Output) -> None:
@@ -276,12 +285,18 @@ class Reassembler(FlowData):
     def advance(self, now: float, out: Output) -> None:
         """Let time pass: skip timed-out holes, end idle flows (and over-age ones), expire
         tombstones."""
-        if now > self._now:
-            self._now = now
-        if self._buffering and self.config.hole_timeout:
-            self._expire_holes(now, out)
-        if now < self._next_sweep:
-            return
+        path = self._path
+        if now > path.now:
+            path.now = now
+        if path.buffering and self.config.hole_timeout:
+            path.expire_holes(now, out)
+        if now >= self._next_sweep:
+            self._sweep(now, out)
+        if self._tunnels_changed:
+            self._publish_tunnels()
+
+    def _sweep(self, now: float, out: Output) -> None:
+        """End idle and over-age flows, forget old tombstones (every ``idle_timeout/2``)."""
         self._next_sweep = now + self._sweep_every
         cfg = self.config
         idle_before = now - cfg.idle_timeout
@@ -302,6 +317,7 @@ class Reassembler(FlowData):
             self._end(flow, "flush", out)
         self._tombstones.clear()
         self.refusals.clear()
+        self._publish_tunnels()
 
     # ----------------------------------------------------------------- flows
 
@@ -376,6 +392,9 @@ class Reassembler(FlowData):
         b.untracked = b.chunk_dir in self._untracked
         flow.a, flow.b = a, b
         self._flows[flow.flow_id] = flow
+        if key[4]:
+            self._tunnels[key[4]] += 1
+            self._tunnels_changed = True
         self._halves[(seg.src_ip, seg.src_port, seg.dst_ip, seg.dst_port, seg.tunnel)] = a
         self._halves[(seg.dst_ip, seg.dst_port, seg.src_ip, seg.src_port, seg.tunnel)] = b
         stats.flows_opened += 1
@@ -392,14 +411,23 @@ class Reassembler(FlowData):
         if oldest is not None:
             self._end(oldest, "evicted", out)
 
+    def _end_finished(self, flow: Flow, out: Output) -> None:
+        """The data path completed ``flow`` outside :meth:`_feed`'s own step."""
+        self._end(flow, "fin", out)
+
     def _end(self, flow: Flow, reason: str, out: Output) -> None:
-        trailing = self._release(flow, out)
+        trailing = self._path.release(flow, out)
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
         del self._flows[flow.flow_id]
         k = flow.key  # (ip, port, ip, port, tunnel): one direction's as it stands
+        if k[4]:
+            self._tunnels[k[4]] -= 1
+            if not self._tunnels[k[4]]:
+                del self._tunnels[k[4]]
+            self._tunnels_changed = True
         self._halves.pop(k, None)
         self._halves.pop((k[2], k[3], k[0], k[1], k[4]), None)
         if reason == "fin":
-            self._tombstones[k] = self._now
+            self._tombstones[k] = self._path.now
         out.append(FlowEnd(flow.flow_id, reason, trailing))

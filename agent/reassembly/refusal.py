@@ -18,8 +18,8 @@ everything but the :attr:`reason` setter.
 
 from __future__ import annotations
 
-from agent.flows import ReassemblyStats
 from agent.model import ACK, SYN, FlowKey, Segment
+from agent.reassembly.flow import ReassemblyStats
 
 __all__ = ["Refusals"]
 

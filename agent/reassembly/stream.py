@@ -4,7 +4,8 @@ Positions in, in-order bytes out. A buffer orders data by position, trims retran
 overlaps (the first copy wins; a later copy that differs is counted), holds out-of-order data,
 turns bytes a source lost and holes given up on into gaps, and knows where its FIN is: bytes
 past the FIN are not the stream's. It knows no flows, no addresses and no clock:
-:class:`~agent.reassembly.Reassembler` owns those, decides when a hole is given up on (time,
+:class:`~agent.reassembly.table.Reassembler` and its
+:class:`~agent.reassembly.datapath.DataPath` own those, decide when a hole is given up on (time,
 memory limits, the connection's end) and turns what a buffer releases into chunks.
 
 Positions are *unwrapped* sequence numbers: unbounded ints congruent to the 32-bit sequence
@@ -46,7 +47,8 @@ _NOTHING: tuple[Piece, ...] = ()
 
 
 class StreamCounters(Protocol):
-    """The counters a buffer adds to (:class:`~agent.reassembly.ReassemblyStats` has them)."""
+    """The counters a buffer adds to (:class:`~agent.reassembly.flow.ReassemblyStats` has
+    them)."""
 
     retransmitted_bytes: int
     conflict_bytes: int
@@ -86,6 +88,13 @@ class StreamBuffer:
         nxt = self.nxt
         assert nxt is not None
         return nxt + (((seq - nxt + _HALF) & _MASK) - _HALF)
+
+    @property
+    def streaming(self) -> bool:
+        """Do the next in-order bytes go straight out? Nothing held, probed, blocked or
+        skipped, and no FIN known: the reassembler's one fast-path predicate."""
+        return not (self.pending or self.probe or self.blocked or self.gap
+                    or self.fin is not None)
 
     @property
     def waiting(self) -> bool:
