@@ -101,7 +101,7 @@ HEADROOM_DIVISOR = 8
 UNREAD_CGROUP = "default; the memory cgroup's limit is not readable here"
 #: The share of the pool left for what the buffers do not count (see above): 2/5.
 SLACK_NUM, SLACK_DEN = 2, 5
-#: Interpreter, libraries and metrics: idle RSS is 41-42 MiB (README, bench/idle_rss.py).
+#: Interpreter, libraries and metrics: idle RSS 41-42 MiB (docs/performance.md, bench/idle_rss.py).
 BASE_BYTES = 64 * MIB
 #: The native decoder's buffers (2.8 MiB), per live source.
 DECODER_BYTES = 3 * MIB

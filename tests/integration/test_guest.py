@@ -197,7 +197,7 @@ def test_sigkill_leaves_nothing_stale(tmp_path: Path, mode: str) -> None:
     if mode == "tcx":
         assert after_kill == {"ingress": [], "egress": [], "xdp": 0}
         assert "clsact" not in qdiscs
-    else:  # the dead agent's filter is removed; its clsact qdisc, empty, stays (README)
+    else:  # the dead agent's filter is removed; its clsact qdisc, empty, stays (docs/operations.md)
         assert filters.count("mirror_agent") == 1
         assert "removed a stale filter" in err
         assert "mirror_agent" not in final
