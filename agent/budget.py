@@ -36,7 +36,7 @@ The derivation (``L`` = the limit; numbers for L = 896 MiB, a 1 GiB cgroup, on 2
                   bound (ipfrag_high_thresh, 4 MiB), at most L/64, at least 128 KiB
                   (one whole 64 KiB datagram and its bookkeeping): min(4, 14)      =   4 MiB
     flow pcaps  = only with --flow-pcap-dir (0 without): open files x (a 64 KiB
-                  write buffer + one 64 KiB packet, + 288 KiB of zlib state with
+                  write buffer + 64 KiB of writer queue, + 288 KiB of zlib state with
                   --flow-pcap-gzip), the open files min(64, L/32 / that) but at least
                   4; + 400 B per tracked flow (its file name, counters):
                   64 x 128 KiB + 71,610 x 400 B (gzip: 64 x 416 KiB + ...)     = 35 MiB

@@ -57,6 +57,7 @@ from agent.options import Options, PipelineOptions
 from agent.outputs import OutputError, stdout_closed
 from agent.reassembly import ReassemblyConfig
 from agent.sinks.flow_pcap import FlowPcapConfig
+from agent.sinks.nats.url import redact_url
 from agent.sinks.record import RecordError
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
     except ValueError as e:
         raise UsageError(str(e)) from None
     forward, record = _hooks(p)
+    live = opts.capture is not None or opts.command == "serve"  # runs until stopped
     lo, hi = p.forward_source_ports
     hidden = [port for port in p.ports if lo <= port <= hi] if opts.capture else []
     if hidden:
@@ -162,21 +164,22 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
         track_responses=p.needs_responses,
         # Live capture and serve run until stopped: their recording is written off the loop
         # and flushed at least every second; offline writes inline (it can wait for a disk).
-        record_in_background=opts.capture is not None or opts.command == "serve",
+        record_in_background=live,
         forward=ForwardConfig(source_ports=p.forward_source_ports,
                               max_flow_buffer=mem.forward_flow,
                               max_total_buffer=mem.forward_total,
                               mode=p.forward_mode, pool_size=p.forward_pool),
-        budget=mem, anonymize=anonymizer(p.anonymize), flow_pcap=_flow_pcap(p, mem),
+        budget=mem, anonymize=anonymizer(p.anonymize), flow_pcap=_flow_pcap(p, mem, live),
     )
 
 
-def _flow_pcap(p: PipelineOptions, mem: Budget) -> FlowPcapConfig | None:
-    """``--flow-pcap-*`` within the budget's open files; UsageError for a bad directory."""
+def _flow_pcap(p: PipelineOptions, mem: Budget, live: bool) -> FlowPcapConfig | None:
+    """``--flow-pcap-*`` within the budget's open files; UsageError for a bad directory.
+    ``live``: a full writer queue drops flows (counted) instead of holding up capture."""
     if p.flow_pcap_dir is None:
         return None
     cfg = FlowPcapConfig(Path(p.flow_pcap_dir), p.flow_pcap_snaplen, p.flow_pcap_gzip,
-                         max_open=max(1, mem.flow_pcap_files))
+                         max_open=max(1, mem.flow_pcap_files), live=live)
     try:
         cfg.check_directory()
     except ValueError as e:
@@ -291,7 +294,7 @@ def _serve(opts: Options) -> int:
         _log_budget(config.budget)
         log.info("serving", listen=opts.control.listen, pcap_dir=str(opts.control.pcap_dir),
                  ports=list(opts.pipe.ports), target=opts.pipe.target or None,
-                 record=opts.pipe.record)
+                 record=redact_url(opts.pipe.record or "") or None)
 
     return run_pipeline(opts, config, no_source, interrupted_status=0, control=control)
 
@@ -336,7 +339,7 @@ def _live_source(opts: Options, mem: Budget,
                     "ifaces": ebpf.ifaces}
         _log_budget(mem)
         log.info("capture live", iface=c.iface, ports=list(p.ports), engine=c.engine, **more,
-                 decap=c.decap, target=p.target or None, record=p.record)
+                 decap=c.decap, target=p.target or None, record=redact_url(p.record or "") or None)
         return src
 
     return make_source

@@ -37,6 +37,7 @@ from agent.options import (
     PipelineOptions,
     ReplayOptions,
 )
+from agent.sinks.nats.url import redact_url
 
 __all__ = ["ENV_PREFIX", "parse_options"]
 
@@ -195,6 +196,8 @@ def _shown(key: str, value: Any) -> Any:
         return "any" if value is None else f"{value[0]}-{value[1]}"
     if key == "inject-header" and value is not None:
         return f"{value[0]}: {value[1]}"
+    if key == "record" and isinstance(value, str):
+        return redact_url(value)  # a NATS URL's token or password: never shown
     if isinstance(value, Path):
         return str(value)
     return value
@@ -218,7 +221,7 @@ def _pipeline(v: Mapping[str, Any]) -> PipelineOptions:
         forward_pool=v["forward_pool"], record=v["record"],
         overwrite=v["overwrite"], record_format=v["record_format"],
         record_rotate=v["record_rotate"], record_max_total=v["record_max_total"],
-        record_compress=v["record_compress"],
+        record_compress=v["record_compress"], **_nats_files(v),
         both_directions=v["both_directions"], filter=v["filter"],
         hooks=tuple(v["hook"] or ()), inject_header=v["inject_header"],
         redact_headers=tuple(redact), sample=v["sample"],
@@ -230,6 +233,12 @@ def _pipeline(v: Mapping[str, Any]) -> PipelineOptions:
         flow_pcap_dir=str(v["flow_pcap_dir"]) if v["flow_pcap_dir"] else None,
         flow_pcap_snaplen=v["flow_pcap_snaplen"], flow_pcap_gzip=v["flow_pcap_gzip"],
         anonymize=v["anonymize"])
+
+
+def _nats_files(v: Mapping[str, Any]) -> dict[str, str | None]:
+    """The ``--nats-*`` files of ``--record nats://`` (TLS, a credential), as text."""
+    keys = ("nats_ca", "nats_cert", "nats_key", "nats_token_file", "nats_creds")
+    return {k: str(v[k]) if v.get(k) else None for k in keys}
 
 
 def _capture(v: Mapping[str, Any]) -> CaptureOptions:
@@ -281,23 +290,48 @@ def _build(command: str, v: dict[str, Any], path: Path | None, shown: dict[str, 
 
 
 def toml_lines(effective: Iterable[tuple[str, tuple[Any, str]]]) -> list[str]:
-    """``key = value  # origin`` lines (TOML) for :meth:`Options.effective`; a key whose
-    value is None is shown commented out."""
+    """``key = value  # origin`` lines (TOML) for :meth:`Options.effective`: each one line
+    that ``tomllib`` reads back to the same value (strings escaped; the origin in the comment
+    too). A key whose value is None is shown commented out, and so is a value TOML cannot
+    hold (text with a lone surrogate: a command-line byte that is not UTF-8)."""
     lines = []
     for key, (value, origin) in effective:
+        where = _toml_text(origin)
         if value is None:
             lines.append(f"# {key} =  (not set)")
             continue
-        lines.append(f"{key} = {_toml(value)}  # {origin}")
+        try:
+            lines.append(f"{key} = {_toml(value)}  # {where}")
+        except UnicodeError:
+            lines.append(f"# {key} = (not shown: not valid UTF-8, which TOML cannot hold)"
+                         f"  # {where}")
     return lines
 
 
 def _toml(value: Any) -> str:
+    """``value`` as a TOML value; UnicodeError for text TOML cannot hold."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return repr(value)
+        return repr(value)  # TOML's forms too: 1e+100, inf, -inf, nan
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(x) for x in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    text = str(value)
+    text.encode("utf-8")  # a lone surrogate raises: no TOML string holds it
+    return f'"{_toml_text(text)}"'
+
+
+#: The short escapes of a TOML basic string.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_text(text: str) -> str:
+    """``text`` as the inside of a TOML basic string: quotes, backslashes, control characters
+    and other characters that do not print (U+2028, a BOM, a lone surrogate) escaped;
+    printable non-ASCII text kept as it is."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return "".join(_TOML_ESCAPES.get(c) or (c if c.isprintable() else
+                                            f"\\u{ord(c):04X}" if ord(c) < 0x10000 else
+                                            f"\\U{ord(c):08X}") for c in text)

@@ -198,7 +198,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                                      f"shadow at most (default: {FORWARD_POOL_SIZE})")
     p.add_argument("--record", type=a.output_path, metavar="PATH",
                    help="write a recording here ('-' = stdout; nats://HOST:PORT/SUBJECT: "
-                        "publish it to a NATS JetStream stream)")
+                        "publish it to a NATS JetStream stream; tls://... for TLS, "
+                        "nats://TOKEN@... or nats://USER:PASSWORD@... to log in)")
+    _add_nats_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="truncate an existing --record/--stats-json file (default: keep it "
                         "and write NAME.1.EXT, NAME.2.EXT, ... instead, with a warning)")
@@ -277,6 +279,23 @@ def _add_flow_pcap_options(p: argparse.ArgumentParser) -> None:
                    help="netblock: keep only the /24 of IPv4 and the /64 of IPv6 addresses "
                         "(the rest zeroed) in recordings, --flow-pcap-dir files and their "
                         "names; forwarding is unaffected (default: none)")
+
+
+def _add_nats_options(p: argparse.ArgumentParser) -> None:
+    """TLS and credentials of ``--record nats://`` (agent/sinks/nats/auth.py)."""
+    p.add_argument("--nats-ca", type=a.input_path, metavar="FILE",
+                   help="--record nats://: use TLS, the server's certificate verified against "
+                        "the CA certificate(s) in FILE (PEM; tls:// alone: the system's CAs)")
+    p.add_argument("--nats-cert", type=a.input_path, metavar="FILE",
+                   help="--record nats://: TLS client certificate (PEM), with --nats-key")
+    p.add_argument("--nats-key", type=a.input_path, metavar="FILE",
+                   help="--record nats://: the private key of --nats-cert (PEM)")
+    p.add_argument("--nats-token-file", type=a.input_path, metavar="FILE",
+                   help="--record nats://: log in with the token in FILE (re-read at every "
+                        "reconnect)")
+    p.add_argument("--nats-creds", type=a.input_path, metavar="FILE",
+                   help="--record nats://: log in with a NATS .creds file (user JWT and "
+                        "nkey seed; needs the nkeys package)")
 
 
 def _add_config_option(p: argparse.ArgumentParser) -> None:

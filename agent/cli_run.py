@@ -53,7 +53,7 @@ def run_pipeline(opts: Options, config: MirrorConfig,
     """
     p = opts.pipe
     outputs = RunOutputs(p.record, p.stats_json, p.overwrite, inputs=opts.files,
-                         record_files=p.record_files)
+                         record_files=p.record_files, nats_auth=p.nats_auth)
     try:
         config.writer = outputs.record
         mirror = TrafficMirror(config)

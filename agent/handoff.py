@@ -2,15 +2,16 @@
 
 Every thread boundary of the pipeline is one of these:
 
-===================  ==========================  =====================  =========================
-boundary             producer → consumer         policy                 budget
-===================  ==========================  =====================  =========================
-ring drain           ``ring-drain`` → mirror     :attr:`Policy.PAUSE`   ``drain_backlog``
-record writer        mirror → ``record-writer``  :attr:`Policy.DROP`    ``record_queue``
-record nats          mirror → ``record-nats``    DROP; PAUSE offline    ``record_queue``
-forward hand-over    mirror → ``forward`` loop   :attr:`Policy.DROP`    ``forward_total``
-pcap ingest          ``pcap-reader`` → mirror    :attr:`Policy.PAUSE`   ``PcapIngest(budget=)``
-===================  ==========================  =====================  =========================
+=================  =============================  ====================  =======================
+boundary           producer → consumer            policy                budget
+=================  =============================  ====================  =======================
+ring drain         ``ring-drain`` → mirror        :attr:`Policy.PAUSE`  ``drain_backlog``
+record writer      mirror → ``record-writer``     :attr:`Policy.DROP`   ``record_queue``
+record nats        mirror → ``record-nats``       DROP; PAUSE offline   ``record_queue``
+forward hand-over  mirror → ``forward`` loop      :attr:`Policy.DROP`   ``forward_total``
+pcap ingest        ``pcap-reader`` → mirror       :attr:`Policy.PAUSE`  ``PcapIngest(budget=)``
+flow pcap writer   mirror → ``flow-pcap-writer``  DROP; PAUSE offline   ``flow_pcap``
+=================  =============================  ====================  =======================
 
 Budgets: the fields of :class:`agent.budget.Budget`, all from one ``--memory-limit``.
 

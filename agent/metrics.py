@@ -412,12 +412,18 @@ _counter("record_errors_total", "Recordings that failed (a write error stops the
          "recording); should be 0", "record", "record_errors")
 _by_reason("record_records_lost_total", "Records not in the recording, by reason: "
            "write_failed (the file failed), queue_full (the disk could not keep up), memory "
-           "(refused while the process was near its memory limit); should be 0", "record",
+           "(refused while the process was near its memory limit), vanished (written to a "
+           "file that was deleted before it was next seen in place); should be 0", "record",
            {"record_failed_records": "write_failed", "record_dropped_records": "queue_full",
-            "record_shed_records": "memory"})
+            "record_shed_records": "memory", "record_vanished_records": "vanished"})
 _by_reason("record_lost_bytes_total", "Payload bytes of those records; should be 0",
            "record", {"record_failed_bytes": "write_failed",
-                      "record_dropped_bytes": "queue_full", "record_shed_bytes": "memory"})
+                      "record_dropped_bytes": "queue_full", "record_shed_bytes": "memory",
+                      "record_vanished_bytes": "vanished"})
+_counter("record_files_vanished_total", "Recording files that left their path while written "
+         "(deleted, moved, replaced, their directory removed), each noticed within a second "
+         "and named in an error line; the recording goes on in a new file at that path if "
+         "its directory is still there; should be 0", "record", "record_files_vanished")
 _counter("record_files_rotated_total", "Recording files started after the first "
          "(--record-rotate: past the size, or a new time slot)", "record",
          "record_files_rotated")
@@ -432,8 +438,8 @@ _gauge("record_connections_in_flight", "Recorded connections neither completed n
        "yet: connections_total - completed - dropped", "record", "connections_in_flight")
 #: Why the record sink dropped a connection: the reason of its first record lost (files:
 #: agent/sinks/record/ledger.py; NATS: NATS_REASONS below).
-RECORD_DROP_REASONS = ("queue_full", "memory", "write_failed", "shutdown", "broker_down",
-                       "publish_failed", "unconfirmed")
+RECORD_DROP_REASONS = ("queue_full", "memory", "write_failed", "vanished", "shutdown",
+                       "broker_down", "publish_failed", "unconfirmed")
 RECORD_CONNECTIONS_DROPPED = _by_reason(
     "record_connections_dropped_total", "Recorded connections with a record missing from the "
     "recording, by the reason of the first one lost (see record_records_lost_total and "
@@ -472,7 +478,8 @@ _gauge("record_nats_inflight_messages", "Messages published and not acknowledged
 _counter("flowpcap_files_total", "Per-flow pcap files created (--flow-pcap-dir), one per "
          "connection", "flowpcap", "files")
 _counter("flowpcap_files_completed_total", "Per-flow pcap files closed at their "
-         "connection's end", "flowpcap", "files_completed")
+         "connection's end with every packet (not those of a connection that lost packets "
+         "to a full queue or a failed file)", "flowpcap", "files_completed")
 _counter("flowpcap_files_reopened_total", "Per-flow pcap files opened again to append "
          "after the open-file limit closed them; high: more concurrent connections than "
          "open files", "flowpcap", "files_reopened")
@@ -493,6 +500,14 @@ _counter("flowpcap_packets_lost_total", "Packets of connections whose pcap file 
 _counter("flowpcap_packets_unattributed_total", "Packets of no tracked connection (after "
          "its end, e.g. the last ACK of a close, or before any), not saved", "flowpcap",
          "packets_unattributed")
+_by_reason("flowpcap_packets_dropped_total", "Packets not saved to per-flow pcap files because "
+           "the writer thread could not keep up, by reason: queue_full (refused by the full "
+           "queue), flow_dropped (later packets of a connection that lost some: dropped "
+           "whole); should be 0", "flowpcap", prefixes=("packets_dropped_",),
+           values=("queue_full", "flow_dropped"))
+_counter("flowpcap_packets_clamped_total", "Saved packets whose time a pcap cannot hold "
+         "(before 1970 or after 2106-02-07, e.g. a damaged capture) saved at the nearest one; "
+         "should be 0", "flowpcap", "packets_clamped")
 _gauge("flowpcap_open_files", "Per-flow pcap files open now; at most the budget's "
        "flow_pcap_files", "flowpcap", "open_files")
 _gauge("flowpcap_open_files_peak", "The most per-flow pcap files open at once",
@@ -540,7 +555,8 @@ _counter("memory_trimmed_bytes_total", "Resident bytes those trims gave back", "
 # ---------------------------------------------------------------- hand-offs (agent/handoff.py)
 
 #: The thread boundaries (agent.handoff.Handoff names).
-HANDOFFS = ("ring_drain", "record_writer", "record_nats", "forward", "pcap_ingest")
+HANDOFFS = ("ring_drain", "record_writer", "record_nats", "forward", "pcap_ingest",
+            "flow_pcap")
 
 
 def _per_handoff(name: str, kind: Literal["counter", "gauge"], help_: str, stat: str) -> None:

@@ -336,7 +336,7 @@ class TrafficMirror:
         if self.guard is not None:
             out["memory"] = self.guard.stats()
         out["handoff"] = {f"{key}:{h.name}": value
-                          for stage in (self._source, self._writer, self._forward)
+                          for stage in (self._source, self._writer, self._forward, self._saver)
                           if isinstance(stage, HasHandoffs) for h in stage.handoffs()
                           for key, value in (("queued_bytes", h.queued_bytes),
                                              ("peak_queued_bytes", h.peak_queued_bytes),

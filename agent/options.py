@@ -21,7 +21,9 @@ from agent.capture import PortLimitError, check_port_count
 from agent.cli_select import SelectOptions
 from agent.config import FORWARD_POOL_SIZE, FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
-from agent.sinks.nats.url import is_nats_url, parse_nats_url
+from agent.sinks.nats.auth import FLAGS as NATS_FLAGS
+from agent.sinks.nats.auth import NatsAuth
+from agent.sinks.nats.url import is_nats_url, parse_nats_url, redact_url
 from agent.sinks.record import RecordPolicy, check_compression, parse_rotation
 
 __all__ = [
@@ -56,6 +58,13 @@ class PipelineOptions:
     """``--record-rotate``: SIZE, DURATION or SIZE,DURATION (checked text)."""
     record_max_total: int | None = None
     record_compress: str | None = None
+    nats_ca: str | None = None
+    """``--nats-ca`` and the other ``--nats-*`` files: TLS and the credential of ``--record
+    nats://`` (:mod:`agent.sinks.nats.auth`); checked on disk at start."""
+    nats_cert: str | None = None
+    nats_key: str | None = None
+    nats_token_file: str | None = None
+    nats_creds: str | None = None
     both_directions: bool = False
     filter: str | None = None
     hooks: tuple[str, ...] = ()
@@ -106,6 +115,11 @@ class PipelineOptions:
             raise OptionError(f"{given[0]} needs --record")
         if self.record is not None and is_nats_url(self.record):
             self._check_nats_record(given)
+        else:
+            nats = [f for f, v in zip(NATS_FLAGS.values(), self._nats_files, strict=True) if v]
+            if nats:
+                raise OptionError(f"{nats[0]} needs --record nats://HOST:PORT/SUBJECT "
+                                  "(or tls://...)")
         if self.record_compress is not None:
             try:
                 check_compression(self.record_compress)
@@ -126,17 +140,38 @@ class PipelineOptions:
                                   f"the --record-rotate size {rot.max_bytes}")
 
     def _check_nats_record(self, given: list[str]) -> None:
-        """``--record nats://...``: a well-formed URL, native records, no file options."""
+        """``--record nats://...``: a well-formed URL that goes with the ``--nats-*``
+        flags, native records, no file options."""
         try:
-            parse_nats_url(str(self.record))
+            target = parse_nats_url(str(self.record))
         except ValueError as e:
             raise OptionError(f"--record {e}") from None
+        try:
+            target.with_flags(self.nats_auth)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
         if given:
-            raise OptionError(f"{given[0]} needs a file: --record {self.record} publishes to "
-                              "a NATS stream")
+            raise OptionError(f"{given[0]} needs a file: --record {redact_url(self.record or '')} "
+                              "publishes to a NATS stream")
         if self.record_format != "native":
             raise OptionError(f"--record-format {self.record_format}: a NATS recording is "
                               "native records (one per message)")
+
+    @property
+    def _nats_files(self) -> tuple[str | None, ...]:
+        """The ``--nats-*`` files in :data:`agent.sinks.nats.auth.FLAGS`' order."""
+        return (self.nats_ca, self.nats_cert, self.nats_key, self.nats_token_file,
+                self.nats_creds)
+
+    @property
+    def nats_auth(self) -> NatsAuth | None:
+        """The ``--nats-*`` files (TLS, a credential) for ``--record nats://``; None if no
+        such flag was given."""
+        if not any(self._nats_files):
+            return None
+        return NatsAuth(ca_file=self.nats_ca, cert_file=self.nats_cert,
+                        key_file=self.nats_key, token_file=self.nats_token_file,
+                        creds_file=self.nats_creds)
 
     @property
     def record_files(self) -> RecordPolicy | None:

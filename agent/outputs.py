@@ -28,8 +28,11 @@ later removes a recording it created and never wrote.
 ``--record nats://HOST[:PORT]/SUBJECT`` is no file: the URL is checked here (a bad one is an
 :class:`OutputError`) and :attr:`RunOutputs.record` is its
 :class:`~agent.sinks.nats.NatsTarget`, which the mirror publishes to
-(:class:`~agent.sinks.nats.NatsRecorder`; nothing is opened or left behind here). A broker
-that is down does not stop the run from starting: the recorder counts what it drops.
+(:class:`~agent.sinks.nats.NatsRecorder`; nothing is opened or left behind here), with the
+``--nats-*`` files (``nats_auth``) checked here too: each readable, the CA and the client
+certificate loadable, the token file one word, the creds file a creds file (OutputError
+naming the flag). A broker that is down does not stop the run from starting: the recorder
+counts what it drops (one that refuses the agent's credential does: exit 1).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from typing import BinaryIO
 
 import structlog
 
-from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
+from agent.sinks.nats.auth import NatsAuth
+from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url, redact_url
 from agent.sinks.record.files import RecordFiles, RecordPolicy, create_numbered
 from agent.summary import degradation, format_summary
 
@@ -238,10 +242,11 @@ class RunOutputs:
     """
 
     def __init__(self, record: str | None, stats_json: str | None, overwrite: bool,
-                 inputs: Sequence[Path] = (), record_files: RecordPolicy | None = None) -> None:
+                 inputs: Sequence[Path] = (), record_files: RecordPolicy | None = None,
+                 nats_auth: NatsAuth | None = None) -> None:
         nats: NatsTarget | None = None
         if record is not None and is_nats_url(record):
-            nats, record = _nats_record(record, record_files), None
+            nats, record = _nats_record(record, record_files, nats_auth), None
         files = None
         if record is not None:
             files = RecordFiles(record, record_files or RecordPolicy())
@@ -333,16 +338,23 @@ class RunOutputs:
                     self._created.discard(name)
 
 
-def _nats_record(url: str, policy: RecordPolicy | None) -> NatsTarget:
-    """The NATS target ``--record`` names; OutputError for a bad URL, or with rotation or
-    compression (a stream is no file)."""
+def _nats_record(url: str, policy: RecordPolicy | None,
+                 nats_auth: NatsAuth | None = None) -> NatsTarget:
+    """The NATS target ``--record`` names, with the ``--nats-*`` files; OutputError for a bad
+    URL, a file that is not there or not what it should be, or with rotation or compression
+    (a stream is no file)."""
     try:
         target = parse_nats_url(url)
     except ValueError as e:
         raise OutputError(f"--record {e}") from None
+    try:
+        target = target.with_flags(nats_auth)
+        target.auth.check()
+    except ValueError as e:
+        raise OutputError(str(e)) from None
     if policy is not None:
         raise OutputError(f"--record-rotate, --record-max-total and --record-compress need a "
-                          f"file: --record {url} publishes to a NATS stream")
+                          f"file: --record {redact_url(url)} publishes to a NATS stream")
     return target
 
 

@@ -33,6 +33,8 @@ _ALWAYS = ("source", "reassembly", "mirror", "forward", "record")
 _DEGRADED = (
     (key("mirror_agent_source_files_cut_short_total"), "{} capture file(s) cut short"),
     (key("mirror_agent_record_errors_total"), "{} recording(s) failed"),
+    (key("mirror_agent_record_files_vanished_total"),
+     "{} recording file(s) vanished while written"),
     (key("mirror_agent_record_records_lost_total", reason="queue_full"),
      "recording dropped {} record(s): the disk could not keep up"),
     (key("mirror_agent_record_records_lost_total", reason="memory"),

@@ -22,43 +22,52 @@ created exclusively, never over another (``NAME.1.pcap``, ``NAME.2.pcap``, ... i
 With ``gzip`` each file is gzip (level 1) and every time it is opened again it gets another
 gzip member, which gzip readers (Python, zcat, tshark) read as one stream.
 
-Bounds. At most ``max_open`` files are open: writing to another one closes the least
-recently written (its buffer flushed), and a closed file is opened again in append mode when
-its flow has more packets (a pcap file takes appended records as they are). Each open file
-buffers at most ``buffer_bytes`` (plus one packet) before it is written; a closed file holds
-no buffer. A batch's packets are written flow by flow, so a file opens at most once per
-batch. Per flow, only its name and counters are kept until its end; a flow ends (its file
-complete and closed) with the reassembler's :class:`~agent.model.FlowEnd`. Packets after a
-flow's end (the last ACK of a close, a late retransmission) belong to no flow: counted
-(``packets_unattributed``), not saved.
+Times. A classic pcap record holds unsigned 32-bit seconds and microseconds: 1970-01-01 to
+2106-02-07T06:28:15.999999 UTC. A packet time outside that (a capture's damaged or absurd
+timestamp: year 3000, ``2**63`` ns, NaN) is clamped to the nearest end, in the packet and in
+a file name, and counted (``packets_clamped``); the packet is kept, since its bytes are in
+the connection the other sinks got, and only its time is lost, which was wrong already.
 
-Faults stay local: a file that cannot be created or written is closed, its flow's later
-packets are counted (``packets_lost``) and not saved, and the failure is logged once per
-outage; the other flows and the pipeline go on.
+Threads. The files are written on a thread of their own (:mod:`agent.sinks.flow_pcap_files`:
+the open-file bound, buffers, reopening, faults). This side, on the capture thread, names
+each flow, turns its packets into pcap records and hands them over through a bounded queue
+(:attr:`FlowPcapConfig.queue_budget` bytes), flow by flow, in pieces of about
+``buffer_bytes``. Live (:attr:`FlowPcapConfig.live`) it never waits: when the queue is
+full, the flow is dropped whole: the refused packets (``packets_dropped_queue_full``) and
+every later one of that flow (``packets_dropped_flow_dropped``) are counted, not saved; its
+file keeps what came before (and is not counted completed). Offline it waits for room
+instead: nothing is dropped, and a run takes as long as the disk needs. Per flow, only its
+name and two flags are kept here until its end (the reassembler's
+:class:`~agent.model.FlowEnd`). Packets after a flow's end (the last ACK of a close, a late
+retransmission) belong to no flow: counted (``packets_unattributed``), not saved.
+:meth:`FlowPcapSaver.close` writes everything handed over and closes every file before it
+returns (end of input, SIGTERM).
+
+Faults stay local: a file that cannot be created or written costs its flow only
+(``files_failed``, ``packets_lost``), logged once per outage; a full queue costs the flows
+it refuses (logged once per outage). Neither makes the run degraded (exit 3).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
-import gzip
-import io
+import math
 import os
 import re
 import struct
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from agent.handoff import HandoffStats
 from agent.model import ACK, FIN, SYN, Segment, format_ip
+from agent.sinks.flow_pcap_files import FlowPcapWriter, Item
 from agent.sinks.outage import OutageLog
 
-__all__ = ["LINKTYPE_RAW", "MIN_SNAPLEN", "FlowPcapConfig", "FlowPcapSaver", "flow_name",
-           "ip_packets"]
+__all__ = ["LINKTYPE_RAW", "MIN_SNAPLEN", "PCAP_TIME_MAX", "FlowPcapConfig", "FlowPcapSaver",
+           "flow_name", "ip_packets", "pcap_time"]
 
 log = structlog.get_logger("agent.flow_pcap")
 
@@ -69,12 +78,20 @@ MAX_SNAPLEN = 262144
 MIN_SNAPLEN = 60
 _MAX_PIECE = 65535 - 40  # payload bytes per packet: IPv4's total length holds 40 of headers
 _M32 = 0xFFFFFFFF
+#: The last time (seconds since 1970, UTC) a classic pcap record holds: 2106-02-07T06:28:15.999999.
+PCAP_TIME_MAX = _M32 + 0.999999
+_LAST_US = _M32 * 1_000_000 + 999_999
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _REC = struct.Struct("<IIII")
 _TCP = struct.Struct("!HHIIBBHHH")
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
-_MAX_NUMBER = 1000
+#: Why packets are not saved (``packets_dropped_<reason>``; agent/metrics.py).
+DROP_REASONS = ("queue_full", "flow_dropped")
+#: The counters the capture side writes (see :mod:`agent.metrics`, stage ``flowpcap``).
+_CAPTURE_COUNTERS = ("packets_unattributed", "packets_clamped", "packets_truncated",
+                     *(f"packets_dropped_{r}" for r in DROP_REASONS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +106,14 @@ class FlowPcapConfig:
     """Files open at once (the budget's ``flow_pcap_files``)."""
     buffer_bytes: int = 64 << 10
     """Bytes an open file buffers before they are written."""
+    queue_bytes: int = 0
+    """Bytes of records waiting for the writer thread at most; 0: :attr:`queue_budget`'s
+    default."""
+    live: bool = False
+    """A live capture: when the queue is full, flows are dropped (counted) and the capture
+    thread never waits. Not live (offline, the library's default, as
+    :attr:`~agent.config.MirrorConfig.record_in_background`): the capture thread waits for
+    room instead, so every packet is saved, as fast as the disk takes them."""
 
     def __post_init__(self) -> None:
         if self.snaplen and not MIN_SNAPLEN <= self.snaplen <= MAX_SNAPLEN:
@@ -96,6 +121,27 @@ class FlowPcapConfig:
                              f"{MIN_SNAPLEN}-{MAX_SNAPLEN}")
         if self.max_open < 1 or self.buffer_bytes < 1:
             raise ValueError("flow pcap max_open and buffer_bytes must be >= 1")
+        if self.queue_bytes and self.queue_bytes < self.buffer_bytes:
+            raise ValueError("flow pcap queue_bytes must be 0 (default) or hold one "
+                             "buffer_bytes piece")
+
+    @property
+    def queue_budget(self) -> int:
+        """Bytes of pcap records (16-byte record headers, rebuilt IP and TCP headers and the
+        payload kept) that may wait for the writer thread: ``queue_bytes``, else
+        ``max_open x buffer_bytes``.
+
+        The default is the budget's own (agent/budget.py ``flow_pcap``: per open file a
+        64 KiB write buffer plus 64 KiB for "one packet past it"). Written on the capture
+        thread, a buffer could hold a packet past its 64 KiB; the writer thread's buffers
+        never do (longer writes go through), so that second 64 KiB per file is the queue's:
+        64 x 64 KiB = 4 MiB (4,194,304 bytes) with the default 64 files, 4 x 64 KiB =
+        256 KiB at the smallest budget (4 files). 4 MiB holds 34 ms of saved packets at
+        1 Gbit/s (125 MB/s) and 0.34 s at 100 Mbit/s: the slow writes, opens and closes of a
+        busy disk pass unnoticed; a disk stalled for longer costs whole flows, counted.
+        Not counted: ~150 B of objects per item (one per flow per batch, or per
+        ``buffer_bytes`` of records), which the budget's slack holds."""
+        return self.queue_bytes or self.max_open * self.buffer_bytes
 
     def check_directory(self) -> None:
         """ValueError (one line, naming ``--flow-pcap-dir``) unless the directory exists and
@@ -162,14 +208,32 @@ def _file_header(snaplen: int) -> bytes:
                        LINKTYPE_RAW)
 
 
-# ---------------------------------------------------------------- names
+# ---------------------------------------------------------------- times and names
+
+
+def pcap_time(ts: float) -> tuple[tuple[int, int], bool]:
+    """((seconds, microseconds), clamped) of ``ts`` (seconds since 1970, UTC) as a classic
+    pcap record holds it: within 0 and :data:`PCAP_TIME_MAX`; a time outside (negative,
+    NaN, past 2106, infinite, or rounding past the last microsecond) is clamped to the
+    nearest end, and ``clamped`` is True."""
+    if not ts >= 0.0:  # negative or NaN
+        return (0, 0), True
+    if ts > PCAP_TIME_MAX:
+        return (_M32, 999_999), True
+    us = round(ts * 1_000_000)
+    if us > _LAST_US:
+        return (_M32, 999_999), True
+    sec, usec = divmod(us, 1_000_000)
+    return (sec, usec), False
 
 
 def flow_name(ts: float, client: tuple[bytes, int], server: tuple[bytes, int],
               tunnel: str = "", gz: bool = False) -> str:
-    """The file name of a flow first seen at ``ts`` (see the module docstring); addresses
-    are packed, already anonymised if they should be."""
-    when = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    """The file name of a flow first seen at ``ts`` (see the module docstring; the time as
+    :func:`pcap_time` saves it, so any ``ts`` names a file); addresses are packed, already
+    anonymised if they should be."""
+    (sec, usec), _ = pcap_time(ts)
+    when = _EPOCH + datetime.timedelta(seconds=sec, microseconds=usec)
     parts = [when.strftime("%Y%m%dT%H%M%S.%f"), format_ip(client[0]).replace(":", "-"),
              str(client[1]), format_ip(server[0]).replace(":", "-"), str(server[1])]
     if tunnel:
@@ -187,68 +251,46 @@ def _client_first(seg: Segment, ports: frozenset[int]) -> bool:
     return not (seg.flags & SYN and seg.flags & ACK)
 
 
-def _create(directory: Path, name: str) -> tuple[int, str]:
-    """A new file for ``name`` in ``directory``, never an existing one: (fd, its name)."""
-    stem, dot, ext = name.partition(".pcap")
-    for n in range(_MAX_NUMBER):
-        candidate = name if n == 0 else f"{stem}.{n}{dot}{ext}"
-        with contextlib.suppress(FileExistsError):
-            return os.open(directory / candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                           0o644), candidate
-    raise FileExistsError(errno.EEXIST, f"{name} and {_MAX_NUMBER - 1} numbered names exist")
+def _pieces(seg: Segment) -> int:
+    """How many packets stand for ``seg`` (see :func:`ip_packets`)."""
+    return max(1, math.ceil(len(seg.payload) / _MAX_PIECE))
 
 
-# ---------------------------------------------------------------- files
+# ---------------------------------------------------------------- the capture side
 
 
-class _File:
-    """One flow's file: its name, and while open, the file and its buffer."""
+@dataclass(slots=True)
+class _Flow:
+    """A flow the capture side knows: its file's name; whether any of it was handed over,
+    and whether it is dropped (a piece of it did not fit the queue)."""
 
-    __slots__ = ("buf", "failed", "name", "raw", "stream")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.raw: io.FileIO | None = None
-        self.stream: io.FileIO | gzip.GzipFile | None = None  # ``raw``, or gzip over it
-        self.buf = bytearray()
-        self.failed = False
-
-    def attach(self, fd: int, gz: bool) -> None:
-        raw = self.raw = os.fdopen(fd, "wb", buffering=0)
-        self.stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1,
-                                    mtime=0) if gz else raw
-
-    def flush(self) -> None:
-        if self.buf and self.stream is not None:
-            self.stream.write(self.buf)
-            self.buf.clear()
-
-    def close(self) -> None:
-        """Flush and close (the gzip member ends); OSError goes up, the file is closed."""
-        stream, raw, self.stream, self.raw = self.stream, self.raw, None, None
-        try:
-            if stream is not None and self.buf:
-                stream.write(self.buf)
-            if stream is not None and stream is not raw:
-                stream.close()
-        finally:
-            self.buf = bytearray()
-            if raw is not None:
-                raw.close()
+    name: str
+    sent: bool = False
+    dropped: bool = False
 
 
+@dataclass(slots=True)
+class _Records:
+    """A piece of a flow's pcap records, with what it holds (``end``: the index of the
+    segment after its last)."""
 
-def _reason(e: OSError) -> str:
-    """An outage's reason: the error's name (``ENOSPC``), else its text."""
-    return errno.errorcode.get(e.errno or 0, "") or (e.strerror or type(e).__name__)
+    data: bytearray = field(default_factory=bytearray)
+    packets: int = 0
+    packet_bytes: int = 0
+    clamped: int = 0
+    truncated: int = 0
+    end: int = 0
 
 
 class FlowPcapSaver:
     """Writes each flow's packets to its own pcap file (see the module docstring).
 
     ``ports()`` gives the observed ports now (they tell the client in a file's name);
-    ``anonymize`` rewrites every address first. Single-threaded: the mirror's loop calls
-    :meth:`packets` and :meth:`flow_end` in capture order, :meth:`close` at the end.
+    ``anonymize`` rewrites every address first. The mirror's loop (the capture thread)
+    calls :meth:`packets` and :meth:`flow_end` in capture order, :meth:`close` at the end.
+    Live, :meth:`packets` and :meth:`flow_end` never wait for the disk (offline they wait
+    for room in the queue); :meth:`close` waits for everything to be written.
+    :meth:`stats` may be called from any thread.
     """
 
     def __init__(self, config: FlowPcapConfig, ports: Callable[[], frozenset[int]],
@@ -256,20 +298,18 @@ class FlowPcapSaver:
         self.config = config
         self._ports = ports
         self._anonymize = anonymize
-        self._flows: dict[int, _File] = {}
-        self._open: OrderedDict[int, _File] = OrderedDict()  # least recently written first
-        self._outage = OutageLog(log, "flow pcap file failed; that flow's packets are not "
-                                 "saved, the others go on", "flow pcap files work again",
+        self._flows: dict[int, _Flow] = {}
+        self._writer = FlowPcapWriter(config, _file_header(config.snaplen))
+        self._outage = OutageLog(log, "flow pcap files cannot keep up; dropping whole flows "
+                                 "(counted)", "flow pcap files keep up again",
                                  directory=str(config.directory))
-        self.counters: dict[str, int] = dict.fromkeys(
-            ("files", "files_completed", "files_reopened", "files_evicted", "files_failed",
-             "packets", "packets_truncated", "written_bytes", "packets_lost",
-             "packets_unattributed", "open_files_peak"), 0)
+        self._dropping = False  # the queue refused the latest piece
+        self.counters: dict[str, int] = dict.fromkeys(_CAPTURE_COUNTERS, 0)
 
     @property
     def open_files(self) -> int:
         """Files open now (at most ``config.max_open``)."""
-        return len(self._open)
+        return self._writer.open_files
 
     def packets(self, segments: Sequence[Segment], flow_ids: Sequence[int]) -> None:
         """Save a batch: ``flow_ids[i]`` is the flow ``segments[i]`` went into (0: none)."""
@@ -282,121 +322,82 @@ class FlowPcapSaver:
                 unattributed += 1
         self.counters["packets_unattributed"] += unattributed
         for fid, segs in groups.items():
-            f = self._flows.get(fid)
-            if f is None:
-                f = self._flows[fid] = self._new(fid, segs[0])
-            elif not f.failed and f.stream is None:
-                self._reopen(fid, f)
-            if f.failed:
-                self.counters["packets_lost"] += len(segs)
-                continue
-            self._open.move_to_end(fid)
-            self._write(fid, f, segs)
+            flow = self._flows.get(fid)
+            if flow is None:
+                flow = self._flows[fid] = _Flow(self._name(segs[0]))
+            if flow.dropped:
+                self.counters["packets_dropped_flow_dropped"] += sum(map(_pieces, segs))
+            else:
+                self._hand_over(fid, flow, segs)
 
     def flow_end(self, flow_id: int) -> None:
-        """The flow is over: its file is complete and closed (nothing more is kept)."""
-        f = self._flows.pop(flow_id, None)
-        if f is None:
-            return
-        if self._open.pop(flow_id, None) is not None:
-            self._close(flow_id, f)
-        if not f.failed:
-            self.counters["files_completed"] += 1
+        """The flow is over: its file is completed and closed (nothing more is kept)."""
+        flow = self._flows.pop(flow_id, None)
+        if flow is not None and flow.sent:
+            self._writer.put(Item(flow_id, flow.name, end=True, complete=not flow.dropped))
 
     def close(self) -> None:
-        """Close every open file (end of the run); flows not ended keep what was saved."""
-        for fid, f in list(self._open.items()):
-            del self._open[fid]
-            self._close(fid, f)
+        """Write everything handed over and close every file (end of the run; flows not
+        ended keep what was saved); waits for the writer thread."""
         self._flows.clear()
+        self._writer.close()
 
     def stats(self) -> dict[str, int]:
         """The counters (see :mod:`agent.metrics`, stage ``flowpcap``) and ``open_files``."""
-        return {**self.counters, "open_files": len(self._open)}
+        return {**self.counters, **self._writer.stats()}
 
-    # ---------------------------------------------------------------- files
+    def handoffs(self) -> list[HandoffStats]:
+        """:class:`agent.handoff.HasHandoffs`: the writer thread's queue."""
+        return [self._writer.handoff_stats()]
 
-    def _new(self, fid: int, seg: Segment) -> _File:
-        """The file of a flow whose first packet is ``seg``: named, created, open."""
+    def _name(self, seg: Segment) -> str:
+        """The file name of a flow whose first packet is ``seg``."""
         client, server = (seg.src_ip, seg.src_port), (seg.dst_ip, seg.dst_port)
         if not _client_first(seg, self._ports()):
             client, server = server, client
         if self._anonymize is not None:
             client = (self._anonymize(client[0]), client[1])
             server = (self._anonymize(server[0]), server[1])
-        f = _File(flow_name(seg.ts, client, server, seg.tunnel, self.config.gzip))
-        try:
-            self._make_room()
-            fd, f.name = _create(self.config.directory, f.name)
-            f.attach(fd, self.config.gzip)
-        except OSError as e:
-            self._fail(fid, f, e)
-            return f
-        f.buf += _file_header(self.config.snaplen)
-        self.counters["files"] += 1
-        self._outage.recovered()
-        self._add_open(fid, f)
-        return f
+        return flow_name(seg.ts, client, server, seg.tunnel, self.config.gzip)
 
-    def _reopen(self, fid: int, f: _File) -> None:
-        """Open a file the LRU closed again, to append (never creating it anew)."""
-        try:
-            self._make_room()
-            f.attach(os.open(self.config.directory / f.name, os.O_WRONLY | os.O_APPEND),
-                     self.config.gzip)
-        except OSError as e:
-            self._fail(fid, f, e)
-            return
-        self.counters["files_reopened"] += 1
-        self._add_open(fid, f)
-
-    def _add_open(self, fid: int, f: _File) -> None:
-        self._open[fid] = f
-        if len(self._open) > self.counters["open_files_peak"]:
-            self.counters["open_files_peak"] = len(self._open)
-
-    def _make_room(self) -> None:
-        """Close least recently written files until one more may open."""
-        while len(self._open) >= self.config.max_open:
-            fid, f = self._open.popitem(last=False)
-            self.counters["files_evicted"] += 1
-            self._close(fid, f)
-
-    def _write(self, fid: int, f: _File, segs: list[Segment]) -> None:
-        """Append the packets of ``segs`` to ``f``'s buffer, writing it when it is full."""
-        snap = self.config.snaplen
-        limit = self.config.buffer_bytes
-        buf = f.buf
+    def _hand_over(self, fid: int, flow: _Flow, segs: list[Segment]) -> None:
+        """Hand ``segs``' records over in pieces; at the first piece refused the flow is
+        dropped: that piece and the rest counted, not saved."""
         c = self.counters
-        anon = self._anonymize
-        try:
-            for seg in segs:
-                us = max(0, round(seg.ts * 1_000_000))
-                for pkt, wire in ip_packets(seg, anon):
-                    if snap and len(pkt) > snap:
-                        pkt = pkt[:snap]
-                        c["packets_truncated"] += 1
-                    buf += _REC.pack(us // 1_000_000, us % 1_000_000, len(pkt), wire)
-                    buf += pkt
-                    c["packets"] += 1
-                    c["written_bytes"] += len(pkt)
-                if len(buf) >= limit:
-                    f.flush()
-        except OSError as e:
-            self._fail(fid, f, e)
+        for rec in self._records(segs):
+            if self._writer.put(Item(fid, flow.name, rec.data, rec.packets, rec.packet_bytes)):
+                flow.sent = True
+                c["packets_clamped"] += rec.clamped
+                c["packets_truncated"] += rec.truncated
+                if self._dropping:
+                    self._dropping = False
+                    self._outage.recovered()
+                continue
+            flow.dropped = True
+            c["packets_dropped_queue_full"] += rec.packets
+            c["packets_dropped_flow_dropped"] += sum(map(_pieces, segs[rec.end:]))
+            self._dropping = True
+            self._outage.failed("queue_full", queue_bytes=self.config.queue_budget)
+            return
 
-    def _close(self, fid: int, f: _File) -> None:
-        try:
-            f.close()
-        except OSError as e:
-            self._fail(fid, f, e)
-
-    def _fail(self, fid: int, f: _File, e: OSError) -> None:
-        """``f`` cannot be written: closed quietly, its flow's later packets only counted."""
-        self._open.pop(fid, None)
-        if not f.failed:
-            f.failed = True
-            self.counters["files_failed"] += 1
-            self._outage.failed(_reason(e), file=f.name, error=e.strerror or str(e))
-        with contextlib.suppress(OSError):
-            f.close()
+    def _records(self, segs: list[Segment]) -> Iterator[_Records]:
+        """``segs`` as pcap records, in pieces of about ``buffer_bytes`` (one more packet
+        at most), so that any piece fits an empty queue."""
+        snap, limit, anon = self.config.snaplen, self.config.buffer_bytes, self._anonymize
+        rec = _Records()
+        for i, seg in enumerate(segs):
+            (sec, usec), clamped = pcap_time(seg.ts)
+            rec.clamped += clamped
+            for pkt, wire in ip_packets(seg, anon):
+                if snap and len(pkt) > snap:
+                    pkt = pkt[:snap]
+                    rec.truncated += 1
+                rec.data += _REC.pack(sec, usec, len(pkt), wire)
+                rec.data += pkt
+                rec.packets += 1
+                rec.packet_bytes += len(pkt)
+            rec.end = i + 1
+            if len(rec.data) >= limit and rec.end < len(segs):
+                yield rec
+                rec = _Records()
+        yield rec

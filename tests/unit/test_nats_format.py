@@ -36,7 +36,7 @@ def test_urls(url: str, want: NatsTarget) -> None:
 @pytest.mark.parametrize(("url", "why"), [
     ("http://h:1/s", "not a nats:// URL"), ("nats://h:1/", "no subject"),
     ("nats://h:1", "no subject"), ("nats:///s", "no host"), ("nats://h:x/s", "Port"),
-    ("nats://h:0/s", "port 0"), ("nats://u:p@h:1/s", "credentials"),
+    ("nats://h:0/s", "port 0"), ("nats://@h:1/s", "empty credential"),
     ("nats://h:1/s?x=1", "query"), ("nats://h:1/a.*", "wildcards"), ("nats://h:1/a..b", "dotted"),
     ("nats://h:1/a.>", "wildcards"), ("nats://h:1/a b", "spaces"),
 ])

@@ -81,6 +81,9 @@ def test_a_silent_broker_fills_the_queue_and_drops_count_as_queue_full() -> None
         silent.listen()
         rec = NatsRecorder(NatsTarget("127.0.0.1", silent.getsockname()[1], "s"),
                            budget=1000, live=True, settings=FAST)
+        # The constructor waited for the first attempt to time out; the second one starts
+        # after a backoff of about 0.1 s and waits 1 s: the records come during it.
+        time.sleep(0.3)
         for _ in range(20):
             rec.write(_chunk(1, b"y" * 100), b"y" * 100)
         s = rec.stats()

@@ -4,7 +4,11 @@ publishes them to JetStream, at most ``max_inflight`` unacknowledged at once.
 States: *connecting* (records wait in the hand-off, bounded by its budget), *up* (records are
 published; each is settled by its acknowledgement, an error, or a timeout), *down* (a connect
 failed or the connection was lost: every record taken is dropped as ``broker_down``, and a
-new connection is tried after a backoff of 0.1 s doubling up to 5 s). nats-py's own reconnect
+new connection is tried after a backoff of 0.1 s doubling up to 5 s). A server that refuses
+the agent (a wrong credential, TLS that fails: :class:`~agent.sinks.nats.client.NatsAuthError`)
+is *down* like one that cannot be reached, with the cause in the outage's log line; only the
+first attempt's refusal is kept apart (:attr:`Publisher.refused`), for the recorder to stop
+at start. nats-py's own reconnect
 is off: this loop is the one place that (re)connects, so a lost connection is noticed at once
 and what was in flight on it is settled at once (``unconfirmed``: it may or may not have been
 stored).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -33,7 +38,7 @@ import structlog
 
 from agent.handoff import Handoff
 from agent.model import FlowEnd, TrafficChunk
-from agent.sinks.nats.client import connect, describe
+from agent.sinks.nats.client import NatsAuthError, connect, describe
 from agent.sinks.nats.gaps import GapLedger
 from agent.sinks.nats.message import encode_chunk, encode_end, piece_size
 from agent.sinks.nats.url import NatsTarget
@@ -107,6 +112,18 @@ class Publisher:
         self._down = True  # no connection (yet)
         self._outage = OutageLog(log, "NATS recording: records dropped",
                                  "NATS recording: publishing again", target=target.url)
+        #: Set once the first connection attempt is over (or the thread ended).
+        self.first_attempt = threading.Event()
+        #: Why the server refused the first attempt (:class:`NatsAuthError`), or None.
+        self.refused: str | None = None
+        self._watched = threading.Lock()
+        self._start_watched = True  # someone waits for the first attempt's outcome
+
+    def stop_watching_start(self) -> None:
+        """Nobody waits for the first attempt any more: a refusal then is logged as any
+        outage is (otherwise the one who waited reports it)."""
+        with self._watched:
+            self._start_watched = False
 
     # ---------------------------------------------------------------- any thread
 
@@ -134,6 +151,7 @@ class Publisher:
                 self.flows.done(_flow_of(obj), kind == END, "publish_failed")
         finally:
             self._loop = None
+            self.first_attempt.set()
 
     # ---------------------------------------------------------------- the loop
 
@@ -210,8 +228,15 @@ class Publisher:
                                     ping_interval=5, max_outstanding_pings=2)
         except ConnectionError as e:  # refused, timed out, not a NATS server, ...
             self.counts["nats_connect_failures"] += 1
-            self._outage.failed("broker_down", error=str(e))
+            with self._watched:
+                told = self._start_watched and not self.first_attempt.is_set()
+                if told and isinstance(e, NatsAuthError):
+                    self.refused = e.why  # the recorder stops at start and says why
+                else:
+                    self._outage.failed("broker_down", error=str(e))
+                self.first_attempt.set()
             return None
+        self.first_attempt.set()
         self._piece = piece_size(nc.max_payload)
         js = nc.jetstream(publish_async_max_pending=self._s.max_inflight,
                           timeout=self._s.ack_timeout)

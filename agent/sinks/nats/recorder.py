@@ -9,6 +9,7 @@ import structlog
 
 from agent.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
+from agent.sinks.nats.client import NatsAuthError
 from agent.sinks.nats.gaps import GapLedger
 from agent.sinks.nats.publisher import CHUNK, END, REASONS, Item, Publisher, Settings
 from agent.sinks.nats.url import NatsTarget
@@ -37,6 +38,14 @@ class NatsRecorder:
 
     The thread starts at once, so the stream is in place (and a broker that is down is
     reported) before the first record; after :meth:`close` the next record starts it again.
+    The constructor waits for the first connection attempt (at most about four
+    ``connect_timeout``: TCP, TLS, INFO, PONG): if the server refused the agent (a wrong or
+    missing credential, TLS that failed) it stops the thread and raises
+    :class:`~agent.sinks.nats.client.NatsAuthError` (``URL: why``, no secret). A refusal
+    later (credentials revoked or rotated on the server mid-run) is an outage like a broker
+    that went down: records dropped as ``broker_down``, one log line with the cause,
+    reconnects with backoff (files re-read each time), and publishing resumes once the
+    server accepts the agent again.
     :meth:`close` (the mirror calls it at the end
     of a run, before the summary) publishes what is queued, waits up to ``drain_timeout``
     for the acknowledgements due, counts what is still unacknowledged as ``shutdown``,
@@ -64,6 +73,7 @@ class NatsRecorder:
         self.dropped_records = 0
         self.dropped_bytes = 0
         self._start()
+        self._check_accepted()
 
     def write(self, chunk: TrafficChunk, data: bytes) -> None:
         """Queue ``chunk`` with ``data`` (never waits when ``live``)."""
@@ -132,6 +142,15 @@ class NatsRecorder:
         if error is not None:
             self._publisher.error = None
             raise error
+
+    def _check_accepted(self) -> None:
+        """Wait for the first connection attempt; NatsAuthError if the server refused it."""
+        self._publisher.first_attempt.wait(4 * self._settings.connect_timeout + 1)
+        self._publisher.stop_watching_start()
+        why = self._publisher.refused
+        if why is not None:
+            self.close()
+            raise NatsAuthError(self.target.url, why)
 
     def _start(self) -> None:
         if self._handoff.closed:

@@ -36,9 +36,14 @@ from agent.sinks.record.codec import COMPRESSIONS, check_compression, decoded
 from agent.sinks.record.files import RecordFiles, RecordPolicy, Rotation, parse_rotation
 from agent.sinks.record.format import FORMATS, MAGIC, VERSION, RecordError, chunk_json
 from agent.sinks.record.ledger import FILE_REASONS, FlowLedger
-from agent.sinks.record.output import FileWriter
 from agent.sinks.record.reader import NativeReader, RecordedChunk
-from agent.sinks.record.writers import JsonLinesWriter, NativeWriter, RecordWriter, make_writer
+from agent.sinks.record.writers import (
+    FileWriter,
+    JsonLinesWriter,
+    NativeWriter,
+    RecordWriter,
+    make_writer,
+)
 
 __all__ = [
     "COMPRESSIONS",

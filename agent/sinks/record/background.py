@@ -29,8 +29,9 @@ class BackgroundWriter:
     :meth:`flush` waits until everything queued is written and flushed. Whenever its queue
     runs empty the writer thread calls the inner writer's ``tick()`` (or, without one, its
     ``flush()``), and again after the seconds it returns if nothing comes before: that is
-    how a compressed recording is written at least once a second and a file closed when its
-    time slot ends (:meth:`agent.sinks.record.output.Output.tick`). An error the inner
+    how a compressed recording is written at least once a second, a file closed when its
+    time slot ends, and a file that vanished from its path noticed within a second, even
+    while no record comes (:meth:`agent.sinks.record.output.Output.tick`). An error the inner
     writer raises (not a contained file error; a broken stdout, say) is raised by the next
     call on the capture thread.
 
@@ -44,7 +45,7 @@ class BackgroundWriter:
     once it has written them.
 
     Connections: with an inner writer that keeps them (a
-    :class:`~agent.sinks.record.output.FileWriter`, :meth:`~.FileWriter.fronted`), every
+    :class:`~agent.sinks.record.writers.FileWriter`, :meth:`~.FileWriter.fronted`), every
     record is handed to its :attr:`ledger` here, on the capture thread, as it is queued; a
     record dropped here settles its flow as dropped (``queue_full``, ``memory``); the inner
     writer settles the rest as they reach the file. :meth:`close` drops what is still in

@@ -47,8 +47,9 @@ import structlog
 from agent.budget import format_size, parse_size
 from agent.sinks.record.codec import SUFFIXES
 
-__all__ = ["MIN_ROTATE_BYTES", "RecordFiles", "RecordPolicy", "Rotation", "create_numbered",
-           "numbered", "parse_rotation"]
+__all__ = ["CHECK_EVERY", "MIN_ROTATE_BYTES", "FileWatch", "RecordFiles", "RecordPolicy",
+           "Rotation", "Vanished", "create_numbered", "is_stdout", "numbered", "open_again",
+           "parse_rotation"]
 
 log = structlog.get_logger("agent.record")
 
@@ -57,6 +58,8 @@ _MAX_NUMBER = 100_000
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|min|h|d)")
 _SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 _COMPRESSED = tuple(SUFFIXES.values())
+#: Seconds between two looks at whether a recording file is still at its path (at most).
+CHECK_EVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,98 @@ def with_suffix(pattern: str, compress: str | None) -> str:
     return pattern if not suffix or pattern.endswith(suffix) else pattern + suffix
 
 
+def open_again(path: str) -> BinaryIO:
+    """A new file at ``path``, whose file vanished: created, never over a file that is there
+    now (then the next free ``STEM.N.SUFFIX``). OSError if it cannot be made (its directory
+    is gone, say)."""
+    return create_numbered(Path(path), 0)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Vanished:
+    """How a watched file left its path: ``deleted`` (no name links to it any more, so what
+    was written to it is gone) or not (moved or linked elsewhere: its bytes are there), and
+    ``how``, in words."""
+
+    deleted: bool
+    how: str
+
+
+def is_stdout(fd: int) -> bool:
+    """Is ``fd`` stdout (fd 1, or the same file opened again, as ``/dev/stdout``)?"""
+    if fd == 1:
+        return True
+    try:
+        return os.path.samestat(os.fstat(fd), os.fstat(1))
+    except OSError:
+        return False
+
+
+def _standard_stream(st: os.stat_result) -> bool:
+    """Is ``st`` the file of stdin, stdout or stderr (a shell's redirection)?"""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                return True
+    return False
+
+
+class FileWatch:
+    """Is the open file ``fd`` still the file at ``path``? :meth:`check` compares fstat of
+    the descriptor with stat of the path; the writer looks when :meth:`due` says (at most
+    once every :data:`CHECK_EVERY` seconds) and whenever it must know (a flush, before its
+    rotation closes the file). Made by :meth:`of`, for regular files only."""
+
+    def __init__(self, fd: int, path: str, st: os.stat_result) -> None:
+        self.fd, self.path = fd, path
+        self._id = (st.st_dev, st.st_ino)
+        self.checked_at = time.monotonic()
+
+    @classmethod
+    def of(cls, fd: int | None, path: str) -> FileWatch | None:
+        """A watch of ``fd`` if it is a regular file that ``path`` names now; None for what
+        is written in place (no descriptor, a FIFO, a device, ``-``, ``/dev/...`` and
+        ``/proc/...`` names, a standard stream even when redirected to a file) or a path
+        that does not name it."""
+        if fd is None or path == "-" or path.startswith(("/dev/", "/proc/")):
+            return None
+        try:
+            st = os.fstat(fd)
+            same = os.path.samestat(st, os.stat(path))
+        except (OSError, ValueError):
+            return None
+        if not same or not stat.S_ISREG(st.st_mode) or _standard_stream(st):
+            return None
+        return cls(fd, path, st)
+
+    def due(self, now: float) -> float:
+        """Seconds until the next look is due (<= 0: due now)."""
+        return self.checked_at + CHECK_EVERY - now
+
+    def check(self) -> Vanished | None:
+        """None if the file is still at its path (or that cannot be told: no claim), else
+        how it left."""
+        self.checked_at = time.monotonic()
+        try:
+            st = os.fstat(self.fd)
+            try:
+                at: os.stat_result | None = os.stat(self.path)
+            except (FileNotFoundError, NotADirectoryError):
+                at = None
+        except OSError:
+            return None  # a permission taken away, say: cannot tell
+        if st.st_nlink and at is not None and (at.st_dev, at.st_ino) == self._id:
+            return None
+        deleted = st.st_nlink == 0
+        if at is not None:
+            how = "replaced by another file"
+        elif not os.path.isdir(os.path.dirname(self.path) or "."):
+            how = "its directory is gone"
+        else:
+            how = "deleted" if deleted else "moved away"
+        return Vanished(deleted, how)
+
+
 class RecordFiles:
     """The files of one recording, opened one after another (see the module docstring).
 
@@ -189,6 +284,14 @@ class RecordFiles:
         self.current = f
         if self._opened:
             self.rotated += 1
+        self._opened += 1
+        return f
+
+    def reopen(self, name: str) -> BinaryIO:
+        """The current file, ``name``, vanished: a new one at its name (:func:`open_again`)
+        is the current one, not counted as rotated. OSError if it cannot be made."""
+        self.current = None
+        self.current = f = open_again(name)
         self._opened += 1
         return f
 

@@ -16,19 +16,24 @@ So ``connections == completed + dropped + in_flight`` in every :meth:`FlowLedger
 any thread: every change and the snapshot hold one lock (``connections_in_flight`` is
 derived, never written). A settle of a flow the ledger no longer tracks (settled after a
 shutdown) is ignored; a record of a flow it no longer tracks is a new connection.
+
+A file recording counts its records in a :class:`Tally`, which settles them here; records
+written to a file that is watched for vanishing are settled once the file is seen in place
+after them (or lost as ``vanished``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["FILE_REASONS", "FlowLedger"]
+__all__ = ["FILE_REASONS", "FlowLedger", "Tally"]
 
 #: Why a file recording drops a connection: queue_full (the writer thread could not keep
-#: up), memory (refused near the memory limit), write_failed (the file failed), shutdown
-#: (no end before the sink was closed).
-FILE_REASONS = ("queue_full", "memory", "write_failed", "shutdown")
+#: up), memory (refused near the memory limit), write_failed (the file failed), vanished
+#: (written to a file that was deleted before it was seen in place again), shutdown (no end
+#: before the sink was closed).
+FILE_REASONS = ("queue_full", "memory", "write_failed", "vanished", "shutdown")
 
 
 class _Flow:
@@ -80,6 +85,14 @@ class FlowLedger:
             for flow, end in records:
                 self._settle(flow, end, lost)
 
+    def done_counts(self, records: Iterable[tuple[int, int, bool]],
+                    lost: str | None = None) -> None:
+        """:meth:`done` for ``n`` records of each (flow, n, ended) of ``records`` (``ended``:
+        the flow's end record is among them, its last), under one lock."""
+        with self._lock:
+            for flow, n, end in records:
+                self._settle(flow, end, lost, n)
+
     def shutdown(self) -> int:
         """The sink closed: every flow still in flight is dropped as ``shutdown``; the
         ledger forgets every flow. Returns how many were dropped."""
@@ -102,11 +115,11 @@ class FlowLedger:
         out["connections_in_flight"] = connections - completed - total
         return out
 
-    def _settle(self, flow: int, end: bool, lost: str | None) -> None:
+    def _settle(self, flow: int, end: bool, lost: str | None, n: int = 1) -> None:
         f = self._flows.get(flow)
         if f is None:
             return  # forgotten by a shutdown: counted already
-        f.pending -= 1
+        f.pending -= n
         if lost is not None and not f.counted:
             f.counted = True
             self._dropped[lost] = self._dropped.get(lost, 0) + 1
@@ -116,3 +129,75 @@ class FlowLedger:
             del self._flows[flow]
             if not f.counted:
                 self._completed += 1
+
+
+
+class Tally:
+    """What became of the records of one recording: written (``records``, ``data_bytes``:
+    chunk records and their data), or lost because the recording failed (``failed_*``) or
+    because they went into a file that was deleted before it was seen in place again
+    (``vanished_*``); each record is settled in ``ledger`` as its flow's, as it is counted.
+
+    Records written to a file that is watched (:class:`~.files.FileWatch`) are *held* until
+    :meth:`confirm` says whether that file was still in place. They are held as sums (per
+    flow for the ledger), so holding a second of records costs little whatever the rate.
+    Used by one thread (the writer's); the counters may be read from any."""
+
+    def __init__(self, ledger: FlowLedger | None) -> None:
+        self.ledger = ledger
+        self.records = self.data_bytes = 0
+        self.failed_records = self.failed_bytes = 0
+        self.vanished_records = self.vanished_bytes = 0
+        self._held_records = self._held_bytes = 0
+        self._held: dict[int, list[int]] = {}  # flow → [records, its end among them]
+
+    def written(self, ends: Sequence[tuple[int, int, int]], hold: bool = False) -> None:
+        """Records written whole, as (end offset, data_len, flow) (``data_len`` < 0: the
+        flow's end record): counted now, or, ``hold``, once :meth:`confirm` is told."""
+        if hold:
+            self._hold(ends)
+            return
+        lens = [n for _, n, _ in ends if n >= 0]
+        self.records += len(lens)
+        self.data_bytes += sum(lens)
+        if self.ledger is not None and ends:
+            self.ledger.done_many((flow, n < 0) for _, n, flow in ends)
+
+    def failed(self, data_len: int, flow: int) -> None:
+        """A record that did not reach the file: lost as ``write_failed``."""
+        if data_len >= 0:
+            self.failed_records += 1
+            self.failed_bytes += data_len
+        if self.ledger is not None:
+            self.ledger.done(flow, data_len < 0, "write_failed")
+
+    def confirm(self, in_place: bool = True) -> tuple[int, int]:
+        """The file of the held records is in place (or was moved: they are in it), so they
+        count as written; or, not ``in_place``, it was deleted: they are lost as
+        ``vanished``. Returns (records, data bytes) of the chunk records among them."""
+        out = (self._held_records, self._held_bytes)
+        if in_place:
+            self.records += out[0]
+            self.data_bytes += out[1]
+        else:
+            self.vanished_records += out[0]
+            self.vanished_bytes += out[1]
+        if self.ledger is not None and self._held:
+            self.ledger.done_counts(((flow, n, bool(end)) for flow, (n, end) in
+                                     self._held.items()), None if in_place else "vanished")
+        self._held_records = self._held_bytes = 0
+        self._held = {}
+        return out
+
+    def _hold(self, ends: Sequence[tuple[int, int, int]]) -> None:
+        held = self._held
+        for _, n, flow in ends:
+            f = held.get(flow)
+            if f is None:
+                f = held[flow] = [0, 0]
+            f[0] += 1
+            if n < 0:
+                f[1] = 1
+            else:
+                self._held_records += 1
+                self._held_bytes += n

@@ -6,16 +6,16 @@ import contextlib
 import errno
 import os
 import time
+import weakref
 from typing import BinaryIO
 
 import structlog
 
-from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.record.codec import Compressor, new_compressor
-from agent.sinks.record.files import RecordFiles
-from agent.sinks.record.ledger import FlowLedger
+from agent.sinks.record.files import FileWatch, RecordFiles, Vanished, is_stdout, open_again
+from agent.sinks.record.ledger import FlowLedger, Tally
 
-__all__ = ["FLUSH_EVERY", "FileWriter", "Output"]
+__all__ = ["FLUSH_EVERY", "Output"]
 
 log = structlog.get_logger("agent.record")
 
@@ -26,16 +26,6 @@ _IOV_MAX = 1024  # pieces per writev (the Linux limit)
 FLUSH_EVERY = 1.0
 
 
-def _is_stdout(fd: int) -> bool:
-    """Is ``fd`` stdout (fd 1, or the same file opened again, as ``/dev/stdout``)?"""
-    if fd == 1:
-        return True
-    try:
-        return os.path.samestat(os.fstat(fd), os.fstat(1))
-    except OSError:
-        return False
-
-
 class Output:
     """A recording's file, with exact accounting of what reached it.
 
@@ -44,8 +34,7 @@ class Output:
     the file's first record. With a file descriptor, records wait in a buffer (up to
     256 KiB) and go out with ``writev``, so after a partial write it is known which records
     are whole in the file. A file-like without one gets each record at once through
-    ``write``. Only chunk records (``data_len`` >= 0) are counted: ``records``/``data_bytes``
-    once accepted in full, ``failed_records``/``failed_bytes`` once the recording has failed.
+    ``write``. Only chunk records (``data_len`` >= 0) are counted, in :attr:`tally`.
 
     Compressed, a batch is compressed and written with a flush point after it (at 256 KiB,
     on :meth:`tick` at most once a second, on :meth:`flush`, which also ends the gzip
@@ -57,6 +46,14 @@ class Output:
     would take the file to is estimated: what was written, plus the records buffered and
     this one at the compression ratio so far.
 
+    Vanishing. A regular file is watched (:class:`~agent.sinks.record.files.FileWatch`):
+    before a write and on :meth:`tick` at most once a second, on :meth:`flush` and before
+    a rotation closes it. Records written to it count once it is seen in place after them.
+    If it left its path: one error line names it; if it was deleted, the records written to
+    it since it was last seen in place are lost (``vanished``); and the recording goes on
+    in a new file at its path (records still buffered go there), or fails if none can be
+    made there. A file our own rotation closed is no longer watched.
+
     An OSError fails the recording: one error line names the file and the error, the file is
     closed (not a standard stream) and nothing more is written, to this file or a next one.
     A broken pipe on stdout (its reader went away: ``--record - | head``) fails it too,
@@ -65,16 +62,17 @@ class Output:
 
     With a ``ledger``, every record added is settled in it as its flow's (see
     :mod:`~agent.sinks.record.ledger`) when it is counted: written, or lost as
-    ``write_failed``; a record that is not a chunk is its flow's end.
+    ``write_failed`` or ``vanished``; a record that is not a chunk is its flow's end.
     """
 
     def __init__(self, out: BinaryIO | RecordFiles, preamble: bytes = b"",
                  ledger: FlowLedger | None = None) -> None:
-        self._ledger = ledger
+        self.tally = Tally(ledger)
         self._files = out if isinstance(out, RecordFiles) else None
         policy = self._files.policy if self._files is not None else None
+        self._compress = policy.compress if policy is not None else None
         self._codec: Compressor | None = (
-            new_compressor(policy.compress) if policy and policy.compress else None)
+            new_compressor(self._compress) if self._compress else None)
         rot = policy.rotation if policy is not None else None
         self._limit = rot.max_bytes if rot is not None else None
         self.rotating = rot is not None
@@ -87,7 +85,9 @@ class Output:
         self.generation = 0  # + 1 per new file
         self._zin = self._zout = 0  # bytes into and out of the compressor
         self.error: OSError | None = None
-        self.records = self.data_bytes = self.failed_records = self.failed_bytes = 0
+        self.vanished = 0  # files that left their path while written
+        # closes a file made here to replace one that vanished
+        self._own: weakref.finalize[[], Output] | None = None
         if self._files is None:
             self._attach(out)  # type: ignore[arg-type]  # not RecordFiles: a file
         else:
@@ -97,15 +97,22 @@ class Output:
             self._attach(first)
 
     def _attach(self, out: BinaryIO) -> None:
-        """Write to ``out`` from now on (a file with nothing of this recording yet)."""
+        """Write to ``out`` from now on (a file with nothing of this recording yet). Records
+        still buffered (for a file that vanished) go to it, after the preamble."""
         self._out: BinaryIO | None = out
         self.name = str(getattr(out, "name", "recording"))
         self._fd: int | None = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             out.flush()  # whatever the file object holds goes first
             self._fd = out.fileno()
-        self._stdout = self._fd is not None and _is_stdout(self._fd)
-        self._fresh = True  # no record yet: the next one brings the preamble
+        self._stdout = self._fd is not None and is_stdout(self._fd)
+        self._watch = FileWatch.of(self._fd, self.name)
+        pieces, head = self._pieces, self._preamble
+        if pieces and head and pieces[0] is not head:  # buffered for a file that vanished
+            pieces.insert(0, head)
+            self._ends = [(end + len(head), n, flow) for end, n, flow in self._ends]
+            self._pending += len(head)
+        self._fresh = not pieces  # no record yet: the next one brings the preamble
         self._file_bytes = 0  # bytes in the file (compressed: what the compressor gave)
         files = self._files
         self._deadline = files.deadline(files.clock()) if files is not None else None
@@ -115,7 +122,7 @@ class Output:
         empty). ``data_len`` is the chunk's data length counted, < 0 for a flow's end
         record."""
         if self.error is not None or self._out is None:
-            self._lose(data_len, flow)
+            self.tally.failed(data_len, flow)
             return
         pieces = self._pieces
         if self._fresh:
@@ -156,12 +163,14 @@ class Output:
 
     def tick(self) -> float | None:
         """The writer thread's call when its queue runs empty: write what is buffered (a
-        compressed batch at most once a second), close the file if its time slot is over.
-        Returns the seconds until the next call is due (None: not before more records)."""
+        compressed batch at most once a second), look whether the file is in place if due,
+        close the file if its time slot is over. Returns the seconds until the next call is
+        due (None: not before more records; at most a second while a file is watched)."""
         now = time.monotonic()
         if self._codec is None or now - self._committed_at >= FLUSH_EVERY:
             self._commit()
             self._flush_file_object()
+        self._look()
         left = None
         if self._deadline is not None and self._out is not None and not self._fresh \
                 and self._files is not None:
@@ -169,21 +178,31 @@ class Output:
             if left <= 0:
                 self._rotate()
                 left = None
+        now = time.monotonic()
         wait = FLUSH_EVERY - (now - self._committed_at) if self._pieces else None
-        return left if wait is None else wait if left is None else min(wait, left)
+        look = self._watch.due(now) if self._watch is not None else None
+        return min((w for w in (wait, left, look) if w is not None), default=None)
 
     def flush(self) -> None:
-        """Write everything buffered; compressed, end the member or frame too."""
+        """Write everything buffered (compressed, end the member or frame too) and look
+        whether the file is in place, so every record written so far is counted."""
         self._commit(final=True)
         self._flush_file_object()
+        self._look(force=True)
 
     def stats(self) -> dict[str, int]:
-        out = {"records": self.records, "recorded_bytes": self.data_bytes}
+        t = self.tally
+        out = {"records": t.records, "recorded_bytes": t.data_bytes}
         if self._files is not None and self.rotating:
             out.update(self._files.stats())
         if self.error is not None:
-            out.update(record_errors=1, record_failed_records=self.failed_records,
-                       record_failed_bytes=self.failed_bytes)
+            out.update(record_errors=1, record_failed_records=t.failed_records,
+                       record_failed_bytes=t.failed_bytes)
+        if self.vanished:
+            out["record_files_vanished"] = self.vanished
+        if t.vanished_records:
+            out.update(record_vanished_records=t.vanished_records,
+                       record_vanished_bytes=t.vanished_bytes)
         return out
 
     def _flush_file_object(self) -> None:
@@ -194,8 +213,10 @@ class Output:
                 self._fail(e)
 
     def _rotate(self) -> None:
-        """Close the current file (everything written, the compressed stream ended)."""
+        """Close the current file (everything written and seen in place, the compressed
+        stream ended); if it vanished, it is dropped instead, no new file made here."""
         self._commit(final=True)
+        self._look(force=True, replace=False)
         out, files = self._out, self._files
         if self.error is not None or out is None or files is None:
             return
@@ -204,7 +225,7 @@ class Output:
         except OSError as e:
             self._fail(e)
             return
-        self._out = None
+        self._out = self._watch = None
         files.file_closed(self.name, self._file_bytes)
 
     def _next_file(self) -> None:
@@ -218,12 +239,69 @@ class Output:
         self._attach(f)
         self.generation += 1
 
+    def _look(self, force: bool = False, replace: bool = True) -> None:
+        """Is the watched file still at its path? Only when due (or ``force``). If it is,
+        the records written to it so far count as written; if not, :meth:`_vanished`."""
+        watch = self._watch
+        if watch is None or self.error is not None or (
+                not force and watch.due(time.monotonic()) > 0):
+            return
+        gone = watch.check()
+        if gone is None:
+            self.tally.confirm()
+        else:
+            self._vanished(gone, replace)
+
+    def _vanished(self, gone: Vanished, replace: bool) -> None:
+        """The file left its path: settle what was written to it, say so once, drop it
+        and, if ``replace``, go on in a new file at its path (or fail)."""
+        records, nbytes = self.tally.confirm(in_place=not gone.deleted)
+        lost = (records, nbytes) if gone.deleted else (0, 0)
+        self.vanished += 1
+        log.error("recording file vanished while being written; what was written to it since "
+                  "it was last seen in place is counted as lost (vanished) unless it was only "
+                  "moved", file=self.name, how=gone.how, lost_records=lost[0],
+                  lost_bytes=lost[1])
+        self._close_out()
+        self._watch = None
+        if self._compress:  # the old stream is abandoned: the next file starts its own
+            self._codec = new_compressor(self._compress)
+        if self._files is not None:
+            self._files.current = None
+        if replace:
+            self._replace()
+
+    def _replace(self) -> None:
+        """Go on in a new file at the vanished one's path
+        (:func:`~agent.sinks.record.files.open_again`); if none can be made there, the
+        recording fails and the records still buffered are lost."""
+        try:
+            f = self._files.reopen(self.name) if self._files is not None else \
+                open_again(self.name)
+        except OSError as e:
+            self._fail(e)
+            for _, data_len, flow in self._ends:
+                self.tally.failed(data_len, flow)
+            self._pieces, self._ends, self._pending = [], [], 0
+            return
+        if self._files is None:  # made here: closed when replaced again, or at exit
+            if self._own is not None:
+                self._own()
+            self._own = weakref.finalize(self, f.close)
+        self._attach(f)
+        self.generation += 1
+        log.info("recording goes on in a new file at its path", file=self.name)
+
     def _commit(self, final: bool = False) -> None:
-        """Hand the buffered records to the file; count which of them got there whole.
-        ``final``: end the compressed stream too."""
+        """Hand the buffered records to the file (to a new one first if it vanished, when
+        due to look); count which of them got there whole. ``final``: end the compressed
+        stream too."""
         if self.error is not None or self._out is None:
             return
         if not self._pieces and not (final and self._codec is not None):
+            return
+        self._look()
+        if self.error is not None:
             return
         pieces, ends = self._pieces, self._ends
         self._pieces, self._ends, self._pending, self._sent = [], [], 0, 0
@@ -284,113 +362,36 @@ class Output:
         self._zin += self._sent
 
     def _settle(self, ends: list[tuple[int, int, int]], sent: int) -> None:
-        """Count the records of one write: whole in the first ``sent`` bytes, or lost."""
-        ledger = self._ledger
-        if ends and ends[-1][0] <= sent:  # all whole: the common case
-            lens = [n for _, n, _ in ends if n >= 0]
-            self.records += len(lens)
-            self.data_bytes += sum(lens)
-            if ledger is not None:
-                ledger.done_many((flow, n < 0) for _, n, flow in ends)
-            return
-        for end, data_len, flow in ends:
-            if end > sent:
-                self._lose(data_len, flow)
-                continue
-            if data_len >= 0:
-                self.records += 1
-                self.data_bytes += data_len
-            if ledger is not None:
-                ledger.done(flow, data_len < 0)
+        """Count the records of one write: whole in the first ``sent`` bytes (written; held
+        until the file is seen in place, if it is watched), or lost."""
+        whole = ends if not ends or ends[-1][0] <= sent else [e for e in ends if e[0] <= sent]
+        self.tally.written(whole, hold=self._watch is not None)
+        for _, data_len, flow in ends[len(whole):]:
+            self.tally.failed(data_len, flow)
 
     def settled(self, flow: int, end: bool = False) -> None:
         """A record of ``flow`` that the format does not write (a flow end in JSON lines):
         settled as written, nothing of it being missing."""
-        if self._ledger is not None:
-            self._ledger.done(flow, end)
-
-    def _lose(self, data_len: int, flow: int) -> None:
-        if data_len >= 0:
-            self.failed_records += 1
-            self.failed_bytes += data_len
-        if self._ledger is not None:
-            self._ledger.done(flow, data_len < 0, "write_failed")
+        if self.tally.ledger is not None:
+            self.tally.ledger.done(flow, end)
 
     def _fail(self, e: OSError) -> None:
-        """The recording failed: say so once, close the file; a broken stdout goes up."""
+        """The recording failed: say so once, close the file; a broken stdout goes up. What
+        was written to a watched file is settled first (written, or vanished)."""
+        self._look(force=True, replace=False)
         self.error = e
         quiet = isinstance(e, BrokenPipeError) and self._stdout
         if not quiet:
             log.error("recording failed and is closed; capture and forwarding go on, and "
                       "records from now on are counted as record_failed_*", file=self.name,
                       errno=errno.errorcode.get(e.errno or 0, e.errno), error=e.strerror or str(e))
-        if self._out is not None and (self._fd is None or self._fd > 2):
-            with contextlib.suppress(OSError, ValueError):
-                self._out.close()
+        self._close_out()
         if quiet:
             raise e
 
-
-class FileWriter:
-    """A record writer over an :class:`Output` (the formats subclass it, implementing
-    :meth:`_write` and :meth:`_flow_end`; every record they make is settled in
-    :attr:`ledger` by the :class:`Output`, or by :meth:`Output.settled`).
-
-    Connections (:mod:`~agent.sinks.record.ledger`): :meth:`write` and :meth:`flow_end`
-    hand a record of the flow to :attr:`ledger`, unless a stage in front of this writer
-    hands them (:meth:`fronted`). :meth:`close` flushes and drops what is still in flight
-    as ``shutdown``; the file itself stays open for its owner to close.
-    """
-
-    #: The bytes every file of the format starts with.
-    preamble = b""
-
-    def __init__(self, out: BinaryIO | RecordFiles) -> None:
-        #: The connections of this recording.
-        self.ledger = FlowLedger()
-        self._handing = True
-        self._out = Output(out, self.preamble, self.ledger)
-
-    def fronted(self) -> FlowLedger:
-        """A stage in front of this writer (a background writer thread) hands the records
-        over from now on and counts them as handed itself; this writer only settles them.
-        Returns the ledger they share."""
-        self._handing = False
-        return self.ledger
-
-    def write(self, chunk: TrafficChunk, data: bytes) -> None:
-        """One chunk (``data``: its bytes after the hooks)."""
-        if self._handing:
-            self.ledger.hand(chunk.flow_id)
-        self._write(chunk, data)
-
-    def flow_end(self, end: FlowEnd) -> None:
-        """The end of a flow that has records: none of the flow follows."""
-        if self._handing:
-            self.ledger.hand(end.flow_id)
-        self._flow_end(end)
-
-    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _flow_end(self, end: FlowEnd) -> None:
-        self._out.settled(end.flow_id, end=True)  # not written by this format
-
-    def flush(self) -> None:
-        self._out.flush()
-
-    def close(self) -> None:
-        """Flush, then drop the connections still in flight as ``shutdown`` (the end of a
-        run). The file stays open; a later record starts the accounting afresh."""
-        try:
-            self.flush()
-        finally:
-            self.ledger.shutdown()
-
-    def tick(self) -> float | None:
-        """See :meth:`Output.tick`."""
-        return self._out.tick()
-
-    def stats(self) -> dict[str, int]:
-        """The :class:`Output`'s counts and the ledger's ``connections*``."""
-        return {**self._out.stats(), **self.ledger.stats()}
+    def _close_out(self) -> None:
+        """Close the file, quietly (never a standard stream); none is open after."""
+        out, self._out = self._out, None
+        if out is not None and (self._fd is None or self._fd > 2):
+            with contextlib.suppress(OSError, ValueError):
+                out.close()

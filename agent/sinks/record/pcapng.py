@@ -26,13 +26,14 @@ holds half of one.
 from __future__ import annotations
 
 import ipaddress
+import math
 import struct
 import zlib
 from typing import BinaryIO
 
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.sinks.record.files import RecordFiles
-from agent.sinks.record.output import FileWriter
+from agent.sinks.record.writers import FileWriter
 
 __all__ = ["PREAMBLE", "PcapngWriter"]
 
@@ -40,6 +41,7 @@ LINKTYPE_RAW = 101
 _SHB, _IDB, _EPB = 0x0A0D0D0A, 1, 6
 _FIN, _SYN, _RST, _PSH, _ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _M32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
 _TCP = struct.Struct("!HHIIBBHHH")
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -71,7 +73,9 @@ PREAMBLE = (
 
 def _epb(ts: float, packet: bytes, comment: str = "") -> bytes:
     """One Enhanced Packet Block: ``packet`` at ``ts`` (seconds), with an optional comment."""
-    us = max(0, round(ts * 1_000_000))
+    # The block's time is 64-bit microseconds: a damaged capture's time past it (or not a
+    # number) is written at the nearest end rather than failing the recording.
+    us = min(max(0, round(ts * 1_000_000)), _U64) if math.isfinite(ts) else 0
     opts = _options((1, comment.encode())) if comment else b""
     pad = b"\0" * (-len(packet) % 4)
     n = _EPB_HEAD.size + len(packet) + len(pad) + len(opts) + 4

@@ -1,5 +1,5 @@
-"""Record writers: the native format and JSON lines (pcapng: :mod:`.pcapng`), over an
-:class:`~.output.Output`."""
+"""Record writers: their base over an :class:`~.output.Output` (:class:`FileWriter`), the
+native format and JSON lines (pcapng: :mod:`.pcapng`)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from agent.sinks.record.format import (
     VERSION,
     chunk_json,
 )
-from agent.sinks.record.output import FileWriter
+from agent.sinks.record.ledger import FlowLedger
+from agent.sinks.record.output import Output
 
-__all__ = ["JsonLinesWriter", "NativeWriter", "RecordWriter", "make_writer"]
+__all__ = ["FileWriter", "JsonLinesWriter", "NativeWriter", "RecordWriter", "make_writer"]
 
 
 class RecordWriter(Protocol):
@@ -37,8 +38,73 @@ class RecordWriter(Protocol):
 
     def stats(self) -> dict[str, int]:
         """``records`` and ``recorded_bytes`` written, plus ``record_*`` losses if any (a
-        :class:`~agent.sinks.record.output.FileWriter` adds its ``connections*``)."""
+        :class:`FileWriter` adds its ``connections*``)."""
         ...
+
+
+class FileWriter:
+    """A record writer over an :class:`~.output.Output` (the formats subclass it, implementing
+    :meth:`_write` and :meth:`_flow_end`; every record they make is settled in
+    :attr:`ledger` by the :class:`~.output.Output`, or by :meth:`~.output.Output.settled`).
+
+    Connections (:mod:`~agent.sinks.record.ledger`): :meth:`write` and :meth:`flow_end`
+    hand a record of the flow to :attr:`ledger`, unless a stage in front of this writer
+    hands them (:meth:`fronted`). :meth:`close` flushes and drops what is still in flight
+    as ``shutdown``; the file itself stays open for its owner to close.
+    """
+
+    #: The bytes every file of the format starts with.
+    preamble = b""
+
+    def __init__(self, out: BinaryIO | RecordFiles) -> None:
+        #: The connections of this recording.
+        self.ledger = FlowLedger()
+        self._handing = True
+        self._out = Output(out, self.preamble, self.ledger)
+
+    def fronted(self) -> FlowLedger:
+        """A stage in front of this writer (a background writer thread) hands the records
+        over from now on and counts them as handed itself; this writer only settles them.
+        Returns the ledger they share."""
+        self._handing = False
+        return self.ledger
+
+    def write(self, chunk: TrafficChunk, data: bytes) -> None:
+        """One chunk (``data``: its bytes after the hooks)."""
+        if self._handing:
+            self.ledger.hand(chunk.flow_id)
+        self._write(chunk, data)
+
+    def flow_end(self, end: FlowEnd) -> None:
+        """The end of a flow that has records: none of the flow follows."""
+        if self._handing:
+            self.ledger.hand(end.flow_id)
+        self._flow_end(end)
+
+    def _write(self, chunk: TrafficChunk, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _flow_end(self, end: FlowEnd) -> None:
+        self._out.settled(end.flow_id, end=True)  # not written by this format
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self) -> None:
+        """Flush, then drop the connections still in flight as ``shutdown`` (the end of a
+        run). The file stays open; a later record starts the accounting afresh."""
+        try:
+            self.flush()
+        finally:
+            self.ledger.shutdown()
+
+    def tick(self) -> float | None:
+        """See :meth:`~.output.Output.tick`."""
+        return self._out.tick()
+
+    def stats(self) -> dict[str, int]:
+        """The :class:`~.output.Output`'s counts and the ledger's ``connections*``."""
+        return {**self._out.stats(), **self.ledger.stats()}
 
 
 class NativeWriter(FileWriter):
