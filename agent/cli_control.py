@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.capture import HasAttachments, LiveSource, PacketSource, PortSteerable
 from agent.cli_parser import UsageError
-from agent.config import parse_target
+from agent.config import MirrorConfig, parse_target
 from agent.control import (
     AgentStatus,
     Api,
@@ -52,6 +52,19 @@ INGEST_BUDGET = 8 << 20
 #: Seconds the mirror loop may go without asking for a batch before /healthz fails: a live
 #: source yields at least every ~20 ms, the ingest every 50 ms, so 10 s is a stuck loop.
 MIRROR_SILENCE = 10.0
+
+
+def _capacity(cfg: MirrorConfig) -> dict[str, object]:
+    """``/status``'s ``forward_capacity``: what the forward mode allows (empty without a
+    target). Connection mode is bound by source ports (each captured connection is a shadow
+    connection); request mode reuses at most ``pool_size`` connections, so churn costs none."""
+    if not cfg.target_addr:
+        return {}
+    if cfg.forward.mode == "request":
+        return {"mode": "request", "pool_connections": cfg.forward.pool_size,
+                "new_connections_per_captured_connection": 0}
+    return {"mode": "connection", **forward_capacity(cfg.forward.source_ports,
+                                                     parse_target(cfg.target_addr)[0])}
 
 
 class RunningAgent:
@@ -101,9 +114,7 @@ class RunningAgent:
             "tunnels": mirror.reassembler.flows_by_tunnel(),
             "sinks": {sink: next((d for d in degraded if sink in d), None)
                       for sink in ("forward", "record")},
-            "forward_capacity": (forward_capacity(cfg.forward.source_ports,
-                                                  parse_target(cfg.target_addr)[0])
-                                 if cfg.target_addr else {}),
+            "forward_capacity": _capacity(cfg),
         }
 
     def _interfaces(self) -> list[str]:

@@ -21,7 +21,7 @@ from agent.capture.program import Build
 from agent.cli_control import RunningAgent
 from agent.cli_options import parse_options
 from agent.cli_parser import UsageError
-from agent.config import FORWARD_SOURCE_PORTS, MirrorConfig
+from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig
 from agent.control.api import Api, Request
 from agent.filter import BpfFilter
 from agent.mirror import TrafficMirror
@@ -188,3 +188,22 @@ def test_a_change_the_capture_refuses_leaves_the_old_ports_everywhere(
     src.refuse = None
     assert _put(api, [9002]) == (200, {"ports": [9002]})
     assert _get(api) == src.ports == sorted(agent.mirror.ports) == [9002]
+
+
+@pytest.mark.parametrize("mode", ["connection", "request"])
+def test_status_forward_capacity_is_the_forward_modes(mode: str) -> None:
+    """Connection mode: bound by source ports (each captured connection dials one); request
+    mode: a pool of keep-alive connections, so new captured connections cost none."""
+    agent = RunningAgent(parse_options(["run", "--iface", "lo", "--port", "9000"], {}))
+    agent.mirror = TrafficMirror(MirrorConfig(
+        observed_port=9000, target_addr="127.0.0.1:19000",
+        forward=ForwardConfig(mode=mode, pool_size=8)))
+    agent.source = SteerableSource([9000])
+    capacity = agent.status()["forward_capacity"]
+    assert capacity["mode"] == mode
+    if mode == "request":
+        assert capacity["pool_connections"] == 8
+        assert capacity["new_connections_per_captured_connection"] == 0
+    else:
+        assert capacity["source_ports"] == 65535 - 61000 + 1
+        assert "pool_connections" not in capacity
