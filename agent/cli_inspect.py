@@ -4,9 +4,15 @@ The file may be compressed (gzip or zstd, told by its magic bytes, whatever its 
 file of a rotated recording is read alone. Exit status 0 for a clean recording; 3 (degraded)
 when it was read but is damaged (corrupt records skipped, a truncated or unreadable tail, a
 compressed stream cut short or corrupt, addresses that are not UTF-8), with one line per
-problem on stderr. A file that is not a native recording raises :class:`RecordError` (a
-pcapng or JSON-lines recording says what to read it with); a closed stdout,
-:class:`~agent.outputs.OutputError` (both exit 2).
+problem on stderr. A file that is not a native recording, or of a version this reader does
+not know, raises :class:`RecordError` (a pcapng or JSON-lines recording says what to read
+it with); a closed stdout, :class:`~agent.outputs.OutputError` (both exit 2).
+
+What was read is counted as the summary of the run that wrote it counts it (its ``record``
+line, ``mirror_agent_record_records_total`` and ``..._written_bytes_total``): ``records``
+are chunk records and ``written_bytes`` their payload bytes; the flow-end records, which
+the summary does not count, are ``flow_ends``. The text format ends with that line; a
+damaged file's warnings say it too.
 """
 
 from __future__ import annotations
@@ -40,16 +46,37 @@ def inspect_recording(path: Path, fmt: str = "text") -> int:
             reader = NativeReader(src)
         except RecordError as e:
             raise RecordError(f"{path}: {_not_native(head, e)}") from None
-        count = 0
+        counts = _Counts()
         for rec in reader:
-            count += 1
+            counts.add(rec)
             sys.stdout.write(_jsonl(rec) if fmt == "jsonl" else _text(rec))
         problems = reader.problems()
         if dec is not None and dec.problem:
             problems.append(dec.problem)
+    if fmt != "jsonl":
+        sys.stdout.write(f"{counts}\n")
     for problem in problems:
-        sys.stderr.write(f"mirror-agent: warning: {path}: {problem}; {count} records read\n")
+        sys.stderr.write(f"mirror-agent: warning: {path}: {problem}; read: {counts}\n")
     return EXIT_DEGRADED if problems else 0
+
+
+class _Counts:
+    """What was read, named as the summary names what was written (see the module
+    docstring)."""
+
+    def __init__(self) -> None:
+        self.records = self.written_bytes = self.flow_ends = 0
+
+    def add(self, rec: RecordedChunk) -> None:
+        if rec.kind == "chunk":
+            self.records += 1
+            self.written_bytes += len(rec.data)
+        else:
+            self.flow_ends += 1
+
+    def __str__(self) -> str:
+        return (f"records={self.records} written_bytes={self.written_bytes} "
+                f"flow_ends={self.flow_ends}")
 
 
 def _peek(src: BinaryIO) -> bytes:

@@ -1,153 +1,279 @@
-"""Recorded records → the connections to replay, each with its client bytes in bursts.
+"""A recorded connection as the replay holds it: its client bytes in bursts, handed to the
+connection(s) replaying it as they are read (:class:`Connection`), within one memory
+:class:`Window` for everything read ahead.
 
-A connection is keyed by its flow id and address pair, so rotated files of one recording
-join up and another recording's flow with the same id stays apart; a flow-end record closes
-its key (a later chunk with that id is a new connection).
+A *burst* is one recorded client chunk: it goes when its time is due and, unless
+pipelining is asked for, once every request sent before it was answered if it came
+``after_answer`` (the service answered since the client's previous chunk), or if the
+recording holds no answers at all: a client that waited for each response is replayed
+waiting, one that pipelined (sent on without an answer between) stays pipelined.
 
-A *burst* is the client bytes sent between two pieces of the service's answer: consecutive
-client→service chunks with no service→client chunk between them. Without recorded responses
-each chunk is a burst. Replay sends a burst when its recorded time comes and, unless
-pipelining is asked for, only once every request of the earlier bursts was answered; so a
-client that waited for each response is replayed waiting, and one that pipelined stays
-pipelined.
-
-Client bytes after a gap (bytes the recording lost) would corrupt the stream: the connection
-is replayed up to the gap and says so (``cut``). Production responses are parsed up to a gap
-in theirs.
+A connection is read while it replays: the replaying side takes its bursts through a
+:class:`Cursor` (two with a baseline) and a burst is let go once every cursor passed it.
+When a cursor finds nothing yet and the connection is not ``closed`` (its recorded end, or
+the end of the input, not read yet) it asks for more (:meth:`Cursor.want`): records set aside
+on disk are read back, or the reader goes on; the cursor's waker is called when there is
+more or the connection closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-from agent.model import Direction
-from agent.replay.http import Request, Response, ResponseParser, frame_requests
-from agent.sinks.record import RecordedChunk
+from agent.replay.diff import Pairing, size
+from agent.replay.http import Request, RequestFramer, Response, ResponseParser
+from agent.replay.spill import Chain
 
-__all__ = ["Burst", "Connection", "assemble"]
+__all__ = ["Burst", "Connection", "Cursor", "Window"]
+
+Waker = Callable[[], None]
 
 
 @dataclass(slots=True)
 class Burst:
-    """Client bytes sent together: the recorded time of the first, the bytes, and how many
-    requests are complete once they are sent (counted from the connection's start)."""
+    """Client bytes sent together: when they are due (seconds after the pass started), the
+    bytes, the requests whose last byte they hold, and whether the service answered since
+    the client's previous chunk."""
 
-    at: float
+    due: float
     data: bytes
-    done: int = 0
+    requests: tuple[Request, ...] = ()
+    after_answer: bool = False
 
 
-@dataclass(slots=True)
+class Window:
+    """The bytes held in memory for what was read ahead: bursts not sent yet, responses
+    not compared yet; ``sendable``: the bursts of connections that replay. ``freed`` is
+    called when ``used`` goes under half the ``budget`` or under all of it, and when no
+    replaying connection has a burst left."""
+
+    def __init__(self, budget: int, freed: Callable[[], None] | None = None) -> None:
+        self.budget = budget
+        self.half = budget // 2
+        self.used = 0
+        self.sendable = 0
+        self.peak = 0
+        self.freed = freed
+
+    def hold(self, n: int, sendable: bool = False) -> None:
+        """``n`` bytes more (or, negative, fewer); ``sendable``: bursts of a connection that
+        replays."""
+        was = self.used
+        self.used = used = was + n
+        if sendable:
+            self.sendable += n
+            if self.sendable <= 0 < self.sendable - n and self.freed is not None:
+                self.freed()  # no replaying connection has a burst left
+                return
+        if n > 0:
+            if used > self.peak:
+                self.peak = used
+        elif self.freed is not None and (used < self.half <= was or used < self.budget <= was):
+            self.freed()
+
+
+class Feeder(Protocol):
+    """What a connection asks of the one that reads its records. ``answers_seen``: a
+    service→client record was read."""
+
+    answers_seen: bool
+
+    def refill(self, conn: Connection) -> bool:
+        """Records of ``conn`` set aside on disk read back; False if none were."""
+        ...
+
+    def hunger(self, delta: int) -> None:
+        """One more (or fewer) connection waits for the reader."""
+        ...
+
+    def settle(self, conn: Connection, read_on: bool) -> None:
+        """``conn`` stopped replaying: its records on disk are read for the counts
+        (``read_on``) or forgotten."""
+        ...
+
+
 class Connection:
-    """One recorded connection, ready to replay."""
+    """One recorded connection: the flow state the reader keeps, and the bursts read and
+    not sent yet. ``registered``: its first client byte was read (before that it is no
+    connection to replay); ``started``: it replays; ``finished``: it stopped replaying
+    (what is read of it from then on is only counted)."""
 
-    flow_id: int
-    client: str
-    server: str
-    start: float
-    bursts: list[Burst] = field(default_factory=list)
-    requests: list[Request] = field(default_factory=list)
-    """HTTP requests of the client bytes (empty if they are not HTTP/1.x)."""
-    production: list[Response] | None = None
-    """The service's recorded responses, or None if the recording has none."""
-    cut: str = ""
-    """Why the client bytes stop early ('' if they are whole)."""
+    __slots__ = ("_cursors", "_first", "_wakers", "_window", "answered", "backlog", "bursts",
+                 "chain", "client", "client_bytes", "client_data", "client_gap", "closed", "cut",
+                 "due", "feeder", "finished", "flow_id", "framer", "hungry", "pairing", "parser",
+                 "production_ended", "queued", "registered", "requests", "server",
+                 "server_data", "server_gap", "start", "started")
+
+    def __init__(self, flow_id: int, feeder: Feeder, window: Window) -> None:
+        self.flow_id = flow_id
+        self.client = self.server = ""
+        self.start = 0.0  # recorded time of the first client byte
+        self.due = 0.0  # when that is due, seconds after the pass started
+        self.bursts: deque[Burst] = deque()
+        self.queued = 0  # bytes in bursts
+        self.requests = 0  # requests framed
+        self.client_bytes = 0
+        self.cut = ""  # why the client bytes stop early ('' if whole)
+        self.registered = self.started = self.finished = self.closed = False
+        self.hungry = False
+        self.chain = Chain()
+        self.framer = RequestFramer()
+        self.parser = ResponseParser()  # production's responses
+        self.client_data = self.client_gap = self.server_data = self.server_gap = False
+        self.answered = False  # the service answered since the last client chunk
+        self.pairing: Pairing | None = None
+        self.backlog: list[Response] = []  # production's, before it started
+        self.production_ended = False
+        self._first = 0  # index of bursts[0] among every burst of the connection
+        self._cursors: list[Cursor] = []
+        self._wakers: list[Waker] = []
+        self.feeder = feeder
+        self._window = window
+
+    # ------------------------------------------------------------ the reader's side
+
+    def push(self, burst: Burst) -> None:
+        """A burst read: held for the cursors (dropped once the connection finished), its
+        requests given to the pairing; whoever waits for it is woken."""
+        if self.finished:
+            return
+        self.bursts.append(burst)
+        self.queued += len(burst.data)
+        self._window.hold(len(burst.data), self.started)
+        if self.pairing is not None:
+            for req in burst.requests:
+                self.pairing.request(req)
+        self.wake()
+
+    def production(self, resp: Response) -> None:
+        """One of production's responses: to the pairing, or held until the connection
+        starts; dropped if it started without one (no comparison) or finished."""
+        if self.finished or self.production_ended:
+            return
+        if self.pairing is not None:
+            self.pairing.production(resp)
+        elif not self.started:
+            self.backlog.append(resp)
+            self._window.hold(size(resp))
+
+    def production_end(self) -> None:
+        """No more of production's responses will come."""
+        self.production_ended = True
+        if self.pairing is not None:
+            self.pairing.production_end()
+
+    def close(self) -> None:
+        """Nothing more of it will be read."""
+        self.closed = True
+        self.wake()
+
+    def wake(self) -> None:
+        """There is more to read, or the end: the cursors waiting are called."""
+        if self.hungry:
+            self.hungry = False
+            self.feeder.hunger(-1)
+        wakers, self._wakers = self._wakers, []
+        for waker in wakers:
+            waker()
+
+    # ------------------------------------------------------------ the replaying side
+
+    def begin(self, sides: int, pairing: Pairing | None) -> list[Cursor]:
+        """It starts replaying on ``sides`` connections; ``pairing`` compares responses."""
+        self.started = True
+        self._window.sendable += self.queued
+        self.pairing = pairing
+        if pairing is not None:
+            for burst in self.bursts:
+                for req in burst.requests:
+                    pairing.request(req)
+            for resp in self.backlog:
+                self._window.hold(-size(resp))
+                pairing.production(resp)
+            if self.production_ended:
+                pairing.production_end()
+        else:
+            self._window.hold(-sum(size(r) for r in self.backlog))
+        self.backlog.clear()
+        self._cursors = [Cursor(self) for _ in range(sides)]
+        return list(self._cursors)
+
+    def finish(self) -> None:
+        """It stopped replaying: let go of what it holds."""
+        self.finished = True
+        if self.pairing is not None:
+            self.pairing.finish()
+        self._window.hold(-self.queued, self.started)
+        self._window.hold(-sum(size(r) for r in self.backlog))
+        self.bursts.clear()
+        self.backlog.clear()
+        self.queued = 0
+        self.wake()
+
+    def _release(self) -> None:
+        """Let go of the bursts every open cursor passed."""
+        cursors = self._cursors
+        if len(cursors) == 1:
+            low = cursors[0].pos if cursors[0].open else self._first + len(self.bursts)
+        else:
+            low = min((c.pos for c in cursors if c.open),
+                      default=self._first + len(self.bursts))
+        bursts, hold, started = self.bursts, self._window.hold, self.started
+        while self._first < low and bursts:
+            n = len(bursts.popleft().data)
+            self._first += 1
+            self.queued -= n
+            hold(-n, started)
+
+    def _want(self, waker: Waker) -> bool:
+        """More bursts now (True), or ``waker`` called when there are."""
+        if self.feeder.refill(self):
+            return True
+        if self.closed or self.finished:
+            return False
+        self._wakers.append(waker)
+        if not self.hungry:
+            self.hungry = True
+            self.feeder.hunger(1)
+        return False
+
+
+class Cursor:
+    """Where one replaying side is in a connection's bursts."""
+
+    __slots__ = ("conn", "open", "pos")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.pos = 0
+        self.open = True
+
+    def peek(self) -> Burst | None:
+        """The next burst, if it was read."""
+        conn = self.conn
+        i = self.pos - conn._first
+        return conn.bursts[i] if i < len(conn.bursts) else None
+
+    def advance(self) -> None:
+        """The burst from :meth:`peek` went."""
+        self.pos += 1
+        self.conn._release()
+
+    def want(self, waker: Waker) -> bool:
+        """Nothing to :meth:`peek` at: True if there is now; else ``waker`` is called once
+        there is, or the connection closed."""
+        return self.conn._want(waker)
 
     @property
-    def client_bytes(self) -> int:
-        return sum(len(b.data) for b in self.bursts)
+    def exhausted(self) -> bool:
+        """Every burst the connection will ever have went."""
+        conn = self.conn
+        return conn.closed and not conn.chain.count and self.peek() is None
 
-
-class _Flow:
-    __slots__ = ("answered", "chunks", "client", "client_gap", "server", "server_data",
-                 "server_gap", "start")
-
-    def __init__(self, rec: RecordedChunk) -> None:
-        self.start = rec.seen_at
-        self.client = self.server = ""
-        self.chunks: list[tuple[float, bytes, bool]] = []  # (time, data, after an answer)
-        self.server_data: list[bytes] = []
-        self.answered = False  # a service→client chunk since the last client chunk
-        self.client_gap = self.server_gap = False
-
-
-def _add(flow: _Flow, rec: RecordedChunk) -> None:
-    if rec.direction is Direction.TO_OBSERVED:
-        flow.client, flow.server = rec.from_addr, rec.to_addr
-        if flow.client_gap or (rec.gap_bytes and flow.chunks):
-            flow.client_gap = True
-            return
-        flow.chunks.append((rec.seen_at, rec.data, flow.answered))
-        flow.answered = False
-    elif rec.direction is Direction.FROM_OBSERVED:
-        if rec.gap_bytes and flow.server_data:
-            flow.server_gap = True
-        if not flow.server_gap:
-            flow.server_data.append(rec.data)
-        flow.answered = True
-
-
-def _bursts(flow: _Flow) -> list[Burst]:
-    """Client chunks → bursts: joined between two answers, or one each if the recording has
-    no answers."""
-    if not flow.server_data:
-        return [Burst(at, data) for at, data, _ in flow.chunks]
-    out: list[tuple[float, list[bytes]]] = []
-    for at, data, after_answer in flow.chunks:
-        if after_answer or not out:
-            out.append((at, [data]))
-        else:
-            out[-1][1].append(data)
-    return [Burst(at, b"".join(parts)) for at, parts in out]
-
-
-def _finish(flow_id: int, flow: _Flow) -> Connection | None:
-    if not flow.chunks:
-        return None
-    bursts = _bursts(flow)
-    conn = Connection(flow_id, flow.client, flow.server, bursts[0].at, bursts)
-    if flow.client_gap:
-        conn.cut = "a gap in the recorded client bytes"
-    requests, _whole = frame_requests(b"".join(b.data for b in bursts))
-    conn.requests = requests
-    offset = k = 0
-    for burst in bursts:
-        offset += len(burst.data)
-        while k < len(requests) and requests[k].end <= offset:
-            k += 1
-        burst.done = k
-    if flow.server_data and requests:
-        parser = ResponseParser([r.method for r in requests])
-        answers = parser.feed(b"".join(flow.server_data))
-        last = parser.close()
-        conn.production = answers + ([last] if last is not None else [])
-    return conn
-
-
-def assemble(records: Iterable[RecordedChunk]) -> tuple[list[Connection], int]:
-    """The connections in ``records`` (in order of their first client byte), and how many
-    records were of no use (direction unknown)."""
-    open_: dict[tuple[int, str, str], _Flow] = {}
-    by_id: dict[int, list[tuple[int, str, str]]] = {}
-    done: list[tuple[int, _Flow]] = []
-    unusable = 0
-    for rec in records:
-        if rec.kind != "chunk":
-            for key in by_id.pop(rec.flow_id, []):
-                done.append((key[0], open_.pop(key)))
-            continue
-        if rec.direction is Direction.UNKNOWN:
-            unusable += 1
-            continue
-        a, b = rec.from_addr, rec.to_addr
-        key = (rec.flow_id, a, b) if a <= b else (rec.flow_id, b, a)
-        flow = open_.get(key)
-        if flow is None:
-            flow = open_[key] = _Flow(rec)
-            by_id.setdefault(rec.flow_id, []).append(key)
-        _add(flow, rec)
-    done += [(key[0], flow) for key, flow in open_.items()]
-    conns = [c for c in (_finish(fid, f) for fid, f in done) if c is not None]
-    conns.sort(key=lambda c: c.start)
-    return conns, unusable
+    def close(self) -> None:
+        """This side stopped: it holds no burst back."""
+        self.open = False
+        self.conn._release()

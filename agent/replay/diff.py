@@ -15,18 +15,22 @@ Per request the counts are: a different status, a different body (any body field
 headers; per ``METHOD path`` (query string dropped) the same, the status changes
 (``200 -> 500``) and the fields most often different. The 20 paths with the most differing
 requests are reported.
+
+Responses are compared as they come (:class:`Pairing`, one per replayed connection): a
+request's comparison is made, and its responses let go, once production's, the target's and
+the baseline's response to it are all there (or known never to come).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.replay.http import Request, Response
 
-__all__ = ["DEFAULT_IGNORED", "Differ", "fields"]
+__all__ = ["DEFAULT_IGNORED", "Differ", "Pairing", "fields", "size"]
 
 #: Headers ignored by default: they differ between any two responses (Date), describe the
 #: transfer rather than the content, or name the server.
@@ -111,11 +115,17 @@ class Differ:
             cand = candidate[i] if i < len(candidate) else None
             prod = production[i] if production is not None and i < len(production) else None
             base = baseline[i] if baseline is not None and i < len(baseline) else None
-            if cand is None or (prod is None and base is None) or (
-                    baseline is not None and base is None):
-                self.not_compared += 1
-                continue
-            self._compare(req, prod, cand, base)
+            self.compare(req, prod, cand, base, baseline is not None)
+
+    def compare(self, req: Request, prod: Response | None, cand: Response | None,
+                base: Response | None, with_baseline: bool) -> None:
+        """One request's responses (None: missing); ``with_baseline``: a baseline response
+        was due. Counted as not compared when the target's, or every reference, is
+        missing."""
+        if cand is None or (prod is None and base is None) or (with_baseline and base is None):
+            self.not_compared += 1
+            return
+        self._compare(req, prod, cand, base)
 
     def _compare(self, req: Request, prod: Response | None, cand: Response,
                  base: Response | None) -> None:
@@ -174,3 +184,81 @@ class Differ:
                       for name, s in worst],
             "noise": dict(self.noise.most_common(10)),
         }
+
+
+def size(resp: Response) -> int:
+    """The bytes a response holds."""
+    return len(resp.head) + len(resp.body)
+
+
+class Pairing:
+    """One replayed connection's requests, matched with production's responses and the
+    target's (side 0) and baseline's (side 1, with ``sides`` 2) by position; each request is
+    compared in ``differ`` as soon as every response to it is there or will never come
+    (:meth:`production_end`, :meth:`side_end`), and then let go. ``hold`` is told the bytes
+    of responses held (+) and let go (-)."""
+
+    def __init__(self, differ: Differ, sides: int, hold: Callable[[int], None]) -> None:
+        self._differ = differ
+        self._hold = hold
+        self._requests: deque[Request] = deque()
+        self._prod: deque[Response] = deque()
+        self._answers: list[deque[Response]] = [deque() for _ in range(sides)]
+        self._prod_ended = False
+        self._ended = [False] * sides
+
+    def request(self, req: Request) -> None:
+        self._requests.append(req)
+
+    def production(self, resp: Response) -> None:
+        if not self._prod_ended:
+            self._prod.append(resp)
+            self._hold(len(resp.head) + len(resp.body))
+            self._drain()
+
+    def production_end(self) -> None:
+        """No more production responses (the recorded connection ended, or a gap)."""
+        self._prod_ended = True
+        self._drain()
+
+    def answer(self, side: int, resp: Response) -> None:
+        self._answers[side].append(resp)
+        self._hold(len(resp.head) + len(resp.body))
+        self._drain()
+
+    def side_end(self, side: int) -> None:
+        """That side's connection ended: no more answers from it."""
+        self._ended[side] = True
+        self._drain()
+
+    def finish(self) -> None:
+        """Every side ended: what is left is compared with what there is."""
+        self._prod_ended = True
+        self._ended = [True] * len(self._ended)
+        self._drain()
+        left = [*self._prod, *(r for a in self._answers for r in a)]
+        self._hold(-sum(size(r) for r in left))  # answers to no request
+        self._prod.clear()
+        for a in self._answers:
+            a.clear()
+
+    def _drain(self) -> None:
+        reqs, prod, answers, ended = self._requests, self._prod, self._answers, self._ended
+        compare, hold = self._differ.compare, self._hold
+        cand = answers[0]
+        base = answers[1] if len(answers) > 1 else None
+        while reqs and (prod or self._prod_ended) and (cand or ended[0]) and (
+                base is None or base or ended[1]):
+            n = 0
+            p = c = b = None
+            if prod:
+                p = prod.popleft()
+                n += len(p.head) + len(p.body)
+            if cand:
+                c = cand.popleft()
+                n += len(c.head) + len(c.body)
+            if base:
+                b = base.popleft()
+                n += len(b.head) + len(b.body)
+            hold(-n)
+            compare(reqs.popleft(), p, c, b, base is not None)

@@ -3,55 +3,58 @@
 :class:`ConnDriver` is an :class:`asyncio.Protocol`: sending is driven from the callbacks
 (no task per request), which keeps the per-request cost to a write and a response parse.
 
-- Burst *i* is written once its time is due (:class:`Pacing`) and, unless ``pipeline``, once
-  every request of the earlier bursts was answered. With ``pipeline`` everything due is
-  written at once.
+- The bursts come from the recorded connection as it is read (a
+  :class:`~agent.replay.conns.Cursor`). A burst is written once its time is due (``base``,
+  the loop time the pass started, plus its ``due``) and, unless ``pipeline``, once every
+  request sent before it was answered if it came after an answer (or the recording holds
+  none). With ``pipeline`` everything due is written at once. A burst not read yet is
+  waited for, without counting against ``timeout``.
 - Responses are framed by :class:`~agent.replay.http.ResponseParser` and matched to the
   requests in order; a request's latency runs from the write of its last byte to the end of
-  its response.
+  its response. With a :class:`~agent.replay.diff.Pairing` every response goes to it too.
 - The connection ends well once every burst is written and, for HTTP, every request is
   answered (then it is closed), or, for other bytes, once the target closes or stays quiet
   for ``quiet`` seconds after the last write (EOF is sent first). A target that refuses,
   resets, closes early or is silent for ``timeout`` seconds while answers are due ends it
-  badly, with a reason; requests sent and not answered are ``unanswered``. Nothing raises.
+  badly, with a reason; requests sent and not answered are ``unanswered``. Stopped (the
+  replay's end: a signal, ``--duration``) it is closed at once and counted ``stopped``; its
+  requests sent and not answered by then, ``unanswered_at_stop``. So every request sent is
+  answered, unanswered or unanswered at stop. Nothing raises.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections import deque
 
 from agent.config import parse_target
-from agent.replay.conns import Connection
+from agent.replay.conns import Cursor
+from agent.replay.diff import Pairing
 from agent.replay.http import Response, ResponseParser
 from agent.replay.report import Tally
 from agent.sinks.source_ports import NoSourcePort, connect_from_ports
 
-__all__ = ["ConnDriver", "Pacing", "replay_connection"]
-
-#: Recorded time → loop time at which it is due.
-Pacing = Callable[[float], float]
+__all__ = ["ConnDriver", "replay_connection"]
 
 
 class ConnDriver(asyncio.Protocol):
-    """Replays ``conn`` on the transport it is connected to; ``done`` gets the failure
-    reason ('' if it ended well)."""
+    """Replays the connection of ``cursor`` on the transport it is connected to; ``done``
+    gets the failure reason ('' if it ended well, 'stopped' if stopped). ``side``: its
+    place in ``pairing`` (0 the target, 1 the baseline)."""
 
-    def __init__(self, conn: Connection, due: Pacing, tally: Tally, *, pipeline: bool,
-                 timeout: float, keep_bodies: bool, quiet: float = 1.0) -> None:
-        self.conn = conn
-        self.answers: list[Response] = []
-        self._keep = keep_bodies
-        self._due = due
+    def __init__(self, cursor: Cursor, base: float, tally: Tally, *, pipeline: bool,
+                 timeout: float, pairing: Pairing | None = None, side: int = 0,
+                 quiet: float = 1.0) -> None:
+        self.cursor = cursor
         self.tally = tally
+        self._base = base
         self._pipeline = pipeline
         self._timeout = timeout
         self._quiet = quiet
-        self._http = bool(conn.requests)
-        self._parser = ResponseParser([r.method for r in conn.requests], keep_bodies)
-        self._next = 0  # next burst to write
-        self._sent_at: list[float] = []  # per request written: when its last byte went
-        self._received = 0
+        self._pairing = pairing
+        self._side = side
+        self._parser = ResponseParser((), keep_bodies=pairing is not None)
+        self._inflight: deque[float] = deque()  # per request sent, not answered: when
         self._eof_sent = False
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()  # last write or read
@@ -59,6 +62,10 @@ class ConnDriver(asyncio.Protocol):
         self._watch: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[str] = self._loop.create_future()
         self.transport: asyncio.Transport | None = None
+
+    @property
+    def _http(self) -> bool:
+        return self.cursor.conn.requests > 0
 
     # ------------------------------------------------------------ protocol callbacks
 
@@ -97,61 +104,77 @@ class ConnDriver(asyncio.Protocol):
 
     # ------------------------------------------------------------ sending
 
+    def _wake(self) -> None:
+        self._loop.call_soon(self._send)
+
     def _send(self) -> None:
         """Write every burst that may go now; schedule the next look if one waits for its
-        time; finish once all went and all were answered."""
-        self._timer = None
-        conn, bursts, out = self.conn, self.conn.bursts, []
-        now = self._loop.time()
-        while self._next < len(bursts):
-            burst = bursts[self._next]
-            if not self._pipeline and self._next and self._received < bursts[self._next - 1].done:
+        time, or ask for more if none was read yet; finish once all went and all were
+        answered."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.done.done():
+            return
+        cursor, out, now = self.cursor, [], self._loop.time()
+        while True:
+            burst = cursor.peek()
+            if burst is None:
+                if cursor.exhausted or not cursor.want(self._wake):
+                    break
+                continue
+            if self._inflight and not self._pipeline and (
+                    burst.after_answer or not cursor.conn.feeder.answers_seen):
                 break  # waits for answers: data_received calls again
-            due = self._due(burst.at)
+            due = self._base + burst.due
             if due > now + 0.0005:
                 self._timer = self._loop.call_at(due, self._send)
                 break
             out.append(burst.data)
             self.tally.bytes_sent += len(burst.data)
-            first = len(self._sent_at)
-            self._sent_at += [now] * (burst.done - first)
-            self.tally.requests_sent += burst.done - first
-            self._next += 1
+            for req in burst.requests:
+                self._inflight.append(now)
+                self._parser.expect(req.method)
+            self.tally.requests_sent += len(burst.requests)
+            cursor.advance()
         if out and self.transport is not None:
             self.transport.writelines(out)
             self._last = now
-        if self._next == len(bursts) and not self._eof_sent and not conn.requests:
+        if cursor.exhausted:
+            self._finish_sending()
+
+    def _finish_sending(self) -> None:
+        """Every burst went: EOF for bytes that are not HTTP; the end for HTTP answered."""
+        if self._http:
+            if not self._inflight:
+                self._end("")
+        elif not self._eof_sent:
             self._eof_sent = True
             if self.transport is not None and self.transport.can_write_eof():
                 self.transport.write_eof()
-        if self._http and self._all_done():
-            self._end("")
 
     def _answered(self, got: list[Response], now: float) -> None:
-        tally, sent_at = self.tally, self._sent_at
+        tally, inflight, pairing = self.tally, self._inflight, self._pairing
         for resp in got:
-            i = self._received
-            tally.response(resp.status, now - sent_at[i] if i < len(sent_at) else 0.0)
-            if self._keep:
-                self.answers.append(resp)
-            self._received = i + 1
+            tally.response(resp.status, now - inflight.popleft() if inflight else 0.0)
+            if pairing is not None:
+                pairing.answer(self._side, resp)
         self._send()
 
     def _all_done(self) -> bool:
         """Every burst written and every request answered."""
-        return (self._next == len(self.conn.bursts)
-                and self._received >= len(self.conn.requests))
+        return self.cursor.exhausted and not self._inflight
 
     def _check_idle(self) -> None:
         """Silence: for HTTP with answers due, ``timeout`` fails it; for other bytes, all
-        written and ``quiet`` seconds without a byte ends it well."""
+        written and ``quiet`` seconds without a byte ends it well. Waiting for a burst's
+        time, or for the recording to be read on, is no silence."""
         if self.done.done():
             return
         idle = self._loop.time() - self._last
-        waiting = self._timer is not None  # for a burst's time, not for the target
         if not self._http and self._eof_sent and idle >= self._quiet:
             self._end("")
-        elif not waiting and idle >= self._timeout:
+        elif self._inflight and idle >= self._timeout:
             self._end("timeout")
         else:
             left = self._quiet if not self._http and self._eof_sent else self._timeout
@@ -159,15 +182,25 @@ class ConnDriver(asyncio.Protocol):
 
     # ------------------------------------------------------------ ending
 
-    def _end(self, reason: str) -> None:
-        if self.done.done():
-            return
+    def _cancel_timers(self) -> None:
         for handle in (self._timer, self._watch):
             if handle is not None:
                 handle.cancel()
+
+    def _let_go(self) -> None:
+        """This side is over: the bursts it would still send and its answers to come."""
+        self.cursor.close()
+        if self._pairing is not None:
+            self._pairing.side_end(self._side)
+
+    def _end(self, reason: str) -> None:
+        if self.done.done():
+            return
+        self._cancel_timers()
         if reason:
-            self.tally.unanswered += max(0, len(self._sent_at) - self._received)
+            self.tally.unanswered += len(self._inflight)
         self.done.set_result(reason)
+        self._let_go()
         if self.transport is not None:
             if reason:
                 self.transport.abort()
@@ -175,15 +208,22 @@ class ConnDriver(asyncio.Protocol):
                 self.transport.close()
 
     def stop(self) -> None:
-        """The replay stops: close at once (not a failure)."""
+        """The replay stops: close at once (not a failure); what was sent and not answered
+        is counted ``unanswered_at_stop``."""
         if not self.done.done():
             self.tally.stopped += 1
+            self.tally.unanswered_at_stop += len(self._inflight)
             self.done.set_result("stopped")
-            for handle in (self._timer, self._watch):
-                if handle is not None:
-                    handle.cancel()
+            self._cancel_timers()
+            self._let_go()
             if self.transport is not None:
                 self.transport.abort()
+
+    def failed_to_connect(self) -> None:
+        """It never connected: nothing was sent."""
+        if not self.done.done():
+            self.done.set_result("not connected")
+            self._let_go()
 
 
 def _connect_failure(e: BaseException) -> str:
@@ -219,6 +259,7 @@ async def replay_connection(driver: ConnDriver, target: str,
     except (OSError, TimeoutError) as e:
         reason = _connect_failure(e)
         driver.tally.failed[reason] += 1
+        driver.failed_to_connect()
         return reason
     try:
         reason = await asyncio.shield(driver.done)

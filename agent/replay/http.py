@@ -5,6 +5,9 @@ a byte stream fed piece by piece.
   then a body sized by ``Content-Length`` or chunked encoding) and says where each ends.
   A stream that is not HTTP/1.x, or stops being parseable, yields the requests before that
   point and ``complete=False``: the rest is replayed as bytes, without matching responses.
+  :class:`RequestFramer` does the same for a stream fed piece by piece, holding no more than
+  an unfinished request head (or chunked body): a ``Content-Length`` body is counted, not
+  kept.
 - :class:`ResponseParser` frames the responses to those requests, in order: no body for
   ``HEAD``, 1xx, 204 and 304; ``Content-Length``; chunked (the body is de-chunked); else
   the body runs to the end of the connection (:meth:`ResponseParser.close`). Interim 1xx
@@ -17,10 +20,12 @@ when a diff asks (:meth:`Response.headers`).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["HttpError", "Request", "Response", "ResponseParser", "frame_requests",
-           "looks_like_http"]
+__all__ = ["HttpError", "Request", "RequestFramer", "Response", "ResponseParser",
+           "frame_requests", "looks_like_http"]
 
 _METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
             b"TRACE ", b"CONNECT ", b"PROPFIND ", b"PURGE ")
@@ -148,17 +153,112 @@ def frame_requests(data: bytes) -> tuple[list[Request], bool]:
     return out, True
 
 
+_LONGEST_METHOD = max(len(m) for m in _METHODS)
+
+
+class RequestFramer:
+    """:func:`frame_requests` for a client stream fed piece by piece (:meth:`feed`): the
+    same requests, with the same ``end`` offsets in the whole stream. Once the stream stops
+    being HTTP/1.x (or a request is malformed) nothing more is framed (``stopped``). Holds at
+    most an unfinished request head (up to 64 KiB) or an unfinished chunked request; the
+    bytes of a ``Content-Length`` body are counted, not kept."""
+
+    __slots__ = ("_base", "_buf", "_head", "_skip", "count", "stopped")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._base = 0  # stream offset of _buf[0]
+        self._skip = 0  # body bytes still to come of the request in _head
+        self._head: tuple[str, str] = ("", "")  # (method, target) of the last request seen
+        self.stopped = False
+        self.count = 0  # requests framed so far
+
+    def feed(self, data: bytes) -> list[Request]:
+        """The requests ``data`` completes (possibly none)."""
+        if self.stopped or not data:
+            return []
+        out: list[Request] = []
+        if self._skip:
+            used = min(self._skip, len(data))
+            self._skip -= used
+            self._base += used
+            data = data[used:]
+            if self._skip:
+                return out
+            out.append(self._done(self._base))
+            if not data:
+                return out
+        out += self._scan(self._buf + data if self._buf else data)
+        return out
+
+    def _done(self, end: int) -> Request:
+        self.count += 1
+        return Request(self._head[0], self._head[1], end)
+
+    def _scan(self, buf: bytes) -> list[Request]:
+        """Frame what ``buf`` (starting at stream offset ``_base``) completes; keep the
+        unfinished rest, or count the body still to come."""
+        out: list[Request] = []
+        pos = 0
+        while pos < len(buf):
+            end = self._one(buf, pos)
+            if end is None:
+                break
+            if end > len(buf):  # the body goes on: counted as it comes
+                self._skip = end - len(buf)
+                self._base += len(buf)
+                self._buf = b""
+                return out
+            out.append(self._done(self._base + end))
+            pos = end
+        self._base += pos
+        self._buf = b"" if self.stopped else buf[pos:]
+        return out
+
+    def _one(self, buf: bytes, pos: int) -> int | None:
+        """The end (in ``buf``) of the request at ``pos``, maybe past ``buf``'s end for a
+        body still to come; None if more is needed first, or (``stopped``) never."""
+        head_end = buf.find(b"\r\n\r\n", pos, pos + _MAX_HEAD)
+        if head_end < 0:
+            start = buf[pos : pos + _LONGEST_METHOD]
+            if len(buf) - pos >= _MAX_HEAD or (len(start) == _LONGEST_METHOD
+                                                 and not start.startswith(_METHODS)):
+                self.stopped = True
+            return None
+        if not looks_like_http(buf, pos):
+            self.stopped = True
+            return None
+        line_end = buf.find(b"\r\n", pos)
+        method, _, rest = buf[pos:line_end].partition(b" ")
+        try:
+            chunked, length = _framing(buf[line_end:head_end + 2].lower())
+            end = _chunked_end(buf, head_end + 4, None) if chunked else head_end + 4 + (length or 0)
+        except HttpError:
+            self.stopped = True
+            return None
+        if end < 0:
+            return None  # a chunked body not whole yet: framed again with more
+        self._head = (method.decode("latin-1"), rest.rpartition(b" ")[0].decode("latin-1"))
+        return end
+
+
 class ResponseParser:
     """Frames the responses of one connection, fed in pieces (:meth:`feed`).
 
     ``methods`` gives each expected response's request method, in order (a ``HEAD`` response
-    has no body); responses past it are framed as for ``GET``. With ``keep_bodies`` False the
-    bodies are framed but not kept. After an :class:`HttpError` or a 101 the parser takes no
-    more (``broken`` says why).
+    has no body), and :meth:`expect` adds more as requests go; responses past them are framed
+    as for ``GET``. With ``keep_bodies`` False the bodies are framed but not kept. After an
+    :class:`HttpError` or a 101 the parser takes no more (``broken`` says why). Of the
+    methods only the ``HEAD`` requests' places are kept.
     """
 
-    def __init__(self, methods: list[str] | None = None, keep_bodies: bool = True) -> None:
-        self._methods = methods or []
+    __slots__ = ("_buf", "_expected", "_heads", "_keep", "broken", "count")
+
+    def __init__(self, methods: Iterable[str] | None = None, keep_bodies: bool = True) -> None:
+        self._expected = 0  # requests expected (given to expect)
+        self._heads: deque[int] | None = None  # the places of HEAD requests among them
+        for method in methods or ():
+            self.expect(method)
         self._keep = keep_bodies
         self._buf = b""
         self.count = 0  # responses framed so far
@@ -204,6 +304,14 @@ class ResponseParser:
         head = buf[:head_end]
         return Response(_status(head), head, buf[head_end + 4 :] if self._keep else b"")
 
+    def expect(self, method: str) -> None:
+        """One more request went: its response is framed as for ``method``."""
+        if method == "HEAD":
+            if self._heads is None:
+                self._heads = deque()
+            self._heads.append(self._expected)
+        self._expected += 1
+
     @property
     def pending(self) -> int:
         """Bytes held: a response not complete yet."""
@@ -225,10 +333,11 @@ class ResponseParser:
                 self.broken = "101 Switching Protocols: not HTTP from here on"
                 return len(buf), None
             return start, None
-        method = self._methods[self.count] if self.count < len(self._methods) else "GET"
+        heads = self._heads
+        head_request = heads is not None and bool(heads) and heads[0] == self.count
         body: bytearray | None = bytearray() if self._keep else None
         end = start
-        if method != "HEAD" and status not in (204, 304):
+        if not head_request and status not in (204, 304):
             chunked, length = _framing(head.lower() + b"\r\n")
             if chunked:
                 end = _chunked_end(buf, start, body)
@@ -241,6 +350,8 @@ class ResponseParser:
             if end < 0:
                 return None
         self.count += 1
+        if head_request and heads is not None:
+            heads.popleft()
         return end, Response(status, head, bytes(body) if body else b"")
 
 

@@ -18,19 +18,21 @@ from typing import Any, BinaryIO
 
 from agent.capture import SourceError as CaptureSourceError
 from agent.capture.capstream import STDIN, Capture, display
-from agent.sinks.record import MAGIC, decoded
+from agent.sinks.record import MAGIC, VERSION, decoded
 from agent.sinks.record.codec import Decoded
+from agent.sinks.record.format import FILE_HEADER
 
 __all__ = ["Opened", "SourceError", "open_input", "reopen"]
 
 _PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
                 b"\xa1\xb2\x3c\x4d", b"\x0a\x0d\x0d\x0a")
-_HEAD = 8  # bytes that tell the kind (the native magic is the longest)
+_HEAD = FILE_HEADER.size  # bytes that tell the kind: a native file header is the longest
 _PIECE = 1 << 20
 
 
 class SourceError(Exception):
-    """A source cannot be replayed at all (missing, unreadable, no known format): exit 2."""
+    """A source cannot be replayed at all (missing, unreadable, no known format, a native
+    recording of a version this reader does not know): exit 2."""
 
 
 @dataclass
@@ -113,7 +115,15 @@ def reopen(path: Path, opened: Opened | None, kind: str, problems: list[str]) ->
 
 
 def _kind(name: str, head: bytes, decoder: Decoded | None) -> str:
-    if head.startswith(MAGIC) or not head:
+    if not head:
+        return "native"  # a recording of nothing
+    if head.startswith(MAGIC):
+        if len(head) < FILE_HEADER.size:
+            raise SourceError(f"{name}: a native recording whose file header is cut short")
+        version = FILE_HEADER.unpack(head)[1]
+        if version != VERSION:
+            raise SourceError(f"{name}: recording version {version} is not supported (this "
+                              f"mirror-agent reads version {VERSION})")
         return "native"
     if head.lstrip()[:1] == b"{":
         return "jsonl"

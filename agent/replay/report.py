@@ -59,6 +59,9 @@ class Source:
     unusable_records: int = 0
     cut_connections: int = 0
     problems: list[str] = field(default_factory=list)
+    spilled_bytes: int = 0
+    """Bytes of records set aside on disk while the look-ahead was full
+    (:mod:`agent.replay.spill`)."""
 
 
 @dataclass
@@ -78,6 +81,9 @@ class Tally:
     """Requests sent on a connection that failed, with no response."""
     stopped: int = 0
     """Connections still running when the replay stopped (``--duration``, a signal)."""
+    unanswered_at_stop: int = 0
+    """Requests sent on those connections, not answered when the stop closed them. Every
+    request sent is answered, unanswered or unanswered at stop."""
 
     @property
     def connections_failed(self) -> int:
@@ -102,6 +108,7 @@ class Tally:
             "connections": {"ok": self.connections_ok, "failed": dict(self.failed),
                             "stopped": self.stopped},
             "unanswered_requests": self.unanswered,
+            "unanswered_at_stop": self.unanswered_at_stop,
         }
 
 
@@ -128,7 +135,8 @@ def report_json(source: Source, target: Tally, baseline: Tally | None, elapsed: 
         "source": {"files": source.names, "connections": source.connections,
                    "requests": source.requests, "client_bytes": source.client_bytes,
                    "unusable_records": source.unusable_records,
-                   "cut_connections": source.cut_connections, "problems": source.problems},
+                   "cut_connections": source.cut_connections, "problems": source.problems,
+                   "spilled_bytes": source.spilled_bytes},
         "target": target.as_json(),
         "baseline": baseline.as_json() if baseline is not None else None,
         "diff": diff,
@@ -170,6 +178,9 @@ def _side(name: str, t: dict[str, Any]) -> list[str]:
     if t["unanswered_requests"]:
         out.append(f"  {t['unanswered_requests']:,} request(s) sent on failed connections got "
                    "no response")
+    if t["unanswered_at_stop"]:
+        out.append(f"  {t['unanswered_at_stop']:,} request(s) sent had no response yet when "
+                   "the stop closed their connections")
     return out
 
 

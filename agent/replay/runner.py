@@ -3,30 +3,38 @@ long it all goes on.
 
 - Time: a recorded time *t* is due at ``start + offset(t)``, the offset being the recorded
   time since the first record, each idle gap cut to ``max_wait`` (if set), divided by
-  ``speed`` (``inf``: ``--speed max``, everything due at once). Connections start when due;
-  within one, bursts are paced the same way (:mod:`agent.replay.driver`).
+  ``speed`` (``inf``: ``--speed max``, everything due at once):
+  :class:`~agent.replay.assemble.Timeline`. Connections start when due, in the order of
+  their first client byte, as the recording is read (:mod:`agent.replay.feed`); within one,
+  bursts are paced the same way (:mod:`agent.replay.driver`).
 - Concurrency: at most ``connections`` recorded connections replay at once; a connection
   that is due waits for a free slot (later ones wait behind it, in recorded order).
-- ``loop``: start over once every connection of a pass has started; ``duration``: stop
-  after that many seconds. Stopping (the duration, or :meth:`Replayer.stop` from a signal)
-  closes the connections still running at once; they count as ``stopped``, not failed.
-- With a baseline each recorded connection replays to the target and the baseline at once,
-  and their responses go to the :class:`~agent.replay.diff.Differ` when both ended.
+- ``loop``: read the sources again once every connection of a pass has started;
+  ``duration``: stop after that many seconds. Stopping (the duration, or
+  :meth:`Replayer.stop` from a signal) closes the connections still running at once; they
+  count as ``stopped``, not failed, and their requests not answered yet as
+  ``unanswered_at_stop``.
+- With a baseline each recorded connection replays to the target and the baseline at once;
+  responses are compared (:class:`~agent.replay.diff.Pairing`) as they come.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from agent.replay.conns import Connection
-from agent.replay.diff import Differ
+from agent.replay.diff import Differ, Pairing
 from agent.replay.driver import ConnDriver, replay_connection
+from agent.replay.feed import Feed, Pass
 from agent.replay.report import Tally, progress_line
 
-__all__ = ["Plan", "Replayer", "Timeline"]
+__all__ = ["Plan", "Replayer"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,45 +53,23 @@ class Plan:
     source_ports: tuple[int, int] | None = None
 
 
-class Timeline:
-    """Recorded time → seconds after the start of a pass (see the module docstring)."""
-
-    def __init__(self, conns: Sequence[Connection], speed: float,
-                 max_wait: float | None) -> None:
-        self._offsets: dict[float, float] = {}
-        self.length = 0.0
-        if math.isinf(speed):
-            return
-        times = sorted({b.at for c in conns for b in c.bursts})
-        acc, prev = 0.0, times[0] if times else 0.0
-        for t in times:
-            gap = max(0.0, t - prev)
-            acc += gap if max_wait is None else min(gap, max_wait)
-            self._offsets[t] = acc / speed
-            prev = t
-        self.length = acc / speed
-
-    def offset(self, t: float) -> float:
-        return self._offsets.get(t, 0.0)
-
-
 class Replayer:
-    """Replays ``conns`` by ``plan``; counts into ``tally`` (and ``base_tally`` for the
-    baseline); compares responses in ``differ`` if given."""
+    """Replays the recording of ``feed`` by ``plan``; counts into ``tally`` (and
+    ``base_tally`` for the baseline); compares responses in ``differ`` if given (when the
+    recording holds responses, or there is a baseline)."""
 
-    def __init__(self, conns: Sequence[Connection], plan: Plan, tally: Tally,
+    def __init__(self, feed: Feed, plan: Plan, tally: Tally,
                  base_tally: Tally | None = None, differ: Differ | None = None) -> None:
-        self.conns = conns
+        self.feed = feed
         self.plan = plan
         self.tally = tally
-        self.base_tally = base_tally
+        self.base_tally = base_tally if plan.baseline is not None else None
         self.differ = differ
-        self.timeline = Timeline(conns, plan.speed, plan.max_wait)
-        self.total_requests = sum(len(c.requests) for c in conns)
         self.interrupted = False
         self.elapsed = 0.0
         self._stop: asyncio.Event | None = None
         self._started = 0.0
+        self._pass: Pass | None = None
 
     def stop(self, interrupted: bool = True) -> None:
         """Stop now (from a signal handler: ``interrupted``)."""
@@ -94,7 +80,7 @@ class Replayer:
     async def run(self, progress: Callable[[str], None] | None = None,
                   interval: float = 0.5) -> None:
         """Replay until done, ``plan.duration`` is up, or :meth:`stop`; ``progress`` gets a
-        line every ``interval`` seconds."""
+        line every ``interval`` seconds. Raises what reading the sources raised."""
         loop = asyncio.get_running_loop()
         self._stop = stop = asyncio.Event()
         self._started = loop.time()
@@ -110,6 +96,8 @@ class Replayer:
                 await asyncio.wait({*tasks, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
+            stop.set()  # connections still running are stopped, not failed
+            self.feed.close()
             for task in (*tasks, *([ticker] if ticker else [])):
                 task.cancel()
             await asyncio.gather(*tasks, *([ticker] if ticker else []),
@@ -129,65 +117,80 @@ class Replayer:
 
         while not stop.is_set():
             base = loop.time()
-            for conn in self.conns:
-                delay = base + self.timeline.offset(conn.start) - loop.time()
+            self._pass = p = self.feed.begin()
+            started = 0
+            while (conn := await _unless(stop, p.next())) is not None:
+                delay = base + conn.due - loop.time()
                 if delay > 0 and await _stopped_within(stop, delay):
                     return
-                if slots.locked():
-                    if not await _acquired(slots, stop):
-                        return
-                else:
-                    await slots.acquire()
-                if stop.is_set():
-                    slots.release()
+                if not await _acquired(slots, stop):
                     return
                 task = asyncio.create_task(self._one(conn, base))
                 tasks.add(task)
                 task.add_done_callback(finished)
-            if not self.plan.loop or not self.conns:
+                started += 1
+            if not self.plan.loop or not started:
                 return
             await asyncio.sleep(0)
 
     async def _one(self, conn: Connection, base: float) -> None:
-        plan, timeline = self.plan, self.timeline
-
-        def due(t: float) -> float:
-            return base + timeline.offset(t)
-
-        keep = self.differ is not None
-        drivers = [ConnDriver(conn, due, self.tally, pipeline=plan.pipeline,
-                              timeout=plan.timeout, keep_bodies=keep)]
-        runs = [replay_connection(drivers[0], plan.target, plan.source_ports, plan.timeout)]
-        if plan.baseline is not None and self.base_tally is not None:
-            drivers.append(ConnDriver(conn, due, self.base_tally, pipeline=plan.pipeline,
-                                      timeout=plan.timeout, keep_bodies=keep))
-            runs.append(replay_connection(drivers[1], plan.baseline, plan.source_ports,
-                                          plan.timeout))
-        await asyncio.gather(*runs)
-        if self.differ is not None:
-            base_answers = drivers[1].answers if len(drivers) > 1 else None
-            self.differ.add(conn.requests, conn.production, drivers[0].answers, base_answers)
+        plan, differ = self.plan, self.differ
+        sides = 1 if self.base_tally is None else 2
+        pairing = None
+        if differ is not None and (sides == 2 or self.feed.answers_seen):
+            pairing = Pairing(differ, sides, self.feed.window.hold)
+        cursors = conn.begin(sides, pairing)
+        runs = []
+        for side, (tally, target) in enumerate(((self.tally, plan.target),
+                                                (self.base_tally, plan.baseline))[:sides]):
+            assert tally is not None and target is not None
+            driver = ConnDriver(cursors[side], base, tally, pipeline=plan.pipeline,
+                                timeout=plan.timeout, pairing=pairing, side=side)
+            runs.append(replay_connection(driver, target, plan.source_ports, plan.timeout))
+        try:
+            await asyncio.gather(*runs)
+        finally:
+            if pairing is None and differ is not None and conn.server_data:
+                differ.not_compared += conn.requests  # its responses came too late to pair
+            conn.finish()
+            conn.feeder.settle(conn, self._stop is not None and not self._stop.is_set())
 
     def eta(self) -> float | None:
-        """Seconds left, if that can be known."""
+        """Seconds left, if that can be known (the whole recording read)."""
         loop = asyncio.get_running_loop()
         elapsed = loop.time() - self._started
         if self.plan.duration is not None:
             return max(0.0, self.plan.duration - elapsed)
-        if self.plan.loop:
+        p = self._pass
+        if self.plan.loop or p is None or not p.eof:
             return None
         if not math.isinf(self.plan.speed):
-            return max(0.0, self.timeline.length - elapsed)
-        sent = self.tally.requests_sent
+            return max(0.0, p.asm.timeline.length - elapsed)
+        sent, total = self.tally.requests_sent, self.feed.first.requests
         if not sent or elapsed <= 0:
             return None
-        return max(0.0, self.total_requests - sent) / (sent / elapsed)
+        return max(0.0, total - sent) / (sent / elapsed)
 
     async def _progress(self, out: Callable[[str], None], interval: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             out(progress_line(self.tally, loop.time() - self._started, self.eta()))
+
+
+async def _unless(stop: asyncio.Event, what: Awaitable[_T]) -> _T | None:
+    """``what``'s result, or None if ``stop`` is set first."""
+    if stop.is_set():
+        return None
+    task = asyncio.ensure_future(what)
+    halt = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, halt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
 
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
@@ -201,6 +204,11 @@ async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
 
 async def _acquired(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
     """Wait for a free slot (taken, True) or for ``stop`` (False)."""
+    if stop.is_set():
+        return False
+    if not slots.locked():
+        await slots.acquire()
+        return True
     take = asyncio.create_task(slots.acquire())
     halt = asyncio.create_task(stop.wait())
     await asyncio.wait({take, halt}, return_when=asyncio.FIRST_COMPLETED)

@@ -24,17 +24,22 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.capture import SourceError as CaptureSourceError
 from agent.capture.capstream import STDIN, Capture, display
-from agent.model import Direction, TrafficChunk
+from agent.model import Direction
 from agent.replay.inputs import Opened, SourceError, open_input, reopen
 from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
 from agent.sinks.record import NativeReader, RecordedChunk, RecordError
+
+if TYPE_CHECKING:
+    from agent.capture.pcapfile import PcapFileSource
 
 __all__ = ["JsonLinesSource", "NativeSource", "NatsSource", "PcapSource", "SourceError",
            "SourceReader", "open_sources"]
@@ -179,43 +184,71 @@ def _json_chunk(line: bytes) -> RecordedChunk:
 
 class PcapSource:
     """pcap/pcapng files, reassembled by the mirror's own offline pipeline. ``ports`` are
-    the service's: they tell requests from responses."""
+    the service's: they tell requests from responses.
+
+    The pipeline runs on a thread of its own and writes a native recording of both
+    directions, flow ends included, into a pipe, which :meth:`records` reads as it goes:
+    nothing is held but what is in the pipe. Each pass reads the files again."""
 
     def __init__(self, paths: Sequence[Path | Capture], ports: Sequence[int]) -> None:
-        from agent.capture.pcapfile import PcapFileSource
-
         self.name = ", ".join(display(p) if isinstance(p, Path) else p.name for p in paths)
+        self._paths = list(paths)
         self._ports = list(ports)
-        try:
-            self._source = PcapFileSource(list(paths))
-        except CaptureSourceError as e:
-            raise SourceError(str(e)) from None
+        self._source: PcapFileSource | None = self._open()
         self._problems: list[str] = []
 
+    def _open(self) -> PcapFileSource:
+        from agent.capture.pcapfile import PcapFileSource
+
+        try:
+            return PcapFileSource(list(self._paths))
+        except CaptureSourceError as e:
+            raise SourceError(str(e)) from None
+
     def records(self) -> Iterator[RecordedChunk]:
-        from agent.config import MirrorConfig
-        from agent.hooks import KeepAll
-        from agent.mirror import TrafficMirror
-
-        got: list[RecordedChunk] = []
-
-        def keep(chunk: TrafficChunk, data: bytes) -> None:
-            got.append(RecordedChunk("chunk", chunk.flow_id, chunk.direction, chunk.seen_at,
-                                     chunk.gap_bytes, chunk.from_addr, chunk.to_addr, data))
-
-        config = MirrorConfig(observed_port=self._ports[0], extra_ports=frozenset(self._ports),
-                              write_func=keep, record_hook=KeepAll())
-        TrafficMirror(config).run(self._source)
-        stats = self._source.stats()
+        source, self._source = self._source, None
+        if source is None:
+            try:
+                source = self._open()
+            except SourceError as e:
+                self._problems.append(f"{e} (since it was checked)")
+                return
+        errors: list[BaseException] = []
+        rfd, wfd = os.pipe()
+        thread = threading.Thread(target=_pipeline, args=(source, wfd, self._ports, errors),
+                                  name="replay-pcap", daemon=True)
+        thread.start()
+        with os.fdopen(rfd, "rb") as pipe:
+            yield from NativeReader(pipe)
+        thread.join()
+        if errors:
+            raise errors[0]
+        stats = source.stats()
         if stats.get("cut_short_files"):
             self._problems.append(f"{stats['cut_short_files']} capture file(s) cut short "
                                   "(the warning above names the file, frame and offset)")
         if stats.get("bad_frames"):
             self._problems.append(f"{stats['bad_frames']} damaged frame(s) skipped")
-        yield from got
 
     def problems(self) -> list[str]:
         return list(self._problems)
+
+
+def _pipeline(source: PcapFileSource, wfd: int, ports: list[int],
+              errors: list[BaseException]) -> None:
+    """The offline pipeline over ``source``, recording everything (both directions) to the
+    pipe ``wfd``, which it closes at the end; what it raised goes to ``errors``."""
+    from agent.config import MirrorConfig
+    from agent.hooks import KeepAll
+    from agent.mirror import TrafficMirror
+
+    try:
+        with os.fdopen(wfd, "wb") as pipe:
+            config = MirrorConfig(observed_port=ports[0], extra_ports=frozenset(ports),
+                                  writer=pipe, record_hook=KeepAll())
+            TrafficMirror(config).run(source)
+    except BaseException as e:
+        errors.append(e)
 
 
 #: A rotated recording's name: STEM[.N]SUFFIX (``rec.bin``, ``rec.1.bin``, ``rec.12.bin.gz``).

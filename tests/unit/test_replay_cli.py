@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -118,3 +122,82 @@ def test_damaged_source_and_refusing_target_exit_3(tmp_path: Path,
     cap = capsys.readouterr()
     assert json.loads(cap.out)["target"]["connections"]["failed"] == {"refused": 3}
     assert "0 ok, 3 failed (refused 3)" in cap.err
+
+
+# ------------------------------------------------------------ issue 19: bad inputs and outputs
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "stdin", "overwrite"])
+def test_a_report_path_that_is_the_input_is_refused(tmp_path: Path, how: str) -> None:
+    """Before: ``--report-json rec.bin`` wrote rec.1.bin beside the input (with
+    ``--overwrite``, over it). Now: exit 2, one line, nothing written."""
+    rec = tmp_path / "rec.bin"
+    write_native(rec, http_items(1, 1))
+    before = rec.read_bytes()
+    report = tmp_path / "link.bin" if how == "symlink" else rec
+    if how == "symlink":
+        report.symlink_to(rec)
+    source = "-" if how == "stdin" else str(rec)
+    extra = ["--overwrite"] if how == "overwrite" else []
+    with rec.open("rb") as stdin:
+        res = subprocess.run([sys.executable, "-m", "agent.cli", "replay", source, "--target",
+                              "127.0.0.1:1", "--report-json", str(report), *extra],
+                             stdin=stdin, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "is the replay's input" in res.stderr
+    assert res.stdout == "" and rec.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({rec.name, report.name})
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_unsupported_recording_version_is_bad_input(tmp_path: Path, compressed: bool,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """Before: replay read nothing, reported a source problem and exited 3. Now: exit 2
+    with one line naming the version, before anything replays; inspect alike."""
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(1, 2))
+    raw = bytearray(rec.read_bytes())
+    struct.pack_into("<H", raw, 8, 2)  # the file header's version
+    rec.write_bytes(gzip.compress(bytes(raw)) if compressed else bytes(raw))
+    assert main(["replay", str(rec), "--target", "127.0.0.1:1", "--speed", "max"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "recording version 2 is not supported (this mirror-agent reads version 1)" in err
+    assert main(["inspect", str(rec)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "recording version 2" in err
+
+
+def test_a_native_header_cut_short_is_bad_input(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rec = tmp_path / "r.bin"
+    rec.write_bytes(b"MIRRORAG\x01")
+    assert main(["replay", str(rec), "--target", "127.0.0.1:1"]) == 2
+    assert "file header is cut short" in capsys.readouterr().err
+
+
+def test_loop_refuses_a_source_read_once(tmp_path: Path) -> None:
+    """``--loop`` reads the sources again each pass: standard input cannot be (the
+    recording is no longer held in memory)."""
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(1, 1))
+    with rec.open("rb") as stdin:
+        res = subprocess.run([sys.executable, "-m", "agent.cli", "replay", "-", "--target",
+                              "127.0.0.1:1", "--loop"], stdin=stdin, capture_output=True,
+                             text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "--loop reads the sources again" in res.stderr
+
+
+def test_loop_reads_a_file_again_each_pass(tmp_path: Path) -> None:
+    rec = tmp_path / "r.bin"
+    write_native(rec, http_items(2, 3, step=0.001))
+    report = tmp_path / "rep.json"
+    with http_server() as target:
+        assert main(["--log-level", "warning", "replay", str(rec), "--target", target,
+                     "--loop", "--duration", "1", "--report-json", str(report),
+                     "--source-ports", "any"]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["source"]["requests"] == 6  # the recording's, once
+    assert rep["target"]["requests_sent"] > 6 and not rep["source"]["problems"]

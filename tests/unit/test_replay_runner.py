@@ -9,22 +9,30 @@ import struct
 import time
 from collections.abc import Sequence
 
-from agent.replay.conns import Connection, assemble
+from agent.replay.assemble import assemble
 from agent.replay.diff import Differ
+from agent.replay.feed import WINDOW, Feed
 from agent.replay.http import frame_requests
 from agent.replay.report import Tally
 from agent.replay.runner import Plan, Replayer
+from agent.replay.spill import Spill
 from agent.sinks.record import RecordedChunk
 from tests.unit.replay_util import Item, chunk, http_items
 
 
-def conns_of(items: Sequence[Item]) -> list[Connection]:
+def conns_of(items: Sequence[Item]) -> list[RecordedChunk]:
+    """The records of ``items`` (what a replay reads)."""
     recs = []
     for it in items:
         c = chunk(*it)
         recs.append(RecordedChunk("chunk", it[0], c.direction, it[2], 0, c.from_addr,
                                   c.to_addr, it[3]))
-    return assemble(recs)[0]
+    return recs
+
+
+def client_streams(recs: Sequence[RecordedChunk]) -> list[bytes]:
+    """Every connection's client bytes, sorted."""
+    return sorted(b"".join(b.data for b in c.bursts) for c in assemble(recs)[0])
 
 
 class Server:
@@ -74,13 +82,19 @@ class Server:
         self._srv.close()
 
 
-def replay(conns: list[Connection], server: Server | None, differ: Differ | None = None,
-           **plan: object) -> tuple[Tally, Replayer, Server | None]:
+def replay(recs: Sequence[RecordedChunk], server: Server | None, *, differ: Differ | None = None,
+           budget: int | None = None, **plan: object) -> tuple[Tally, Replayer, Server | None]:
     async def main() -> tuple[Tally, Replayer]:
         target = await server.start() if server else "127.0.0.1:1"
         tally = Tally(target)
-        r = Replayer(conns, Plan(target=target, **plan), tally, None, differ)  # type: ignore[arg-type]
-        await r.run()
+        p = Plan(target=target, **plan)  # type: ignore[arg-type]
+        spill = Spill()
+        feed = Feed(lambda: iter(recs), p.speed, p.max_wait, budget or WINDOW, spill)
+        r = Replayer(feed, p, tally, None, differ)
+        try:
+            await r.run()
+        finally:
+            spill.close()
         if server:
             server.close()
         return tally, r
@@ -94,8 +108,7 @@ def test_every_connection_gets_exactly_its_client_bytes() -> None:
     for plan in ({"pipeline": False}, {"pipeline": True, "source_ports": (62000, 62999)}):
         tally, _r, srv = replay(conns, Server(), speed=float("inf"), connections=4, **plan)
         assert srv is not None
-        want = sorted(b"".join(b.data for b in c.bursts) for c in conns)
-        assert sorted(bytes(b) for b in srv.received) == want
+        assert sorted(bytes(b) for b in srv.received) == client_streams(conns)
         assert (tally.requests_sent, tally.responses, tally.connections_ok) == (240, 240, 12)
         assert tally.status == {200: 168, 500: 72}
         assert srv.peak <= 4
@@ -104,7 +117,7 @@ def test_every_connection_gets_exactly_its_client_bytes() -> None:
 def test_diff_names_the_broken_path() -> None:
     differ = Differ()
     conns = conns_of(http_items(3, 9, paths=("/a", "/fail", "/c")))
-    replay(conns, Server(), differ, speed=float("inf"))
+    replay(conns, Server(), differ=differ, speed=float("inf"))
     s = differ.summary(production=True)
     assert (s["compared"], s["different_status"]) == (27, 9)
     assert [p["path"] for p in s["paths"]] == ["GET /fail"]
@@ -114,13 +127,12 @@ def test_recorded_pacing_speed_and_max_wait() -> None:
     items = http_items(1, 4, answered=False, step=0.1)  # 0.3 s from first to last
     items.append((1, True, 105.0, b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n"))  # after 4.7 s
     conns = conns_of(items)
-    for plan, low, high in (({"speed": 2.0, "max_wait": 0.2}, 0.25, 0.6),
-                            ({"speed": float("inf")}, 0.0, 0.2)):
+    for speed, max_wait, low, high in ((2.0, 0.2, 0.25, 0.6), (float("inf"), None, 0.0, 0.2)):
         began = time.monotonic()
-        tally, _r, _s = replay(conns, Server(), **plan)
+        tally, _r, _s = replay(conns, Server(), speed=speed, max_wait=max_wait)
         took = time.monotonic() - began
         assert tally.responses == 5
-        assert low <= took <= high, (plan, took)
+        assert low <= took <= high, (speed, took)
 
 
 def test_refused_target_counts_each_connection() -> None:

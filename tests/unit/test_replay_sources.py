@@ -1,4 +1,4 @@
-"""Reading sources into connections (agent.replay.sources, agent.replay.conns): bursts,
+"""Reading sources into connections (agent.replay.sources, agent.replay.assemble): bursts,
 keys, damaged files reported with their position, the rest kept."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli_replay import load
-from agent.replay.conns import assemble
+from agent.replay.assemble import assemble
 from agent.replay.sources import SourceError, open_sources
 from agent.sinks.record import RecordedChunk
 from tests.unit.replay_util import chunk, http_items, write_jsonl, write_native
@@ -23,22 +23,33 @@ def rec(flow: int, to_service: bool, at: float, data: bytes, gap: int = 0,
     return RecordedChunk("chunk", flow, c.direction, at, gap, c.from_addr, c.to_addr, data)
 
 
-def test_bursts_split_at_answers_and_keep_pipelining() -> None:
+def test_bursts_say_whether_an_answer_came_before_them() -> None:
     conns, unusable = assemble([
-        rec(1, True, 1.0, REQ), rec(1, True, 1.1, REQ),  # pipelined: one burst
+        rec(1, True, 1.0, REQ), rec(1, True, 1.1, REQ),  # pipelined: no answer between
         rec(1, False, 1.2, OK + OK),
         rec(1, True, 1.3, REQ), rec(1, False, 1.4, OK),
     ])
     [c] = conns
     assert unusable == 0
-    assert [(b.at, b.data, b.done) for b in c.bursts] == [(1.0, REQ + REQ, 2), (1.3, REQ, 3)]
-    assert c.production is not None and [r.status for r in c.production] == [200] * 3
+    assert [(b.data, len(b.requests), b.after_answer) for b in c.bursts] == [
+        (REQ, 1, False), (REQ, 1, False), (REQ, 1, True)]
+    assert [r.status for r in c.backlog] == [200] * 3  # production's, until it replays
+    assert c.feeder.answers_seen
 
 
-def test_without_answers_each_chunk_is_a_burst() -> None:
+def test_without_answers_no_burst_comes_after_one() -> None:
     conns, _ = assemble([rec(1, True, 1.0, REQ), rec(1, True, 2.0, REQ)])
-    assert [b.done for b in conns[0].bursts] == [1, 2]
-    assert conns[0].production is None
+    assert [len(b.requests) for b in conns[0].bursts] == [1, 1]
+    assert not conns[0].backlog and not conns[0].feeder.answers_seen
+
+
+def test_a_request_split_over_chunks_completes_in_its_last() -> None:
+    post = b"POST /p HTTP/1.1\r\nContent-Length: 6\r\n\r\nabcdef"
+    conns, _ = assemble([rec(1, True, 1.0, post[:10]), rec(1, True, 1.1, post[10:-2]),
+                         rec(1, True, 1.2, post[-2:] + REQ)])
+    assert [[r.path for r in b.requests] for b in conns[0].bursts] == [[], [], ["/p", "/"]]
+    assert [r.end for b in conns[0].bursts for r in b.requests] == [len(post),
+                                                                  len(post) + len(REQ)]
 
 
 def test_keys_addresses_and_flow_ends() -> None:
@@ -48,7 +59,7 @@ def test_keys_addresses_and_flow_ends() -> None:
         rec(1, True, 1.0, REQ),  # the same id after its end: another connection
         rec(1, True, 2.0, REQ, port=81),  # the same id, other addresses: another one
     ])
-    assert sorted(c.start for c in conns) == [c.start for c in conns] == [1.0, 2.0, 3.0]
+    assert [c.start for c in conns] == [3.0, 1.0, 2.0]  # in the order read
 
 
 def test_a_client_gap_cuts_the_connection() -> None:
@@ -64,7 +75,7 @@ def test_native_and_jsonl_read_alike(tmp_path: Path) -> None:
     for name in ("a.bin", "a.jsonl"):
         conns, src = load(open_sources([tmp_path / name], []))
         assert (src.connections, src.requests, src.problems) == (3, 12, [])
-        assert all(len(c.production or []) == 4 for c in conns)
+        assert all(len(c.backlog) == 4 for c in conns)
 
 
 def test_rotated_files_join_up(tmp_path: Path) -> None:

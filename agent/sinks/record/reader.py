@@ -67,7 +67,8 @@ class NativeReader:
             raise RecordError("not a mirror-agent recording (bad magic)")
         _magic, self.version, _flags, _res = FILE_HEADER.unpack(head)
         if self.version != VERSION:
-            raise RecordError(f"recording version {self.version} is not supported (want {VERSION})")
+            raise RecordError(f"recording version {self.version} is not supported (this "
+                              f"mirror-agent reads version {VERSION})")
 
     def __iter__(self) -> Iterator[RecordedChunk]:
         if self._empty:
