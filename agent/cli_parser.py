@@ -372,8 +372,8 @@ def _add_replay(rep: argparse.ArgumentParser) -> None:
     rep.add_argument("sources", nargs="+", type=a.input_path, metavar="SOURCE",
                      help="native or JSON-lines recordings, gzip/zstd compressed or not "
                           "(rotated files in order), pcap/pcapng captures (with --port), or "
-                          "nats://HOST:PORT/SUBJECT (a NATS recording); - is standard input "
-                          "(a pipe, a FIFO or <(...) works too)")
+                          "nats://HOST:PORT/SUBJECT or tls://... (a NATS recording); - is "
+                          "standard input (a pipe, a FIFO or <(...) works too)")
     _add_config_option(rep)
     rep.add_argument("--target", type=a.target, metavar="HOST:PORT",
                      help="where to replay to (the candidate); required")

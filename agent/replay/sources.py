@@ -6,8 +6,9 @@ them) and, afterwards, says what was wrong with its input (:meth:`SourceReader.p
 one phrase each, naming the file and the position). A damaged file is read up to the damage
 and past it where the format allows (a native record with a bad CRC followed by a whole one, a
 JSON line that does not parse); the rest of the input replays. A NATS recording
-(``nats://HOST:PORT/SUBJECT``, :class:`NatsSource`) is one more reader yielding the same
-records: its stream is read from the start until caught up, when it is opened.
+(``nats://HOST:PORT/SUBJECT``, or ``tls://...`` for TLS; :class:`NatsSource`) is one more
+reader yielding the same records: its stream is read from the start until caught up, when it
+is opened.
 
 :func:`open_sources` checks every path before anything replays (exit 2 through
 :class:`SourceError`): it must be readable and be one of the formats, told by its first bytes
@@ -114,14 +115,19 @@ class NatsSource:
         return [f"{self.name}: {p}" for p in self._read.problems]
 
 
-def nats_url(path: Path) -> str | None:
-    """The ``nats://`` URL a command-line source names, or None for a file: a path keeps
-    one slash of the two (``nats:/host:4222/subject``), so both spellings are taken."""
+_URL_SCHEMES = ("nats", "tls")
+
+
+def nats_url(path: Path | str) -> str | None:
+    """The ``nats://`` or ``tls://`` URL a command-line source names, or None for a file: a
+    path keeps one slash of the two (``nats:/host:4222/subject``, ``tls:/host...``), so both
+    spellings are taken for either scheme."""
     text = str(path)
     if is_nats_url(text):
         return text
-    if text[:6].lower() == "nats:/":
-        return "nats://" + text[6:]
+    for scheme in _URL_SCHEMES:
+        if text[:len(scheme) + 2].lower() == f"{scheme}:/":
+            return f"{scheme}://{text[len(scheme) + 2:]}"
     return None
 
 

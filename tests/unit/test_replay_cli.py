@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,8 +18,21 @@ import pytest
 
 from agent.cli import main
 from agent.cli_options import parse_options
+from agent.model import FlowEnd
 from agent.replay.diff import DEFAULT_IGNORED
-from tests.unit.replay_util import http_items, write_native
+from agent.replay.sources import nats_url
+from agent.sinks.nats import NatsAuth, NatsRecorder
+from agent.sinks.nats.publisher import Settings
+from agent.sinks.nats.url import parse_nats_url
+from tests.unit.nats_server import (
+    NatsServer,
+    free_port,
+    make_tls,
+    needs_openssl,
+    needs_server,
+    write_config,
+)
+from tests.unit.replay_util import chunk, http_items, write_native
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -201,3 +215,56 @@ def test_loop_reads_a_file_again_each_pass(tmp_path: Path) -> None:
     rep = json.loads(report.read_text())
     assert rep["source"]["requests"] == 6  # the recording's, once
     assert rep["target"]["requests_sent"] > 6 and not rep["source"]["problems"]
+
+
+# ------------------------------------------------- a NATS recording over TLS (tls://...)
+
+
+@pytest.mark.parametrize("scheme", ["tls", "nats", "TLS"])
+def test_a_nats_url_source_is_read_from_nats_not_as_a_file(
+        scheme: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the argument became a Path (``tls:/127.0.0.1:PORT/subj``, one slash) and only
+    ``nats:/`` was turned back into a URL, so ``tls://`` was exit 2 "cannot read tls:/...".
+    Now both schemes are NATS sources: a server that is not there is exit 1, named."""
+    port = free_port()
+    url = f"{scheme}://127.0.0.1:{port}/mirror.replay"
+    r = parse_options(["replay", url, "--target", "127.0.0.1:1"], environ={}).replay
+    assert r is not None
+    [source] = r.sources
+    assert nats_url(source) == f"{scheme.lower()}://127.0.0.1:{port}/mirror.replay"
+    assert main(["replay", url, "--target", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" not in err
+    assert f"NatsUnavailable: cannot reach {scheme.lower()}://127.0.0.1:{port}" in err
+
+
+@needs_server
+@needs_openssl
+def test_replay_from_a_tls_nats_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recording made with ``--record tls://...`` replays from ``tls://...``, the server's
+    certificate verified against the system's CAs (here the test CA, by SSL_CERT_FILE)."""
+    tls = make_tls(tmp_path / "tls")
+    server = NatsServer(tmp_path / "store",
+                        config=write_config(tmp_path / "server.conf", tls.server_block()))
+    server.start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}/mirror.replay"
+        rec = NatsRecorder(parse_nats_url(url).with_flags(NatsAuth(ca_file=str(tls.ca))),
+                           live=True, settings=Settings(connect_timeout=1.0, drain_timeout=2.0,
+                                                        ack_timeout=2.0, backoff_max=0.3))
+        for flow in (1, 2, 3):
+            req = b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % flow
+            rec.write(chunk(flow, True, time.time(), req), req)
+            rec.flow_end(FlowEnd(flow, "fin"))
+        rec.close()
+        assert rec.stats()["records"] == 6
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca))
+        report = tmp_path / "report.json"
+        with http_server() as target:
+            assert main(["--log-level", "warning", "replay", url, "--target", target,
+                         "--speed", "max", "--report-json", str(report),
+                         "--source-ports", "any"]) == 0
+    finally:
+        server.stop()
+    rep = json.loads(report.read_text())
+    assert rep["target"]["status"] == {"200": 3}
