@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,25 +38,41 @@ SEGMENTS_PER_FLOW = 500
 PAYLOAD = 100
 
 
+@dataclass
+class _Flow:
+    """One synthetic connection: client address and port, initial sequence numbers, bytes sent."""
+
+    c: bytes
+    cp: int
+    cseq: int
+    sseq: int
+    sent: int = 0
+
+
+class _Result(TypedDict):
+    seconds: float
+    segments_per_s: float
+    mb_per_s: float
+    rounds: list[float]
+
+
 def make_capture(path: Path, seed: int = 7) -> tuple[int, int]:
     """Write the benchmark pcap; returns (data segments, payload bytes)."""
     rng = random.Random(seed)
     server = bytes([198, 51, 100, 1])
-    flows = []
+    flows: list[_Flow] = []
     for i in range(FLOWS):
         client = bytes([192, 0, 2, 1 + i % 200])
-        flows.append({"c": client, "cp": 20000 + i, "cseq": rng.getrandbits(32),
-                      "sseq": rng.getrandbits(32), "step": 0, "sent": 0})
+        flows.append(_Flow(c=client, cp=20000 + i, cseq=rng.getrandbits(32),
+                           sseq=rng.getrandbits(32)))
     frames: list[bytes] = []
 
-    def pkt(f: dict, from_client: bool, flags: int, payload: bytes = b"") -> bytes:
+    def pkt(f: _Flow, from_client: bool, flags: int, payload: bytes = b"") -> bytes:
         if from_client:
-            seq = (f["cseq"] + 1 + f["sent"]) & 0xFFFFFFFF if not flags & SYN else f["cseq"]
-            return synthesize_frame(f["c"], server, f["cp"], 8080, payload, seq,
-                                    f["sseq"] + 1, flags)
-        seq = f["sseq"] if flags & SYN else (f["sseq"] + 1) & 0xFFFFFFFF
-        return synthesize_frame(server, f["c"], 8080, f["cp"], payload, seq, f["cseq"] + 1,
-                                flags)
+            seq = (f.cseq + 1 + f.sent) & 0xFFFFFFFF if not flags & SYN else f.cseq
+            return synthesize_frame(f.c, server, f.cp, 8080, payload, seq, f.sseq + 1, flags)
+        seq = f.sseq if flags & SYN else (f.sseq + 1) & 0xFFFFFFFF
+        return synthesize_frame(server, f.c, 8080, f.cp, payload, seq, f.cseq + 1, flags)
 
     for f in flows:
         frames += [pkt(f, True, SYN), pkt(f, False, SYN | ACK), pkt(f, True, ACK)]
@@ -65,9 +83,9 @@ def make_capture(path: Path, seed: int = 7) -> tuple[int, int]:
         f = flows[i]
         payload = rng.randbytes(PAYLOAD)
         frames.append(pkt(f, True, ACK | PSH, payload))
-        f["sent"] += PAYLOAD
+        f.sent += PAYLOAD
         data_segments += 1
-        if f["sent"] // PAYLOAD >= SEGMENTS_PER_FLOW:
+        if f.sent // PAYLOAD >= SEGMENTS_PER_FLOW:
             frames += [pkt(f, True, FIN | ACK), pkt(f, False, FIN | ACK)]
             active.remove(i)
     with path.open("wb") as out:
@@ -97,7 +115,7 @@ sniff(offline=sys.argv[1], session=TCPSession, prn=count, store=False)
 """
 
 
-def _report(results: dict[str, dict], fixed: float, frames: int) -> None:
+def _report(results: dict[str, _Result], fixed: float, frames: int) -> None:
     base = results["mirror-agent (native record, both directions)"]["seconds"]
     print(f"\n{'tool':<48} {'median s':>9} {'segments/s':>11} {'MB/s':>7} {'time vs agent':>14}")
     for name, r in results.items():
@@ -141,11 +159,11 @@ def main() -> int:
     for _ in range(args.rounds):  # round by round, so every tool sees the same load
         for name, cmd in tools.items():
             times[name].append(timed(cmd))
-    results = {}
+    results: dict[str, _Result] = {}
     for name, rounds in times.items():
         med = statistics.median(rounds)
-        results[name] = {"seconds": med, "segments_per_s": total_frames / med,
-                         "mb_per_s": payload / med / 1e6, "rounds": rounds}
+        results[name] = _Result(seconds=med, segments_per_s=total_frames / med,
+                                mb_per_s=payload / med / 1e6, rounds=rounds)
     fixed = results.pop("mirror-agent, no frames (fixed cost)")["seconds"]
     _report(results, fixed, total_frames)
     (OUT / "offline_replay.json").write_text(json.dumps(

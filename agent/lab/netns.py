@@ -47,6 +47,10 @@ class NetNS:
                 p.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(5)
+            for pipe in (p.stdin, p.stdout, p.stderr):  # our ends of its pipes
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         self.procs.clear()
         # Anything else still running inside (e.g. nginx workers) goes with the namespace.
         pids = sh("ip", "netns", "pids", self.name, check=False).stdout.split()
@@ -182,8 +186,8 @@ class LiveAgent:
         """``wrap``: a command the agent runs under (e.g. ``unshare -p -f`` for a PID
         namespace of its own); signals then go to its child, the agent."""
         self.err = workdir / "agent.err"
-        self.proc = ns.popen(*wrap, *AGENT, *args, stderr=self.err.open("w"),
-                             stdout=subprocess.DEVNULL)
+        with self.err.open("w") as err:  # the child has its own copy of the descriptor
+            self.proc = ns.popen(*wrap, *AGENT, *args, stderr=err, stdout=subprocess.DEVNULL)
         self._wrapped = bool(wrap)
         if wait:
             self.wait_live(timeout)

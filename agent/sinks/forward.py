@@ -421,8 +421,11 @@ class ForwardSink:
         if conn.task is not None:
             conn.task.cancel()
             self._dial_over(conn)
-        if conn.connected and conn.lost is False:
-            self._settle(conn, self._loop.time())
+        if conn.transport is not None and conn.lost is False:
+            # Connected, or made but not yet flushed (a limit hit during the dial that then
+            # succeeded): either way the socket holds the source port until it is closed.
+            if conn.connected:
+                self._settle(conn, self._loop.time())
             conn.close(why, hard=True)  # connection_lost follows, and finds conn done
         self._count(conn, why, **detail)
 

@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -161,7 +162,7 @@ def with_rsts(sniffer: Sniffer, exact_with_data: bool) -> tuple[int, bytes]:
 def main() -> None:
     listeners = [serve(8080, True), serve(8081, False)]
     sniffer = Sniffer()
-    runs = {
+    runs: dict[str, Callable[[], tuple[int, bytes]]] = {
         "tfo_taken": lambda: fast_open(8080, b"hello-on-syn", b" and after"),
         "tfo_refused": lambda: fast_open(8081, b"refused-on-syn", b" then more"),
         "blind_rst": lambda: with_rsts(sniffer, False),

@@ -54,8 +54,9 @@ class MirrorAgent:
     def status(self) -> AgentStatus:
         return {"config": {"observed_port": self.mirror.config.observed_port,
                            "target_addr": self.mirror.config.target_addr},
-                "interfaces": [], "hooks": {"forward": ["default"], "record": ["default"]},
-                "flows_open": len(self.mirror.reassembler._flows),
+                "interfaces": [], "attachments": [], "tracked": {},
+                "hooks": {"forward": ["default"], "record": ["default"]},
+                "flows_open": len(self.mirror.reassembler._flows), "tunnels": {},
                 "sinks": {"forward": None}, "forward_capacity": {}}
 
     def ports(self) -> list[int]:

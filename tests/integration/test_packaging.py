@@ -74,10 +74,11 @@ def test_run_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     with NetNS() as ns:
         start_python_server(ns, 9000)
         start_python_server(ns, 19000, log=shadow)
-        agent = ns.popen(str(installed / "mirror-agent"), "--log-format", "json", "run",
-                         "--iface", "lo", "--port", "9000", "--target", "127.0.0.1:19000",
-                         "--decoder", "native", cwd="/", env=_env(tmp_path),
-                         stderr=err.open("w"), stdout=subprocess.DEVNULL)
+        with err.open("w") as log:  # the agent has its own copy of the descriptor
+            agent = ns.popen(str(installed / "mirror-agent"), "--log-format", "json", "run",
+                             "--iface", "lo", "--port", "9000", "--target", "127.0.0.1:19000",
+                             "--decoder", "native", cwd="/", env=_env(tmp_path),
+                             stderr=log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while "capture live" not in err.read_text() and agent.poll() is None \
                 and time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -67,12 +68,19 @@ def test_explicit_values_win_and_the_rest_share_what_is_left() -> None:
     assert parts(b) <= GIB
 
 
+class _Explicit(TypedDict, total=False):
+    """Explicit sizes ``derive`` is given (as the command line would)."""
+
+    buffer_mib: int
+    max_flows: int
+
+
 @pytest.mark.parametrize(("kw", "says"), [
     ({}, "--memory-limit 80 MiB is too small: base 67 MiB"),
     ({"buffer_mib": 256}, "(--buffer-mib 256)"),
     ({"max_flows": 1_000_000}, "flows, --max-flows)"),
 ])
-def test_too_small_a_limit_says_what_does_not_fit(kw: dict[str, int], says: str) -> None:
+def test_too_small_a_limit_says_what_does_not_fit(kw: _Explicit, says: str) -> None:
     limit = 80 * MIB if not kw else 512 * MIB
     with pytest.raises(BudgetError) as e:
         derive(limit, cpus=2, **kw)

@@ -228,11 +228,10 @@ def _offline(*args: str, stdin: bytes | None = None,
     cmd = [*AGENT, "offline", *args, "--port", "8080", "--stats-json", "-"]
     if shell is not None:
         res = subprocess.run(["bash", "-c", shell + " " + " ".join(cmd)], capture_output=True,
-                             text=True, timeout=60)
+                             timeout=60)
     else:
         res = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60)
-    out = res.stdout if isinstance(res.stdout, str) else res.stdout.decode()
-    err = res.stderr if isinstance(res.stderr, str) else res.stderr.decode()
+    out, err = res.stdout.decode(), res.stderr.decode()
     assert "Traceback" not in err
     return res.returncode, err, json.loads(out) if out.strip() else {}
 
@@ -310,25 +309,26 @@ def test_offline_lives_through_its_file_truncated_mid_read(
     path = tmp_path / "rotating.pcap"
     shutil.copy(big[0], path)
     size = path.stat().st_size
-    proc = subprocess.Popen([*AGENT, "offline", str(path), "--port", "8080", "--record", "-",
-                             "--both-directions"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        assert proc.stdout.read(1)  # writing: it stalls once the pipe is full
-        last, still = -1, 0
-        while still < 5:  # the reader's offset stops moving: stalled
-            time.sleep(0.1)
-            pos = _capture_fd_pos(proc.pid, path)
-            still = still + 1 if pos == last else 0
-            last = pos if pos is not None else -1
-        assert last < size, "the run read the whole file before stalling"
-        os.truncate(path, 4096)
-        proc.stdout.read()
-        err = proc.stderr.read().decode()
-    finally:
-        proc.kill() if proc.poll() is None else None
-        status = proc.wait(30)
+    with subprocess.Popen([*AGENT, "offline", str(path), "--port", "8080", "--record", "-",
+                           "--both-directions"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            assert proc.stdout.read(1)  # writing: it stalls once the pipe is full
+            last, still = -1, 0
+            while still < 5:  # the reader's offset stops moving: stalled
+                time.sleep(0.1)
+                pos = _capture_fd_pos(proc.pid, path)
+                still = still + 1 if pos == last else 0
+                last = pos if pos is not None else -1
+            assert last < size, "the run read the whole file before stalling"
+            os.truncate(path, 4096)
+            proc.stdout.read()
+            err = proc.stderr.read().decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            status = proc.wait(30)
     assert status == 3, (status, err[-2000:])
     (warning,) = warnings_of(err)
     assert warning["file"] == str(path) and isinstance(warning["offset"], int)

@@ -291,12 +291,12 @@ def assert_quiet(stderr: str) -> None:
 
 
 def test_record_to_a_closed_stdout_exits_quietly() -> None:
-    proc = subprocess.Popen([*AGENT, "offline", str(DEMO), "--port", "8080", "--record", "-"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # the reader is gone before the first byte
-    err = proc.stderr.read().decode()
-    assert proc.wait(60) == 141
+    with subprocess.Popen([*AGENT, "offline", str(DEMO), "--port", "8080", "--record", "-"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before the first byte
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 141
     assert_quiet(err)
 
 

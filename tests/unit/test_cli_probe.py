@@ -16,11 +16,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from agent.capture import privileges
+from agent.capture import SourceError
 from agent.capture.privileges import CAPS, Host, check_capabilities
 from agent.cli import main, parse_options
 from agent.cli_args import ephemeral_overlap, ip_only_filter
@@ -51,10 +52,10 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return one_line(capsys.readouterr().err)
 
 
-def offline(*args: str, stdout: object = subprocess.PIPE,
-            **kw: object) -> subprocess.CompletedProcess[str]:
+def offline(*args: str, stdout: int | IO[Any] | None = subprocess.PIPE, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*AGENT, "offline", *args], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
+                          text=True, timeout=60, cwd=cwd, env=env)
 
 
 @pytest.fixture
@@ -356,10 +357,11 @@ def test_bad_numbers_name_the_flag(flag: str, value: str, needle: str,
 def test_a_second_signal_cuts_the_final_wait_short(tmp_path: Path) -> None:
     rec = tmp_path / "r.bin"
     lines: list[str] = []
-    with blackhole() as target:  # connects never complete: the close waits its 5 s
-        proc = subprocess.Popen([*AGENT, "offline", str(DEMO), "--port", "8080", "--target",
-                                 target, "--record", str(rec)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The target never completes a connect: the agent's close waits its 5 s.
+    with blackhole() as target, subprocess.Popen(
+            [*AGENT, "offline", str(DEMO), "--port", "8080", "--target", target,
+             "--record", str(rec)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
         reader.start()
@@ -440,12 +442,12 @@ def host(caps: int) -> Host:
 
 
 def test_missing_capabilities_include_ipc_lock_when_the_rings_need_it() -> None:
-    with pytest.raises(privileges.SourceError) as e:
+    with pytest.raises(SourceError) as e:
         check_capabilities(host(0), ebpf=True, mib=16, transport="perf")
     assert "lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_IPC_LOCK:" in str(e.value)
     # Rings that fit RLIMIT_MEMLOCK, or the ring buffer: not needed, not named.
     for mib, transport in ((1, "perf"), (16, "ringbuf")):
-        with pytest.raises(privileges.SourceError) as e:
+        with pytest.raises(SourceError) as e:
             check_capabilities(host(0), ebpf=True, mib=mib, transport=transport)
         assert "CAP_IPC_LOCK" not in str(e.value)
     # Only CAP_IPC_LOCK missing: check_memlock says it, with the sizes.

@@ -12,7 +12,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -121,9 +121,9 @@ def closed(s: socket.socket) -> bool:
         return True
 
 
-def wait(cond: object, timeout: float = 10.0) -> None:
+def wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+    while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
 
@@ -262,12 +262,15 @@ def test_a_stuck_request_meets_its_deadline_and_never_holds_up_stop() -> None:
     gate = threading.Event()
     server = ControlServer(Api(Stub(gate)), "127.0.0.1", 0, deadline=0.5, poll=0.05)
     server.start()
+    clients: list[socket.socket] = []
     try:
         put = hang(server.address, "127.0.0.1", b"PUT /ports HTTP/1.0\r\n"
                    b'Content-Length: 17\r\n\r\n{"ports": [8080]}')
+        clients.append(put)
         wait(lambda: closed(put), timeout=2)  # unanswered: the handler is still stuck
         assert server.stats()["deadline"] == 1
         stuck = hang(server.address, "127.0.0.1", b"GET /metrics HTTP/1.0\r\n\r\n")
+        clients.append(stuck)
         time.sleep(0.1)
         t0 = time.monotonic()
         server.stop()
@@ -275,6 +278,8 @@ def test_a_stuck_request_meets_its_deadline_and_never_holds_up_stop() -> None:
     finally:
         gate.set()
         server.stop()
+        for s in clients:
+            s.close()
 
 
 def test_heads_over_the_limits_and_other_versions() -> None:

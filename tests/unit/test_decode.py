@@ -63,9 +63,8 @@ def test_ipv4_options_and_tcp_options() -> None:
 
 def test_ipv6_with_extension_headers() -> None:
     f = synthesize_frame(V6A, V6B, 5555, 443, b"six")
-    ip, rest = f[14:54], f[54:]
+    ip, rest = bytearray(f[14:54]), f[54:]
     hop = bytes([6, 0]) + b"\0" * 6  # hop-by-hop, next = TCP
-    ip = bytearray(ip)
     ip[6] = 0  # next header: hop-by-hop
     struct.pack_into("!H", ip, 4, len(rest) + 8)
     seg = Decoder(LINKTYPE_ETHERNET).decode(f[:14] + bytes(ip) + hop + rest, 0)

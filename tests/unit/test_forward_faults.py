@@ -181,8 +181,9 @@ def test_parse_port_range_rejects(text: str, message: str) -> None:
 
 @pytest.mark.parametrize("name", ["stall_timeout", "end_timeout", "end_grace"])
 def test_negative_forward_timeouts_are_rejected(name: str) -> None:
+    negative: dict[str, Any] = {name: -1.0}
     with pytest.raises(ValueError, match=name):
-        ForwardConfig(**{name: -1.0})
+        ForwardConfig(**negative)
 
 
 def test_cli_source_ports_reach_forward_config() -> None:
@@ -293,18 +294,17 @@ def test_shadow_that_stops_reading_leaves_bytes_unacknowledged_counted_dropped()
 def test_each_outage_is_logged_once_with_its_recovery() -> None:
     port = free_port()
     sink = ForwardSink(f"127.0.0.1:{port}", config=ForwardConfig(log_interval=0))
-    st = lambda: sink.stats  # noqa: E731
     with capture_logs() as logs:
         push(sink, 1, b"a")
-        wait_until(lambda: st()["connections_dropped_connect_failed"] == 1)
+        wait_until(lambda: sink.stats["connections_dropped_connect_failed"] == 1)
         push(sink, 2, b"b")
-        wait_until(lambda: st()["connections_dropped_connect_failed"] == 2)
+        wait_until(lambda: sink.stats["connections_dropped_connect_failed"] == 2)
         s = Shadow(port=port)
         push(sink, 3, b"c")
-        wait_until(lambda: st()["connections_completed"] == 1)
+        wait_until(lambda: sink.stats["connections_completed"] == 1)
         s.close()
         push(sink, 4, b"d")  # a second outage
-        wait_until(lambda: st()["connections_dropped_connect_failed"] == 3)
+        wait_until(lambda: sink.stats["connections_dropped_connect_failed"] == 3)
         sink.close()
     events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]
     assert events == [
@@ -317,16 +317,15 @@ def test_each_outage_is_logged_once_with_its_recovery() -> None:
 def test_a_second_stall_outage_is_logged_again() -> None:
     s = Shadow(read=False, rcvbuf=4096)  # reads a connection only while s.read is set
     sink = ForwardSink(s.addr, config=ForwardConfig(max_flow_buffer=200_000, log_interval=0))
-    st = lambda: sink.stats  # noqa: E731
     with capture_logs() as logs:
         push(sink, 1, *[b"z" * 100_000] * 100)  # 10 MB into a shadow that never reads
-        wait_until(lambda: st()["connections_dropped_flow_buffer"] == 1)
+        wait_until(lambda: sink.stats["connections_dropped_flow_buffer"] == 1)
         s.read = True
         push(sink, 2, b"fine")
-        wait_until(lambda: st()["connections_completed"] == 1)
+        wait_until(lambda: sink.stats["connections_completed"] == 1)
         s.read = False
         push(sink, 3, *[b"z" * 100_000] * 100)
-        wait_until(lambda: st()["connections_dropped_flow_buffer"] == 2)
+        wait_until(lambda: sink.stats["connections_dropped_flow_buffer"] == 2)
         sink.close()
     s.close()
     events = [(e["event"], e.get("reason"), e.get("failures")) for e in logs]

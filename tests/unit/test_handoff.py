@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -15,8 +16,8 @@ from agent.sinks.forward import ForwardSink
 from tests.unit.shadow import wait_until
 
 
-def in_thread(fn: object) -> threading.Thread:
-    t = threading.Thread(target=fn, daemon=True)  # type: ignore[arg-type]
+def in_thread(fn: Callable[[], object]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
     t.start()
     return t
 
@@ -72,7 +73,12 @@ def test_pause_waits_for_room_and_counts_each_pause_once() -> None:
     assert h.wait_for_room(5)
     assert h.put(2, 6)  # room: not over budget before it
     put_done = threading.Event()
-    in_thread(lambda: (h.put(3, 1), put_done.set()))
+
+    def put_then_tell() -> None:
+        h.put(3, 1)
+        put_done.set()
+
+    in_thread(put_then_tell)
     assert not put_done.wait(0.05)  # over budget: put waits
     assert h.take_all(0) == [2]
     assert put_done.wait(5) and h.take_all(0) == [3]

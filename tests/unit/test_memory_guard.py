@@ -189,7 +189,8 @@ class FakeForward:
 
 
 def test_pipeline_actions_shed_hold_refuse_and_drop() -> None:
-    refusals, writer, fwd, held = FakeRefusals(), FakeWriter(), FakeForward(), []
+    refusals, writer, fwd = FakeRefusals(), FakeWriter(), FakeForward()
+    held: list[bool] = []
     acts = PipelineActions(refusals, writer, lambda: fwd, held.append)
     acts.set_level(Level.HIGH)
     assert refusals.reason == "memory" and held == [True] and not writer.shed
@@ -256,8 +257,11 @@ class Inner:
 
 def test_record_writer_refuses_records_while_shed_and_marks_the_gap() -> None:
     inner = Inner()
-    w = BackgroundWriter(inner)  # type: ignore[arg-type]
-    mk = lambda d: TrafficChunk(d, "a:1", "b:2", Direction.TO_OBSERVED, 1.0, 7)  # noqa: E731
+    w = BackgroundWriter(inner)
+
+    def mk(d: bytes) -> TrafficChunk:
+        return TrafficChunk(d, "a:1", "b:2", Direction.TO_OBSERVED, 1.0, 7)
+
     w.write(mk(b"one"), b"one")
     w.shed = True
     w.write(mk(b"lost!"), b"lost!")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -241,7 +241,7 @@ def test_a_drain_ends_at_the_head_its_first_call_saw(monkeypatch: pytest.MonkeyP
 # ------------------------------------------------------------------ the native drain (pump)
 
 
-def pump_over(rings: list[PerfRing | RingBuf], dec: NativeDecoder, budget: int = 1 << 30,
+def pump_over(rings: Sequence[PerfRing | RingBuf], dec: NativeDecoder, budget: int = 1 << 30,
               interval: float = 0.001) -> NativeDrain:
     """A started NativeDrain over hand-built rings (no epoll: it turns on the timer)."""
     addrs: list[RingAddress] = [

@@ -98,7 +98,7 @@ def errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any
     return [e for e in logs if e["log_level"] == "error"]
 
 
-def assert_exact(stats: dict[str, int], written: bytes) -> None:
+def assert_exact(stats: dict[str, float], written: bytes) -> None:
     """The counters add up, and say exactly what the file holds."""
     total = sum(len(request(i)) for i in range(FLOWS))
     assert stats[RECORD_RECORDS] + stats[RECORD_RECORDS_LOST_WRITE_FAILED] == FLOWS

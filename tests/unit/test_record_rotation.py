@@ -191,6 +191,7 @@ def test_a_file_is_complete_after_each_rotation(tmp_path: Path) -> None:
     assert closed
     for p in closed:
         assert gzip.decompress(p.read_bytes()).startswith(MAGIC)
+    files.close()
 
 
 # ---------------------------------------------------------------- rotation by time
