@@ -123,9 +123,9 @@ class ForwardConfig:
     """Seconds at most from the client's end (or from the connect, if later) until all of a
     flow's bytes are acknowledged; a target that takes them slower is cut off: ``stalled``."""
     overload_lag: float = 1.0
-    """Seconds the forward loop may run behind the capture: while it is further behind, new
-    flows are dropped at once (``overload``) so the connections under way still complete,
-    instead of every connection timing out in a backlog."""
+    """Seconds a new flow may wait for a dial slot (:data:`agent.sinks.forward.MAX_DIALING`
+    under way at once); one that waited longer is dropped (``overload``), so the connections
+    under way still complete instead of every connection timing out in a backlog."""
     mode: str = "connection"
     """``connection``: one shadow connection per captured connection, any protocol
     (:mod:`agent.sinks.forward`); ``request``: each HTTP/1.x request on a pool of keep-alive

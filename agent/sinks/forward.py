@@ -18,8 +18,8 @@ with one reason:
 ``no_source_port``  every reserved source port is taken for the target
 ``flow_buffer``     the flow held more than ``max_flow_buffer`` bytes in user space
 ``total_buffer``    all flows together held the hand-off's whole budget
-``overload``        a new flow while the I/O loop ran more than ``overload_lag`` behind, or
-                    while :data:`MAX_DIALING` dials were under way
+``overload``        a new flow that waited more than ``overload_lag`` for one of the
+                    :data:`MAX_DIALING` dial slots (the loop cannot keep up)
 ``stalled``         no acknowledgement for ``stall_timeout``, or not all within ``end_timeout``
 ``reset``           the target reset (or the connection failed) before taking every byte
 ``unconfirmed``     every byte acknowledged, but the target neither answered nor closed within
@@ -49,8 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import structlog
@@ -70,10 +69,12 @@ log = structlog.get_logger("agent.forward")
 _DATA, _END, _END_AFTER_SERVICE, _RESET, _DROP = range(5)
 _BUFFER_REASONS = frozenset({"flow_buffer", "total_buffer"})
 _CONNECT_REASONS = frozenset({"connect_failed", "connect_timeout", "no_source_port"})
-#: Dials under way at most; a new flow beyond them is shed (``overload``). A dial to a healthy
-#: shadow takes well under 1 ms of loop time, so 256 of them are ~0.1 s of backlog at the
-#: 3,000 new connections/s this loop sustains with room to spare: past it the loop is
-#: saturated, and admitting more only makes every dial late (they then all time out).
+#: Dials under way at most; a new flow beyond them waits for a slot, first come first served,
+#: and is shed (``overload``) once it waited ``overload_lag``. A dial to a healthy shadow takes
+#: well under 1 ms of loop time, so 256 of them are ~0.1 s of backlog at the 3,000 new
+#: connections/s this loop sustains with room to spare; more at once only makes every dial
+#: late (they then all time out). Waiting instead of shedding at once lets a burst through:
+#: the backlog of a paused process (SIGSTOP, a CPU quota) arrives as one batch.
 MAX_DIALING = 256
 _SWEEP_MIN, _SWEEP_MAX = 0.01, 0.25  # seconds between sweeps over the open connections
 
@@ -107,6 +108,8 @@ class ForwardSink:
         self._current: dict[int, Conn] = {}  # I/O thread: flow id → its shadow connection
         self._live: set[Conn] = set()  # I/O thread: connections not counted yet
         self._dialing = 0  # I/O thread: connections with a dial under way
+        #: I/O thread: new connections waiting for a dial slot, with when they began to wait.
+        self._waiting: deque[tuple[Conn, float]] = deque()
         self._awaiting: list[int] = []  # I/O thread: refused flows charged to a dial's outcome
         s = self.config
         self._sweep_every = min(_SWEEP_MAX, max(_SWEEP_MIN, min(
@@ -158,7 +161,7 @@ class ForwardSink:
         """Wake the I/O thread for the work queued (once per batch)."""
         if self._uncommitted:
             self._uncommitted = False
-            self._loop.call_soon_threadsafe(self._take_ops, time.monotonic())
+            self._loop.call_soon_threadsafe(self._take_ops)
 
     def close(self) -> None:
         """Deliver what is queued (up to ``close_timeout`` seconds), then close everything;
@@ -209,15 +212,13 @@ class ForwardSink:
 
     # ---------------------------------------------------------------- I/O thread: operations
 
-    def _take_ops(self, committed_at: float | None = None) -> None:
-        now = self._loop.time()  # time.monotonic(), as committed_at
-        shed = committed_at is not None and now - committed_at > self.config.overload_lag
+    def _take_ops(self) -> None:
+        now = self._loop.time()
         for kind, flow_id, data in self._ops.take_all(0):
             conn = self._current.get(flow_id)
             if kind == _DATA:
                 if conn is None:
-                    busy = shed or self._dialing >= MAX_DIALING
-                    conn = self._shed(flow_id) if busy else self._new_conn(flow_id)
+                    conn = self._new_conn(flow_id, now)
                 self._push(conn, data, now)
             elif kind == _DROP:
                 self._drop_over_total(flow_id, conn)
@@ -229,18 +230,46 @@ class ForwardSink:
             if kind in (_END, _END_AFTER_SERVICE):
                 self._dropped.discard(flow_id)
 
-    def _new_conn(self, flow_id: int) -> Conn:
+    def _new_conn(self, flow_id: int, now: float) -> Conn:
+        """A new flow's connection: dialed now if a slot is free, else it waits for one."""
         conn = self._current[flow_id] = Conn(flow_id, self._advance)
         self._live.add(conn)
         self._counts["connections"] += 1
-        conn.task = self._loop.create_task(self._dial(conn))
-        self._dialing += 1
+        if self._dialing < MAX_DIALING and not self._waiting:
+            self._start_dial(conn)
+        else:
+            self._waiting.append((conn, now))
         self._arm_sweep()
         return conn
 
-    def _shed(self, flow_id: int, why: str = "overload") -> Conn:
-        """A new flow while the loop is too far behind (or gone): dropped at once, no
-        socket."""
+    def _start_dial(self, conn: Conn) -> None:
+        conn.task = self._loop.create_task(self._dial(conn))
+        self._dialing += 1
+
+    def _admit_waiting(self, now: float) -> None:
+        """Dial waiting connections, oldest first, while slots are free; one that waited
+        longer than ``overload_lag`` is shed (``overload``): the loop cannot keep up."""
+        waiting = self._waiting
+        while waiting and self._dialing < MAX_DIALING:
+            conn, since = waiting.popleft()
+            if conn.done:  # given up on while it waited (a limit, the memory guard)
+                continue
+            if now - since > self.config.overload_lag:
+                self._abort(conn, "overload", waited=round(now - since, 3))
+            else:
+                self._start_dial(conn)
+
+    def _shed_waiting(self, now: float) -> None:
+        """Shed waiting connections past ``overload_lag`` even while no slot frees (every
+        dial hangs): their wait, and the bytes they hold, stay bounded."""
+        waiting = self._waiting
+        while waiting and (waiting[0][0].done or now - waiting[0][1] > self.config.overload_lag):
+            conn, since = waiting.popleft()
+            if not conn.done:
+                self._abort(conn, "overload", waited=round(now - since, 3))
+
+    def _shed(self, flow_id: int, why: str) -> Conn:
+        """A new flow the loop will not dial (it is stopping): dropped at once, no socket."""
         conn = self._current[flow_id] = Conn(flow_id, self._advance)
         self._counts["connections"] += 1
         self._abort(conn, why)
@@ -319,6 +348,8 @@ class ForwardSink:
         if conn.task is not None:
             conn.task = None
             self._dialing -= 1
+            if self._waiting:
+                self._admit_waiting(self._loop.time())
 
     def _settle_awaiting(self, why: str) -> None:
         """Count the connection-less flows refused while dials hung, by the dials' outcome."""
@@ -480,6 +511,7 @@ class ForwardSink:
         """Look at every open connection: acknowledgements, stalls, deadlines, grace."""
         self._sweeping = None
         now = self._loop.time()
+        self._shed_waiting(now)
         stall = self.config.stall_timeout
         for conn in list(self._live):
             if conn.done or not conn.connected or conn.closing:

@@ -207,3 +207,29 @@ def _wait_listen(ns: NetNS, port: int, timeout: float = 10) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on {port}")
+
+
+def test_a_paused_agent_catches_up_without_dropping(tmp_path: Path) -> None:
+    """The agent is stopped (SIGSTOP, as a CPU quota or a busy node would) for 2 s under 500
+    new connections/s: the ~1,000 connections that arrive meanwhile reach it as one batch
+    once it runs again, and every one reaches a healthy shadow (it dropped ~900 of them as
+    ``overload`` before flows waited for a dial slot)."""
+    shadow_log = tmp_path / "shadow.access.log"
+    with NetNS() as ns:
+        start_nginx(ns, SERVICE, tmp_path / "service", max_conns=16384)
+        start_nginx(ns, SHADOW, tmp_path / "shadow", max_conns=16384, access_log=shadow_log)
+        agent = _agent(ns, tmp_path)
+        churn = ns.popen(sys.executable, str(LAB / "churn_client.py"), "127.0.0.1",
+                         str(SERVICE), "--rate", "500", "--duration", "8",
+                         stdout=subprocess.PIPE)
+        time.sleep(3)
+        agent.proc.send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        agent.proc.send_signal(signal.SIGCONT)
+        out, _ = churn.communicate(timeout=60)
+        client = json.loads(out.decode().strip().splitlines()[-1])
+        code = _stop(agent, quiet=4)
+    assert client["ok"] == 4000, client
+    conns, completed, dropped = _balanced(tmp_path, code, agent.err)
+    assert dropped == {} and conns == completed == 4000, (conns, completed, dropped)
+    assert len(_shadow_paths(shadow_log)) == 4000

@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import ForwardConfig
+from agent.sinks import forward
 from agent.sinks.forward import DROP_REASONS, ForwardSink
+from agent.sinks.source_ports import bind_source_port
 
 #: What the shadow does with a connection, by the first byte the flow sends.
 #: A: read to EOF, answer, close.  C: answer and close its side at once, read to EOF.
@@ -181,23 +183,50 @@ def test_every_connection_ends_once_and_the_counts_match_the_shadow(
     assert sink.queued_bytes == 0
 
 
-def test_new_flows_are_shed_while_the_loop_runs_behind(shadow: ModeShadow) -> None:
+def test_a_burst_beyond_the_dial_slots_waits_for_them_and_completes(
+        shadow: ModeShadow, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backlog of a paused agent (SIGSTOP, a CPU quota) arrives as one batch: flows
+    beyond the dial slots wait for one instead of being shed, and every one completes."""
+    monkeypatch.setattr(forward, "MAX_DIALING", 4)
     sink = ForwardSink(shadow.addr, config=CONFIG)
-    for flow_id in (9001, 9002, 9003):
-        sink.send(flow_id, b"A%04d hello" % flow_id)
-        sink.send(flow_id, b" more")
+    flows = [next(FLOW_IDS) for _ in range(40)]
+    for flow_id in flows:
+        sink.send(flow_id, b"A%04d burst" % flow_id)
         sink.end(flow_id)
-    sink._uncommitted = False  # taken as if committed 5 s ago: the loop is that far behind
-    sink._loop.call_soon_threadsafe(sink._take_ops, time.monotonic() - 5)
-    deadline = time.monotonic() + 5
-    while sink.stats["connections"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    sink.send(9004, b"A9004 on time")  # a flow committed now is dialed as usual
-    sink.end(9004)
+    sink.commit()  # one batch: 40 new flows, 4 slots
+    sink.close()
+    stats = sink.stats
+    check_equation(stats)
+    assert stats["connections"] == 40 and stats["connections_completed"] == 40, stats
+    with shadow.log.lock:
+        assert all(shadow.log.received.get(f) == b"A%04d burst" % f for f in flows)
+
+
+def test_flows_that_wait_longer_than_overload_lag_are_shed(
+        shadow: ModeShadow, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While every slot's dial hangs, the flows waiting behind it are shed as ``overload``
+    once they waited ``overload_lag``: the loop cannot keep up, and the wait is bounded."""
+    monkeypatch.setattr(forward, "MAX_DIALING", 1)
+
+    def slow_dial(addr: str) -> socket.socket:
+        time.sleep(0.6)
+        host, port = addr.rsplit(":", 1)
+        sock = socket.socket()
+        bind_source_port(sock)
+        sock.connect((host, int(port)))
+        return sock
+
+    config = ForwardConfig(stall_timeout=1.0, end_grace=0.2, end_timeout=2.0,
+                           close_timeout=3.0, overload_lag=0.2)
+    sink = ForwardSink(shadow.addr, dial=slow_dial, config=config)
+    flows = [next(FLOW_IDS) for _ in range(4)]
+    for flow_id in flows:
+        sink.send(flow_id, b"A%04d hello" % flow_id)
+        sink.end(flow_id)
     sink.commit()
     sink.close()
     stats = sink.stats
     check_equation(stats)
     assert stats["connections"] == 4 and stats["connections_dropped_overload"] == 3, stats
     assert stats["connections_completed"] == 1
-    assert stats["bytes_dropped"] == 3 * 16 and sink.queued_bytes == 0
+    assert stats["bytes_dropped"] == 3 * 11 and sink.queued_bytes == 0
