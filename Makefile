@@ -17,11 +17,11 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	@$(PY) -m agent.demo
+	@$(PY) -m lab.demo
 
 test: setup
 	$(PY) -m pytest -q tests --ignore=tests/image
-	$(PY) -m ruff check agent tests bench
+	$(PY) -m ruff check agent lab tests bench
 	$(PY) -m mypy
 
 unit: setup
@@ -39,7 +39,7 @@ test-image: setup image
 	$(PY) -m pytest -q tests/image
 
 lint: setup
-	$(PY) -m ruff check agent tests bench
+	$(PY) -m ruff check agent lab tests bench
 	$(PY) -m mypy
 
 # Each benchmark is one command; `make bench` runs them all (about 15 minutes, root).

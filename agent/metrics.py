@@ -5,7 +5,7 @@ Names are ``mirror_agent_<stage>_<what>_<unit>``: ``_total`` on counters, ``_byt
 (``mirror_agent_forward_connections_dropped_total{reason="connect_failed"}``). Each help text says
 what a healthy value is ("should be 0" where it should). The kernel's counters are not
 copied here: their names and help come from ``bpf/mirror_event.h`` through
-:data:`agent.capture.layout.COUNTERS`.
+:data:`agent.sources.ebpf.layout.COUNTERS`.
 
 Stages keep owning their counters (plain ints, each written by one thread); nothing is
 counted twice. The registry holds one :class:`StageCollector` that, at scrape time, asks the
@@ -15,7 +15,7 @@ visible. A key no declaration covers is still rendered, as
 ``mirror_agent_undeclared_stat{key="<stage>:<key>"}`` (a bug; a unit test keeps it empty).
 
 Views of the registry: :func:`snapshot` (``--stats-json``, the periodic "stats" log line, the
-summary in :mod:`agent.summary`) and :func:`render` (the Prometheus text format).
+summary in :mod:`agent.cli.summary`) and :func:`render` (the Prometheus text format).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.budget import BUFFERS as BUDGET_BUFFERS
-from agent.capture.layout import COUNTERS
-from agent.http_select import REASONS as SELECT_REASONS
+from agent.hooks.select import REASONS as SELECT_REASONS
+from agent.mirror.budget import BUFFERS as BUDGET_BUFFERS
+from agent.sources.ebpf.layout import COUNTERS
 
 __all__ = ["FAMILIES", "Family", "StageCollector", "StageStats", "family", "key", "lookup",
            "new_registry", "render", "snapshot", "split_key", "total", "undeclared"]
@@ -513,7 +513,7 @@ _gauge("flowpcap_open_files", "Per-flow pcap files open now; at most the budget'
 _gauge("flowpcap_open_files_peak", "The most per-flow pcap files open at once",
        "flowpcap", "open_files_peak")
 
-# ---------------------------------------------------------------- memory budget (agent/budget.py)
+# ---------------------------------------------------------- memory budget (agent/mirror/budget.py)
 
 _BUDGET = _declare("budget_bytes", "gauge", "Bytes of the memory budget (--memory-limit) given "
                    "to each buffer (limit: the whole; slack: for object overhead); constant",
@@ -523,7 +523,7 @@ for _b in BUDGET_BUFFERS:
 _gauge("budget_max_flows", "Connections tracked at most (--max-flows, or from the memory "
        "budget); constant", "budget", "max_flows")
 
-# ------------------------------------------------------------ memory guard (agent/memory_guard.py)
+# ------------------------------------------------- memory guard (agent/mirror/memory_guard.py)
 
 _gauge("memory_rss_bytes", "Resident memory of the process at the memory guard's latest look "
        "(every 10 ms); healthy below the high threshold", "memory", "rss_bytes")
@@ -552,9 +552,9 @@ _counter("memory_trims_total", "Times the memory guard gave freed heap memory ba
 _counter("memory_trimmed_bytes_total", "Resident bytes those trims gave back", "memory",
          "trimmed_bytes")
 
-# ---------------------------------------------------------------- hand-offs (agent/handoff.py)
+# ------------------------------------------------------------ hand-offs (agent/mirror/handoff.py)
 
-#: The thread boundaries (agent.handoff.Handoff names).
+#: The thread boundaries (agent.mirror.handoff.Handoff names).
 HANDOFFS = ("ring_drain", "record_writer", "record_nats", "forward", "pcap_ingest",
             "flow_pcap")
 

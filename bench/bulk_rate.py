@@ -37,9 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import AGENT, LiveAgent, NetNS, Tcpdump, wait_port
-from agent.outputs import EXIT_DEGRADED
+from agent.cli.outputs import EXIT_DEGRADED
 from bench.stats import load, metric
+from lab.netns import AGENT, LiveAgent, NetNS, Tcpdump, wait_port
 
 OUT = Path(__file__).resolve().parent / "out"
 PORT = 5201

@@ -3,7 +3,7 @@ counted, at the rate of new connections the service itself takes?
 
 One private network namespace over loopback: nginx as the service on 127.0.0.1:8090 and
 nginx as the shadow on 127.0.0.1:18090 (each with its own access log, one worker), and
-``agent/lab/churn_client.py`` (4 processes, one new connection per request,
+``lab/churn_client.py`` (4 processes, one new connection per request,
 ``Connection: close``, each request a unique ``GET /churn/<tag>/<worker>/<seq>``).
 
 1. The service's own maximum new-connection rate, agent off: the client closed loop
@@ -57,9 +57,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import LAB, LiveAgent, NetNS, start_nginx
 from agent.metrics import split_key
 from bench.stats import load
+from lab.netns import LAB, LiveAgent, NetNS, start_nginx
 
 OUT = Path(__file__).resolve().parent / "out"
 SERVICE, SHADOW = 8090, 18090
@@ -216,7 +216,7 @@ class Step:
         stats_file = self.dir / "stats.json"
         here = Path.cwd()
         try:
-            if args.agent_tree:  # python -m agent.cli finds the package in its cwd first
+            if args.agent_tree:  # python -m agent.cli.commands finds the package in its cwd first
                 os.chdir(args.agent_tree)
             agent = LiveAgent(ns, self.dir, "--iface", "lo", "--port", str(SERVICE),
                               "--target", f"127.0.0.1:{SHADOW}", "--stats-json",

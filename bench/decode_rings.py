@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.capture.events import EventDecoder
-from agent.capture.layout import EVENT, EVENT_SIZE
-from agent.capture.native import OUT_BYTES, NativeDecoder
 from agent.model import ACK, FIN, PSH, SYN
+from agent.sources.ebpf.layout import EVENT, EVENT_SIZE
+from agent.sources.ring.events import EventDecoder
+from agent.sources.ring.native import OUT_BYTES, NativeDecoder
 
 OUT = Path(__file__).resolve().parent / "out"
 PAGE = 4096

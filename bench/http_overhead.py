@@ -7,7 +7,7 @@ configuration:
 - ``none``: nothing capturing;
 - ``tcpdump``: ``tcpdump -i lo -w FILE 'tcp port 8080'`` as people run it;
 - ``agent``: ``mirror-agent run --iface lo --port 8080 --target SHADOW --record FILE``
-  (TC, perf buffer, native record). The shadow is ``agent/lab/count_shadow.py``, which only
+  (TC, perf buffer, native record). The shadow is ``lab/count_shadow.py``, which only
   counts request lines, so the run measures the agent and not a second web server;
 - ``agent_decap`` (not run unless named in ``--configs``): the same with ``--decap vxlan``
   on the same plain traffic, i.e. what looking for tunnels costs;
@@ -40,8 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import LAB, LiveAgent, NetNS, Tcpdump, start_nginx, wait_port
 from bench.stats import load, metric
+from lab.netns import LAB, LiveAgent, NetNS, Tcpdump, start_nginx, wait_port
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = ("none", "tcpdump", "agent")

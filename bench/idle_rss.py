@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import LiveAgent, NetNS, Tcpdump
+from lab.netns import LiveAgent, NetNS, Tcpdump
 
 OUT = Path(__file__).resolve().parent / "out"
 

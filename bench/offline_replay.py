@@ -29,8 +29,8 @@ from typing import TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.filter import synthesize_frame
 from agent.model import ACK, FIN, PSH, SYN
+from agent.sources.filter import synthesize_frame
 
 OUT = Path(__file__).resolve().parent / "out"
 FLOWS = 200

@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.budget import parse_size
-from agent.lab.netns import AGENT, NetNS, start_nginx, wait_port
 from agent.metrics import total
+from agent.mirror.budget import parse_size
 from bench.stats import load
+from lab.netns import AGENT, NetNS, start_nginx, wait_port
 
 OUT = Path(__file__).resolve().parent / "out"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")

@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import NetNS, start_nginx
 from agent.model import Direction, TrafficChunk
 from agent.sinks.record import NativeWriter
+from lab.netns import NetNS, start_nginx
 
 OUT = Path(__file__).resolve().parent / "out"
 MODES = ("wait", "pipeline", "diff")

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.netns import LiveAgent, NetNS, start_nginx
 from bench.stats import load, metric
+from lab.netns import LiveAgent, NetNS, start_nginx
 
 OUT = Path(__file__).resolve().parent / "out"
 

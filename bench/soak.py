@@ -11,7 +11,7 @@ started here and stopped by its PID:
   127.0.0.1:19464 with ``--pcap-dir``, ``--idle-timeout 30``, ``--stats-json``;
 - keep-alive load on :8090 (``bench/keepalive_client.py``, 16 connections, ``--ka-rate``
   requests/s, every 4th a 2 KiB POST), connection churn on :8090
-  (``agent/lab/churn_client.py``, ``--churn-rate`` new connections/s) and a trickle of
+  (``lab/churn_client.py``, ``--churn-rate`` new connections/s) and a trickle of
   churn on :8091 (``--port2-rate``);
 - Debian's Prometheus scraping ``/metrics`` every 2 s;
 - ``PUT /ports`` flipping between [8090] and [8090, 8091] every ``--flip-every`` s, and
@@ -58,8 +58,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab.control import ask
-from agent.lab.netns import LAB, LiveAgent, NetNS, start_nginx, wait_port
 from agent.metrics import total
 from bench.churn import log_problems
 from bench.soak_checks import (
@@ -79,6 +77,8 @@ from bench.soak_checks import (
 from bench.soak_pcap import write_job
 from bench.soak_report import summary
 from bench.stats import load
+from lab.control import ask
+from lab.netns import LAB, LiveAgent, NetNS, start_nginx, wait_port
 
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"

@@ -4,7 +4,7 @@
  * and parses them with parse.h's steps (Ethernet with its own VLAN tags, IP, TCP). One level:
  * what is inside a tunnel is never decapsulated again (the verifier wants bounded work).
  *
- * Which tunnels are opened is fixed at compile time (agent/capture/decap.py):
+ * Which tunnels are opened is fixed at compile time (agent/sources/ebpf/decap.py):
  *   MIRROR_DECAP              any of them
  *   MIRROR_DECAP_VXLAN(port)  true for VXLAN's UDP ports     (RFC 7348; Ethernet inside)
  *   MIRROR_DECAP_GENEVE(port) true for Geneve's UDP ports    (RFC 8926; Ethernet or IP)

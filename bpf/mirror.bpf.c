@@ -18,7 +18,7 @@
 #ifndef MAX_CPUS
 #define MAX_CPUS 128
 #endif
-/* The most observed ports: agent/capture/__init__.py says why (the AF_PACKET engine's filter
+/* The most observed ports: agent/sources/__init__.py says why (the AF_PACKET engine's filter
  * length bounds it, and every engine takes the same list). The map is a hash, so a packet
  * costs two lookups (its ports) whatever the bound; user space removes ports before it adds
  * any, so a change never needs more entries than the larger of the two lists. */
@@ -45,7 +45,7 @@ struct scratch {
 };
 
 BPF_HASH(ports, u16, u8, MAX_PORTS); /* observed ports, host order; changed live (PUT /ports) */
-/* Followed interface specs (agent/capture/follow.py): ifindex -> MIRROR_SIDE_*, and the
+/* Followed interface specs (agent/sources/ebpf/follow.py): ifindex -> MIRROR_SIDE_*, and the
  * host's own addresses (16 bytes, IPv4 as ::ffff:a.b.c.d), both kept from netlink events. */
 BPF_HASH(iface_side, u32, u8, MAX_IFACES);
 struct addr_key {

@@ -1,7 +1,7 @@
 /* The one record the kernel hands to user space, followed by piece_len payload bytes, and
  * the one list of the program's counters. Both are read by user space from here:
- * agent/capture/layout.py takes the counter names and MIRROR_EVENT_SIZE from this file and
- * checks its struct format against them at import; agent/capture/ring_decode.c includes it. */
+ * agent/sources/ebpf/layout.py takes the counter names and MIRROR_EVENT_SIZE from this file and
+ * checks its struct format against them at import; agent/sources/ring/ring_decode.c includes it. */
 #ifndef MIRROR_EVENT_H
 #define MIRROR_EVENT_H
 

@@ -52,7 +52,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The install compiles the native ring decoder (setup.py), so its sources are in the stamp too:
 # a changed decoder is rebuilt by the next `make setup`.
-stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/capture/ring_*.[ch] bpf/mirror_event.h \
+stamp=.venv/.installed-$(cat pyproject.toml setup.py agent/sources/ring/ring_*.[ch] bpf/mirror_event.h \
   | sha1sum | cut -c1-12)
 if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
@@ -60,5 +60,10 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The lab (lab/: namespaces, servers, clients for the demo, tests and benchmarks) is not part of
+# the shipped package; this checkout's root on the venv's path makes it importable here.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -e "$site/mirror-agent-lab.pth" ] || echo "$PWD" > "$site/mirror-agent-lab.pth"
+
 # The native ring decoder must have been built by the install above (it needs gcc).
-.venv/bin/python -m agent.capture.native >/dev/null
+.venv/bin/python -m agent.sources.ring.native >/dev/null

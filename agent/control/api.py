@@ -8,12 +8,12 @@ path            method  answer
 ==============  ======  ==========================================================
 /metrics        GET     the registry in the Prometheus text format
 /healthz        GET     200 ``{"status":"ok"}``; 503 with the reason when a watched loop
-                        is dead or makes no progress (:mod:`agent.heartbeat`)
+                        is dead or makes no progress (:mod:`agent.mirror.heartbeat`)
 /readyz         GET     200 when the agent is ``ready``; 503 ``starting`` / ``stopping``
 /status         GET     state, ports, the agent's :class:`AgentStatus`, rates, pcap queue
 /ports          GET     ``{"ports": [...]}``
 /ports          PUT     ``{"ports": [8080, 8081]}``: 400 if invalid or more than
-                        :data:`~agent.capture.MAX_PORTS`, 409 if refused (nothing changed)
+                        :data:`~agent.sources.MAX_PORTS`, 409 if refused (nothing changed)
 /pcap           POST    ``{"path": "..."}`` → 202 ``{"id": ...}`` (see :meth:`Api.post_pcap`)
 /pcap/<id>      GET     the job's state and counters; 404 if unknown
 ==============  ======  ==========================================================
@@ -42,10 +42,10 @@ from typing import Any, Literal, Protocol, TypedDict
 from prometheus_client import CollectorRegistry
 
 from agent import metrics
-from agent.capture import PortLimitError, check_port_count
 from agent.control.ingest import IngestClosed, PcapIngest, QueueFull
 from agent.control.pcapdir import PathRefused, open_inside
-from agent.heartbeat import Heartbeat, problems
+from agent.mirror.heartbeat import Heartbeat, problems
+from agent.sources import PortLimitError, check_port_count
 
 __all__ = ["MAX_BODY", "QUICK", "Agent", "AgentStatus", "Api", "Forbidden", "RateMeter",
            "Request", "Response", "State", "check_token", "resolve_inside"]
@@ -80,7 +80,7 @@ class AgentStatus(TypedDict):
     """Interfaces the capture is attached to (empty for ``serve``)."""
     attachments: list[dict[str, str | int]]
     """Those interfaces in detail: ``{"name", "ifindex", "how", "side"}`` each
-    (:class:`agent.capture.HasAttachments`)."""
+    (:class:`agent.sources.HasAttachments`)."""
     tracked: dict[str, int]
     """What the capture holds to follow interfaces (links, sides, local addresses,
     attachments; empty if it follows none): flat while pods come and go."""
@@ -109,7 +109,7 @@ class Agent(Protocol):
 
     @property
     def metrics(self) -> CollectorRegistry:
-        """The one registry (:attr:`agent.mirror.TrafficMirror.metrics`)."""
+        """The one registry (:attr:`agent.mirror.driver.TrafficMirror.metrics`)."""
         ...
 
     def heartbeats(self) -> Sequence[Heartbeat]:
@@ -126,7 +126,7 @@ class Agent(Protocol):
 
     def set_ports(self, ports: list[int]) -> None:
         """Observe exactly ``ports`` from now on (valid: 1..65535, unique, non-empty, at
-        most :data:`~agent.capture.MAX_PORTS`). Raises ValueError with a one-line reason if
+        most :data:`~agent.sources.MAX_PORTS`). Raises ValueError with a one-line reason if
         they cannot be applied (answered 409); the old ports are then observed as before."""
         ...
 

@@ -2,16 +2,16 @@
 
 :class:`PcapIngest` holds a bounded queue of jobs and one reader thread (``pcap-reader``).
 The reader takes the jobs in order, reads each file with
-:class:`~agent.capture.pcapfile.PcapFileSource` and hands its segment batches to the mirror
-thread through a :class:`~agent.handoff.Handoff` (``pcap_ingest``, :attr:`Policy.PAUSE`): when
-the mirror is behind, the reader waits; nothing is dropped.
+:class:`~agent.sources.files.pcapfile.PcapFileSource` and hands its segment batches to the
+mirror thread through a :class:`~agent.mirror.handoff.Handoff` (``pcap_ingest``,
+:attr:`Policy.PAUSE`): when the mirror is behind, the reader waits; nothing is dropped.
 
 Timestamps are rebased so that the file's first packet is "now" (the live pipeline ages flows
 on wall-clock time: old timestamps would time every flow out at once), and never run ahead of
 the wall clock: a file read faster than it was captured is compressed in time, so the
 reassembler's clock (the newest timestamp it saw) never jumps past live traffic sharing it.
 
-The ingest is itself a :class:`~agent.capture.LiveSource`: :meth:`PcapIngest.batches` yields
+The ingest is itself a :class:`~agent.sources.LiveSource`: :meth:`PcapIngest.batches` yields
 batches as they come and an empty one about every ``idle_tick`` seconds when idle; it ends once
 the ingest is closed and what was read is taken. :meth:`PcapIngest.poll` takes one batch
 without waiting (for :class:`agent.control.merge.MergedSource`).
@@ -43,12 +43,12 @@ from typing import Any, Literal, NamedTuple
 
 import structlog
 
-from agent.capture import SourceError
-from agent.capture.capstream import Capture
-from agent.capture.pcapfile import PcapFileSource
-from agent.handoff import Handoff, HandoffStats, Policy
-from agent.heartbeat import Heartbeat
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
+from agent.mirror.heartbeat import Heartbeat
 from agent.model import Segment
+from agent.sources import SourceError
+from agent.sources.files.capstream import Capture
+from agent.sources.files.pcapfile import PcapFileSource
 
 __all__ = ["IngestClosed", "Job", "PcapIngest", "QueueFull"]
 
@@ -152,7 +152,7 @@ class PcapIngest:
         """Queue a capture file: one already open (:func:`open_inside`; the ingest owns it
         from here on, and closes it if refused) or a path, opened now (a regular file only).
         Raises :class:`QueueFull`, :class:`IngestClosed` or, for a path,
-        :class:`~agent.capture.SourceError`."""
+        :class:`~agent.sources.SourceError`."""
         capture = path if isinstance(path, Capture) else Capture.open(path, regular=True)
         try:
             job = self._enqueue(capture)

@@ -1,9 +1,9 @@
 """Live sources made of others: a live capture merged with the pcap ingest, and a source
 that beats a heartbeat each time its consumer comes back for more.
 
-Both are :class:`~agent.capture.LiveSource` objects and pass on what the mirror asks of a
+Both are :class:`~agent.sources.LiveSource` objects and pass on what the mirror asks of a
 source: ``stats``, ``drain`` and, where the parts have them, ``handoffs`` and
-``heartbeats`` (:class:`~agent.capture.HasHeartbeats`: the parts' own threads).
+``heartbeats`` (:class:`~agent.sources.HasHeartbeats`: the parts' own threads).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from agent.capture import HasHeartbeats, LiveSource
 from agent.control.ingest import PcapIngest
-from agent.handoff import HandoffStats, HasHandoffs
-from agent.heartbeat import Heartbeat
+from agent.mirror.handoff import HandoffStats, HasHandoffs
+from agent.mirror.heartbeat import Heartbeat
 from agent.model import Segment
+from agent.sources import HasHeartbeats, LiveSource
 
 __all__ = ["Beating", "MergedSource"]
 

@@ -13,8 +13,8 @@ import os
 import stat
 from pathlib import Path
 
-from agent.capture import SourceError
-from agent.capture.capstream import Capture, kind_of
+from agent.sources import SourceError
+from agent.sources.files.capstream import Capture, kind_of
 
 __all__ = ["PathRefused", "open_inside"]
 

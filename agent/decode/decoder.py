@@ -75,7 +75,7 @@ def fast_frame(etype: int, vihl: int, frag: int, proto: int, start: int, end: in
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
     """Decoding settings: the UDP ports of VXLAN and Geneve, the layer bound, and the
-    defragmenter's memory (a share of the memory budget, :attr:`agent.budget.Budget.defrag`)
+    defragmenter's memory (a share of the memory budget, :attr:`agent.mirror.budget.Budget.defrag`)
     and timeout."""
 
     vxlan_ports: frozenset[int] = frozenset({tunnels.VXLAN_PORT})

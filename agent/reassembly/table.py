@@ -180,7 +180,7 @@ class Reassembler:
     def feed_batch(self, segments: Iterable[Segment], out: Output) -> None:
         """Feed many segments; the chunks they make come out merged (see
         :mod:`agent.reassembly.datapath`): consecutive ones of a flow and direction with no
-        gap between them are one chunk, as :func:`agent.mirror.coalesce` would make them."""
+        gap between them are one chunk, as :func:`agent.mirror.driver.coalesce` would make them."""
         with self._path.merging():
             self._feed(segments, out)
 

@@ -14,5 +14,5 @@
   request as soon as its responses are in;
 - :mod:`.report`: counters, progress line and the final report.
 
-The command itself is :mod:`agent.cli_replay`.
+The command itself is :mod:`agent.cli.replay`.
 """

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from agent.config import parse_target
+from agent.mirror.config import parse_target
 from agent.replay.conns import Cursor
 from agent.replay.diff import Pairing
 from agent.replay.http import Response, ResponseParser

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.capture import SourceError as CaptureSourceError
-from agent.capture.capstream import STDIN, Capture, display
 from agent.sinks.record import MAGIC, VERSION, decoded
 from agent.sinks.record.codec import Decoded
 from agent.sinks.record.format import FILE_HEADER
+from agent.sources import SourceError as CaptureSourceError
+from agent.sources.files.capstream import STDIN, Capture, display
 
 __all__ = ["Opened", "SourceError", "open_input", "reopen"]
 

@@ -32,15 +32,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from agent.capture import SourceError as CaptureSourceError
-from agent.capture.capstream import STDIN, Capture, display
 from agent.model import Direction
 from agent.replay.inputs import Opened, SourceError, open_input, reopen
 from agent.sinks.nats.url import NatsTarget, is_nats_url, parse_nats_url
 from agent.sinks.record import NativeReader, RecordedChunk, RecordError
+from agent.sources import SourceError as CaptureSourceError
+from agent.sources.files.capstream import STDIN, Capture, display
 
 if TYPE_CHECKING:
-    from agent.capture.pcapfile import PcapFileSource
+    from agent.sources.files.pcapfile import PcapFileSource
 
 __all__ = ["JsonLinesSource", "NativeSource", "NatsSource", "PcapSource", "SourceError",
            "SourceReader", "open_sources"]
@@ -204,7 +204,7 @@ class PcapSource:
         self._problems: list[str] = []
 
     def _open(self) -> PcapFileSource:
-        from agent.capture.pcapfile import PcapFileSource
+        from agent.sources.files.pcapfile import PcapFileSource
 
         try:
             return PcapFileSource(list(self._paths))
@@ -244,9 +244,9 @@ def _pipeline(source: PcapFileSource, wfd: int, ports: list[int],
               errors: list[BaseException]) -> None:
     """The offline pipeline over ``source``, recording everything (both directions) to the
     pipe ``wfd``, which it closes at the end; what it raised goes to ``errors``."""
-    from agent.config import MirrorConfig
     from agent.hooks import KeepAll
-    from agent.mirror import TrafficMirror
+    from agent.mirror.config import MirrorConfig
+    from agent.mirror.driver import TrafficMirror
 
     try:
         with os.fdopen(wfd, "wb") as pipe:

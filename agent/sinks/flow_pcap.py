@@ -61,7 +61,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.handoff import HandoffStats
+from agent.mirror.handoff import HandoffStats
 from agent.model import ACK, FIN, SYN, Segment, format_ip
 from agent.sinks.flow_pcap_files import FlowPcapWriter, Item
 from agent.sinks.outage import OutageLog
@@ -112,7 +112,7 @@ class FlowPcapConfig:
     live: bool = False
     """A live capture: when the queue is full, flows are dropped (counted) and the capture
     thread never waits. Not live (offline, the library's default, as
-    :attr:`~agent.config.MirrorConfig.record_in_background`): the capture thread waits for
+    :attr:`~agent.mirror.config.MirrorConfig.record_in_background`): the capture thread waits for
     room instead, so every packet is saved, as fast as the disk takes them."""
 
     def __post_init__(self) -> None:
@@ -131,7 +131,7 @@ class FlowPcapConfig:
         payload kept) that may wait for the writer thread: ``queue_bytes``, else
         ``max_open x buffer_bytes``.
 
-        The default is the budget's own (agent/budget.py ``flow_pcap``: per open file a
+        The default is the budget's own (agent/mirror/budget.py ``flow_pcap``: per open file a
         64 KiB write buffer plus 64 KiB for "one packet past it"). Written on the capture
         thread, a buffer could hold a packet past its 64 KiB; the writer thread's buffers
         never do (longer writes go through), so that second 64 KiB per file is the queue's:
@@ -347,7 +347,7 @@ class FlowPcapSaver:
         return {**self.counters, **self._writer.stats()}
 
     def handoffs(self) -> list[HandoffStats]:
-        """:class:`agent.handoff.HasHandoffs`: the writer thread's queue."""
+        """:class:`agent.mirror.handoff.HasHandoffs`: the writer thread's queue."""
         return [self._writer.handoff_stats()]
 
     def _name(self, seg: Segment) -> str:

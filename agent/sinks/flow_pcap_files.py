@@ -4,7 +4,7 @@ the packets, the names and the capture side).
 
 Hand-over. The capture thread (:class:`~agent.sinks.flow_pcap.FlowPcapSaver`) hands over
 :class:`Item`\\ s: a flow's ready pcap records (at most about ``buffer_bytes`` each), or its
-end. The queue is an :class:`agent.handoff.Handoff` (``flow_pcap``). Live
+end. The queue is an :class:`agent.mirror.handoff.Handoff` (``flow_pcap``). Live
 (:attr:`~agent.sinks.flow_pcap.FlowPcapConfig.live`) its policy is *drop*: the capture
 thread never waits; a record item that does not fit is refused (``put`` returns False) and
 the capture side drops the flow (counted there); an end is empty and always fits. Offline
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import structlog
 
-from agent.handoff import Handoff, HandoffStats, Policy
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
 from agent.sinks.outage import OutageLog
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ class FlowPcapWriter:
         return {**self.counters, "open_files": self._files.open_files}
 
     def handoff_stats(self) -> HandoffStats:
-        """The queue's counters (see :mod:`agent.handoff`)."""
+        """The queue's counters (see :mod:`agent.mirror.handoff`)."""
         return self._handoff.stats()
 
     def _raise(self) -> None:

@@ -1,7 +1,7 @@
 """Forwarding to a shadow target: one TCP connection per captured connection.
 
 The mirror thread only hands work over (:meth:`ForwardSink.send`, :meth:`end`; an
-:class:`agent.handoff.Handoff` with the drop policy) and wakes the I/O thread once per batch
+:class:`agent.mirror.handoff.Handoff` with the drop policy) and wakes the I/O thread once per batch
 (:meth:`ForwardSink.commit`). An asyncio loop in that thread dials (from a reserved source
 port, see :mod:`agent.sinks.source_ports`) and drives each connection
 (:class:`agent.sinks.shadow_conn.Conn`, a protocol: no task per connection once connected)
@@ -54,9 +54,9 @@ from typing import Any
 
 import structlog
 
-from agent.config import Dial, ForwardConfig, parse_target
-from agent.handoff import Handoff, HandoffStats, Policy
 from agent.metrics import FORWARD_DROP_REASONS as DROP_REASONS
+from agent.mirror.config import Dial, ForwardConfig, parse_target
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
 from agent.sinks.outage import OutageLog
 from agent.sinks.shadow_conn import Conn, Dialer, connect_failure, describe, stop_io_loop
 from agent.sinks.source_ports import NoSourcePort, bind_source_port, forward_capacity
@@ -94,7 +94,7 @@ class ForwardSink:
         self._mcounts: Counter[str] = Counter()  # mirror thread's counters
         self._counts: Counter[str] = Counter()  # I/O thread's counters
         # Operations from the mirror thread to the I/O thread. Its budget, max_total_buffer
-        # (the memory budget's forward_total, agent/budget.py: 128 MiB for a 1 GiB cgroup;
+        # (the memory budget's forward_total, agent/mirror/budget.py: 128 MiB for a 1 GiB cgroup;
         # ForwardConfig alone says 256 << 20: 32 flows at their 8 MiB max_flow_buffer, or ~0.5 s
         # of 4 Gbit/s for a shadow that takes nothing), covers every byte handed over and not
         # yet passed to the kernel or discarded. The kernel's socket buffers are outside it.
@@ -182,7 +182,7 @@ class ForwardSink:
     def shed(self, nbytes: int, why: str = "memory") -> None:
         """Any thread: drop (as ``why``) the shadow connections holding the most bytes in
         user space, largest first, until ``nbytes`` are freed or none holds any. For the
-        memory guard (:mod:`agent.memory_guard`); each is counted like any other drop."""
+        memory guard (:mod:`agent.mirror.memory_guard`); each is counted like any other drop."""
         self._loop.call_soon_threadsafe(self._shed_largest, nbytes, why)
 
     @property
@@ -190,11 +190,11 @@ class ForwardSink:
         return self._ops.queued_bytes
 
     def handoffs(self) -> list[HandoffStats]:
-        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        """:class:`agent.mirror.handoff.HasHandoffs`: this stage's hand-off."""
         return [self.handoff_stats()]
 
     def handoff_stats(self) -> HandoffStats:
-        """The hand-over's counters (see :mod:`agent.handoff`)."""
+        """The hand-over's counters (see :mod:`agent.mirror.handoff`)."""
         return self._ops.stats()
 
     @property

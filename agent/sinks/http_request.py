@@ -14,7 +14,7 @@ a capture gap, or bytes the sink's hand-off refused) and of the flow's end
 
 Every byte fed is in exactly one item (``size``; sizes count bytes as fed, before the rewrite
 below), so the caller can give each byte back to its budget once. Parsing is shared with the
-request hooks (:mod:`agent.http_hooks`).
+request hooks (:mod:`agent.hooks.http`).
 
 Reasons a request is dropped: ``not_http`` (no request line where a request must start),
 ``unframed`` (a header block over ``max_head``, or a body length that is none),
@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agent.http_hooks import REQUEST_LINE, body_framing, chunk_size, could_start_request
+from agent.hooks.http import REQUEST_LINE, body_framing, chunk_size, could_start_request
 
 __all__ = ["PICKUP_SCAN", "Dropped", "Framed", "Request", "RequestFramer", "keep_alive"]
 

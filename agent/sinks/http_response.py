@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from agent.http_hooks import chunk_size
+from agent.hooks.http import chunk_size
 
 __all__ = ["BadResponse", "ResponseFramer"]
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import structlog
 
-from agent.config import ForwardConfig
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS as DROP_REASONS
+from agent.mirror.config import ForwardConfig
 from agent.sinks.http_request import Dropped, Framed, Request, RequestFramer
 from agent.sinks.http_response import BadResponse
 from agent.sinks.outage import OutageLog

@@ -65,9 +65,9 @@ from collections import Counter
 
 import structlog
 
-from agent.config import Dial, ForwardConfig
-from agent.handoff import Handoff, HandoffStats, Policy
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS as DROP_REASONS
+from agent.mirror.config import Dial, ForwardConfig
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
 from agent.sinks.outage import OutageLog
 from agent.sinks.request_dispatch import OP_DATA, OP_END, OP_LOST, Dispatcher, Op
 from agent.sinks.shadow_conn import Dialer, stop_io_loop
@@ -83,7 +83,7 @@ _STARTS = re.compile(rb"(?:^|\n)[A-Z]{3,12} \S+ HTTP/1\.[01]\r\n")
 class RequestForwardSink:
     """Forwards each captured HTTP/1.x request to ``target`` over a pool of keep-alive
     connections; the forward sink's interface (:class:`agent.sinks.forward.ForwardSink`).
-    The mirror thread only hands bytes over (a :class:`~agent.handoff.Handoff` with the drop
+    The mirror thread only hands bytes over (a :class:`~agent.mirror.handoff.Handoff` with the drop
     policy, never waiting); an asyncio loop in the ``forward`` thread does the rest
     (:class:`~agent.sinks.request_dispatch.Dispatcher`)."""
 
@@ -163,7 +163,7 @@ class RequestForwardSink:
         return self._ops.queued_bytes
 
     def handoffs(self) -> list[HandoffStats]:
-        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        """:class:`agent.mirror.handoff.HasHandoffs`: this stage's hand-off."""
         return [self._ops.stats()]
 
     def handoff_stats(self) -> HandoffStats:

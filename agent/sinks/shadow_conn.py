@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import Dial, parse_target
+from agent.mirror.config import Dial, parse_target
 from agent.sinks.source_ports import (
     NoSourcePort,
     connect_from_ports,

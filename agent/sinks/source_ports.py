@@ -1,10 +1,10 @@
 """Shadow connections from reserved local ports, which the capture programs skip.
 
 Every connection the agent makes to a shadow is bound to a port of a reserved range
-(:data:`agent.config.FORWARD_SOURCE_PORTS`), so capturing its own forwarded traffic is decided
-by the port alone, in the kernel. The forward sink takes ports from a pool, the one given back
-longest ago first, and gives each back when its connection ends, so a port comes back as
-late as possible and taking one costs no scan; a custom ``dial`` binds with
+(:data:`agent.mirror.config.FORWARD_SOURCE_PORTS`), so capturing its own forwarded traffic is
+decided by the port alone, in the kernel. The forward sink takes ports from a pool, the one
+given back longest ago first, and gives each back when its connection ends, so a port comes
+back as late as possible and taking one costs no scan; a custom ``dial`` binds with
 :func:`bind_source_port`, which walks the range from a shared cursor instead.
 
 A connect failing with EADDRNOTAVAIL means either that (this port's 4-tuple is taken) or that
@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from agent.config import FORWARD_SOURCE_PORTS
+from agent.mirror.config import FORWARD_SOURCE_PORTS
 
 __all__ = ["NoSourcePort", "bind_source_port", "connect_from_ports", "forward_capacity",
            "literal_infos", "release_source_port"]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.netns import NetNS, run_clients, start_python_server
+from lab.netns import NetNS, run_clients, start_python_server
 from tests.unit.test_deploy_files import daemonset_capabilities
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """Run inside a test's namespace by tests/integration/test_port_limit.py: the control API's
-``PUT /ports`` through :class:`~agent.cli_control.RunningAgent` to a real capture on ``lo``,
+``PUT /ports`` through :class:`~agent.cli.control.RunningAgent` to a real capture on ``lo``,
 with the kernel made to refuse one change halfway: the eBPF program's port map fails its
 FAIL_AT-th update (``tc``), or the AF_PACKET socket refuses the new filter (``afpacket``).
 After every request it prints what ``GET /ports``, the mirror's classifier and the kernel
@@ -17,15 +17,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from agent.capture import MAX_PORTS, afpacket
-from agent.capture.afpacket import AfPacketSource
-from agent.capture.bpfsys import BpfError, BpfMap
-from agent.capture.ebpf import EbpfSource
-from agent.cli_control import RunningAgent
-from agent.cli_options import parse_options
-from agent.config import MirrorConfig
+from agent.cli.control import RunningAgent
+from agent.cli.layers import parse_options
 from agent.control.api import Api, Request
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
+from agent.sources import MAX_PORTS, afpacket
+from agent.sources.afpacket import AfPacketSource
+from agent.sources.ebpf.bpfsys import BpfError, BpfMap
+from agent.sources.ebpf.source import EbpfSource
 
 
 class FlakyMap:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.filter import synthesize_frame
 from agent.model import RST
+from agent.sources.filter import synthesize_frame
 
 HOST = "127.0.0.1"
 LOOPBACK = socket.inet_aton(HOST)

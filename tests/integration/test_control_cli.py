@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.control import ask, wait_for
-from agent.lab.netns import LiveAgent, NetNS, run_clients, start_python_server
+from lab.control import ask, wait_for
+from lab.netns import LAB, LiveAgent, NetNS, run_clients, start_python_server
 from tests.integration.truth import jsonl_streams
 from tests.unit.shadow import Shadow
 
@@ -159,7 +159,7 @@ def test_run_listen_ready_after_attach_and_ports_change_while_traffic_flows(
         assert [(a["name"], a["side"]) for a in status["attachments"]] == [  # type: ignore
             ("lo", "all")]
         # A client on 9000 all along; 9001 is added while it runs.
-        busy = ns.popen(sys.executable, str(ROOT / "agent" / "lab" / "http_client.py"),
+        busy = ns.popen(sys.executable, str(LAB / "http_client.py"),
                         "127.0.0.1", "9000", "4", "300", "500", stdout=subprocess.PIPE)
         time.sleep(0.5)
         assert ask(f"{base}/healthz", ns=ns) == (200, {"status": "ok"})
@@ -215,7 +215,7 @@ def test_run_replays_a_posted_capture_alongside_live_traffic(tmp_path: Path) -> 
                           "127.0.0.1:19464", "--pcap-dir", str(pcaps), "--record", str(rec),
                           "--record-format", "jsonl")
         wait_for(f"{base}/readyz", 200, ns=ns)
-        busy = ns.popen(sys.executable, str(ROOT / "agent" / "lab" / "http_client.py"),
+        busy = ns.popen(sys.executable, str(LAB / "http_client.py"),
                         "127.0.0.1", "8080", "2", "200", "300", stdout=subprocess.PIPE)
         code, job = ask(f"{base}/pcap", "POST", json.dumps({"path": str(pcaps / "demo.pcap")}),
                         ns=ns)

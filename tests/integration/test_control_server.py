@@ -21,12 +21,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import MirrorConfig
 from agent.control import Api, Beating, ControlServer, PcapIngest
 from agent.control.api import AgentStatus, State
-from agent.heartbeat import Heartbeat
-from agent.lab.netns import NetNS
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
+from agent.mirror.heartbeat import Heartbeat
+from lab.netns import NetNS
 from tests.integration.truth import tshark_streams
 from tests.unit.shadow import Shadow
 

@@ -23,7 +23,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet, Raw
 
 from agent.decode import LINKTYPE_ETHERNET
-from agent.lab.netns import LiveAgent, NetNS, Tcpdump, start_python_server, wait_port
+from lab.netns import LiveAgent, NetNS, Tcpdump, start_python_server, wait_port
 from tests.integration import encap_corpus as corpus
 from tests.integration.byte_shadow import received
 from tests.integration.test_encapsulation import sent, tunnel_streams

@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agent.lab.netns import sh
+from lab.netns import sh
 
 
 def test_live_demo_is_byte_exact_and_leaves_nothing() -> None:
     before = sh("ip", "netns", "list").stdout
-    res = subprocess.run([sys.executable, "-m", "agent.demo"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "lab.demo"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "requests the service got:  402" in res.stdout

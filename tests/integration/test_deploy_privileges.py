@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.privileges import CAPS, MEMLOCK_CAP
-from agent.lab import netns
-from agent.lab.netns import NetNS, run_clients, start_python_server
+from agent.sources.ebpf.privileges import CAPS, MEMLOCK_CAP
+from lab import netns
+from lab.netns import NetNS, run_clients, start_python_server
 from tests.unit.test_deploy_files import daemonset_capabilities, unit_capabilities, unit_settings
 
 #: RLIMIT_MEMLOCK when nothing sets it: the kernel's default since 5.16 (systemd's since 253);

@@ -5,7 +5,7 @@ reason (in flight until then): ``connections == completed + sum(dropped{reason})
 in_flight`` in ``--stats-json`` at exit, and any drop makes the exit status 3. Under churn
 (one new connection per request, ``Connection: close``) at 1,500 connections/s the shadow
 must see >= 99.9 % of what the client got answered. Real parts: the eBPF capture on ``lo``,
-nginx as service and shadow, ``agent/lab/churn_client.py`` as the client, Python shadows that
+nginx as service and shadow, ``lab/churn_client.py`` as the client, Python shadows that
 misbehave.
 """
 
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.lab.netns import LAB, LiveAgent, NetNS, start_nginx
 from agent.metrics import split_key
+from lab.netns import LAB, LiveAgent, NetNS, start_nginx
 
 SERVICE, SHADOW = 8090, 18090
 FWD = "mirror_agent_forward_"

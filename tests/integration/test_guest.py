@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.counter import CountingProgram, attached
-from agent.lab.netns import AGENT, LiveAgent, NetNS, run_clients, start_python_server
 from agent.metrics import key
+from lab.counter import CountingProgram, attached
+from lab.netns import AGENT, LiveAgent, NetNS, run_clients, start_python_server
 from tests.integration.truth import jsonl_streams
 
 # Metrics (agent/metrics.py) this file reads from stats.

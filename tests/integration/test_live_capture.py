@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.netns import (
+from lab.netns import (
     AGENT,
     LiveAgent,
     NetNS,

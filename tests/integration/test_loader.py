@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.bpfsys import SCHED_CLS
-from agent.capture.ebpf import BPF_DIR
-from agent.capture.loader import LoadError, load
-from agent.lab.netns import LiveAgent, NetNS
+from agent.sources.ebpf.bpfsys import SCHED_CLS
+from agent.sources.ebpf.loader import LoadError, load
+from agent.sources.ebpf.source import BPF_DIR
+from lab.netns import LiveAgent, NetNS
 
 _FLAGS = [f"-I{BPF_DIR}", "-DMAX_CPUS=2", "-DMAX_PORTS=64", "-DMIRROR_OWN_PORT_LO=61000",
           "-DMIRROR_OWN_PORT_HI=65535"]
@@ -62,8 +62,8 @@ def test_running_agent_does_not_map_llvm(tmp_path: Path) -> None:
 
 def test_ports_change_without_reloading() -> None:
     """set_ports adds and removes map entries; the ports that stay are untouched."""
-    from agent.capture.perfbuf import possible_cpus
-    from agent.capture.program import Build, MirrorProgram
+    from agent.sources.ebpf.program import Build, MirrorProgram
+    from agent.sources.ring.perfbuf import possible_cpus
 
     prog = MirrorProgram(Build("tc", possible_cpus(), (61000, 65535)))
     try:

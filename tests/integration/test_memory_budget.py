@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import budget
-from agent.capture.perfbuf import online_cpus, possible_cpus
-from agent.lab.netns import (
+from agent.metrics import key, total
+from agent.mirror import budget
+from agent.sources.ring.perfbuf import online_cpus, possible_cpus
+from lab.netns import (
     LAB,
     LiveAgent,
     NetNS,
@@ -24,7 +25,6 @@ from agent.lab.netns import (
     start_nginx,
     start_python_server,
 )
-from agent.metrics import key, total
 
 MIB = 1 << 20
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agent.lab.netns import LiveAgent, NetNS, run_clients, wait_port
+from lab.netns import LiveAgent, NetNS, run_clients, wait_port
 from tests.unit.nats_server import NatsServer
 
 HERE = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.lab.netns import AGENT, NetNS, run_clients, wait_port
+from lab.netns import AGENT, NetNS, run_clients, wait_port
 from tests.unit.nats_server import NatsServer, TlsFiles, make_tls, write_config
 
 HERE = Path(__file__).resolve().parent

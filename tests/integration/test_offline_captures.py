@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.netns import NetNS, Tcpdump, run_clients, start_nginx, start_python_server
+from lab.netns import NetNS, Tcpdump, run_clients, start_nginx, start_python_server
 from tests.integration.truth import assert_same_streams, jsonl_streams, tshark_streams
 
 HERE = Path(__file__).resolve().parent

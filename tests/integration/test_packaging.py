@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.netns import NetNS, run_clients, start_python_server
+from lab.netns import NetNS, run_clients, start_python_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,10 +33,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheel = next((work / "dist").glob("mirror_agent-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("agent/bpf/mirror.bpf.c", "agent/bpf/mirror_event.h", "agent/bpf/parse.h",
-                   "agent/capture/ring_decode.c", "agent/data/demo.pcap"):
+                   "agent/sources/ring/ring_decode.c", "agent/data/demo.pcap"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     # The native decoder is compiled into the wheel (setup.py), not on the running host.
-    assert any(n.startswith("agent/capture/_ring_native") and n.endswith(".so") for n in names)
+    assert any(n.startswith("agent/sources/ring/_ring_native") and n.endswith(".so") for n in names)
     venv = work / "venv"
     # System site-packages for bcc (Debian's python3-bpfcc; PyPI's "bcc" is another thing).
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],

@@ -2,7 +2,7 @@
 them as they vanish, leaks nothing, and captures each connection once however many captured
 interfaces it crosses. The real agent (``mirror-agent run``) runs in a node namespace,
 recording both directions as JSON lines; ``GET /status`` says what it is attached to and
-what it holds. Pods are namespaces with a veth into the node (``agent.lab.pods``).
+what it holds. Pods are namespaces with a veth into the node (``lab.pods``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.control import ask, wait_for
-from agent.lab.netns import LiveAgent, NetNS, start_python_server
-from agent.lab.pods import UPLINK_CLIENT, UPLINK_NODE, Node, Pod
+from lab.control import ask, wait_for
+from lab.netns import LiveAgent, NetNS, start_python_server
+from lab.pods import UPLINK_CLIENT, UPLINK_NODE, Node, Pod
 
 PORT = 8080
 CONTROL = "127.0.0.1:19464"

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import MAX_PORTS, PortLimitError
-from agent.capture.bpfsys import BpfError, BpfMap
-from agent.capture.perfbuf import possible_cpus
-from agent.capture.program import Build, MirrorProgram
-from agent.lab.control import ask, wait_for
-from agent.lab.netns import AGENT, LiveAgent, NetNS, run_clients, start_python_server
+from agent.sources import MAX_PORTS, PortLimitError
+from agent.sources.ebpf.bpfsys import BpfError, BpfMap
+from agent.sources.ebpf.program import Build, MirrorProgram
+from agent.sources.ring.perfbuf import possible_cpus
+from lab.control import ask, wait_for
+from lab.netns import AGENT, LiveAgent, NetNS, run_clients, start_python_server
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://127.0.0.1:19464"

@@ -12,7 +12,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from agent.lab.netns import LiveAgent, NetNS, run_clients, start_python_server, wait_port
+from lab.netns import LiveAgent, NetNS, run_clients, start_python_server, wait_port
 
 PROMETHEUS = shutil.which("prometheus")
 

@@ -10,9 +10,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from agent.lab.netns import LiveAgent, NetNS, run_clients, sh, start_python_server
 from agent.metrics import key
 from agent.sinks.record import NativeReader
+from lab.netns import LiveAgent, NetNS, run_clients, sh, start_python_server
 
 # Metrics (agent/metrics.py) this file reads from stats.
 RECORD_ERRORS = "mirror_agent_record_errors_total"

@@ -13,9 +13,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from agent.lab.netns import LiveAgent, NetNS, Tcpdump, run_clients, sh, start_python_server
 from agent.metrics import key
 from agent.sinks.record import NativeReader
+from lab.netns import LiveAgent, NetNS, Tcpdump, run_clients, sh, start_python_server
 from tests.integration.truth import Streams, assert_same_streams, tshark_streams
 
 RECORD_ERRORS = "mirror_agent_record_errors_total"

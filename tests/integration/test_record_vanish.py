@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.lab.netns import LiveAgent, NetNS, run_clients, start_python_server
 from agent.metrics import key
 from agent.sinks.record import NativeReader
+from lab.netns import LiveAgent, NetNS, run_clients, start_python_server
 
 # Metrics (agent/metrics.py) this file reads from stats.
 FILES_VANISHED = "mirror_agent_record_files_vanished_total"

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.cli_replay import load
-from agent.lab.netns import NetNS, Tcpdump, run_clients, start_nginx, wait_port
+from agent.cli.replay import load
 from agent.replay.sources import open_sources
+from lab.netns import NetNS, Tcpdump, run_clients, start_nginx, wait_port
 
 HERE = Path(__file__).resolve().parent
 AGENT = [sys.executable, "-m", "agent.cli", "--log-format", "json"]

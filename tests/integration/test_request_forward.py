@@ -16,8 +16,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from agent.lab.netns import LAB, LiveAgent, NetNS, start_nginx, wait_port
 from agent.metrics import split_key
+from lab.netns import LAB, LiveAgent, NetNS, start_nginx, wait_port
 
 SERVICE, SHADOW = 8091, 18091
 FWD = "mirror_agent_forward_"

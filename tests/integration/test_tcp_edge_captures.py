@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.filter import synthesize_frame
-from agent.lab.netns import NetNS, Tcpdump
 from agent.model import ACK, FIN, PSH, SYN
+from agent.sources.filter import synthesize_frame
+from lab.netns import NetNS, Tcpdump
 from tests.integration.truth import Streams, assert_same_streams, jsonl_streams, tshark_streams
 
 HERE = Path(__file__).resolve().parent

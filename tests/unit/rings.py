@@ -9,8 +9,8 @@ import ipaddress
 import struct
 from typing import Any
 
-from agent.capture.layout import EVENT, EVENT_SIZE
 from agent.model import ACK, PSH
+from agent.sources.ebpf.layout import EVENT, EVENT_SIZE
 
 PAGE = 4096
 SIZE = 1 << 16  # ring data area

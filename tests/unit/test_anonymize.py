@@ -1,4 +1,4 @@
-"""IP anonymisation (agent/anonymize.py, ``--anonymize netblock``): the function, and an
+"""IP anonymisation (agent/hooks/anonymize.py, ``--anonymize netblock``): the function, and an
 offline run where no full address leaves the process: not in the recording, the per-flow
 pcap files, their names, the logs or --stats-json."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.anonymize import anonymizer, netblock
-from agent.cli import main
+from agent.cli.commands import main
+from agent.hooks.anonymize import anonymizer, netblock
 from agent.model import Segment
 from agent.sinks.flow_pcap import LINKTYPE_RAW, ip_packets
 from tests.unit.flow_pcap_util import conversation, read_pcap

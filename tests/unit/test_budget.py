@@ -1,4 +1,4 @@
-"""The memory budget's arithmetic (agent/budget.py) and its command-line face."""
+"""The memory budget's arithmetic (agent/mirror/budget.py) and its command-line face."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import TypedDict
 
 import pytest
 
-from agent import budget
-from agent.budget import MIB, BudgetError, derive, host_limit, parse_size
-from agent.cli import main, memory_budget, mirror_config, parse_options
-from agent.config import MirrorConfig
+from agent.cli.commands import main, memory_budget, mirror_config, parse_options
+from agent.mirror import budget
+from agent.mirror.budget import MIB, BudgetError, derive, host_limit, parse_size
+from agent.mirror.config import MirrorConfig
 
 GIB = 1 << 30
 
@@ -123,7 +123,7 @@ def test_library_and_cli_defaults_agree(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_cgroup_limit_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.capture.privileges as privileges
+    import agent.sources.ebpf.privileges as privileges
 
     monkeypatch.setattr(privileges, "cgroup_memory_limit", lambda: 512 * MIB)
     args = parse_options(["offline", "x.pcap", "--port", "80"])

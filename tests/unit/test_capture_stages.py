@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.capture.drain import RingDrain
-from agent.capture.ebpf import FILL_FRACTION, RingGeometry
-from agent.capture.reorder import Reorderer
 from agent.model import Segment
+from agent.sources.ebpf.source import FILL_FRACTION, RingGeometry
+from agent.sources.ring.drain import RingDrain
+from agent.sources.ring.reorder import Reorderer
 
 ADDR = bytes([192, 0, 2, 1])
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from agent.capture import SourceError
-from agent.capture.capfile import CutShort, frames
-from agent.capture.capstream import CHUNK, Capture
-from agent.capture.pcapfile import PcapFileSource, read_frames
-from agent.filter import synthesize_frame
 from agent.model import ACK, PSH, SYN, Segment
+from agent.sources import SourceError
+from agent.sources.files.capfile import CutShort, frames
+from agent.sources.files.capstream import CHUNK, Capture
+from agent.sources.files.pcapfile import PcapFileSource, read_frames
+from agent.sources.filter import synthesize_frame
 from tests.unit.test_cli_input import (
     AGENT,
     DEMO,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli.commands import main
 from agent.sinks.record import NativeReader
 
 # Metrics (agent/metrics.py) this file reads from stats.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import SourceError
-from agent.capture.pcapfile import PcapFileSource, read_frames
-from agent.cli import main
+from agent.cli.commands import main
 from agent.sinks.record import NativeWriter
+from agent.sources import SourceError
+from agent.sources.files.pcapfile import PcapFileSource, read_frames
 from tests.unit.test_record import chunk
 
 # Metrics (agent/metrics.py) this file reads from stats.

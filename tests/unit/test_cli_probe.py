@@ -21,14 +21,14 @@ from typing import IO, Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent.capture import SourceError
-from agent.capture.privileges import CAPS, Host, check_capabilities
-from agent.cli import main, parse_options
-from agent.cli_args import ephemeral_overlap, ip_only_filter
+from agent.cli.args import ephemeral_overlap, ip_only_filter
+from agent.cli.commands import main, parse_options
 from agent.hooks import HookError, HookFunc, HookPipeline
-from agent.lograte import RateLimitedLog
+from agent.mirror.lograte import RateLimitedLog
 from agent.model import Direction, TrafficChunk
 from agent.sinks.record import NativeReader
+from agent.sources import SourceError
+from agent.sources.ebpf.privileges import CAPS, Host, check_capabilities
 from tests.unit.shadow import Shadow, blackhole
 
 # Metrics (agent/metrics.py) this file reads from stats.
@@ -62,21 +62,21 @@ def offline(*args: str, stdout: int | IO[Any] | None = subprocess.PIPE, cwd: Pat
 def no_capture(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """``run`` gets past its start-up checks but never captures: the pipeline is replaced by
     one that records its arguments and returns 0."""
-    import agent.capture.attach
-    import agent.capture.ebpf
-    import agent.cli
-    import agent.cli_args
+    import agent.cli.args
+    import agent.cli.commands
+    import agent.sources.ebpf.attach
+    import agent.sources.ebpf.source
 
     calls: list[object] = []
-    monkeypatch.setattr(agent.capture.ebpf, "check_environment", lambda **kw: None)
-    monkeypatch.setattr(agent.capture.attach, "resolve_ifaces", lambda spec: spec.split(","))
-    monkeypatch.setattr(agent.cli_args, "preflight_ebpf", lambda *a: None)
+    monkeypatch.setattr(agent.sources.ebpf.source, "check_environment", lambda **kw: None)
+    monkeypatch.setattr(agent.sources.ebpf.attach, "resolve_ifaces", lambda spec: spec.split(","))
+    monkeypatch.setattr(agent.cli.args, "preflight_ebpf", lambda *a: None)
 
     def pipeline(args: object, config: object, make_source: object, **kw: object) -> int:
         calls.append(args)
         return 0
 
-    monkeypatch.setattr(agent.cli, "run_pipeline", pipeline)
+    monkeypatch.setattr(agent.cli.commands, "run_pipeline", pipeline)
     return calls
 
 
@@ -485,9 +485,9 @@ def test_rate_limited_log_counts_what_it_left_out() -> None:
 
 def test_privileged_source_ports_need_net_bind_service(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import agent.cli_args
+    import agent.cli.args
 
-    monkeypatch.setattr(agent.cli_args, "effective_caps", lambda: 0)
+    monkeypatch.setattr(agent.cli.args, "effective_caps", lambda: 0)
     line = usage_error(["offline", str(DEMO), "--port", "8080", "--target", "127.0.0.1:9",
                         "--forward-source-ports", "100-200"], capsys)
     assert "--forward-source-ports 100-200" in line and "CAP_NET_BIND_SERVICE" in line
@@ -511,9 +511,9 @@ def test_source_ports_overlapping_the_ephemeral_range_are_warned_about(
 def test_run_warns_about_an_ephemeral_overlap(no_capture: list[object],
                                               monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    import agent.cli_args
+    import agent.cli.args
 
-    monkeypatch.setattr(agent.cli_args, "ephemeral_overlap", lambda ports: "overlaps it")
+    monkeypatch.setattr(agent.cli.args, "ephemeral_overlap", lambda ports: "overlaps it")
     assert main(["--log-format", "json", *RUN, "--forward-source-ports", "40000-41000"]) == 0
     (line,) = capsys.readouterr().err.splitlines()
     assert json.loads(line)["event"] == "overlaps it"
@@ -524,6 +524,6 @@ def _in_tmp_and_restore_logging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 ) -> Iterator[None]:
     monkeypatch.chdir(tmp_path)  # a regression writes its stray files there, not in the repo
     yield
-    from agent.logsetup import configure_logging
+    from agent.cli.logsetup import configure_logging
 
     configure_logging("info", True)

@@ -1,6 +1,6 @@
 """``mirror-agent config`` prints TOML that reads back to the same values (issue 19): strings
 with newlines, quotes, backslashes, control characters and non-ASCII text are escaped
-(agent/cli_options.py ``toml_lines``), and so is each value's origin in its comment; the
+(agent/cli/layers.py ``toml_lines``), and so is each value's origin in its comment; the
 output saved to a file and given back with ``--config`` prints the same configuration."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.cli import main
-from agent.cli_options import toml_lines
+from agent.cli.commands import main
+from agent.cli.layers import toml_lines
 
 #: Text with the characters TOML treats specially, and any other (no lone surrogates:
 #: TOML, like UTF-8, cannot hold them; see the test for those below).

@@ -16,8 +16,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent import metrics
-from agent.capture.pcapfile import PcapFileSource
-from agent.config import MirrorConfig
 from agent.control.api import (
     MAX_BODY,
     AgentStatus,
@@ -32,9 +30,11 @@ from agent.control.api import (
 from agent.control.ingest import PcapIngest
 from agent.control.merge import Beating, MergedSource
 from agent.control.server import is_loopback, parse_listen, read_token
-from agent.heartbeat import Heartbeat, problems
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
+from agent.mirror.heartbeat import Heartbeat, problems
 from agent.model import Segment, TrafficChunk
+from agent.sources.files.pcapfile import PcapFileSource
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 TOKEN = "s3cret-token"

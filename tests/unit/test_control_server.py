@@ -21,11 +21,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent import metrics
-from agent.cli import main
+from agent.cli.commands import main
 from agent.control import Api, ControlServer, read_token
 from agent.control.admission import client_key
 from agent.control.api import AgentStatus, State
-from agent.heartbeat import Heartbeat
+from agent.mirror.heartbeat import Heartbeat
 
 PARTIAL = b"GET /healthz HTTP/1.0\r\nHost: x\r\n"  # and never the blank line
 TOKEN = "s3cret-token"

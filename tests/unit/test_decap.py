@@ -8,16 +8,16 @@ import contextlib
 
 import pytest
 
-from agent.capture.afpacket import capture_expression
-from agent.capture.decap import Decap
-from agent.capture.events import EventDecoder
-from agent.capture.layout import EVENT, EVENT_TUNNEL
-from agent.capture.native import NativeDecoder, NativeUnavailable
-from agent.capture.program import Build
-from agent.cli_options import parse_options
-from agent.cli_parser import UsageError
-from agent.filter import BpfFilter
+from agent.cli.layers import parse_options
+from agent.cli.parser import UsageError
 from agent.model import Segment
+from agent.sources.afpacket import capture_expression
+from agent.sources.ebpf.decap import Decap
+from agent.sources.ebpf.layout import EVENT, EVENT_TUNNEL
+from agent.sources.ebpf.program import Build
+from agent.sources.filter import BpfFilter
+from agent.sources.ring.events import EventDecoder
+from agent.sources.ring.native import NativeDecoder, NativeUnavailable
 from tests.integration import encap_corpus as corpus
 from tests.unit.rings import PerfRing, event
 

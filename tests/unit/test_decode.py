@@ -13,8 +13,8 @@ from agent.decode import (
     LINKTYPE_RAW,
     Decoder,
 )
-from agent.filter import synthesize_frame
 from agent.model import ACK, PSH
+from agent.sources.filter import synthesize_frame
 
 V4A, V4B = bytes([192, 0, 2, 1]), bytes([198, 51, 100, 2])
 V6A = bytes.fromhex("20010db8000000000000000000000001")

@@ -26,12 +26,12 @@ import jsonschema
 import pytest
 import yaml
 
-from agent import budget
-from agent.capture import native
-from agent.capture.ebpf import default_buffer_mib
-from agent.capture.privileges import EBPF_CAPS, MEMLOCK_CAP, Host, check_buffer_mib
-from agent.cli_parser import build_parser
-from agent.config import ForwardConfig
+from agent.cli.parser import build_parser
+from agent.mirror import budget
+from agent.mirror.config import ForwardConfig
+from agent.sources.ebpf.privileges import EBPF_CAPS, MEMLOCK_CAP, Host, check_buffer_mib
+from agent.sources.ebpf.source import default_buffer_mib
+from agent.sources.ring import native
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "mirror-agent.service"
@@ -518,10 +518,10 @@ def _dockerfile_instructions() -> list[str]:
 
 def test_image_checks_the_native_decoder_its_wheel_built() -> None:
     """The wheel's build compiles the decoder; the image build fails if it is missing or stale
-    (``python -m agent.capture.native`` after the install), and nothing points at a cache."""
+    (``python -m agent.sources.ring.native`` after the install), and nothing points at a cache."""
     lines = _dockerfile_instructions()
     install = next(i for i, ln in enumerate(lines) if "pip install -q --no-deps /dist/" in ln)
-    assert "-m agent.capture.native" in lines[install]
+    assert "-m agent.sources.ring.native" in lines[install]
     assert not any("MIRROR_AGENT_CACHE_DIR" in ln for ln in lines)
 
 

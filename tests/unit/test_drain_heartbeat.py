@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.capture import HasHeartbeats
-from agent.capture.drain import RingDrain
-from agent.cli_control import Control
-from agent.cli_options import parse_options
+from agent.cli.control import Control
+from agent.cli.layers import parse_options
 from agent.control import Beating, MergedSource, PcapIngest
-from agent.heartbeat import Heartbeat, problems
+from agent.mirror.heartbeat import Heartbeat, problems
 from agent.model import Segment
+from agent.sources import HasHeartbeats
+from agent.sources.ring.drain import RingDrain
 
 ADDR = bytes([192, 0, 2, 1])
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.capture import native
-from agent.capture.events import EventDecoder
-from agent.capture.native import NativeDecoder, NativeUnavailable
 from agent.model import ACK, FIN, RST, SYN, Segment
+from agent.sources.ring import native
+from agent.sources.ring.events import EventDecoder
+from agent.sources.ring.native import NativeDecoder, NativeUnavailable
 from tests.unit.rings import SIZE, PerfRing, event
 
 CLIENT = ("10.0.0.1", 40000)

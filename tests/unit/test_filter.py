@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from agent.filter import BpfFilter, FilterError, FrameMatcher, SegmentMatcher, synthesize_frame
 from agent.model import SYN, Segment
+from agent.sources.filter import (
+    BpfFilter,
+    FilterError,
+    FrameMatcher,
+    SegmentMatcher,
+    synthesize_frame,
+)
 
 A, B = bytes([127, 0, 0, 1]), bytes([192, 0, 2, 5])
 

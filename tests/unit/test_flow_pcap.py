@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.pcapfile import PcapFileSource
-from agent.config import MirrorConfig
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import ACK, RST, SYN, Segment
 from agent.sinks.flow_pcap import LINKTYPE_RAW, FlowPcapConfig, flow_name, ip_packets
+from agent.sources.files.pcapfile import PcapFileSource
 from tests.unit.flow_pcap_util import (
     ListSource,
     conversation,
@@ -179,7 +179,7 @@ def test_packets_carry_the_segment() -> None:
 ])
 def test_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                           args: list[str], says: str) -> None:
-    from agent.cli import main
+    from agent.cli.commands import main
 
     args = [a.replace("DIR", str(tmp_path)) for a in args]
     assert main(["offline", str(DEMO), "--port", "8080", *args]) == 2
@@ -187,8 +187,8 @@ def test_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 
 def test_the_budget_holds_the_files(tmp_path: Path) -> None:
-    from agent.budget import MIB, derive
-    from agent.cli import mirror_config, parse_options
+    from agent.cli.commands import mirror_config, parse_options
+    from agent.mirror.budget import MIB, derive
 
     plain = derive(896 * MIB, cpus=2, flow_pcap="pcap")
     gz = derive(896 * MIB, cpus=2, flow_pcap="gzip")

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.config import MirrorConfig
-from agent.mirror import Cancelled, TrafficMirror
+from agent.cli.summary import degradation
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import Cancelled, TrafficMirror
 from agent.sinks.flow_pcap import FlowPcapConfig, FlowPcapSaver
-from agent.summary import degradation
 from tests.unit.flow_pcap_util import ListSource, conversation, read_pcap
 
 PORTS = frozenset({8080})

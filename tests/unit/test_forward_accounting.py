@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import ForwardConfig
+from agent.mirror.config import ForwardConfig
 from agent.sinks import forward
 from agent.sinks.forward import DROP_REASONS, ForwardSink
 from agent.sinks.source_ports import bind_source_port

@@ -18,14 +18,14 @@ import pytest
 from structlog.testing import capture_logs
 
 import agent.sinks.forward as forward_mod
-from agent.capture.channel import ChannelSource
-from agent.cli import UsageError, main, mirror_config, parse_options
-from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
+from agent.cli.commands import UsageError, main, mirror_config, parse_options
 from agent.metrics import key, total
-from agent.mirror import TrafficMirror
+from agent.mirror.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
+from agent.mirror.driver import TrafficMirror
 from agent.sinks import shadow_conn, source_ports
 from agent.sinks.forward import ForwardSink, bind_source_port
 from agent.sinks.outage import OutageLog
+from agent.sources.channel import ChannelSource
 from tests.unit.segments import Conversation
 from tests.unit.shadow import Shadow, blackhole, free_port, wait_until
 

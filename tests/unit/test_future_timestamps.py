@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import main
+from agent.cli.commands import main
 from agent.sinks.flow_pcap import PCAP_TIME_MAX, flow_name, pcap_time
 from tests.unit.flow_pcap_util import read_pcap
 from tests.unit.test_cli_input import pcap_records

@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from agent.capture.channel import ChannelSource
-from agent.config import MirrorConfig
 from agent.hooks import KeepAll, OnlyToObserved
-from agent.http_hooks import InjectHeader
+from agent.hooks.http import InjectHeader
 from agent.metrics import key
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import ACK, FIN, Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler, ReassemblyConfig
+from agent.sources.channel import ChannelSource
 from tests.unit.segments import Conversation, split
 from tests.unit.shadow import Shadow, wait_until
 

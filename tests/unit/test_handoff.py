@@ -1,5 +1,5 @@
-"""The one bounded hand-off between threads (agent/handoff.py): budget arithmetic, the pause and
-drop policies, counters that lose nothing across threads, and shutdown."""
+"""The one bounded hand-off between threads (agent/mirror/handoff.py): budget arithmetic, the
+pause and drop policies, counters that lose nothing across threads, and shutdown."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.config import ForwardConfig
-from agent.handoff import Handoff, Policy
+from agent.mirror.config import ForwardConfig
+from agent.mirror.handoff import Handoff, Policy
 from agent.sinks.forward import ForwardSink
 from tests.unit.shadow import wait_until
 

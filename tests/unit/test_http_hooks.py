@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from agent.hooks import HookPipeline, KeepAll
-from agent.http_hooks import InjectHeader, RedactHeaders
+from agent.hooks.http import InjectHeader, RedactHeaders
 from agent.model import Direction, TrafficChunk
 
 STREAM = (

@@ -1,4 +1,4 @@
-"""Rewriting forwarded HTTP/1.x requests (agent/http_rewrite.py): the target and the Host,
+"""Rewriting forwarded HTTP/1.x requests (agent/hooks/rewrite.py): the target and the Host,
 split any way, with bodies and their framing untouched."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from agent.http_rewrite import RewriteRequests, check_host, parse_rewrite_path
+from agent.hooks.rewrite import RewriteRequests, check_host, parse_rewrite_path
 from tests.unit.test_http_select import every_split, run
 
 BODY = b"POST /api/v1/x HTTP/1.1\r\n\r\n"  # looks like a request: must not be rewritten

@@ -1,4 +1,4 @@
-"""Request selection on HTTP/1.x streams (agent/http_select.py): whole requests dropped or
+"""Request selection on HTTP/1.x streams (agent/hooks/select.py): whole requests dropped or
 kept, split any way, pipelined, chunked; the rate limit on an injected clock; consistent
 sampling; the counters the metrics registry reads."""
 
@@ -12,8 +12,8 @@ import pytest
 
 from agent import metrics
 from agent.hooks import HookPipeline
-from agent.http_hooks import InjectHeader
-from agent.http_select import (
+from agent.hooks.http import InjectHeader
+from agent.hooks.select import (
     REASONS,
     HeaderRule,
     HeaderSample,

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent.capture import SourceError, follow
-from agent.capture.links import AddrEvent, Event, IfaceSpec, LinkEvent, map_key, parse
-from agent.capture.program import SIDE_HOST, SIDE_POD
+from agent.sources import SourceError
+from agent.sources.ebpf import follow
+from agent.sources.ebpf.links import AddrEvent, Event, IfaceSpec, LinkEvent, map_key, parse
+from agent.sources.ebpf.program import SIDE_HOST, SIDE_POD
 
 # ------------------------------------------------------------------ the spec
 
@@ -239,8 +240,8 @@ def test_fixed_names_get_no_side_and_no_watcher(monkeypatch: pytest.MonkeyPatch)
 
 def test_afpacket_takes_no_patterns() -> None:
     """Only the eBPF source follows interfaces; AF_PACKET is told so before any netlink."""
-    from agent.capture.afpacket import AfPacketSource
-    from agent.capture.links import resolve_ifaces
+    from agent.sources.afpacket import AfPacketSource
+    from agent.sources.ebpf.links import resolve_ifaces
 
     with pytest.raises(SourceError, match="patterns are followed by --engine tc or xdp"):
         resolve_ifaces("eth0,veth*")

@@ -5,7 +5,7 @@ in a newline is not counted: fine for wrk's GETs, which is what it is for."""
 
 from __future__ import annotations
 
-from agent.lab.count_shadow import _Counter
+from lab.count_shadow import _Counter
 
 STREAM = (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\n\r\n"
           b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhell\n"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from agent.capture.layout import (
+from agent.sources.ebpf.layout import (
     BPF_DIR,
     COUNTERS,
     EVENT,

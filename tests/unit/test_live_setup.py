@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import SourceError
-from agent.capture.afpacket import capture_expression
-from agent.capture.ebpf import check_environment, default_buffer_mib
-from agent.filter import BpfFilter, synthesize_frame
 from agent.model import ACK, FIN, PSH, RST, SYN
+from agent.sources import SourceError
+from agent.sources.afpacket import capture_expression
+from agent.sources.ebpf.source import check_environment, default_buffer_mib
+from agent.sources.filter import BpfFilter, synthesize_frame
 
 V4 = (bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
 V6 = (bytes(15) + b"\x01", bytes(15) + b"\x02")

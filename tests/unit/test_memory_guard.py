@@ -1,5 +1,5 @@
-"""The memory guard (agent/memory_guard.py): its policy fed RSS samples (sans-I/O), the thread
-that applies it, and the stages' sides of shedding: the reassembler refuses new connections
+"""The memory guard (agent/mirror/memory_guard.py): its policy fed RSS samples (sans-I/O), the
+thread that applies it, and the stages' sides of shedding: the reassembler refuses new connections
 whole, the record writer refuses records, the forward sink drops its largest connections, the
 native drain pauses. Every drop counted by reason (``memory``)."""
 
@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from agent import metrics
-from agent.capture.native import NativeDecoder
-from agent.capture.pump import PERF, NativeDrain, hold_all
-from agent.memory_guard import (
+from agent.mirror.memory_guard import (
     DROP_EVERY,
     STUCK_AFTER,
     TRIM_EVERY,
@@ -31,6 +29,8 @@ from agent.model import ACK, FIN, PSH, SYN, Direction, FlowEnd, TrafficChunk
 from agent.reassembly import Reassembler
 from agent.sinks.forward import ForwardSink
 from agent.sinks.record import BackgroundWriter
+from agent.sources.ring.native import NativeDecoder
+from agent.sources.ring.pump import PERF, NativeDrain, hold_all
 from tests.unit.rings import PerfRing, event
 from tests.unit.segments import Conversation
 from tests.unit.shadow import Shadow, wait_until

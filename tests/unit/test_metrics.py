@@ -13,16 +13,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics
-from agent.capture import follow
-from agent.capture.afpacket import AfPacketSource
-from agent.capture.channel import ChannelSource
-from agent.capture.ebpf import EbpfSource
-from agent.capture.layout import COUNTERS
-from agent.capture.pcapfile import PcapFileSource
-from agent.config import MirrorConfig
+from agent.cli.summary import degradation, format_summary
 from agent.decode import DecodeStats
-from agent.mirror import TrafficMirror
-from agent.summary import degradation, format_summary
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
+from agent.sources.afpacket import AfPacketSource
+from agent.sources.channel import ChannelSource
+from agent.sources.ebpf import follow
+from agent.sources.ebpf.layout import COUNTERS
+from agent.sources.ebpf.source import EbpfSource
+from agent.sources.files.pcapfile import PcapFileSource
 from tests.unit.shadow import Shadow
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.capture.channel import ChannelSource
-from agent.config import MirrorConfig
 from agent.hooks import Hook, HookFunc, HookPipeline, HookResult, KeepAll, OnlyToObserved
 from agent.metrics import key
-from agent.mirror import Cancelled, TrafficMirror, coalesce
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import Cancelled, TrafficMirror, coalesce
 from agent.model import Direction, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output
 from agent.sinks.record import NativeReader
+from agent.sources.channel import ChannelSource
 from tests.unit.segments import Conversation
 
 # Metrics (agent/metrics.py) this file reads from stats.
@@ -272,7 +272,7 @@ def test_stalled_target_drops_the_flow_not_the_mirror() -> None:
     addr = f"127.0.0.1:{server.getsockname()[1]}"
     c = Conversation()
     big = [c.seg(True, i * 60000, b"x" * 60000) for i in range(100)]  # 6 MB
-    from agent.config import ForwardConfig
+    from agent.mirror.config import ForwardConfig
     m = TrafficMirror(MirrorConfig(observed_port=8080, target_addr=addr,
                                    forward=ForwardConfig(max_flow_buffer=1 << 20,
                                                          close_timeout=1)))

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from agent.config import MirrorConfig
 from agent.hooks import HookFunc, KeepAll, OnlyToObserved, SampleFlows
-from agent.http_hooks import InjectHeader
-from agent.mirror_step import (
+from agent.hooks.http import InjectHeader
+from agent.mirror.config import MirrorConfig
+from agent.mirror.step import (
     Command,
     EndForward,
     FlowCut,

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.channel import ChannelSource
-from agent.cli import main
-from agent.config import MirrorConfig
-from agent.filter import synthesize_frame
+from agent.cli.commands import main
 from agent.hooks import KeepAll
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import ACK, FIN, PSH, SYN
 from agent.sinks.record import NativeReader
+from agent.sources.channel import ChannelSource
+from agent.sources.filter import synthesize_frame
 from tests.unit.segments import Conversation
 
 # Metrics (agent/metrics.py) this file reads from stats.

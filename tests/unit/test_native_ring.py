@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.capture.events import EventDecoder
-from agent.capture.layout import EVENT_SIZE
-from agent.capture.native import MAX_EVENTS, OUT_BYTES, TABLE_SLOTS, NativeDecoder
-from agent.capture.pump import PERF, RINGBUF, NativeDrain, RingAddress
 from agent.model import ACK, FIN, RST, SYN, Segment
+from agent.sources.ebpf.layout import EVENT_SIZE
+from agent.sources.ring.events import EventDecoder
+from agent.sources.ring.native import MAX_EVENTS, OUT_BYTES, TABLE_SLOTS, NativeDecoder
+from agent.sources.ring.pump import PERF, RINGBUF, NativeDrain, RingAddress
 from tests.unit.rings import SIZE, PerfRing, RingBuf, event
 
 SERVICE = ("10.0.0.2", 8080)

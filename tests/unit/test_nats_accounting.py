@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
+from agent.cli.summary import degradation
 from agent.model import FlowEnd
 from agent.sinks.nats import NatsRecorder, NatsTarget
 from agent.sinks.nats.consumer import read_stream
 from agent.sinks.nats.publisher import REASONS, Settings
-from agent.summary import degradation
 from tests.unit.nats_server import NatsServer, free_port, needs_server
 from tests.unit.test_nats_recorder import _chunk, _wait
 from tests.unit.test_record_accounting import Reader, check_equation

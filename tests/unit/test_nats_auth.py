@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from agent.cli_options import parse_options, toml_lines
-from agent.cli_parser import UsageError
+from agent.cli.layers import parse_options, toml_lines
+from agent.cli.outputs import OutputError, RunOutputs
+from agent.cli.parser import UsageError
 from agent.model import Direction, FlowEnd, TrafficChunk
-from agent.outputs import OutputError, RunOutputs
 from agent.sinks.nats import NatsAuth, NatsAuthError, NatsRecorder, NatsTarget
 from agent.sinks.nats.client import TlsNotOffered, refusal
 from agent.sinks.nats.consumer import read_stream

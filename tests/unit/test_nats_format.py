@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from agent import metrics
+from agent.cli.options import OptionError, PipelineOptions
+from agent.cli.outputs import OutputError, RunOutputs
 from agent.model import Direction, FlowEnd, TrafficChunk
-from agent.options import OptionError, PipelineOptions
-from agent.outputs import OutputError, RunOutputs
 from agent.sinks.nats import NatsRecorder, NatsTarget, parse_nats_url, stream_name
 from agent.sinks.nats.gaps import GapLedger
 from agent.sinks.nats.message import BadMessage, decode, encode_chunk, encode_end, piece_size

@@ -1,5 +1,5 @@
 """One configuration object: flags over MIRROR_AGENT_* over the --config file over defaults,
-checked once (agent/cli_options.py, agent/options.py), and defaults the library shares."""
+checked once (agent/cli/layers.py, agent/cli/options.py), and defaults the library shares."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main, mirror_config
-from agent.cli_options import parse_options
-from agent.cli_parser import UsageError
-from agent.config import MirrorConfig
+from agent.cli.commands import main, mirror_config
+from agent.cli.layers import parse_options
+from agent.cli.parser import UsageError
+from agent.mirror.config import MirrorConfig
 from agent.reassembly import ReassemblyConfig
 
 RUN = ["run", "--iface", "lo"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture.pcapfile import PcapFileSource, read_frames
 from agent.decode import LINKTYPE_ETHERNET, LINKTYPE_RAW, Decoder, DecodeStats
-from agent.filter import synthesize_frame
 from agent.model import ACK, FIN, SYN, Segment
+from agent.sources.files.pcapfile import PcapFileSource, read_frames
+from agent.sources.filter import synthesize_frame
 
 DEMO = Path(__file__).resolve().parents[2] / "agent" / "data" / "demo.pcap"
 A, B = bytes([192, 0, 2, 1]), bytes([198, 51, 100, 2])

@@ -1,4 +1,4 @@
-"""The observed-port limit (issue 19, finding 5): one bound (agent.capture.MAX_PORTS) checked
+"""The observed-port limit (issue 19, finding 5): one bound (agent.sources.MAX_PORTS) checked
 before anything changes, at start (``--port``, the config file, ``mirror-agent config``:
 exit 2, one line) and by ``PUT /ports`` (400); a change the capture refuses leaves the old
 ports everywhere, so ``GET /ports``, the mirror's classifier and the capture never disagree.
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import MAX_PORTS, PortLimitError, SourceError, check_port_count
-from agent.capture.afpacket import BPF_MAXINSNS, AfPacketSource, capture_expression
-from agent.capture.decap import Decap
-from agent.capture.program import Build
-from agent.cli_control import RunningAgent
-from agent.cli_options import parse_options
-from agent.cli_parser import UsageError
-from agent.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig
+from agent.cli.control import RunningAgent
+from agent.cli.layers import parse_options
+from agent.cli.parser import UsageError
 from agent.control.api import Api, Request
-from agent.filter import BpfFilter
-from agent.mirror import TrafficMirror
+from agent.mirror.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import Segment
+from agent.sources import MAX_PORTS, PortLimitError, SourceError, check_port_count
+from agent.sources.afpacket import BPF_MAXINSNS, AfPacketSource, capture_expression
+from agent.sources.ebpf.decap import Decap
+from agent.sources.ebpf.program import Build
+from agent.sources.filter import BpfFilter
 
 AGENT = [sys.executable, "-m", "agent.cli"]
 TOO_MANY = list(range(10000, 10000 + MAX_PORTS + 1))

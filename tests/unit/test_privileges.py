@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.capture import SourceError
-from agent.capture.ebpf import check_environment
-from agent.capture.privileges import (
+from agent.cli.commands import main
+from agent.sources import SourceError
+from agent.sources.ebpf.privileges import (
     CAPS,
     Host,
     buffer_mib_range,
@@ -22,7 +22,7 @@ from agent.capture.privileges import (
     max_memlock_mib,
     perf_locked_bytes,
 )
-from agent.cli import main
+from agent.sources.ebpf.source import check_environment
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -245,7 +245,7 @@ def test_cli_buffer_out_of_range_exits_2_with_one_line(args: list[str],
 def test_a_memory_cgroup_whose_filesystem_is_hidden_is_reported(tmp_path: Path) -> None:
     """Under ``ip netns exec`` /sys is a fresh sysfs: the process is in a memory cgroup whose
     limit it cannot read; say which, so the budget can warn instead of guessing silently."""
-    from agent.capture.privileges import unseen_memory_cgroup
+    from agent.sources.ebpf.privileges import unseen_memory_cgroup
 
     cg = tmp_path / "cgroup"
     cg.write_text("5:memory:/bench/agent\n0::/\n")

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.mirror import coalesce
+from agent.mirror.driver import coalesce
 from agent.model import ACK, FIN, RST, SYN, DirectionEnd, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler, ReassemblyConfig
 from tests.unit.segments import Conversation, split

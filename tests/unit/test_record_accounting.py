@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent import metrics
-from agent.capture.channel import ChannelSource
-from agent.config import MirrorConfig
-from agent.mirror import TrafficMirror
+from agent.cli.summary import degradation
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.sinks.nats.publisher import REASONS as NATS_REASONS
 from agent.sinks.record import (
@@ -33,7 +33,7 @@ from agent.sinks.record import (
     NativeWriter,
     make_writer,
 )
-from agent.summary import degradation
+from agent.sources.channel import ChannelSource
 from tests.unit.segments import Conversation
 
 CONNECTIONS = "mirror_agent_record_connections_total"

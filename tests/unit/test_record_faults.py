@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-import agent.mirror
-from agent.capture.channel import ChannelSource
-from agent.cli import mirror_config, parse_options
-from agent.cli_run import run_pipeline
-from agent.config import MirrorConfig
+import agent.mirror.driver
+from agent.cli.commands import mirror_config, parse_options
+from agent.cli.outputs import OutputError, open_output
+from agent.cli.run import run_pipeline
+from agent.cli.summary import degradation, format_summary
 from agent.metrics import key
-from agent.mirror import TrafficMirror
+from agent.mirror.config import MirrorConfig
+from agent.mirror.driver import TrafficMirror
 from agent.model import Direction, FlowEnd, TrafficChunk
-from agent.outputs import OutputError, open_output
 from agent.sinks.record import BackgroundWriter, NativeReader, NativeWriter
-from agent.summary import degradation, format_summary
+from agent.sources.channel import ChannelSource
 from tests.unit.segments import Conversation
 from tests.unit.test_mirror_contracts import Sink, sink  # noqa: F401  (a fixture)
 
@@ -188,7 +188,7 @@ def test_recorded_bytes_do_not_count_dropped_records(monkeypatch: pytest.MonkeyP
         def __init__(self, inner: NativeWriter, _budget: int = 0) -> None:
             super().__init__(inner, max_bytes=2 * len(request(0)))
 
-    monkeypatch.setattr(agent.mirror, "BackgroundWriter", Small)
+    monkeypatch.setattr(agent.mirror.driver, "BackgroundWriter", Small)
     out = Stalled()
     threading.Timer(0.5, Stalled.gate.set).start()
     mirror = TrafficMirror(MirrorConfig(observed_port=8080, writer=out,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.cli_options import parse_options
+from agent.cli.commands import main
+from agent.cli.layers import parse_options
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.sinks.record import make_writer
 from tests.integration.truth import Streams, assert_same_streams, jsonl_streams, tshark_streams

@@ -17,9 +17,9 @@ from typing import Any, BinaryIO
 import pytest
 from structlog.testing import capture_logs
 
-from agent.cli_inspect import inspect_recording
+from agent.cli.inspect import inspect_recording
+from agent.cli.outputs import RunOutputs
 from agent.model import Direction, FlowEnd, TrafficChunk
-from agent.outputs import RunOutputs
 from agent.sinks.record import (
     BackgroundWriter,
     NativeReader,

@@ -24,6 +24,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent import metrics
+from agent.cli.summary import degradation
 from agent.model import Direction, FlowEnd, TrafficChunk
 from agent.sinks.record import (
     BackgroundWriter,
@@ -38,7 +39,6 @@ from agent.sinks.record import (
     make_writer,
 )
 from agent.sinks.record import files as record_files
-from agent.summary import degradation
 
 VANISHED_RECORDS = metrics.key("mirror_agent_record_records_lost_total", reason="vanished")
 VANISHED_BYTES = metrics.key("mirror_agent_record_lost_bytes_total", reason="vanished")

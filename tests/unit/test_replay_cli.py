@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.cli_options import parse_options
+from agent.cli.commands import main
+from agent.cli.layers import parse_options
 from agent.model import FlowEnd
 from agent.replay.diff import DEFAULT_IGNORED
 from agent.replay.sources import nats_url

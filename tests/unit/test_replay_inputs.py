@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli_replay import load
+from agent.cli.replay import load
 from agent.replay.sources import SourceError, open_sources
 from agent.sinks.record.codec import new_compressor
 from tests.unit.replay_util import http_items, write_jsonl, write_native

@@ -102,7 +102,7 @@ def run_measured(args: list[str], out: Path) -> tuple[int, int]:
     peak = out.with_suffix(".rss")
     with out.open("wb") as f:
         res = subprocess.run([sys.executable, "-c", _MEASURE, str(peak), sys.executable, "-m",
-                              "agent.cli", "--log-level", "warning", *args],
+                              "agent.cli.commands", "--log-level", "warning", *args],
                              stdout=f, stderr=subprocess.PIPE, timeout=300)
     assert b"Traceback" not in res.stderr, res.stderr.decode()
     return res.returncode, int(peak.read_text()) * 1024

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli_replay import load
+from agent.cli.replay import load
 from agent.replay.assemble import assemble
 from agent.replay.sources import SourceError, open_sources
 from agent.sinks.record import RecordedChunk

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ForwardConfig, MirrorConfig
+from agent.cli.summary import degradation
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS, undeclared
+from agent.mirror.config import ForwardConfig, MirrorConfig
 from agent.sinks.request_forward import RequestForwardSink
-from agent.summary import degradation
 from tests.unit.http_shadow import HttpShadow
 from tests.unit.shadow import blackhole
 
@@ -276,7 +276,7 @@ def test_every_stat_is_a_declared_metric(shadow: HttpShadow) -> None:
 
 
 def test_the_mirror_picks_the_sink_by_mode(shadow: HttpShadow) -> None:
-    from agent.mirror import TrafficMirror
+    from agent.mirror.driver import TrafficMirror
 
     mirror = TrafficMirror(MirrorConfig(observed_port=80, target_addr=shadow.addr,
                                         forward=FAST))
@@ -307,9 +307,9 @@ def test_a_fault_of_the_sink_gives_that_flow_up_counted(shadow: HttpShadow,
 
 
 def test_forward_mode_and_pool_from_flags_environment_and_file(tmp_path: Path) -> None:
-    from agent.cli import mirror_config
-    from agent.cli_options import parse_options
-    from agent.cli_parser import UsageError
+    from agent.cli.commands import mirror_config
+    from agent.cli.layers import parse_options
+    from agent.cli.parser import UsageError
 
     base = ["offline", "x.pcap", "--port", "80", "--target", "127.0.0.1:9"]
     assert mirror_config(parse_options(base, {})).forward.mode == "connection"

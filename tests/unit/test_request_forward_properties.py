@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import ForwardConfig
 from agent.metrics import FORWARD_REQUEST_DROP_REASONS
+from agent.mirror.config import ForwardConfig
 from agent.sinks.request_forward import RequestForwardSink
 from tests.unit.http_shadow import HttpShadow
 

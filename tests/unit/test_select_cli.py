@@ -1,4 +1,4 @@
-"""Traffic selection and rewriting from the command line (agent/cli_select.py): flags, config
+"""Traffic selection and rewriting from the command line (agent/cli/select.py): flags, config
 keys and variables, the hooks they make, and a capture replayed offline to a loopback shadow
 that must receive exactly the selected requests, rewritten."""
 
@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
-from agent.capture.pcapfile import PcapFileSource
-from agent.cli import _hooks, main, mirror_config
-from agent.cli_options import parse_options
-from agent.cli_parser import UsageError
-from agent.cli_select import SelectOptions
-from agent.filter import synthesize_frame
-from agent.http_rewrite import RewriteRequests
-from agent.http_select import SelectRequests, hook_stats
-from agent.mirror import TrafficMirror
+from agent.cli.commands import _hooks, main, mirror_config
+from agent.cli.layers import parse_options
+from agent.cli.parser import UsageError
+from agent.cli.select import SelectOptions
+from agent.hooks.rewrite import RewriteRequests
+from agent.hooks.select import SelectRequests, hook_stats
+from agent.mirror.driver import TrafficMirror
 from agent.model import ACK, FIN, PSH, SYN
+from agent.sources.files.pcapfile import PcapFileSource
+from agent.sources.filter import synthesize_frame
 from tests.unit.shadow import Shadow, wait_until
 from tests.unit.test_mirror_unobserved import write_pcap
 

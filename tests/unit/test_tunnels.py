@@ -14,7 +14,6 @@ from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet, Raw
 
-from agent.capture.pcapfile import PcapFileSource
 from agent.decode import (
     LINKTYPE_ETHERNET,
     LINKTYPE_NULL,
@@ -24,6 +23,7 @@ from agent.decode import (
 from agent.model import Direction, TrafficChunk
 from agent.reassembly import Reassembler
 from agent.sinks.record import chunk_json
+from agent.sources.files.pcapfile import PcapFileSource
 from tests.integration import encap_corpus as corpus
 
 INNER = IP(src="192.0.2.1", dst="198.51.100.2") / TCP(sport=40000, dport=8080, flags="PA",

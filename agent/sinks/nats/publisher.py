@@ -36,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from agent.handoff import Handoff
+from agent.mirror.handoff import Handoff
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.nats.client import NatsAuthError, connect, describe
 from agent.sinks.nats.gaps import GapLedger
@@ -83,7 +83,7 @@ class _InFlight:
 
 
 class Publisher:
-    """Publishes what a :class:`~agent.handoff.Handoff` holds to ``target`` (see the module
+    """Publishes what a :class:`~agent.mirror.handoff.Handoff` holds to ``target`` (see the module
     doc). :meth:`run` is the thread's body; it returns once the hand-off is closed and
     everything was published and acknowledged, or dropped and counted, within
     ``drain_timeout`` of the close (plus a connect attempt)."""

@@ -7,7 +7,7 @@ import threading
 
 import structlog
 
-from agent.handoff import Handoff, HandoffStats, Policy
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.nats.client import NatsAuthError
 from agent.sinks.nats.gaps import GapLedger
@@ -24,7 +24,7 @@ class NatsRecorder:
     """Publishes every record to a JetStream stream, one message per record (the native
     record as the body, the flow's metadata in headers: :mod:`agent.sinks.nats.message`).
 
-    The capture thread only queues: an :class:`agent.handoff.Handoff` named ``record_nats``
+    The capture thread only queues: an :class:`agent.mirror.handoff.Handoff` named ``record_nats``
     of ``budget`` bytes (records queued, and published but not acknowledged yet). ``live``
     (a live capture): the *drop* policy, so capture never waits: a record that does not fit
     is dropped, counted as ``queue_full`` and owed to its flow's next record as a gap.
@@ -134,7 +134,7 @@ class NatsRecorder:
         return out
 
     def handoffs(self) -> list[HandoffStats]:
-        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        """:class:`agent.mirror.handoff.HasHandoffs`: this stage's hand-off."""
         return [self._handoff.stats()]
 
     def _raise(self) -> None:

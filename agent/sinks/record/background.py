@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import structlog
 
-from agent.handoff import Handoff, HandoffStats, Policy
+from agent.mirror.handoff import Handoff, HandoffStats, Policy
 from agent.model import FlowEnd, TrafficChunk
 from agent.sinks.record.ledger import FlowLedger
 from agent.sinks.record.writers import RecordWriter
@@ -39,7 +39,7 @@ class BackgroundWriter:
     queued, stops the thread and waits for it, so the file can be closed after it; a later
     record starts the thread again. All calls come from one thread (the capture thread).
 
-    The queue is an :class:`agent.handoff.Handoff` with the *drop* policy (reason ``full``):
+    The queue is an :class:`agent.mirror.handoff.Handoff` with the *drop* policy (reason ``full``):
     the capture thread is its producer and owns :attr:`dropped_records`/:attr:`dropped_bytes`,
     the ``record-writer`` thread its consumer, which gives a record's bytes back to the budget
     once it has written them.
@@ -57,7 +57,7 @@ class BackgroundWriter:
         # not copied) may wait for the disk: ~0.5 s of 4 Gbit/s, or ~2.7 s of a 100 MB/s disk
         # falling behind completely. Records and ends cost ~200 B of objects each beyond
         # that, not counted. The mirror passes the memory budget's ``record_queue``
-        # (agent/budget.py); the 256 MiB default is for this class alone.
+        # (agent/mirror/budget.py); the 256 MiB default is for this class alone.
         self._inner = inner
         fronted = getattr(inner, "fronted", None)
         #: The inner writer's connections (None if it keeps none).
@@ -133,11 +133,11 @@ class BackgroundWriter:
         return out
 
     def handoffs(self) -> list[HandoffStats]:
-        """:class:`agent.handoff.HasHandoffs`: this stage's hand-off."""
+        """:class:`agent.mirror.handoff.HasHandoffs`: this stage's hand-off."""
         return [self.handoff_stats()]
 
     def handoff_stats(self) -> HandoffStats:
-        """The queue's counters (see :mod:`agent.handoff`)."""
+        """The queue's counters (see :mod:`agent.mirror.handoff`)."""
         return self._handoff.stats()
 
     def _raise(self) -> None:

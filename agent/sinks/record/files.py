@@ -44,7 +44,7 @@ from typing import BinaryIO
 
 import structlog
 
-from agent.budget import format_size, parse_size
+from agent.mirror.budget import format_size, parse_size
 from agent.sinks.record.codec import SUFFIXES
 
 __all__ = ["CHECK_EVERY", "MIN_ROTATE_BYTES", "FileWatch", "RecordFiles", "RecordPolicy",
@@ -242,7 +242,7 @@ class FileWatch:
 class RecordFiles:
     """The files of one recording, opened one after another (see the module docstring).
 
-    The first file is opened by the caller (:class:`agent.outputs.RunOutputs` checks and
+    The first file is opened by the caller (:class:`agent.cli.outputs.RunOutputs` checks and
     warns as for any output) and handed over with :meth:`adopt`, or by :meth:`next_file`.
     The record writer (:class:`~agent.sinks.record.output.Output`, on the writer thread)
     opens the next ones and says when one is closed (:meth:`file_closed`); :meth:`close`
