@@ -258,17 +258,17 @@ def _control(v: Mapping[str, Any]) -> ControlOptions:
 
 def _replay(v: Mapping[str, Any]) -> ReplayOptions:
     from agent.replay.diff import DEFAULT_IGNORED
+    from agent.replay.runner import Plan
 
     ignore = v.get("ignore_headers")
+    plan = Plan(target=_required(v, "target", "target"), baseline=v["baseline"],
+                connections=v["connections"], speed=v["speed"], max_wait=v["max_wait"],
+                loop=v["loop"], duration=v["duration"], timeout=v["timeout"],
+                pipeline=v["pipeline"], source_ports=v["source_ports"])
     return ReplayOptions(
-        sources=tuple(v["sources"]), target=_required(v, "target", "target"),
-        baseline=v["baseline"], ports=tuple(dict.fromkeys(v["port"] or ())),
-        connections=v["connections"], speed=v["speed"], max_wait=v["max_wait"],
-        loop=v["loop"], duration=v["duration"], timeout=v["timeout"],
-        pipeline=v["pipeline"],
+        sources=tuple(v["sources"]), plan=plan, ports=tuple(dict.fromkeys(v["port"] or ())),
         ignore_headers=tuple(DEFAULT_IGNORED if ignore is None else ignore),
-        report_json=v["report_json"], overwrite=v["overwrite"],
-        source_ports=v["source_ports"])
+        report_json=v["report_json"], overwrite=v["overwrite"])
 
 
 def _build(command: str, v: dict[str, Any], path: Path | None, shown: dict[str, Any],

@@ -21,6 +21,7 @@ from typing import Any
 from agent.cli.select import SelectOptions
 from agent.mirror.config import FORWARD_POOL_SIZE, FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
+from agent.replay.runner import Plan
 from agent.sinks.nats.auth import FLAGS as NATS_FLAGS
 from agent.sinks.nats.auth import NatsAuth
 from agent.sinks.nats.url import is_nats_url, parse_nats_url, redact_url
@@ -219,31 +220,22 @@ class ControlOptions:
 
 @dataclass(frozen=True, slots=True)
 class ReplayOptions:
-    """``replay``: what to replay, where to, how fast, and what to compare."""
+    """``replay``: what to replay (``sources``), how (``plan``: the target, pace and
+    connections, as :class:`~agent.replay.runner.Plan` runs them), and what to compare and
+    report."""
 
     sources: tuple[Path, ...]
-    target: str
-    baseline: str | None = None
+    plan: Plan
     ports: tuple[int, ...] = ()
     """The service's ports, for capture files (they tell requests from responses)."""
-    connections: int = 64
-    speed: float = 1.0
-    """Factor on the recorded pacing; ``inf`` for ``--speed max``."""
-    max_wait: float | None = None
-    loop: bool = False
-    duration: float | None = None
-    timeout: float = 10.0
-    pipeline: bool = False
     ignore_headers: tuple[str, ...] = ()
     report_json: str | None = None
     overwrite: bool = False
-    source_ports: tuple[int, int] | None = FORWARD_SOURCE_PORTS
-    """Local ports connections are made from; None: any (the kernel's choice)."""
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise OptionError("replay needs at least one SOURCE")
-        if self.baseline is not None and self.baseline == self.target:
+        if self.plan.baseline is not None and self.plan.baseline == self.plan.target:
             raise OptionError("--baseline is the same address as --target: give the build "
                               "of today as --baseline and the candidate as --target")
 

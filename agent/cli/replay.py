@@ -34,7 +34,7 @@ from agent.replay.conns import Connection
 from agent.replay.diff import Differ
 from agent.replay.feed import Feed
 from agent.replay.report import Source, Tally, format_report, report_json
-from agent.replay.runner import Plan, Replayer
+from agent.replay.runner import Replayer
 from agent.replay.sources import SourceError, SourceReader, nats_url, open_sources
 from agent.replay.spill import Spill
 from agent.sinks.record import RecordedChunk
@@ -81,7 +81,7 @@ class _Recording:
 
 
 def _check(r: ReplayOptions) -> list[SourceReader]:
-    for flag, addr in (("--target", r.target), ("--baseline", r.baseline)):
+    for flag, addr in (("--target", r.plan.target), ("--baseline", r.plan.baseline)):
         if addr is None:
             continue
         try:
@@ -89,7 +89,7 @@ def _check(r: ReplayOptions) -> list[SourceReader]:
         except ValueError as e:
             raise UsageError(str(e).replace("--target", flag)) from None
     _check_report(r.report_json, r.sources)
-    if r.loop:
+    if r.plan.loop:
         _check_loop(r.sources)
     try:
         return open_sources(r.sources, r.ports)
@@ -155,15 +155,13 @@ def replay(opts: Options) -> int:
 
 def _replay(readers: Sequence[SourceReader],
             r: ReplayOptions) -> tuple[dict[str, Any], Source, bool]:
-    plan = Plan(target=r.target, baseline=r.baseline, connections=r.connections,
-                speed=r.speed, max_wait=r.max_wait, loop=r.loop, duration=r.duration,
-                timeout=r.timeout, pipeline=r.pipeline, source_ports=r.source_ports)
-    tally = Tally(r.target)
-    base = Tally(r.baseline) if r.baseline is not None else None
+    plan = r.plan
+    tally = Tally(plan.target)
+    base = Tally(plan.baseline) if plan.baseline is not None else None
     differ = Differ(r.ignore_headers, with_baseline=base is not None)
     recording = _Recording(readers)
     spill = Spill()
-    feed = Feed(recording.records, r.speed, r.max_wait, spill=spill)
+    feed = Feed(recording.records, plan.speed, plan.max_wait, spill=spill)
     replayer = Replayer(feed, plan, tally, base, differ)
     try:
         asyncio.run(_run(replayer))

@@ -67,14 +67,15 @@ def test_options(tmp_path: Path) -> None:
                           "--source-ports", "any"], environ={})
     r = opts.replay
     assert r is not None
-    assert (r.sources, r.speed, r.connections) == ((Path("a.bin"), Path("b.bin")),
-                                                   float("inf"), 8)
-    assert (r.ignore_headers, r.source_ports, r.pipeline) == (("X-A", "X-B"), None, False)
+    assert (r.sources, r.plan.speed, r.plan.connections) == (
+        (Path("a.bin"), Path("b.bin")), float("inf"), 8)
+    assert (r.ignore_headers, r.plan.source_ports, r.plan.pipeline) == (
+        ("X-A", "X-B"), None, False)
     conf = tmp_path / "c.toml"
     conf.write_text('target = "h:2"\nspeed = 2.5\nconnections = 3\n')
     r = parse_options(["replay", "a.bin", "--config", str(conf)], environ={}).replay
-    assert r is not None and (r.target, r.speed, r.connections) == ("h:2", 2.5, 3)
-    assert r.ignore_headers == DEFAULT_IGNORED and r.source_ports == (61000, 65535)
+    assert r is not None and (r.plan.target, r.plan.speed, r.plan.connections) == ("h:2", 2.5, 3)
+    assert r.ignore_headers == DEFAULT_IGNORED and r.plan.source_ports == (61000, 65535)
 
 
 @pytest.mark.parametrize(("args", "message"), [
