@@ -35,7 +35,7 @@ from agent.cli.options import (
     PipelineOptions,
     ReplayOptions,
 )
-from agent.cli.parser import UsageError, build_parser
+from agent.cli.parser import REPEATABLE, Parser, UsageError, build_parser
 from agent.cli.select import select_options
 from agent.sinks.nats.url import redact_url
 
@@ -48,23 +48,16 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def _keyed(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def _keyed(parser: Parser) -> dict[str, argparse.Action]:
     """The parser's long options by key (``--memory-limit`` → ``memory-limit``)."""
-    return {opt[2:]: act for act in parser._actions for opt in act.option_strings
+    return {opt[2:]: act for act in parser.declared for opt in act.option_strings
             if opt.startswith("--") and opt not in ("--help", "--config")}
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for act in parser._actions:
-        if isinstance(act, argparse._SubParsersAction):
-            return dict(act.choices)
-    return {}
-
-
-def _suppress_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _suppress_defaults(parser: Parser) -> dict[str, Any]:
     """Make the parser leave out every option not given, and return the defaults by dest."""
     defaults: dict[str, Any] = {}
-    for act in parser._actions:
+    for act in parser.declared:
         if act.option_strings and act.dest != "help":
             defaults[act.dest] = act.default
             act.default = argparse.SUPPRESS
@@ -86,7 +79,7 @@ def _checked(action: argparse.Action, raw: object) -> Any:
         if not isinstance(raw, bool):
             raise ValueError(f"{raw!r} is not on or off (true/false)")
         return raw if action.const is True or action.const is None else not raw
-    if isinstance(action, argparse._AppendAction):
+    if action in REPEATABLE:
         whole = getattr(action, "whole_values", False)  # a regex: its commas are its own
         items = (raw if isinstance(raw, list) else [raw] if whole
                  else [s for s in str(raw).split(",") if s.strip()])
@@ -163,7 +156,7 @@ def parse_options(argv: Sequence[str] | None = None,
     """The checked options of one command line. UsageError (exit 2, one line) for a bad flag,
     key, variable or combination."""
     parser = build_parser()
-    subs = _subparsers(parser)
+    subs = parser.commands
     defaults = _suppress_defaults(parser)
     for sub in subs.values():
         defaults.update(_suppress_defaults(sub))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import weakref
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from agent import __doc__ as _pkg_doc
 from agent.cli import args as a
 from agent.cli.outputs import EXIT_HELP
-from agent.cli.select import add_selection_options
+from agent.cli.select import AppendWhole, add_selection_options
 from agent.mirror.config import FORWARD_MODES, FORWARD_POOL_SIZE, FORWARD_SOURCE_PORTS
 from agent.reassembly import HOLE_TIMEOUT
 from agent.sinks.record import COMPRESSIONS, FORMATS
@@ -152,11 +152,43 @@ def _ignore_headers(text: str) -> list[str]:
     return names
 
 
+DESCRIPTION = "mirror-agent: passive TCP traffic mirror."
+
+#: Options that may be given more than once (``append``, :class:`AppendWhole`): a config
+#: file or environment value is a list (or comma-separated) for them.
+REPEATABLE: weakref.WeakSet[argparse.Action] = weakref.WeakSet()
+
+
 class UsageError(Exception):
     """Bad flag, file or config: exit 2 with this one line."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps what it was given: ``declared`` (every option and
+    positional, as :meth:`add_argument` returned them) and ``commands`` (the subcommands'
+    parsers, by name), so :mod:`agent.cli.layers` reads these, not argparse's private state.
+    A usage error raises :class:`UsageError` (exit 2, one line) instead of exiting."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.declared: list[argparse.Action] = []
+        self.commands: dict[str, Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.declared.append(action)
+        if kwargs.get("action") in ("append", AppendWhole):
+            REPEATABLE.add(action)
+        return action
+
+    def command(self, sub: Any, name: str, **kwargs: Any) -> Parser:
+        """``sub.add_parser(name, ...)`` (``sub``: what :meth:`add_subparsers` returned),
+        kept in :attr:`commands`."""
+        made = sub.add_parser(name, **kwargs)
+        assert isinstance(made, Parser)
+        self.commands[name] = made
+        return made
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
@@ -419,43 +451,48 @@ def _add_replay(rep: argparse.ArgumentParser) -> None:
                           "kernel's choice, for many short connections)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mirror-agent", description=_pkg_doc, epilog=EXAMPLES,
+def build_parser() -> Parser:
+    parser = Parser(prog="mirror-agent", description=DESCRIPTION, epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto",
                         help="auto: JSON lines unless stderr is a terminal")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     raw = argparse.RawDescriptionHelpFormatter
 
-    off = sub.add_parser("offline", help="replay pcap/pcapng files through the pipeline",
+    off = parser.command(sub, "offline",
+                         help="replay pcap/pcapng files through the pipeline",
                          epilog=EXAMPLES, formatter_class=raw)
     off.add_argument("files", nargs="+", type=a.input_path, metavar="FILE",
                      help="pcap/pcapng captures, read in order; - is standard input (a pipe, "
                           "a FIFO or <(...) works too)")
     _add_pipeline_options(off)
 
-    run = sub.add_parser("run", help="capture live with eBPF (TC or XDP) and mirror",
+    run = parser.command(sub, "run",
+                         help="capture live with eBPF (TC or XDP) and mirror",
                          epilog=RUN_EXAMPLES, formatter_class=raw)
     _add_capture_options(run)
     _add_pipeline_options(run)
     _add_control_options(run)
 
-    serve = sub.add_parser("serve", help="no capture: replay the capture files POST /pcap "
+    serve = parser.command(sub, "serve", help="no capture: replay the capture files "
+                           "POST /pcap "
                            "names through the pipeline (no privileges needed)",
                            epilog=SERVE_EXAMPLES, formatter_class=raw)
     _add_pipeline_options(serve)
     _add_control_options(serve)
 
-    conf = sub.add_parser("config", help="print the effective configuration of 'run' (flags "
+    conf = parser.command(sub, "config", help="print the effective configuration of "
+                          "'run' (flags "
                           "over MIRROR_AGENT_* over --config FILE over defaults) as TOML",
                           epilog=CONFIG_EXAMPLES, formatter_class=raw)
     _add_capture_options(conf)
     _add_pipeline_options(conf)
     _add_control_options(conf)
 
-    probe = sub.add_parser("probe", help="ask a running agent's control API (for liveness "
+    probe = parser.command(sub, "probe", help="ask a running agent's control API "
+                           "(for liveness "
                            "and readiness probes): exit 0 on 200, else 1",
                            epilog=PROBE_EXAMPLES, formatter_class=raw)
     probe.add_argument("path", metavar="PATH", type=a.url_path,
@@ -463,12 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_option(probe)
     _add_listen_options(probe, asking=True)
 
-    _add_replay(sub.add_parser(
-        "replay", help="replay recordings or captures to a target: one connection per "
+    _add_replay(parser.command(
+        sub, "replay", help="replay recordings or captures to a target: one connection per "
         "recorded connection, recorded pacing, response status, latency and diff",
         epilog=REPLAY_EXAMPLES, formatter_class=raw))
 
-    ins = sub.add_parser("inspect", help="print a native recording", epilog=INSPECT_EXAMPLES,
+    ins = parser.command(sub, "inspect", help="print a native recording",
+                         epilog=INSPECT_EXAMPLES,
                          formatter_class=raw)
     ins.add_argument("path", type=a.input_path)
     ins.add_argument("--format", choices=["text", "jsonl"], default="text")

@@ -33,11 +33,17 @@ __all__ = ["SelectOptions", "add_selection_options", "select_options"]
 SELECT_FOR = ("both", "forward", "record")
 
 
-class AppendWhole(argparse._AppendAction):
-    """A repeatable flag whose config-file or environment value is one item, never split at
-    commas (:mod:`agent.cli.layers` reads ``whole_values``)."""
+class AppendWhole(argparse.Action):
+    """A repeatable flag (each use appends its value) whose config-file or environment value
+    is one item, never split at commas (:mod:`agent.cli.layers` reads ``whole_values``)."""
 
     whole_values = True
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.append(values)
+        setattr(namespace, self.dest, items)
 
 
 def _text_of(parse: Callable[[str], object], normal: Callable[[str], str] = str.strip,

@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.cli.parser import build_parser
+from agent.cli.parser import Parser, build_parser
 from agent.mirror import budget
 from agent.mirror.config import ForwardConfig
 from agent.sources.ebpf.privileges import EBPF_CAPS, MEMLOCK_CAP, Host, check_buffer_mib
@@ -108,18 +108,14 @@ def config_examples() -> dict[str, Any]:
     return out
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            sub: argparse.ArgumentParser | None = action.choices.get(name)
-            return sub
-    return None
+def _subparser(parser: Parser, name: str) -> Parser | None:
+    return parser.commands.get(name)
 
 
-def _long_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def _long_options(parser: Parser) -> dict[str, argparse.Action]:
     """Long flag name without ``--`` -> its action (not --help, not --config itself)."""
     out: dict[str, argparse.Action] = {}
-    for action in parser._actions:
+    for action in parser.declared:
         for opt in action.option_strings:
             if opt.startswith("--") and opt not in ("--help", "--config"):
                 out[opt[2:]] = action
