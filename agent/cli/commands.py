@@ -30,197 +30,45 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from agent.cli import args as a
+from agent.cli.configure import (
+    check_live_filter,
+    compile_filter,
+    log_budget,
+    memory_budget,
+    mirror_config,
+)
 from agent.cli.inspect import inspect_recording
 from agent.cli.layers import parse_options, toml_lines
 from agent.cli.logsetup import configure_logging
 from agent.cli.options import Options, PipelineOptions
 from agent.cli.outputs import OutputError, stdout_closed
-from agent.cli.parser import UsageError, build_parser
+from agent.cli.parser import UsageError
 from agent.cli.run import run_pipeline
 from agent.decode import DecodeConfig
 from agent.hooks import (
-    Hook,
     HookError,
-    HookLoadError,
-    KeepAll,
-    OnlyToObserved,
-    SampleFlows,
-    load_hook,
 )
-from agent.hooks.anonymize import anonymizer
-from agent.hooks.http import InjectHeader, RedactHeaders
-from agent.mirror import budget
-from agent.mirror.budget import UNREAD_CGROUP, Budget
-from agent.mirror.config import ForwardConfig, MirrorConfig, parse_target
-from agent.reassembly import ReassemblyConfig
-from agent.sinks.flow_pcap import FlowPcapConfig
+from agent.mirror.budget import Budget
+from agent.mirror.config import parse_target
 from agent.sinks.nats.url import redact_url
 from agent.sinks.record import RecordError
 from agent.sources import PacketSource, SourceError
 from agent.sources.files.pcapfile import PcapFileSource
-from agent.sources.filter import BpfFilter, FilterError, FrameMatcher, SegmentMatcher
+from agent.sources.filter import FrameMatcher, SegmentMatcher
 
 if TYPE_CHECKING:
     from agent.cli.control import Control
     from agent.sources.ebpf.decap import Decap
     from agent.sources.ebpf.links import IfaceSpec
 
-__all__ = ["UsageError", "build_parser", "main", "memory_budget", "mirror_config",
-           "parse_options"]
+__all__ = ["main"]
+
 
 log = structlog.get_logger("agent.cli.commands")
 T = TypeVar("T")
 
-def _hooks(p: PipelineOptions) -> tuple[list[Hook], list[Hook]]:
-    """(forward hooks, record hooks) from the options, in the order they run: connection
-    sampling, the direction filter, request selection (each path its own hook), the user's
-    hooks, then the forward path's rewrite and header injection and the record path's
-    redaction. UsageError for a hook that does not load, or a rewrite with nothing to
-    forward to."""
-    forward: list[Hook] = []
-    record: list[Hook] = []
-    if p.sample is not None:
-        sampler = SampleFlows(p.sample)
-        forward.append(sampler)
-        record.append(sampler)
-    forward.append(OnlyToObserved())
-    record.append(KeepAll() if p.both_directions else OnlyToObserved())
-    select_forward, select_record = p.select.select_hooks()
-    forward += select_forward
-    record += select_record
-    try:
-        user = [load_hook(spec) for spec in p.hooks]
-    except HookLoadError as e:
-        raise UsageError(str(e)) from None
-    forward += user
-    record += user
-    if p.select.rewrites and not p.target:
-        raise UsageError("--rewrite-path/--rewrite-host need --target: they rewrite "
-                         "forwarded requests only")
-    forward += p.select.rewrite_hooks()
-    if p.inject_header:
-        forward.append(InjectHeader(*p.inject_header))
-    if p.redact_headers:
-        record.append(RedactHeaders(list(p.redact_headers)))
-    return forward, record
-
-
-def memory_budget(opts: Options) -> Budget:
-    """The memory budget of ``--memory-limit`` (or the cgroup's or default limit) with the
-    explicit sizes; UsageError (exit 2) saying what does not fit."""
-    p = opts.pipe
-    transport = "none" if opts.capture is None else opts.capture.budget_transport
-    try:
-        return budget.for_host(p.memory_limit, transport,
-                               buffer_mib=opts.capture.buffer_mib if opts.capture else None,
-                               max_flows=p.max_flows, max_buffer=p.max_buffer,
-                               max_flow_buffer=p.max_flow_buffer, flow_pcap=p.flow_pcap)
-    except budget.BudgetError as e:
-        raise UsageError(str(e)) from None
-
-
-def _log_budget(mem: Budget) -> None:
-    """The one start-up line with every budget (once the run is sure to start)."""
-    log.info("memory budget", **mem.log_fields())
-    if mem.origin == UNREAD_CGROUP:
-        log.warning("this process is in a memory cgroup whose limit it cannot read (the "
-                    "cgroup filesystem is not mounted in its mount namespace): the budget "
-                    "assumes the default; pass --memory-limit")
-
-
-def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
-    """The MirrorConfig the pipeline options describe, within ``mem`` (default: derived
-    here); UsageError if they cannot work. The target must resolve, and its source ports be
-    ones this process may bind."""
-    p = opts.pipe
-    if p.target:
-        try:
-            a.resolve_target(p.target)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        why = a.privileged_source_ports(p.forward_source_ports)
-        if why:
-            raise UsageError(why)
-    mem = mem or memory_budget(opts)
-    try:
-        reassembly = ReassemblyConfig(
-            idle_timeout=p.idle_timeout, hole_timeout=p.hole_timeout,
-            max_flows=mem.max_flows,
-            max_flow_buffer=mem.reassembly_flow, max_total_buffer=mem.reassembly_total,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    forward, record = _hooks(p)
-    live = opts.capture is not None or opts.command == "serve"  # runs until stopped
-    lo, hi = p.forward_source_ports
-    hidden = [port for port in p.ports if lo <= port <= hi] if opts.capture else []
-    if hidden:
-        raise UsageError(f"--port {hidden[0]} is inside --forward-source-ports {lo}-{hi}, "
-                         "whose packets capture skips; choose another source port range")
-    return MirrorConfig(
-        observed_port=p.ports[0], extra_ports=frozenset(p.ports[1:]),
-        target_addr=p.target or "", forward_hook=forward, record_hook=record,
-        record_format=p.record_format, reassembly=reassembly,
-        track_responses=p.needs_responses,
-        # Live capture and serve run until stopped: their recording is written off the loop
-        # and flushed at least every second; offline writes inline (it can wait for a disk).
-        record_in_background=live,
-        forward=ForwardConfig(source_ports=p.forward_source_ports,
-                              max_flow_buffer=mem.forward_flow,
-                              max_total_buffer=mem.forward_total,
-                              mode=p.forward_mode, pool_size=p.forward_pool),
-        budget=mem, anonymize=anonymizer(p.anonymize), flow_pcap=_flow_pcap(p, mem, live),
-    )
-
-
-def _flow_pcap(p: PipelineOptions, mem: Budget, live: bool) -> FlowPcapConfig | None:
-    """``--flow-pcap-*`` within the budget's open files; UsageError for a bad directory.
-    ``live``: a full writer queue drops flows (counted) instead of holding up capture."""
-    if p.flow_pcap_dir is None:
-        return None
-    cfg = FlowPcapConfig(Path(p.flow_pcap_dir), p.flow_pcap_snaplen, p.flow_pcap_gzip,
-                         max_open=max(1, mem.flow_pcap_files), live=live)
-    try:
-        cfg.check_directory()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return cfg
-
-
-def _compile_filter(expr: str | None, make: Callable[[str], T]) -> T | None:
-    """``--filter``: compiled by ``make``, or a UsageError (exit 2) with libpcap's message."""
-    if not expr:
-        return None
-    try:
-        return make(expr)
-    except FilterError as e:
-        raise UsageError(str(e)) from None
-
-
-def _check_live_filter(opts: Options) -> None:
-    """UsageError if ``--filter`` cannot work on the engine: a link-layer term on tc/xdp
-    (they match IP/TCP only), or, for afpacket, no packet left once combined with the
-    agent's own capture expression (said about the user's expression)."""
-    p, c = opts.pipe, opts.live
-    if not p.filter:
-        return
-    if c.engine != "afpacket":
-        why = a.ip_only_filter(p.filter)
-        if why:
-            raise UsageError(why)
-        return
-    from agent.sources.afpacket import capture_expression
-
-    _compile_filter(p.filter, SegmentMatcher)
-    full = capture_expression(list(p.ports), p.filter, p.forward_source_ports)
-    try:
-        BpfFilter(full)
-    except FilterError as e:
-        raise UsageError(a.filter_message(p.filter, full, e)) from None
-
-
 def _offline(opts: Options) -> int:
-    matcher = _compile_filter(opts.pipe.filter, FrameMatcher)
+    matcher = compile_filter(opts.pipe.filter, FrameMatcher)
     config = mirror_config(opts)
     try:  # every file's header, before any output is made or any file read
         source = PcapFileSource(list(opts.files), matcher,
@@ -229,7 +77,7 @@ def _offline(opts: Options) -> int:
         raise UsageError(str(e)) from None
 
     def make_source() -> PacketSource:
-        _log_budget(config.budget)
+        log_budget(config.budget)
         return source
 
     return run_pipeline(opts, config, make_source, interrupted_status=130)
@@ -240,7 +88,7 @@ def _run(opts: Options) -> int:
     from agent.sources.ebpf.source import check_environment
 
     p, c = opts.pipe, opts.live
-    _check_live_filter(opts)
+    check_live_filter(opts)
     # A given --buffer-mib is checked against the host first (its range, then the budget);
     # a derived one comes from the budget and is checked as "the default".
     given = c.buffer_mib is not None
@@ -284,14 +132,14 @@ def _serve(opts: Options) -> int:
     """``serve``: the pipeline over the capture files ``POST /pcap`` names, until a signal."""
     if opts.control.listen is None:
         raise UsageError("serve needs --listen: the address POST /pcap is taken on")
-    matcher = _compile_filter(opts.pipe.filter, FrameMatcher)
+    matcher = compile_filter(opts.pipe.filter, FrameMatcher)
     if matcher is not None:
         raise UsageError("serve does not take --filter yet: filter the capture files first")
     config = mirror_config(opts)
     control = _control(opts)
 
     def no_source() -> None:
-        _log_budget(config.budget)
+        log_budget(config.budget)
         log.info("serving", listen=opts.control.listen, pcap_dir=str(opts.control.pcap_dir),
                  ports=list(opts.pipe.ports), target=opts.pipe.target or None,
                  record=redact_url(opts.pipe.record or "") or None)
@@ -312,7 +160,7 @@ def _live_source(opts: Options, mem: Budget,
                  ifaces: IfaceSpec | list[str]) -> Callable[[], PacketSource]:
     """What makes the capture source of ``run`` (called once the outputs are open)."""
     p, c = opts.pipe, opts.live
-    seg_filter = _compile_filter(p.filter, SegmentMatcher) if c.engine != "afpacket" else None
+    seg_filter = compile_filter(p.filter, SegmentMatcher) if c.engine != "afpacket" else None
     decap = _decap(c.decap)
 
     def make_source() -> PacketSource:
@@ -337,7 +185,7 @@ def _live_source(opts: Options, mem: Budget,
             more = {"transport": c.transport, "decoder": ebpf.decoder,
                     "buffer_mib": ebpf.buffer_mib, "follows": ebpf.spec.follows,
                     "ifaces": ebpf.ifaces}
-        _log_budget(mem)
+        log_budget(mem)
         log.info("capture live", iface=c.iface, ports=list(p.ports), engine=c.engine, **more,
                  decap=c.decap, target=p.target or None, record=redact_url(p.record or "") or None)
         return src

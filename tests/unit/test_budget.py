@@ -7,7 +7,9 @@ from typing import TypedDict
 
 import pytest
 
-from agent.cli.commands import main, memory_budget, mirror_config, parse_options
+from agent.cli.commands import main
+from agent.cli.configure import memory_budget, mirror_config
+from agent.cli.layers import parse_options
 from agent.mirror import budget
 from agent.mirror.budget import MIB, BudgetError, derive, host_limit, parse_size
 from agent.mirror.config import MirrorConfig

@@ -22,7 +22,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.cli.args import ephemeral_overlap, ip_only_filter
-from agent.cli.commands import main, parse_options
+from agent.cli.commands import main
+from agent.cli.layers import parse_options
 from agent.hooks import HookError, HookFunc, HookPipeline
 from agent.mirror.lograte import RateLimitedLog
 from agent.model import Direction, TrafficChunk

@@ -187,7 +187,8 @@ def test_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 
 def test_the_budget_holds_the_files(tmp_path: Path) -> None:
-    from agent.cli.commands import mirror_config, parse_options
+    from agent.cli.configure import mirror_config
+    from agent.cli.layers import parse_options
     from agent.mirror.budget import MIB, derive
 
     plain = derive(896 * MIB, cpus=2, flow_pcap="pcap")

@@ -18,7 +18,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import agent.sinks.forward as forward_mod
-from agent.cli.commands import UsageError, main, mirror_config, parse_options
+from agent.cli.commands import main
+from agent.cli.configure import mirror_config
+from agent.cli.layers import parse_options
+from agent.cli.parser import UsageError
 from agent.metrics import key, total
 from agent.mirror.config import FORWARD_SOURCE_PORTS, ForwardConfig, MirrorConfig, parse_port_range
 from agent.mirror.driver import TrafficMirror

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli.commands import main, mirror_config
+from agent.cli.commands import main
+from agent.cli.configure import mirror_config
 from agent.cli.layers import parse_options
 from agent.cli.parser import UsageError
 from agent.mirror.config import MirrorConfig

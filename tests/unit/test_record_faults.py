@@ -20,7 +20,8 @@ import pytest
 from structlog.testing import capture_logs
 
 import agent.mirror.driver
-from agent.cli.commands import mirror_config, parse_options
+from agent.cli.configure import mirror_config
+from agent.cli.layers import parse_options
 from agent.cli.outputs import OutputError, open_output
 from agent.cli.run import run_pipeline
 from agent.cli.summary import degradation, format_summary

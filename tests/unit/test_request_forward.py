@@ -307,7 +307,7 @@ def test_a_fault_of_the_sink_gives_that_flow_up_counted(shadow: HttpShadow,
 
 
 def test_forward_mode_and_pool_from_flags_environment_and_file(tmp_path: Path) -> None:
-    from agent.cli.commands import mirror_config
+    from agent.cli.configure import mirror_config
     from agent.cli.layers import parse_options
     from agent.cli.parser import UsageError
 

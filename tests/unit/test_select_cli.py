@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
-from agent.cli.commands import _hooks, main, mirror_config
+from agent.cli.commands import main
+from agent.cli.configure import hooks as pipeline_hooks
+from agent.cli.configure import mirror_config
 from agent.cli.layers import parse_options
 from agent.cli.parser import UsageError
 from agent.cli.select import SelectOptions
@@ -39,7 +41,7 @@ def test_flags_make_select_options_and_hooks() -> None:
     assert s.allow_method == ("GET,HEAD", "POST") and s.deny_path == ("^/a{1,3}$",)
     sel = s.selection()
     assert sel.allow_methods == {"GET", "HEAD", "POST"} and sel.rate == 100.0
-    forward, record = _hooks(opts.pipe)
+    forward, record = pipeline_hooks(opts.pipe)
     assert [type(h).__name__ for h in forward] == ["OnlyToObserved", "SelectRequests",
                                                    "RewriteRequests", "InjectHeader"]
     assert [type(h).__name__ for h in record] == ["OnlyToObserved", "SelectRequests"]
@@ -50,14 +52,14 @@ def test_flags_make_select_options_and_hooks() -> None:
 @pytest.mark.parametrize(("select_for", "paths"), [("forward", (1, 0)), ("record", (0, 1))])
 def test_select_for_one_path(select_for: str, paths: tuple[int, int]) -> None:
     opts = parse_options([*OFFLINE, "--deny-method", "POST", "--select-for", select_for], {})
-    forward, record = _hooks(opts.pipe)
+    forward, record = pipeline_hooks(opts.pipe)
     assert (sum(isinstance(h, SelectRequests) for h in forward),
             sum(isinstance(h, SelectRequests) for h in record)) == paths
 
 
 def test_no_selection_flags_add_no_hooks() -> None:
     assert SelectOptions().select_hooks() == ([], []) and SelectOptions().rewrite_hooks() == []
-    forward, record = _hooks(parse_options(OFFLINE, {}).pipe)
+    forward, record = pipeline_hooks(parse_options(OFFLINE, {}).pipe)
     assert not any(isinstance(h, SelectRequests | RewriteRequests) for h in forward + record)
 
 
