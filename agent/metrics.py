@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from agent.hooks.select import REASONS as SELECT_REASONS
 from agent.mirror.budget import BUFFERS as BUDGET_BUFFERS
+from agent.model import EndReason
 from agent.sources.ebpf.layout import COUNTERS
 
 __all__ = ["FAMILIES", "Family", "StageCollector", "StageStats", "family", "key", "lookup",
@@ -264,7 +265,7 @@ _by_reason("reassembly_flows_closed_total", "Connections closed, by reason: fin,
            "flush (end of input) are normal; evicted and lifetime are limits (should be 0); "
            "reused: a new connection on the same addresses", "reassembly",
            prefixes=("flows_closed_",),
-           values=("fin", "rst", "idle", "flush", "evicted", "lifetime", "reused"))
+           values=tuple(EndReason))
 _counter("reassembly_gap_bytes_total", "Bytes given up on (holes skipped, lost by the "
          "source, missing at a connection's end); should be 0", "reassembly", "gap_bytes")
 _counter("reassembly_retransmitted_bytes_total", "Bytes seen again (retransmits, overlaps); "

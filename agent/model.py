@@ -187,13 +187,33 @@ class DirectionEnd:
     from_addr: str
 
 
+class EndReason(enum.StrEnum):
+    """Why the reassembler ended a connection (``FlowEnd.reason``; the ``reason`` label of
+    ``mirror_agent_reassembly_flows_closed_total``)."""
+
+    FIN = "fin"
+    """Both directions reached their FIN in sequence."""
+    RST = "rst"
+    """A reset its receiver takes (RFC 5961)."""
+    IDLE = "idle"
+    """No segment for ``idle_timeout``."""
+    FLUSH = "flush"
+    """End of input, or shutdown."""
+    EVICTED = "evicted"
+    """The flow table was full (``max_flows``): a limit."""
+    LIFETIME = "lifetime"
+    """Tracked longer than ``max_lifetime``: a limit."""
+    REUSED = "reused"
+    """A new connection (a SYN with another ISN) on the same addresses."""
+
+
 @dataclass(slots=True)
 class FlowEnd:
     """A connection is finished: no chunk of ``flow_id`` follows.
 
-    ``reason`` is one of ``fin``, ``rst``, ``idle``, ``lifetime``, ``evicted`` (flow limit),
-    ``flush`` (end of input or shutdown). ``trailing_gap`` counts bytes known to be missing at
-    the end of the connection, after the last chunk (both directions together).
+    ``reason`` is an :class:`EndReason` (a ``str``: ``"fin"`` compares equal to
+    ``EndReason.FIN``). ``trailing_gap`` counts bytes known to be missing at the end of the
+    connection, after the last chunk (both directions together).
     """
 
     flow_id: int

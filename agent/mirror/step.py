@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from agent.hooks import DEFAULT_FORWARD_HOOK, DEFAULT_RECORD_HOOK, Hook, HookPipeline
 from agent.mirror.config import MirrorConfig
-from agent.model import Direction, DirectionEnd, FlowEnd, Segment, TrafficChunk
+from agent.model import Direction, DirectionEnd, EndReason, FlowEnd, Segment, TrafficChunk
 from agent.reassembly import Output, Reassembler
 
 __all__ = ["Command", "Commands", "EndForward", "FlowCut", "FlowState", "Forward", "MirrorStep",
@@ -104,7 +104,7 @@ class PacketsEnd:
 
 Command = Forward | EndForward | Record | RecordFlowEnd | FlowCut | Packets | PacketsEnd
 Commands = list[Command]
-_CUT_BY_LIMIT = frozenset({"evicted", "lifetime"})
+_CUT_BY_LIMIT = frozenset({EndReason.EVICTED, EndReason.LIFETIME})
 
 
 class FlowState:

@@ -49,6 +49,7 @@ from agent.model import (
     RST,
     SYN,
     Direction,
+    EndReason,
     FlowEnd,
     FlowKey,
     Segment,
@@ -262,7 +263,7 @@ class Reassembler:
             if not half.done:
                 self._path.direction_end(half, out)
             if self._path.direction_done(half.peer, out):
-                self._end(half.flow, "fin", out)
+                self._end(half.flow, EndReason.FIN, out)
 
     def _reset(self, half: Half, seg: Segment, ts: float, out: Output) -> None:
         """A RST from ``half``'s sender: the flow ends if its receiver would take it (see the
@@ -279,7 +280,7 @@ class Reassembler:
             if verdict == "out_of_window":
                 stats.rst_ignored_out_of_window += 1
                 return
-        self._end(half.flow, "rst", out)
+        self._end(half.flow, EndReason.RST, out)
         self._tombstones[half.flow.key] = ts
 
     def advance(self, now: float, out: Output) -> None:
@@ -303,9 +304,9 @@ class Reassembler:
         born_before = now - cfg.max_lifetime if cfg.max_lifetime else None
         for flow in list(self._flows.values()):
             if flow.last_seen <= idle_before:
-                self._end(flow, "idle", out)
+                self._end(flow, EndReason.IDLE, out)
             elif born_before is not None and flow.created <= born_before:
-                self._end(flow, "lifetime", out)
+                self._end(flow, EndReason.LIFETIME, out)
         dead_before = now - cfg.tombstone_ttl
         for key in [k for k, t in self._tombstones.items() if t <= dead_before]:
             del self._tombstones[key]
@@ -314,7 +315,7 @@ class Reassembler:
     def flush(self, out: Output) -> None:
         """End every flow, delivering buffered data past its holes (end of input)."""
         for flow in list(self._flows.values()):
-            self._end(flow, "flush", out)
+            self._end(flow, EndReason.FLUSH, out)
         self._tombstones.clear()
         self.refusals.clear()
         self._publish_tunnels()
@@ -332,7 +333,7 @@ class Reassembler:
         if half is None:
             return self._open(seg, out)
         if half.isn != seg.seq and not self._is_own_syn(half, seg):
-            self._end(half.flow, "reused", out)
+            self._end(half.flow, EndReason.REUSED, out)
             return self._open(seg, out)
         return half
 
@@ -409,13 +410,13 @@ class Reassembler:
             if i >= 7:
                 break
         if oldest is not None:
-            self._end(oldest, "evicted", out)
+            self._end(oldest, EndReason.EVICTED, out)
 
     def _end_finished(self, flow: Flow, out: Output) -> None:
         """The data path completed ``flow`` outside :meth:`_feed`'s own step."""
-        self._end(flow, "fin", out)
+        self._end(flow, EndReason.FIN, out)
 
-    def _end(self, flow: Flow, reason: str, out: Output) -> None:
+    def _end(self, flow: Flow, reason: EndReason, out: Output) -> None:
         trailing = self._path.release(flow, out)
         self.stats.gap_bytes += trailing
         self.stats.flows_closed[reason] = self.stats.flows_closed.get(reason, 0) + 1
@@ -428,6 +429,6 @@ class Reassembler:
             self._tunnels_changed = True
         self._halves.pop(k, None)
         self._halves.pop((k[2], k[3], k[0], k[1], k[4]), None)
-        if reason == "fin":
+        if reason is EndReason.FIN:
             self._tombstones[k] = self._path.now
         out.append(FlowEnd(flow.flow_id, reason, trailing))
