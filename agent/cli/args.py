@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import math
 import os
 import re
@@ -97,6 +98,37 @@ def ifaces(text: str) -> str:
 def port_range(text: str) -> tuple[int, int]:
     with _value_errors():
         return parse_port_range(text)
+
+
+def source_addrs(text: str) -> tuple[str, ...]:
+    """``--forward-source-addrs``: IP literals (comma-separated, at least one), all of one
+    family, each once, in RFC 5952 form."""
+    seen: dict[str, None] = {}
+    family = None
+    for item in (x.strip() for x in text.split(",")):
+        try:
+            ip = ipaddress.ip_address(item)
+        except ValueError:
+            raise _Error(f"{item!r} is not an IP address") from None
+        if family is not None and ip.version != family:
+            raise _Error("the addresses must all be IPv4 or all IPv6")
+        family = ip.version
+        seen[str(ip)] = None
+    return tuple(seen)
+
+
+def unbindable_source_addr(addrs: tuple[str, ...]) -> str | None:
+    """Why the first of ``addrs`` that is not an address of this host (it cannot be bound)
+    cannot be used, or None."""
+    for addr in addrs:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((addr, 0))
+            except OSError as e:
+                return (f"--forward-source-addrs {addr}: not an address of this host "
+                        f"({e.strerror})")
+    return None
 
 
 # ------------------------------------------------------------------ numbers

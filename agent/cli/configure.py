@@ -102,7 +102,8 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
             a.resolve_target(p.target)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        why = a.privileged_source_ports(p.forward_source_ports)
+        why = (a.privileged_source_ports(p.forward_source_ports)
+               or a.unbindable_source_addr(p.forward_source_addrs))
         if why:
             raise UsageError(why)
     mem = mem or memory_budget(opts)
@@ -130,6 +131,7 @@ def mirror_config(opts: Options, mem: Budget | None = None) -> MirrorConfig:
         # and flushed at least every second; offline writes inline (it can wait for a disk).
         record_in_background=live,
         forward=ForwardConfig(source_ports=p.forward_source_ports,
+                              source_addrs=p.forward_source_addrs,
                               max_flow_buffer=mem.forward_flow,
                               max_total_buffer=mem.forward_total,
                               mode=p.forward_mode, pool_size=p.forward_pool),

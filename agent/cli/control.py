@@ -63,8 +63,10 @@ def _capacity(cfg: MirrorConfig) -> dict[str, object]:
     if cfg.forward.mode == "request":
         return {"mode": "request", "pool_connections": cfg.forward.pool_size,
                 "new_connections_per_captured_connection": 0}
-    return {"mode": "connection", **forward_capacity(cfg.forward.source_ports,
-                                                     parse_target(cfg.target_addr)[0])}
+    fwd = cfg.forward
+    return {"mode": "connection",
+            **forward_capacity(fwd.source_ports, parse_target(cfg.target_addr)[0],
+                               max(1, len(fwd.source_addrs)))}
 
 
 class RunningAgent:

@@ -210,7 +210,8 @@ def _pipeline(v: Mapping[str, Any]) -> PipelineOptions:
         redact = a.header_names(redact)
     return PipelineOptions(
         ports=tuple(dict.fromkeys(_required(v, "port", "port"))), target=v["target"],
-        forward_source_ports=v["forward_source_ports"], forward_mode=v["forward_mode"],
+        forward_source_ports=v["forward_source_ports"],
+        forward_source_addrs=v["forward_source_addrs"] or (), forward_mode=v["forward_mode"],
         forward_pool=v["forward_pool"], record=v["record"],
         overwrite=v["overwrite"], record_format=v["record_format"],
         record_rotate=v["record_rotate"], record_max_total=v["record_max_total"],

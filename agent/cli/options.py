@@ -49,6 +49,8 @@ class PipelineOptions:
     ports: tuple[int, ...]
     target: str | None = None
     forward_source_ports: tuple[int, int] = FORWARD_SOURCE_PORTS
+    forward_source_addrs: tuple[str, ...] = ()
+    """``--forward-source-addrs``: local addresses shadow connections are bound to."""
     forward_mode: str = "connection"
     """``--forward-mode``: ``connection`` or ``request`` (:attr:`ForwardConfig.mode`)."""
     forward_pool: int = FORWARD_POOL_SIZE

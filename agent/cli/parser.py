@@ -210,6 +210,11 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=a.target, metavar="HOST:PORT",
                    help="shadow to forward client->service bytes to (one connection per "
                         "captured connection, or per request: --forward-mode)")
+    p.add_argument("--forward-source-addrs", type=a.source_addrs, metavar="ADDR[,ADDR...]",
+                   help="local addresses shadow connections are made from, in turn (default: "
+                        "the kernel's choice); each adds --forward-source-ports' worth of "
+                        "(address, port) pairs, so more connections a second fit the 60 s "
+                        "TIME_WAIT of those the agent closes first")
     p.add_argument("--forward-source-ports", type=a.port_range, default=FORWARD_SOURCE_PORTS,
                    metavar="LO-HI",
                    help="local ports shadow connections are made from; capture skips every "

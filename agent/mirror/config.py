@@ -110,6 +110,10 @@ class ForwardConfig:
     source_ports: tuple[int, int] = FORWARD_SOURCE_PORTS
     """Local ports (inclusive) the default dial binds shadow connections to; see
     :data:`FORWARD_SOURCE_PORTS`."""
+    source_addrs: tuple[str, ...] = ()
+    """Local addresses (IP literals of this host, one family) the default dial binds shadow
+    connections to, in turn; each multiplies the (address, port) pairs a TIME_WAIT holds.
+    Empty: the kernel picks the address."""
     end_grace: float = 2.0
     """Seconds a finished shadow connection waits, once the target acknowledged its bytes and
     FIN, for the target to answer or close; one that does neither is counted

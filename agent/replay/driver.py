@@ -32,7 +32,12 @@ from agent.replay.conns import Cursor
 from agent.replay.diff import Pairing
 from agent.replay.http import Response, ResponseParser
 from agent.replay.report import Tally
-from agent.sinks.source_ports import NoSourcePort, connect_from_ports
+from agent.sinks.source_ports import (
+    NoSourcePort,
+    Slot,
+    connect_from_ports,
+    release_source_port,
+)
 
 __all__ = ["ConnDriver", "replay_connection"]
 
@@ -239,28 +244,52 @@ def _connect_failure(e: BaseException) -> str:
 async def replay_connection(driver: ConnDriver, target: str,
                             source_ports: tuple[int, int] | None, timeout: float) -> str:
     """Connect to ``target`` (from a port of ``source_ports``, or any with None), run
-    ``driver`` to its end; the failure reason ('' if none, 'stopped' if cancelled)."""
+    ``driver`` to its end; the failure reason ('' if none, 'stopped' if cancelled). A port of
+    ``source_ports`` is given back to the pool when the connection is over."""
+    slot: Slot | None = None
+    try:
+        slot = await _connect(driver, target, source_ports, timeout)
+    except (OSError, TimeoutError) as e:
+        reason = _connect_failure(e)
+        driver.tally.failed[reason] += 1
+        driver.failed_to_connect()
+        return reason
+    try:
+        reason = await asyncio.shield(driver.done)
+    except asyncio.CancelledError:
+        driver.stop()
+        raise
+    finally:
+        if slot is not None and source_ports is not None:
+            release_source_port(source_ports, slot)
+    if reason == "":
+        driver.tally.connections_ok += 1
+    elif reason != "stopped":
+        driver.tally.failed[reason.split(" (")[0]] += 1
+    return reason
+
+
+async def _connect(driver: ConnDriver, target: str, source_ports: tuple[int, int] | None,
+                   timeout: float) -> Slot | None:
+    """Connect ``driver`` to ``target`` within ``timeout``; the source slot taken, if any."""
     loop = asyncio.get_running_loop()
     host, port = parse_target(target)
     try:
         async with asyncio.timeout(timeout):
             if source_ports is None:
                 await loop.create_connection(lambda: driver, host, port)
-            else:
-                sock = await connect_from_ports(host, port, source_ports)
-                try:
-                    await loop.create_connection(lambda: driver, sock=sock)
-                except BaseException:
-                    sock.close()
-                    raise
+                return None
+            sock, slot = await connect_from_ports(host, port, source_ports)
+            try:
+                await loop.create_connection(lambda: driver, sock=sock)
+            except BaseException:
+                sock.close()
+                release_source_port(source_ports, slot)
+                raise
+            return slot
     except asyncio.CancelledError:
         driver.stop()
         raise
-    except (OSError, TimeoutError) as e:
-        reason = _connect_failure(e)
-        driver.tally.failed[reason] += 1
-        driver.failed_to_connect()
-        return reason
     try:
         reason = await asyncio.shield(driver.done)
     except asyncio.CancelledError:

@@ -90,7 +90,7 @@ class ForwardSink:
                  config: ForwardConfig | None = None) -> None:
         self.target = target
         self.config = config or ForwardConfig()
-        self._dialer = Dialer(target, dial, self.config.source_ports)
+        self._dialer = Dialer(target, dial, self.config.source_ports, self.config.source_addrs)
         self._mcounts: Counter[str] = Counter()  # mirror thread's counters
         self._counts: Counter[str] = Counter()  # I/O thread's counters
         # Operations from the mirror thread to the I/O thread. Its budget, max_total_buffer
@@ -123,7 +123,8 @@ class ForwardSink:
                                         daemon=True)
         self._thread.start()
         #: What the reserved source ports allow to this target (logged; on ``/status``).
-        self.capacity = forward_capacity(self.config.source_ports, parse_target(target)[0])
+        self.capacity = forward_capacity(self.config.source_ports, parse_target(target)[0],
+                                         max(1, len(self.config.source_addrs)))
         log.info("forwarding", target=target, **self.capacity)
 
     # ---------------------------------------------------------------- mirror thread

@@ -91,7 +91,7 @@ class RequestForwardSink:
                  config: ForwardConfig | None = None) -> None:
         self.target = target
         self.config = cfg = config or ForwardConfig()
-        dialer = Dialer(target, dial, cfg.source_ports)
+        dialer = Dialer(target, dial, cfg.source_ports, cfg.source_addrs)
         self._mcounts: Counter[str] = Counter()  # mirror thread's: refused bytes
         self._ops: Handoff[Op] = Handoff("forward", cfg.max_total_buffer, Policy.DROP,
                                          release_on_take=False)

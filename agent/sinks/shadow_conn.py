@@ -25,6 +25,7 @@ import structlog
 from agent.mirror.config import Dial, parse_target
 from agent.sinks.source_ports import (
     NoSourcePort,
+    Slot,
     connect_from_ports,
     literal_infos,
     release_source_port,
@@ -61,10 +62,10 @@ class Dialed(asyncio.Protocol):
     """A protocol :class:`Dialer` connects: it holds its reserved source port until the
     dialer's :meth:`~Dialer.release`."""
 
-    __slots__ = ("source_port",)
+    __slots__ = ("source",)
 
     def __init__(self) -> None:
-        self.source_port: int | None = None
+        self.source: Slot | None = None  # the (address, port) it was dialed from
 
 
 class Conn(Dialed):
@@ -276,20 +277,22 @@ class Dialer:
     source port and is warned about once if that port is outside ``ports``. Raises
     ValueError at once if ``target`` is not HOST:PORT."""
 
-    def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int]) -> None:
+    def __init__(self, target: str, dial: Dial | None, ports: tuple[int, int],
+                 addresses: tuple[str, ...] = ()) -> None:
         self._host, self._port = parse_target(target)
         self._infos = literal_infos(self._host, self._port)  # None: resolved per connect
         self._target = target
         self._dial = dial
         self._ports = ports
+        self._addresses = addresses
         self._warned = False
 
     async def __call__(self, conn: Dialed) -> None:
         """Connect ``conn`` (its ``connection_made`` has run when this returns). Its source
         port stays taken until :meth:`release`."""
         if self._dial is None:
-            sock = await connect_from_ports(self._host, self._port, self._ports, self._infos)
-            conn.source_port = sock.getsockname()[1]
+            sock, conn.source = await connect_from_ports(
+                self._host, self._port, self._ports, self._infos, self._addresses)
         else:
             sock = await _dial_in_thread(self._dial, self._target)
         try:
@@ -304,9 +307,9 @@ class Dialer:
 
     def release(self, conn: Dialed) -> None:
         """``conn`` is over: its source port may be taken again."""
-        if conn.source_port is not None:
-            release_source_port(self._ports, conn.source_port)
-            conn.source_port = None
+        if conn.source is not None:
+            release_source_port(self._ports, conn.source, self._addresses)
+            conn.source = None
 
     def _check_port(self, name: object) -> None:
         lo, hi = self._ports

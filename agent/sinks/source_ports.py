@@ -83,11 +83,11 @@ class _Walk:
             _cursors[self._ports] = max(_cursors[self._ports], after)
 
 
-def _bind(sock: socket.socket, port: int) -> None:
+def _bind(sock: socket.socket, port: int, address: str = "") -> None:
     # SO_REUSEADDR: a port may serve several targets at once, and be reused while its last
     # connection to another target is in TIME_WAIT; the connect then checks the 4-tuple.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("", port))
+    sock.bind((address, port))
 
 
 def bind_source_port(sock: socket.socket,
@@ -112,11 +112,18 @@ def bind_source_port(sock: socket.socket,
     raise NoSourcePort(ports)
 
 
+#: A source (address, port) the pool handed out; address "" is the kernel's choice.
+Slot = tuple[str, int]
+
+
 async def connect_from_ports(host: str, port: int,
                              ports: tuple[int, int] = FORWARD_SOURCE_PORTS,
-                             infos: list[tuple[Any, ...]] | None = None) -> socket.socket:
-    """A non-blocking socket connected to ``host:port`` from a port of ``ports``; the port
-    stays taken until :func:`release_source_port` gives it back.
+                             infos: list[tuple[Any, ...]] | None = None,
+                             addresses: tuple[str, ...] = ()) -> tuple[socket.socket, Slot]:
+    """A non-blocking socket connected to ``host:port`` from a port of ``ports`` (on one of
+    ``addresses``, each local; none: the kernel picks the address), and the (address, port)
+    it took, which stays taken until :func:`release_source_port` gives it back. Several
+    addresses multiply the pairs: each holds its own TIME_WAIT.
 
     Tries each address ``host`` resolves to (or ``infos``, :func:`literal_infos` made once),
     in order. If none works, raises
@@ -129,7 +136,7 @@ async def connect_from_ports(host: str, port: int,
     exhausted: NoSourcePort | None = None
     for family, _type, proto, _name, addr in infos:
         try:
-            return await _connect(loop, family, proto, addr, ports)
+            return await _connect(loop, family, proto, addr, ports, addresses)
         except NoSourcePort as e:
             exhausted = e
         except OSError as e:
@@ -152,92 +159,97 @@ def literal_infos(host: str, port: int) -> list[tuple[Any, ...]] | None:
 
 
 class _Pool:
-    """The ports of one range that this process has not handed out, the one given back
-    longest ago first: a port comes back as late as possible (after its TIME_WAIT, where
-    the agent closed first), and taking one costs no scan. Ports held by other processes
-    are found by the connect and go to the back. Thread-safe."""
+    """The (address, port) pairs of one range and address list that this process has not
+    handed out, the one given back longest ago first: a pair comes back as late as possible
+    (after its TIME_WAIT, where the agent closed first), and taking one costs no scan. The
+    addresses alternate, so each carries an equal share. Pairs held by other processes are
+    found by the connect and go to the back. Thread-safe."""
 
-    def __init__(self, ports: tuple[int, int]) -> None:
+    def __init__(self, ports: tuple[int, int], addresses: tuple[str, ...]) -> None:
         lo, hi = ports
-        self.size = hi - lo + 1
-        start = random.randrange(self.size)
-        self._free = deque(lo + (start + i) % self.size for i in range(self.size))
-        self._out: set[int] = set()
+        n = hi - lo + 1
+        start = random.randrange(n)
+        self._free: deque[Slot] = deque((a, lo + (start + i) % n) for i in range(n)
+                                        for a in addresses or ("",))
+        self.size = len(self._free)
+        self._out: set[Slot] = set()
         self._lock = threading.Lock()
 
-    def take(self) -> int | None:
+    def take(self) -> Slot | None:
         with self._lock:
             if not self._free:
                 return None
-            port = self._free.popleft()
-            self._out.add(port)
-            return port
+            slot = self._free.popleft()
+            self._out.add(slot)
+            return slot
 
-    def give_back(self, port: int) -> None:
+    def give_back(self, slot: Slot) -> None:
         with self._lock:
-            if port in self._out:
-                self._out.discard(port)
-                self._free.append(port)
+            if slot in self._out:
+                self._out.discard(slot)
+                self._free.append(slot)
 
 
-_pools: dict[tuple[int, int], _Pool] = {}
+_pools: dict[tuple[tuple[int, int], tuple[str, ...]], _Pool] = {}
 
 
-def _pool(ports: tuple[int, int]) -> _Pool:
+def _pool(ports: tuple[int, int], addresses: tuple[str, ...] = ()) -> _Pool:
     with _lock:
-        pool = _pools.get(ports)
+        pool = _pools.get((ports, addresses))
         if pool is None:
-            pool = _pools[ports] = _Pool(ports)
+            pool = _pools[ports, addresses] = _Pool(ports, addresses)
         return pool
 
 
-def release_source_port(ports: tuple[int, int], port: int) -> None:
-    """Give back ``port`` of ``ports``, taken by :func:`connect_from_ports`, once its
-    connection is closed (idempotent)."""
-    _pool(ports).give_back(port)
+def release_source_port(ports: tuple[int, int], slot: Slot,
+                        addresses: tuple[str, ...] = ()) -> None:
+    """Give back ``slot`` of ``ports`` and ``addresses``, taken by
+    :func:`connect_from_ports`, once its connection is closed (idempotent)."""
+    _pool(ports, addresses).give_back(slot)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
-                   ports: tuple[int, int]) -> socket.socket:
-    """Connect to ``addr`` from a port of ``ports`` whose 4-tuple is free: the pool's next
-    one, skipping those the connect finds taken. :class:`NoSourcePort` at once if this
-    process holds every port."""
-    key = (ports, family, addr)
+                   ports: tuple[int, int], addresses: tuple[str, ...]
+                   ) -> tuple[socket.socket, Slot]:
+    """Connect to ``addr`` from a pair of ``ports`` and ``addresses`` whose 4-tuple is free:
+    the pool's next one, skipping those the connect finds taken. :class:`NoSourcePort` at
+    once if this process holds every pair."""
+    key = (ports, addresses, family, addr)
     if _exhausted.get(key, 0.0) > _clock():
         raise NoSourcePort(ports)
-    pool = _pool(ports)
+    pool = _pool(ports, addresses)
     checked = False
     for i in range(pool.size):
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)  # a long walk must not hold up the other connections
-        source_port = pool.take() or await _wait_for_port(pool, ports)
+        slot = pool.take() or await _wait_for_port(pool, ports)
         try:
-            sock = await _connect_from(loop, family, proto, addr, source_port)
+            sock = await _connect_from(loop, family, proto, addr, slot)
         except (_Taken, _InUse) as e:
-            pool.give_back(source_port)
+            pool.give_back(slot)
             if isinstance(e, _Taken) and not checked:  # unusable address: its error
                 checked = True
                 _check_address(family, addr)
             continue
         except BaseException:
-            pool.give_back(source_port)
+            pool.give_back(slot)
             raise
         _exhausted.pop(key, None)
-        return sock
+        return sock, slot
     _exhausted[key] = _clock() + EXHAUSTED_BACKOFF
     raise NoSourcePort(ports)
 
 
-async def _wait_for_port(pool: _Pool, ports: tuple[int, int]) -> int:
+async def _wait_for_port(pool: _Pool, ports: tuple[int, int]) -> Slot:
     """Every port is held by this process's own connections: wait (up to
     :data:`PORT_WAIT` seconds, looking every 10 ms) for one to be given back, so a burst
     that outlasts the shadow's answers briefly is delivered late rather than dropped;
     then :class:`NoSourcePort`."""
     for _ in range(int(PORT_WAIT / 0.01)):
         await asyncio.sleep(0.01)
-        port = pool.take()
-        if port is not None:
-            return port
+        slot = pool.take()
+        if slot is not None:
+            return slot
     raise NoSourcePort(ports)
 
 
@@ -250,12 +262,12 @@ class _Taken(Exception):
 
 
 async def _connect_from(loop: asyncio.AbstractEventLoop, family: int, proto: int, addr: Any,
-                        source_port: int) -> socket.socket:
+                        slot: Slot) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setblocking(False)
         try:
-            _bind(sock, source_port)
+            _bind(sock, slot[1], slot[0])
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise _InUse from None

@@ -644,9 +644,9 @@ def _count_binds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     binds: list[int] = []
     real_bind = source_ports._bind
 
-    def counting(sock: socket.socket, port: int) -> None:
+    def counting(sock: socket.socket, port: int, address: str = "") -> None:
         binds.append(port)
-        real_bind(sock, port)
+        real_bind(sock, port, address)
 
     monkeypatch.setattr(source_ports, "_bind", counting)
     return binds
@@ -686,7 +686,7 @@ def test_an_exhausted_range_fails_fast_until_the_back_off_ends(
         other = Shadow()
         try:  # another target is not in back-off: its 4-tuples are free
             ohost, oport = other.addr.rsplit(":", 1)
-            held.append(await source_ports.connect_from_ports(ohost, int(oport), ports))
+            held.append((await source_ports.connect_from_ports(ohost, int(oport), ports))[0])
         finally:
             other.close()
         for sock in held:
@@ -707,7 +707,7 @@ shadow = Shadow()
 port = int(shadow.addr.rsplit(":", 1)[1])
 binds = []
 real_bind = source_ports._bind
-source_ports._bind = lambda sock, p: (binds.append(sock.family), real_bind(sock, p))[1]
+source_ports._bind = lambda sock, p, a="": (binds.append(sock.family), real_bind(sock, p, a))[1]
 V6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
 V4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
 
@@ -715,7 +715,7 @@ async def main(infos):
     async def resolve(*_a, **_k):
         return infos
     asyncio.get_running_loop().getaddrinfo = resolve
-    return await source_ports.connect_from_ports("localhost", port)
+    return (await source_ports.connect_from_ports("localhost", port))[0]
 
 sock = asyncio.run(main([V6, V4]))
 assert sock.getpeername() == ("127.0.0.1", port), sock
