@@ -44,6 +44,9 @@ _lock = threading.Lock()
 _cursors: dict[tuple[int, int], int] = {}  # range → where the next walk starts (unbounded)
 _exhausted: dict[tuple[object, ...], float] = {}  # (range, address) → end of its back-off
 _clock = time.monotonic
+#: Where walks and pools start: a generator of its own (the I/O threads never draw from the
+#: global ``random`` state an embedding program may have seeded).
+_RNG = random.Random()
 
 
 class NoSourcePort(OSError):
@@ -69,7 +72,7 @@ class _Walk:
         with _lock:
             start = _cursors.get(ports)
             if start is None:
-                start = random.randrange(self._n)
+                start = _RNG.randrange(self._n)
             _cursors[ports] = start + 1
         self._start = start
 
@@ -168,7 +171,7 @@ class _Pool:
     def __init__(self, ports: tuple[int, int], addresses: tuple[str, ...]) -> None:
         lo, hi = ports
         n = hi - lo + 1
-        start = random.randrange(n)
+        start = _RNG.randrange(n)
         self._free: deque[Slot] = deque((a, lo + (start + i) % n) for i in range(n)
                                         for a in addresses or ("",))
         self.size = len(self._free)

@@ -118,3 +118,17 @@ def test_broker_killed_and_restarted_mid_run(server: NatsServer) -> None:
     assert s["nats_dropped_bytes_broker_down"] == 200
     got = read_stream(target)
     assert [(r.data, r.gap_bytes) for r in got.records] == [(b"before", 0), (b"after", 200)]
+
+
+def test_reconnecting_leaves_the_global_random_state_alone() -> None:
+    """The publisher thread's back-off jitter (and nats-py's server shuffle) draw from
+    generators of their own: a program's seeded ``random`` (or Hypothesis, which checks it)
+    sees no draw from the agent's threads."""
+    import random
+
+    state = random.getstate()
+    rec = NatsRecorder(NatsTarget("127.0.0.1", free_port(), "s"), live=True, settings=FAST)
+    time.sleep(1.0)  # a down broker: several attempts, each backed off with jitter
+    rec.close()
+    assert rec.stats()["records"] == 0
+    assert random.getstate() == state

@@ -53,6 +53,7 @@ async def connect(target: NatsTarget, timeout: float, name: str, **callbacks: An
         await nc.connect(
             servers=[target.server], allow_reconnect=False, max_reconnect_attempts=1,
             reconnect_time_wait=0, connect_timeout=timeout, name=name, error_cb=note,
+            dont_randomize=True,  # one server: no shuffle of the global random state
             **target.auth.connect_options(tls_checked), **_unless(failed, callbacks))
         tls_checked()  # no credential was sent, but nothing is published in plain text either
     except Exception as e:
@@ -62,12 +63,28 @@ async def connect(target: NatsTarget, timeout: float, name: str, **callbacks: An
         with contextlib.suppress(Exception):
             await asyncio.wait_for(nc.close(), min(timeout, 0.5))
         cause = errors[-1] if errors else e
-        why = refusal(e) or refusal(cause)
+        why = refusal(e) or refusal(cause) or _reset_in_tls(target, e, cause)
         if why is not None:
             raise NatsAuthError(target.server, why) from None
         text = str(cause) or type(cause).__name__
         raise ConnectionError(f"cannot reach {target.server}: {text}") from None
     return nc
+
+
+def _reset_in_tls(target: NatsTarget, *errors: BaseException) -> str | None:
+    """A reset (or a broken pipe, an EOF) while connecting over TLS without a client
+    certificate: under TLS 1.3 a server that wants one closes the connection after the
+    handshake, and its alert is often lost to the reset. A server that is down refuses the
+    connection instead."""
+    auth = target.auth
+    if not auth.uses_tls or auth.cert_file is not None:
+        return None
+    if any(isinstance(e, ConnectionResetError | BrokenPipeError)
+           or any(w in str(e).lower() for w in ("reset by peer", "broken pipe", "eof"))
+           for e in errors):
+        return ("TLS: the server reset the connection during the handshake (does it want a "
+                "client certificate? --nats-cert/--nats-key)")
+    return None
 
 
 def _unless(failed: list[bool], callbacks: dict[str, Any]) -> dict[str, Any]:

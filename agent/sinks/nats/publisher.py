@@ -56,6 +56,11 @@ Item = tuple[int, object, bytes]
 REASONS = ("queue_full", "broker_down", "publish_failed", "unconfirmed", "shutdown")
 
 
+#: The reconnect back-off's jitter: a generator of its own, so this thread never draws from
+#: (or moves) the global ``random`` state the embedding program may have seeded.
+_JITTER = random.Random()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Limits and times of a NATS recorder (seconds)."""
@@ -170,7 +175,7 @@ class Publisher:
                 if await self._serve(*conn):
                     return
                 continue  # lost: try again at once, then back off
-            if await self._drop_for(backoff * random.uniform(0.8, 1.2)):
+            if await self._drop_for(backoff * _JITTER.uniform(0.8, 1.2)):
                 return
             backoff = min(backoff * 2, self._s.backoff_max)
 
