@@ -288,7 +288,7 @@ class ForwardSink:
         self._settle_awaiting("shutdown")
 
     def _push(self, conn: Conn, data: bytes, now: float) -> None:
-        if conn.ended:  # given up on: count, do not queue
+        if conn.ended or conn.done:  # given up on, or over (reset): count, do not queue
             self._discard_bytes(len(data))
             return
         conn.push(data, now)
